@@ -1,0 +1,204 @@
+//! Items: the unit of data that travels along connections.
+//!
+//! An [`Item`] is one JSON object, shared and immutable. Cloning an item clones an `Arc`, so a
+//! fan-out to n slots never copies the payload. An item holds its data in up to two forms, each
+//! computed at most once and then kept: the parsed [`Value`] (what native logic reads) and the
+//! UTF-8 JSON bytes (what crosses into a WebAssembly guest). Native-to-native routing never
+//! serialises; an item that reaches several guests is serialised once.
+//!
+//! Invariant: the value of every item is a JSON object (checked at construction).
+
+use std::fmt;
+use std::sync::{Arc, OnceLock};
+
+use serde::de::DeserializeOwned;
+use serde::{Deserialize, Deserializer, Serialize, Serializer};
+use serde_json::{Map, Value};
+
+/// Why a value could not become an [`Item`].
+#[derive(Debug, thiserror::Error)]
+pub enum ItemError {
+    /// Items are JSON objects; this was another kind of JSON value.
+    #[error("an item must be a JSON object, got {kind}")]
+    NotAnObject {
+        /// The kind of JSON value that was given (`array`, `string`, ...).
+        kind: &'static str,
+    },
+    /// The value could not be serialised to JSON, or the bytes are not JSON.
+    #[error("invalid JSON item: {0}")]
+    Json(#[from] serde_json::Error),
+}
+
+/// One JSON object flowing through a flow. Cheap to clone.
+#[derive(Clone)]
+pub struct Item(Arc<Inner>);
+
+struct Inner {
+    value: OnceLock<Value>,
+    bytes: OnceLock<Box<[u8]>>,
+}
+
+pub(crate) fn kind_of(value: &Value) -> &'static str {
+    match value {
+        Value::Null => "null",
+        Value::Bool(_) => "boolean",
+        Value::Number(_) => "number",
+        Value::String(_) => "string",
+        Value::Array(_) => "array",
+        Value::Object(_) => "object",
+    }
+}
+
+impl Item {
+    /// Wraps a JSON value; fails unless it is an object.
+    pub fn new(value: Value) -> Result<Self, ItemError> {
+        if !value.is_object() {
+            return Err(ItemError::NotAnObject {
+                kind: kind_of(&value),
+            });
+        }
+        Ok(Self::from_value_unchecked(value))
+    }
+
+    /// Serialises any `Serialize` value into an item (it must serialise to a JSON object).
+    pub fn from_serialize<T: Serialize + ?Sized>(value: &T) -> Result<Self, ItemError> {
+        Self::new(serde_json::to_value(value)?)
+    }
+
+    /// Builds an item from a JSON object map.
+    pub fn from_map(map: Map<String, Value>) -> Self {
+        Self::from_value_unchecked(Value::Object(map))
+    }
+
+    /// Parses UTF-8 JSON bytes (as a WebAssembly guest produces them); keeps the bytes so
+    /// they are not serialised again on the way to another guest.
+    pub fn from_json_bytes(bytes: impl Into<Box<[u8]>>) -> Result<Self, ItemError> {
+        let bytes = bytes.into();
+        let value: Value = serde_json::from_slice(&bytes)?;
+        if !value.is_object() {
+            return Err(ItemError::NotAnObject {
+                kind: kind_of(&value),
+            });
+        }
+        let inner = Inner {
+            value: OnceLock::from(value),
+            bytes: OnceLock::from(bytes),
+        };
+        Ok(Self(Arc::new(inner)))
+    }
+
+    fn from_value_unchecked(value: Value) -> Self {
+        Self(Arc::new(Inner {
+            value: OnceLock::from(value),
+            bytes: OnceLock::new(),
+        }))
+    }
+
+    /// The item as a JSON value (always an object).
+    pub fn value(&self) -> &Value {
+        self.0.value.get_or_init(|| {
+            // Every constructor sets the value; this branch exists only to keep the type total.
+            let bytes = self.0.bytes.get().map(|b| &b[..]).unwrap_or(b"{}");
+            serde_json::from_slice(bytes).unwrap_or(Value::Object(Map::new()))
+        })
+    }
+
+    /// The item's fields.
+    pub fn fields(&self) -> &Map<String, Value> {
+        static EMPTY: OnceLock<Map<String, Value>> = OnceLock::new();
+        match self.value() {
+            Value::Object(map) => map,
+            _ => EMPTY.get_or_init(Map::new),
+        }
+    }
+
+    /// The item as compact UTF-8 JSON, serialised on first use and then shared.
+    pub fn json_bytes(&self) -> &[u8] {
+        self.0.bytes.get_or_init(|| {
+            serde_json::to_vec(self.value())
+                .unwrap_or_else(|_| b"{}".to_vec())
+                .into_boxed_slice()
+        })
+    }
+
+    /// One field, deserialised into `T`. `None` when the field is absent.
+    pub fn get<T: DeserializeOwned>(&self, field: &str) -> Option<Result<T, serde_json::Error>> {
+        self.fields().get(field).map(|v| T::deserialize(v))
+    }
+
+    /// The whole item deserialised into `T`.
+    pub fn parse<T: DeserializeOwned>(&self) -> Result<T, serde_json::Error> {
+        T::deserialize(self.value())
+    }
+
+    /// Whether two handles point at the same shared payload (no copy was made).
+    pub fn ptr_eq(a: &Item, b: &Item) -> bool {
+        Arc::ptr_eq(&a.0, &b.0)
+    }
+}
+
+impl TryFrom<Value> for Item {
+    type Error = ItemError;
+    fn try_from(value: Value) -> Result<Self, Self::Error> {
+        Item::new(value)
+    }
+}
+
+impl fmt::Debug for Item {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "Item({})", self.value())
+    }
+}
+
+impl fmt::Display for Item {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}", self.value())
+    }
+}
+
+impl PartialEq for Item {
+    fn eq(&self, other: &Self) -> bool {
+        Item::ptr_eq(self, other) || self.value() == other.value()
+    }
+}
+
+impl Serialize for Item {
+    fn serialize<S: Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
+        self.value().serialize(serializer)
+    }
+}
+
+impl<'de> Deserialize<'de> for Item {
+    fn deserialize<D: Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        let value = Value::deserialize(deserializer)?;
+        Item::new(value).map_err(serde::de::Error::custom)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    #[test]
+    fn only_objects_are_items() {
+        assert!(Item::new(json!({"a": 1})).is_ok());
+        let err = Item::new(json!([1, 2])).unwrap_err();
+        assert_eq!(err.to_string(), "an item must be a JSON object, got array");
+        assert!(Item::from_json_bytes(&b"42"[..]).is_err());
+        assert!(Item::from_json_bytes(&b"{nope"[..]).is_err());
+    }
+
+    #[test]
+    fn bytes_and_value_agree_and_are_shared() {
+        let item = Item::new(json!({"id": 7, "s": "x"})).unwrap();
+        let copy = item.clone();
+        assert!(Item::ptr_eq(&item, &copy));
+        let bytes = item.json_bytes().to_vec();
+        assert_eq!(copy.json_bytes().as_ptr(), item.json_bytes().as_ptr());
+        let back = Item::from_json_bytes(bytes).unwrap();
+        assert_eq!(back, item);
+        assert_eq!(back.get::<u32>("id").unwrap().unwrap(), 7);
+        assert!(back.get::<u32>("missing").is_none());
+    }
+}

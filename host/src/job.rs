@@ -1,0 +1,781 @@
+//! Jobs: one execution of a flow, with its own queues, state, counters, errors and dead letters.
+//!
+//! # Completion (why a job finishes by itself, and only when it should)
+//!
+//! A job keeps one atomic `pending` count of every reason it may still do work:
+//!
+//! - a scheduled check task (+1 when a routine is marked `scheduled`, −1 when the task ends);
+//! - an armed timer entry (`time_interval` wake-up or delayed retry);
+//! - a hold: a `post` in progress, or an [`InputHold`](crate::InputHold) kept by a caller.
+//!
+//! A running activation always sits inside a check or retry task, so it is covered. Items only
+//! change places under a routine's queue lock, and every change that could let a policy fire
+//! (an item arriving, an activation ending, a timer ending) either schedules a check or happens
+//! inside a task that checks again before it ends. Hence: **when `pending` drops to zero, no
+//! queued item can activate and nothing runs** — the job is quiescent and finishes. Items left
+//! in queues then (a partial batch) are reported as `queued`, never dropped.
+//!
+//! The transition to finished happens under the job's lifecycle lock after re-reading
+//! `pending`; a post first takes a hold and then checks `finished` under the same lock, so a
+//! post either lands in a live job or is refused with `JobFinished` — never lost in between.
+//! A job that never received input has never had `pending` fall to zero: it stays running until
+//! it gets input or is cancelled.
+//!
+//! # Accounting
+//!
+//! Per routine: `items_in = processed + dead_lettered + queued` once the job has finished
+//! (while it runs, items in flight make up the difference).
+
+use std::collections::{BTreeMap, VecDeque};
+use std::fmt;
+use std::panic::{self, AssertUnwindSafe};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU8, AtomicU64, AtomicUsize, Ordering};
+use std::time::{Duration, Instant, SystemTime};
+
+use parking_lot::{Condvar, Mutex};
+use serde::{Deserialize, Serialize};
+use serde_json::{Map, Value};
+
+use crate::activation::{Batch, Decision};
+use crate::context::Context;
+use crate::flow::CompiledFlow;
+use crate::item::Item;
+use crate::routine::{ErrorStrategy, Exhausted, RoutineError};
+use crate::runtime::Shared;
+use crate::scheduler::{Sched, Task, WorkerLocal};
+
+/// How many activations a check runs back to back before yielding its worker.
+const MAX_ROUNDS: u32 = 64;
+
+/// A job's identity, unique within a runtime.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
+pub struct JobId(pub u64);
+
+impl fmt::Display for JobId {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "job-{}", self.0)
+    }
+}
+
+/// Where a job is in its life.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum JobStatus {
+    /// Accepting input and running activations.
+    Running,
+    /// Became quiescent with no routine failing under `stop`.
+    Completed,
+    /// A routine failed under `stop` (or exhausted retries that then stop).
+    Failed,
+    /// Cancelled by the caller or by runtime shutdown.
+    Cancelled,
+}
+
+impl fmt::Display for JobStatus {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            JobStatus::Running => "running",
+            JobStatus::Completed => "completed",
+            JobStatus::Failed => "failed",
+            JobStatus::Cancelled => "cancelled",
+        })
+    }
+}
+
+const RUNNING: u8 = 0;
+const FAILED: u8 = 1;
+const CANCELLED: u8 = 2;
+
+/// Items of an activation that did not succeed, kept with the reason.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct DeadLetter {
+    /// The routine whose activation failed.
+    pub routine: String,
+    /// The items it had been given, by slot.
+    pub items: BTreeMap<String, Vec<Item>>,
+    /// Why they were not processed.
+    pub error: String,
+    /// How many times the logic ran on them.
+    pub attempts: u32,
+    /// When they were dead-lettered.
+    pub at: SystemTime,
+}
+
+impl DeadLetter {
+    /// How many items this dead letter holds.
+    pub fn len(&self) -> usize {
+        self.items.values().map(Vec::len).sum()
+    }
+
+    /// Whether it holds no item.
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+}
+
+/// An activation failure that the routine's strategy reported (`stop`, `continue`, or retries
+/// exhausted into one of them).
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct ActivationFailure {
+    /// The routine.
+    pub routine: String,
+    /// The error's message.
+    pub error: String,
+    /// Whether the error said a retry could help.
+    pub retryable: bool,
+    /// How many times the logic ran.
+    pub attempts: u32,
+    /// The strategy that handled it (`stop`, `continue`, `retry`).
+    pub strategy: String,
+    /// When it happened.
+    pub at: SystemTime,
+}
+
+/// A line a routine logged during a job.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct OutputLine {
+    /// The routine that logged it.
+    pub routine: String,
+    /// `trace`, `debug`, `info`, `warn` or `error` (or `stdout`/`stderr` for guest output).
+    pub level: String,
+    /// The text.
+    pub message: String,
+}
+
+/// Counters of one routine within one job.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RoutineCounters {
+    /// Activations run (every attempt counts).
+    pub activations: u64,
+    /// Items delivered into the routine's slots.
+    pub items_in: u64,
+    /// Items the routine emitted.
+    pub items_out: u64,
+    /// Items consumed by successful activations.
+    pub processed: u64,
+    /// Failed attempts (before any retry).
+    pub failures: u64,
+    /// Failures reported under `stop` or `continue`.
+    pub errors: u64,
+    /// Failures skipped under `skip`.
+    pub skipped: u64,
+    /// Retries run.
+    pub retries: u64,
+    /// Items kept as dead letters.
+    pub dead_lettered: u64,
+    /// Items accepted beyond a slot's bound to break a stall (see the scheduler docs).
+    pub overflowed: u64,
+    /// Items still queued.
+    pub queued: u64,
+    /// Time spent in logic, in microseconds.
+    pub busy_us: u64,
+}
+
+#[derive(Default)]
+struct Counters {
+    activations: AtomicU64,
+    items_in: AtomicU64,
+    items_out: AtomicU64,
+    processed: AtomicU64,
+    failures: AtomicU64,
+    errors: AtomicU64,
+    skipped: AtomicU64,
+    retries: AtomicU64,
+    dead_lettered: AtomicU64,
+    overflowed: AtomicU64,
+    busy_ns: AtomicU64,
+}
+
+fn add(c: &AtomicU64, n: u64) {
+    c.fetch_add(n, Ordering::Relaxed);
+}
+
+struct Queues {
+    slots: Vec<VecDeque<Item>>,
+    running: usize,
+    scheduled: bool,
+    timer_armed: bool,
+    last_fire: Option<Instant>,
+}
+
+pub(crate) struct Node {
+    queues: Mutex<Queues>,
+    counters: Counters,
+    pub(crate) state: Mutex<Map<String, Value>>,
+}
+
+struct Lifecycle {
+    finished: bool,
+    status: JobStatus,
+    failure: Option<String>,
+    finished_at: Option<Instant>,
+}
+
+/// Outcome of running an activation.
+enum Outcome {
+    /// Finished (succeeded, or failed and was handled); its `running` slot is to be released.
+    Done,
+    /// A retry is armed on the timer and keeps the `running` slot.
+    Deferred,
+}
+
+/// What to do with a failed batch once the strategy is decided.
+#[derive(Clone, Copy)]
+enum Action {
+    Stop,
+    Continue,
+    Skip,
+}
+
+pub(crate) struct Job {
+    pub(crate) id: JobId,
+    pub(crate) flow_name: Arc<str>,
+    pub(crate) flow: Arc<CompiledFlow>,
+    pub(crate) shared: Arc<Shared>,
+    pub(crate) nodes: Box<[Node]>,
+    pending: AtomicUsize,
+    control: AtomicU8,
+    lifecycle: Mutex<Lifecycle>,
+    done: Condvar,
+    failures: Mutex<Vec<ActivationFailure>>,
+    dead_letters: Mutex<Vec<DeadLetter>>,
+    output: Mutex<Vec<OutputLine>>,
+    pub(crate) started: Instant,
+}
+
+impl Job {
+    pub(crate) fn new(
+        id: JobId,
+        flow_name: &str,
+        flow: Arc<CompiledFlow>,
+        shared: Arc<Shared>,
+    ) -> Self {
+        let nodes = flow
+            .routines
+            .iter()
+            .map(|r| Node {
+                queues: Mutex::new(Queues {
+                    slots: r.capacities.iter().map(|_| VecDeque::new()).collect(),
+                    running: 0,
+                    scheduled: false,
+                    timer_armed: false,
+                    last_fire: None,
+                }),
+                counters: Counters::default(),
+                state: Mutex::new(Map::new()),
+            })
+            .collect();
+        Self {
+            id,
+            flow_name: flow_name.into(),
+            flow,
+            shared,
+            nodes,
+            pending: AtomicUsize::new(0),
+            control: AtomicU8::new(RUNNING),
+            lifecycle: Mutex::new(Lifecycle {
+                finished: false,
+                status: JobStatus::Running,
+                failure: None,
+                finished_at: None,
+            }),
+            done: Condvar::new(),
+            failures: Mutex::new(Vec::new()),
+            dead_letters: Mutex::new(Vec::new()),
+            output: Mutex::new(Vec::new()),
+            started: Instant::now(),
+        }
+    }
+
+    // ---- lifecycle -------------------------------------------------------------------------
+
+    /// Whether the job stopped accepting work (failed or cancelled).
+    pub(crate) fn halted(&self) -> bool {
+        self.control.load(Ordering::Acquire) != RUNNING
+    }
+
+    pub(crate) fn status(&self) -> JobStatus {
+        let lc = self.lifecycle.lock();
+        if lc.finished {
+            return lc.status;
+        }
+        match self.control.load(Ordering::Acquire) {
+            FAILED => JobStatus::Failed,
+            CANCELLED => JobStatus::Cancelled,
+            _ => JobStatus::Running,
+        }
+    }
+
+    pub(crate) fn failure(&self) -> Option<String> {
+        self.lifecycle.lock().failure.clone()
+    }
+
+    pub(crate) fn is_finished(&self) -> bool {
+        self.lifecycle.lock().finished
+    }
+
+    pub(crate) fn wall_time(&self) -> Duration {
+        let lc = self.lifecycle.lock();
+        lc.finished_at.unwrap_or_else(Instant::now) - self.started
+    }
+
+    /// Takes a hold: the job cannot finish until [`Job::release`]. Fails on a finished or
+    /// halted job.
+    pub(crate) fn hold(&self) -> Result<(), crate::RuntimeError> {
+        self.pending.fetch_add(1, Ordering::SeqCst);
+        let lc = self.lifecycle.lock();
+        if lc.finished {
+            drop(lc);
+            self.pending.fetch_sub(1, Ordering::SeqCst);
+            return Err(crate::RuntimeError::JobFinished { job: self.id });
+        }
+        drop(lc);
+        if self.halted() {
+            self.release();
+            return Err(crate::RuntimeError::JobHalted {
+                job: self.id,
+                status: self.status(),
+            });
+        }
+        Ok(())
+    }
+
+    pub(crate) fn add_pending(&self) {
+        self.pending.fetch_add(1, Ordering::SeqCst);
+    }
+
+    /// Releases one pending count; the last one finishes the job.
+    pub(crate) fn release(&self) {
+        if self.pending.fetch_sub(1, Ordering::SeqCst) == 1 {
+            self.try_finish();
+        }
+    }
+
+    fn try_finish(&self) {
+        let mut lc = self.lifecycle.lock();
+        if lc.finished || self.pending.load(Ordering::SeqCst) != 0 {
+            return;
+        }
+        lc.finished = true;
+        lc.finished_at = Some(Instant::now());
+        lc.status = match self.control.load(Ordering::Acquire) {
+            FAILED => JobStatus::Failed,
+            CANCELLED => JobStatus::Cancelled,
+            _ => JobStatus::Completed,
+        };
+        tracing::debug!(job = %self.id, status = %lc.status, "job finished");
+        drop(lc);
+        self.done.notify_all();
+        self.shared.job_finished();
+    }
+
+    /// Stops scheduling; finishes once in-flight work drains. Returns false if already halted.
+    pub(crate) fn cancel(&self) -> bool {
+        let changed = self
+            .control
+            .compare_exchange(RUNNING, CANCELLED, Ordering::AcqRel, Ordering::Acquire)
+            .is_ok();
+        if changed {
+            self.shared.pool.notify_progress();
+            // A job with nothing pending (never given input) finishes now.
+            self.pending.fetch_add(1, Ordering::SeqCst);
+            self.release();
+        }
+        changed
+    }
+
+    fn fail(&self, reason: String) {
+        if self
+            .control
+            .compare_exchange(RUNNING, FAILED, Ordering::AcqRel, Ordering::Acquire)
+            .is_ok()
+        {
+            self.lifecycle.lock().failure = Some(reason);
+            self.shared.pool.notify_progress();
+        }
+    }
+
+    pub(crate) fn wait(&self, timeout: Duration) -> bool {
+        let deadline = Instant::now() + timeout;
+        let mut lc = self.lifecycle.lock();
+        while !lc.finished {
+            if self.done.wait_until(&mut lc, deadline).timed_out() {
+                return lc.finished;
+            }
+        }
+        true
+    }
+
+    // ---- data path -------------------------------------------------------------------------
+
+    /// Queues `item` into `node.slot`. A full slot gives the item back, unless `overrun`.
+    pub(crate) fn push(
+        self: &Arc<Self>,
+        node: usize,
+        slot: usize,
+        item: Item,
+        overrun: bool,
+        sched: Sched<'_>,
+    ) -> Result<(), Item> {
+        let r = &self.flow.routines[node];
+        let n = &self.nodes[node];
+        let schedule = {
+            let mut q = n.queues.lock();
+            if q.slots[slot].len() >= r.capacities[slot] {
+                if !overrun {
+                    return Err(item);
+                }
+                add(&n.counters.overflowed, 1);
+            }
+            q.slots[slot].push_back(item);
+            let s = !q.scheduled
+                && !q.timer_armed
+                && q.running < r.concurrency
+                && !self.halted()
+                && r.policy.may_fire(&q.slots);
+            if s {
+                q.scheduled = true;
+            }
+            s
+        };
+        add(&n.counters.items_in, 1);
+        if schedule {
+            self.add_pending();
+            sched.schedule(Task::Check {
+                job: self.clone(),
+                node,
+            });
+        }
+        Ok(())
+    }
+
+    /// A check task: run `node` while its policy releases batches.
+    pub(crate) fn run_check(self: &Arc<Self>, node: usize, from_timer: bool, w: &WorkerLocal) {
+        {
+            let mut q = self.nodes[node].queues.lock();
+            if from_timer {
+                q.timer_armed = false;
+            } else {
+                q.scheduled = false;
+            }
+        }
+        self.drive(node, false, w);
+        self.release();
+    }
+
+    /// A retry task: run the batch again, then go on as a check.
+    pub(crate) fn run_retry(self: &Arc<Self>, node: usize, batch: Batch, attempt: u32, w: &WorkerLocal) {
+        let outcome = if self.halted() {
+            self.dead_letter(node, batch, "job halted before the retry ran".into(), attempt);
+            Outcome::Done
+        } else {
+            self.activate(node, batch, attempt, w)
+        };
+        if let Outcome::Done = outcome {
+            self.drive(node, true, w);
+        }
+        self.release();
+    }
+
+    /// Shutdown dropped a retry before it ran: keep its items, free its `running` slot.
+    pub(crate) fn abandon_retry(&self, node: usize, batch: Batch) {
+        self.dead_letter(node, batch, "runtime shut down before the retry ran".into(), 0);
+        self.nodes[node].queues.lock().running -= 1;
+        self.release();
+    }
+
+    /// Runs activations of `node` while its policy releases batches. `holding`: the caller
+    /// owns one `running` slot from an activation that just ended.
+    fn drive(self: &Arc<Self>, node: usize, mut holding: bool, w: &WorkerLocal) {
+        let r = &self.flow.routines[node];
+        let n = &self.nodes[node];
+        for round in 0.. {
+            let batch = {
+                let mut q = n.queues.lock();
+                if std::mem::take(&mut holding) {
+                    q.running -= 1;
+                }
+                if self.halted() || q.running >= r.concurrency {
+                    return;
+                }
+                if round == MAX_ROUNDS {
+                    // Yield the worker: others' tasks wait behind us. Continue as a new task.
+                    if !q.scheduled && q.slots.iter().any(|s| !s.is_empty()) {
+                        q.scheduled = true;
+                        drop(q);
+                        self.add_pending();
+                        w.sched().schedule(Task::Check {
+                            job: self.clone(),
+                            node,
+                        });
+                    }
+                    return;
+                }
+                let now = Instant::now();
+                match r.policy.decide(&r.slot_names, &q.slots, q.last_fire, now) {
+                    Decision::Idle => return,
+                    Decision::WaitUntil(at) => {
+                        if !q.timer_armed {
+                            q.timer_armed = true;
+                            drop(q);
+                            self.add_pending();
+                            self.shared.timer.schedule(
+                                at,
+                                Task::TimerCheck {
+                                    job: self.clone(),
+                                    node,
+                                },
+                            );
+                        }
+                        return;
+                    }
+                    Decision::Fire(counts, message) => {
+                        q.running += 1;
+                        holding = true;
+                        q.last_fire = Some(now);
+                        let data: Vec<Vec<Item>> = counts
+                            .iter()
+                            .zip(q.slots.iter_mut())
+                            .map(|(&k, s)| s.drain(..k).collect())
+                            .collect();
+                        // Room for a parallel activation and more to release: let another
+                        // worker take it.
+                        if q.running < r.concurrency
+                            && !q.scheduled
+                            && q.slots.iter().any(|s| !s.is_empty())
+                            && r.policy.may_fire(&q.slots)
+                        {
+                            q.scheduled = true;
+                            self.add_pending();
+                            w.sched().schedule(Task::Check {
+                                job: self.clone(),
+                                node,
+                            });
+                        }
+                        Batch::new(
+                            r.slot_names.clone(),
+                            data,
+                            message.or_else(|| r.message.clone()),
+                        )
+                    }
+                }
+            };
+            self.shared.pool.notify_progress();
+            if let Outcome::Deferred = self.activate(node, batch, 0, w) {
+                return;
+            }
+        }
+    }
+
+    /// Runs the logic on `batch` (retrying inline when the delay is zero) and applies the
+    /// routine's error strategy.
+    fn activate(self: &Arc<Self>, node: usize, batch: Batch, first_attempt: u32, w: &WorkerLocal) -> Outcome {
+        let r = &self.flow.routines[node];
+        let c = &self.nodes[node].counters;
+        let mut attempt = first_attempt;
+        loop {
+            let span = tracing::debug_span!(
+                "activation",
+                job = %self.id,
+                routine = %r.id,
+                items = batch.len(),
+                attempt
+            );
+            let _enter = span.enter();
+            let ctx = Context::new(self, node, w);
+            let started = Instant::now();
+            let result = panic::catch_unwind(AssertUnwindSafe(|| r.logic.activate(&ctx, &batch)))
+                .unwrap_or_else(|payload| {
+                    Err(RoutineError::fatal(format!(
+                        "logic panicked: {}",
+                        panic_message(payload.as_ref())
+                    )))
+                });
+            add(&c.busy_ns, started.elapsed().as_nanos() as u64);
+            add(&c.activations, 1);
+            let err = match result {
+                Ok(()) => {
+                    add(&c.processed, batch.len() as u64);
+                    return Outcome::Done;
+                }
+                Err(e) => e,
+            };
+            add(&c.failures, 1);
+            let action = match &r.on_error {
+                ErrorStrategy::Retry(p) if err.retryable && attempt < p.max && !self.halted() => {
+                    attempt += 1;
+                    add(&c.retries, 1);
+                    let delay = p.delay_before(attempt);
+                    tracing::debug!(job = %self.id, routine = %r.id, error = %err, attempt, ?delay, "retrying");
+                    if delay.is_zero() {
+                        continue;
+                    }
+                    self.add_pending();
+                    self.shared.timer.schedule(
+                        Instant::now() + delay,
+                        Task::Retry {
+                            job: self.clone(),
+                            node,
+                            batch,
+                            attempt,
+                        },
+                    );
+                    return Outcome::Deferred;
+                }
+                ErrorStrategy::Retry(p) => match p.then {
+                    Exhausted::Stop => Action::Stop,
+                    Exhausted::Continue => Action::Continue,
+                    Exhausted::Skip => Action::Skip,
+                },
+                ErrorStrategy::Stop => Action::Stop,
+                ErrorStrategy::Continue => Action::Continue,
+                ErrorStrategy::Skip => Action::Skip,
+            };
+            self.handle_failure(node, batch, err, attempt + 1, action);
+            return Outcome::Done;
+        }
+    }
+
+    fn handle_failure(&self, node: usize, batch: Batch, err: RoutineError, attempts: u32, action: Action) {
+        let r = &self.flow.routines[node];
+        let c = &self.nodes[node].counters;
+        let strategy = match (&r.on_error, action) {
+            (ErrorStrategy::Retry(_), _) => "retry",
+            (_, Action::Stop) => "stop",
+            (_, Action::Continue) => "continue",
+            (_, Action::Skip) => "skip",
+        };
+        match action {
+            Action::Skip => {
+                add(&c.skipped, 1);
+                tracing::debug!(job = %self.id, routine = %r.id, error = %err, "activation skipped");
+            }
+            Action::Continue | Action::Stop => {
+                add(&c.errors, 1);
+                tracing::warn!(job = %self.id, routine = %r.id, error = %err, attempts, strategy, "activation failed");
+                self.failures.lock().push(ActivationFailure {
+                    routine: r.id.to_string(),
+                    error: err.message.clone(),
+                    retryable: err.retryable,
+                    attempts,
+                    strategy: strategy.to_owned(),
+                    at: SystemTime::now(),
+                });
+            }
+        }
+        let message = err.message.clone();
+        self.dead_letter(node, batch, err.message, attempts);
+        if let Action::Stop = action {
+            self.fail(format!("routine `{}` failed: {message}", r.id));
+        }
+    }
+
+    pub(crate) fn dead_letter(&self, node: usize, batch: Batch, error: String, attempts: u32) {
+        let r = &self.flow.routines[node];
+        let n = batch.len() as u64;
+        let (names, data) = batch.into_parts();
+        let items = names
+            .iter()
+            .zip(data)
+            .filter(|(_, d)| !d.is_empty())
+            .map(|(s, d)| (s.to_string(), d))
+            .collect();
+        add(&self.nodes[node].counters.dead_lettered, n);
+        self.dead_letters.lock().push(DeadLetter {
+            routine: r.id.to_string(),
+            items,
+            error,
+            attempts,
+            at: SystemTime::now(),
+        });
+    }
+
+    /// An emitted item that could not be delivered because the job halted while it waited.
+    pub(crate) fn dead_letter_undelivered(&self, node: usize, slot: usize, item: Item, error: String) {
+        let r = &self.flow.routines[node];
+        add(&self.nodes[node].counters.items_in, 1);
+        let batch = Batch::from_slots([(&*r.slot_names[slot], vec![item])], None);
+        self.dead_letter(node, batch, error, 0);
+    }
+
+    pub(crate) fn count_emit(&self, node: usize) {
+        add(&self.nodes[node].counters.items_out, 1);
+    }
+
+    pub(crate) fn log(&self, node: usize, level: &str, message: String) {
+        let line = OutputLine {
+            routine: self.flow.routines[node].id.to_string(),
+            level: level.to_owned(),
+            message,
+        };
+        if let Some(f) = &self.shared.on_output {
+            f(self.id, &line);
+        }
+        self.output.lock().push(line);
+    }
+
+    // ---- reports ---------------------------------------------------------------------------
+
+    pub(crate) fn counters(&self) -> BTreeMap<String, RoutineCounters> {
+        self.flow
+            .routines
+            .iter()
+            .zip(self.nodes.iter())
+            .map(|(r, n)| {
+                let c = &n.counters;
+                let get = |a: &AtomicU64| a.load(Ordering::Relaxed);
+                let queued = n.queues.lock().slots.iter().map(VecDeque::len).sum::<usize>();
+                (
+                    r.id.to_string(),
+                    RoutineCounters {
+                        activations: get(&c.activations),
+                        items_in: get(&c.items_in),
+                        items_out: get(&c.items_out),
+                        processed: get(&c.processed),
+                        failures: get(&c.failures),
+                        errors: get(&c.errors),
+                        skipped: get(&c.skipped),
+                        retries: get(&c.retries),
+                        dead_lettered: get(&c.dead_lettered),
+                        overflowed: get(&c.overflowed),
+                        queued: queued as u64,
+                        busy_us: get(&c.busy_ns) / 1000,
+                    },
+                )
+            })
+            .collect()
+    }
+
+    pub(crate) fn failures(&self) -> Vec<ActivationFailure> {
+        self.failures.lock().clone()
+    }
+
+    pub(crate) fn dead_letters(&self) -> Vec<DeadLetter> {
+        self.dead_letters.lock().clone()
+    }
+
+    pub(crate) fn output(&self) -> Vec<OutputLine> {
+        self.output.lock().clone()
+    }
+
+    pub(crate) fn queued_items(&self, node: usize) -> BTreeMap<String, Vec<Item>> {
+        let r = &self.flow.routines[node];
+        let q = self.nodes[node].queues.lock();
+        r.slot_names
+            .iter()
+            .zip(&q.slots)
+            .map(|(s, d)| (s.to_string(), d.iter().cloned().collect()))
+            .collect()
+    }
+}
+
+fn panic_message(payload: &(dyn std::any::Any + Send)) -> String {
+    if let Some(s) = payload.downcast_ref::<&str>() {
+        (*s).to_owned()
+    } else if let Some(s) = payload.downcast_ref::<String>() {
+        s.clone()
+    } else {
+        "non-string panic payload".to_owned()
+    }
+}

@@ -1,0 +1,602 @@
+//! The runtime: a worker pool, a timer, a flow registry and the jobs it runs.
+//!
+//! ```
+//! use routilux::{Flow, Routine, Runtime};
+//! use serde_json::json;
+//! use std::time::Duration;
+//!
+//! let mut flow = Flow::new();
+//! flow.add_routine(
+//!     Routine::new().slot("in").event("out", ["n"]).logic(|ctx, batch| {
+//!         for item in batch.slot("in") {
+//!             ctx.emit("out", &json!({"n": item.value()["n"].as_i64().unwrap_or(0) * 2}))?;
+//!         }
+//!         Ok(())
+//!     }),
+//!     "double",
+//! );
+//! let rt = Runtime::builder().thread_pool_size(2).build();
+//! rt.register("doubler", &flow).unwrap();
+//! let job = rt.post("doubler", "double", "in", &json!({"n": 21})).unwrap();
+//! assert!(rt.wait_until_all_jobs_finished(Duration::from_secs(5)));
+//! assert_eq!(job.counters()["double"].items_out, 1);
+//! ```
+//!
+//! Dropping a runtime **cancels** its unfinished jobs (no new activations; running ones end),
+//! then joins its threads. To let jobs finish first, call [`Runtime::shutdown`] with
+//! [`Shutdown::Drain`].
+
+use std::collections::BTreeMap;
+use std::fmt;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
+
+use parking_lot::{Condvar, Mutex};
+use serde::{Deserialize, Serialize};
+
+use crate::flow::{Flow, FlowError, Warning, suggest};
+use crate::item::{Item, ItemError};
+use crate::job::{ActivationFailure, DeadLetter, Job, JobId, JobStatus, OutputLine, RoutineCounters};
+use crate::registry::FlowRegistry;
+use crate::scheduler::{self, Pool};
+use crate::timer::Timer;
+
+/// A callback receiving each line of job output as it is produced.
+pub type OutputFn = Arc<dyn Fn(JobId, &OutputLine) + Send + Sync>;
+
+/// What the pool, the timer and every job share.
+pub(crate) struct Shared {
+    pub(crate) pool: Pool,
+    pub(crate) timer: Timer,
+    pub(crate) on_output: Option<OutputFn>,
+    finished_gen: Mutex<u64>,
+    finished_cv: Condvar,
+}
+
+impl Shared {
+    pub(crate) fn job_finished(&self) {
+        *self.finished_gen.lock() += 1;
+        self.finished_cv.notify_all();
+    }
+
+    /// No worker can make progress and no timer will bring any.
+    pub(crate) fn stalled(&self) -> bool {
+        self.timer.is_empty() && self.pool.stalled()
+    }
+}
+
+/// Errors of runtime operations (starting jobs, posting).
+#[derive(Debug, thiserror::Error)]
+pub enum RuntimeError {
+    /// No flow of that name is registered.
+    #[error("no flow named `{name}` is registered{}", hint(suggestion))]
+    UnknownFlow {
+        /// The name asked for.
+        name: String,
+        /// The nearest registered name.
+        suggestion: Option<String>,
+    },
+    /// The flow has no routine of that id.
+    #[error("flow `{flow}` has no routine `{routine}`{}", hint(suggestion))]
+    UnknownRoutine {
+        /// The flow.
+        flow: String,
+        /// The routine asked for.
+        routine: String,
+        /// The nearest routine id.
+        suggestion: Option<String>,
+    },
+    /// The routine has no slot of that name.
+    #[error("routine `{routine}` has no slot `{slot}`{}", hint(suggestion))]
+    UnknownSlot {
+        /// The routine.
+        routine: String,
+        /// The slot asked for.
+        slot: String,
+        /// The nearest slot name.
+        suggestion: Option<String>,
+    },
+    /// The slot stayed full until the post's deadline.
+    #[error("slot `{routine}.{slot}` of {job} is full ({capacity} items) and stayed full for {waited:?}")]
+    QueueFull {
+        /// The job.
+        job: JobId,
+        /// The routine.
+        routine: String,
+        /// The slot.
+        slot: String,
+        /// The slot's bound.
+        capacity: usize,
+        /// How long the post waited.
+        waited: Duration,
+    },
+    /// The job finished (it was quiescent); start a new job, or hold the job open while
+    /// posting a stream ([`JobHandle::hold_open`]).
+    #[error("{job} has finished and accepts no more input")]
+    JobFinished {
+        /// The job.
+        job: JobId,
+    },
+    /// The job failed or was cancelled.
+    #[error("{job} is {status} and accepts no more input")]
+    JobHalted {
+        /// The job.
+        job: JobId,
+        /// Its status.
+        status: JobStatus,
+    },
+    /// The posted value is not a JSON object.
+    #[error("invalid item: {0}")]
+    Item(#[from] ItemError),
+}
+
+fn hint(suggestion: &Option<String>) -> String {
+    match suggestion {
+        Some(s) => format!(" (did you mean `{s}`?)"),
+        None => String::new(),
+    }
+}
+
+/// How [`Runtime::shutdown`] treats unfinished jobs.
+#[derive(Clone, Copy, Debug)]
+pub enum Shutdown {
+    /// Wait up to this long for jobs to finish, then cancel the rest.
+    Drain(Duration),
+    /// Cancel at once.
+    Cancel,
+}
+
+/// Configures a [`Runtime`].
+#[derive(Clone)]
+pub struct RuntimeBuilder {
+    threads: usize,
+    post_timeout: Duration,
+    registry: Option<FlowRegistry>,
+    on_output: Option<OutputFn>,
+}
+
+impl RuntimeBuilder {
+    /// Worker threads (honoured exactly; at least 1). Default: the machine's parallelism.
+    pub fn thread_pool_size(mut self, n: usize) -> Self {
+        self.threads = n.max(1);
+        self
+    }
+
+    /// How long `post` waits for room in a full slot before `QueueFull` (default 30 s).
+    pub fn post_timeout(mut self, d: Duration) -> Self {
+        self.post_timeout = d;
+        self
+    }
+
+    /// Uses a shared registry instead of a private one.
+    pub fn registry(mut self, registry: FlowRegistry) -> Self {
+        self.registry = Some(registry);
+        self
+    }
+
+    /// Streams every output line of every job to `f` as it is produced.
+    pub fn on_output(mut self, f: impl Fn(JobId, &OutputLine) + Send + Sync + 'static) -> Self {
+        self.on_output = Some(Arc::new(f));
+        self
+    }
+
+    /// Starts the worker threads and the timer.
+    pub fn build(self) -> Runtime {
+        let (pool, locals) = Pool::new(self.threads);
+        let shared = Arc::new(Shared {
+            pool,
+            timer: Timer::default(),
+            on_output: self.on_output,
+            finished_gen: Mutex::new(0),
+            finished_cv: Condvar::new(),
+        });
+        let mut threads = Vec::with_capacity(self.threads);
+        for (i, (deque, parker)) in locals.into_iter().enumerate() {
+            let s = shared.clone();
+            threads.push(
+                std::thread::Builder::new()
+                    .name(format!("routilux-worker-{i}"))
+                    .spawn(move || scheduler::worker_main(s, i, deque, parker))
+                    .expect("spawning a worker thread"),
+            );
+        }
+        let s = shared.clone();
+        let timer = std::thread::Builder::new()
+            .name("routilux-timer".into())
+            .spawn(move || s.timer.run(&s.pool))
+            .expect("spawning the timer thread");
+        Runtime {
+            shared,
+            registry: self.registry.unwrap_or_default(),
+            jobs: Mutex::new(Vec::new()),
+            next_job: AtomicU64::new(1),
+            threads: Mutex::new(Some((threads, timer))),
+            post_timeout: self.post_timeout,
+        }
+    }
+}
+
+/// Runs flows. See the [module docs](self).
+pub struct Runtime {
+    shared: Arc<Shared>,
+    registry: FlowRegistry,
+    jobs: Mutex<Vec<Arc<Job>>>,
+    next_job: AtomicU64,
+    #[allow(clippy::type_complexity)]
+    threads: Mutex<Option<(Vec<JoinHandle<()>>, JoinHandle<()>)>>,
+    post_timeout: Duration,
+}
+
+impl fmt::Debug for Runtime {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Runtime")
+            .field("thread_pool_size", &self.thread_pool_size())
+            .field("flows", &self.registry.names())
+            .finish()
+    }
+}
+
+impl Runtime {
+    /// A builder with default settings.
+    pub fn builder() -> RuntimeBuilder {
+        RuntimeBuilder {
+            threads: std::thread::available_parallelism().map_or(2, |n| n.get()),
+            post_timeout: Duration::from_secs(30),
+            registry: None,
+            on_output: None,
+        }
+    }
+
+    /// The number of worker threads.
+    pub fn thread_pool_size(&self) -> usize {
+        self.shared.pool.size()
+    }
+
+    /// The flow registry.
+    pub fn registry(&self) -> &FlowRegistry {
+        &self.registry
+    }
+
+    /// Validates and registers a flow (shortcut for `registry().register`).
+    pub fn register(&self, name: &str, flow: &Flow) -> Result<Vec<Warning>, FlowError> {
+        self.registry.register(name, flow)
+    }
+
+    /// Starts a job of the named flow. It runs once input is posted to it, and completes by
+    /// itself when it becomes quiescent.
+    pub fn exec(&self, flow_name: &str) -> Result<JobHandle, RuntimeError> {
+        let flow = self
+            .registry
+            .get(flow_name)
+            .ok_or_else(|| RuntimeError::UnknownFlow {
+                name: flow_name.to_owned(),
+                suggestion: suggest(flow_name, self.registry.names().iter().map(String::as_str)),
+            })?;
+        let id = JobId(self.next_job.fetch_add(1, Ordering::Relaxed));
+        let job = Arc::new(Job::new(id, flow_name, flow, self.shared.clone()));
+        self.jobs.lock().push(job.clone());
+        Ok(JobHandle {
+            job,
+            post_timeout: self.post_timeout,
+        })
+    }
+
+    /// Starts a job of `flow_name` and posts `value` to `routine.slot` (the reference
+    /// library's `post` without a job id).
+    pub fn post<T: Serialize + ?Sized>(
+        &self,
+        flow_name: &str,
+        routine: &str,
+        slot: &str,
+        value: &T,
+    ) -> Result<JobHandle, RuntimeError> {
+        let job = self.exec(flow_name)?;
+        job.post(routine, slot, value)?;
+        Ok(job)
+    }
+
+    /// Waits until every job of this runtime has finished; returns whether they all did
+    /// within `timeout`. A job that was never given input has not finished.
+    pub fn wait_until_all_jobs_finished(&self, timeout: Duration) -> bool {
+        let deadline = Instant::now() + timeout;
+        let mut gen_guard = self.shared.finished_gen.lock();
+        loop {
+            if self.jobs.lock().iter().all(|j| j.is_finished()) {
+                return true;
+            }
+            if self
+                .shared
+                .finished_cv
+                .wait_until(&mut gen_guard, deadline)
+                .timed_out()
+            {
+                return self.jobs.lock().iter().all(|j| j.is_finished());
+            }
+        }
+    }
+
+    /// Every job started by this runtime, oldest first.
+    pub fn jobs(&self) -> Vec<JobHandle> {
+        self.jobs
+            .lock()
+            .iter()
+            .map(|j| JobHandle {
+                job: j.clone(),
+                post_timeout: self.post_timeout,
+            })
+            .collect()
+    }
+
+    /// A job by id.
+    pub fn job(&self, id: JobId) -> Option<JobHandle> {
+        self.jobs
+            .lock()
+            .iter()
+            .find(|j| j.id == id)
+            .map(|j| JobHandle {
+                job: j.clone(),
+                post_timeout: self.post_timeout,
+            })
+    }
+
+    /// Forgets finished jobs (their handles stay valid); returns how many were dropped.
+    pub fn forget_finished_jobs(&self) -> usize {
+        let mut jobs = self.jobs.lock();
+        let before = jobs.len();
+        jobs.retain(|j| !j.is_finished());
+        before - jobs.len()
+    }
+
+    /// Stops the runtime: drains or cancels jobs, stops the timer, joins the workers.
+    /// Idempotent; also run (with [`Shutdown::Cancel`]) on drop.
+    pub fn shutdown(&self, mode: Shutdown) {
+        if let Shutdown::Drain(timeout) = mode {
+            self.wait_until_all_jobs_finished(timeout);
+        }
+        for j in self.jobs.lock().iter() {
+            j.cancel();
+        }
+        let Some((workers, timer)) = self.threads.lock().take() else {
+            return;
+        };
+        for task in self.shared.timer.shutdown() {
+            task.abandon();
+        }
+        let _ = timer.join();
+        self.shared.pool.begin_shutdown();
+        for w in workers {
+            let _ = w.join();
+        }
+        for task in self.shared.pool.drain_injector() {
+            task.abandon();
+        }
+    }
+}
+
+impl Drop for Runtime {
+    fn drop(&mut self) {
+        self.shutdown(Shutdown::Cancel);
+    }
+}
+
+/// Keeps a job open for input: the job does not complete while a hold exists, even if it is
+/// momentarily quiescent. Drop it when the input stream ends.
+pub struct InputHold {
+    job: Arc<Job>,
+}
+
+impl Drop for InputHold {
+    fn drop(&mut self) {
+        self.job.release();
+    }
+}
+
+/// A summary of a job for people and scripts.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct JobSummary {
+    /// The job.
+    pub job: JobId,
+    /// The flow it runs.
+    pub flow: String,
+    /// Its status.
+    pub status: JobStatus,
+    /// Why it failed, if it did.
+    pub failure: Option<String>,
+    /// Counters per routine.
+    pub routines: BTreeMap<String, RoutineCounters>,
+    /// Failures reported by error strategies.
+    pub errors: Vec<ActivationFailure>,
+    /// Items kept as dead letters.
+    pub dead_lettered: u64,
+    /// Wall time from start to finish (or until now).
+    pub wall_time_ms: u64,
+}
+
+/// A handle to a job. Cheap to clone; outlives the runtime's bookkeeping.
+#[derive(Clone)]
+pub struct JobHandle {
+    job: Arc<Job>,
+    post_timeout: Duration,
+}
+
+impl fmt::Debug for JobHandle {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("JobHandle")
+            .field("id", &self.job.id)
+            .field("flow", &self.job.flow_name)
+            .field("status", &self.job.status())
+            .finish()
+    }
+}
+
+impl JobHandle {
+    /// The job's id.
+    pub fn id(&self) -> JobId {
+        self.job.id
+    }
+
+    /// The flow it runs.
+    pub fn flow_name(&self) -> &str {
+        &self.job.flow_name
+    }
+
+    /// Its status. `Failed`/`Cancelled` show at once; [`JobHandle::is_finished`] says when
+    /// in-flight activations have also ended.
+    pub fn status(&self) -> JobStatus {
+        self.job.status()
+    }
+
+    /// Why the job failed, if it did.
+    pub fn failure(&self) -> Option<String> {
+        self.job.failure()
+    }
+
+    /// Whether the job has finished (nothing runs or can run any more).
+    pub fn is_finished(&self) -> bool {
+        self.job.is_finished()
+    }
+
+    /// Waits for the job to finish; returns whether it did within `timeout`.
+    pub fn wait(&self, timeout: Duration) -> bool {
+        self.job.wait(timeout)
+    }
+
+    /// Posts a value to `routine.slot`, waiting up to the runtime's post timeout for room.
+    pub fn post<T: Serialize + ?Sized>(
+        &self,
+        routine: &str,
+        slot: &str,
+        value: &T,
+    ) -> Result<(), RuntimeError> {
+        self.post_item_timeout(routine, slot, Item::from_serialize(value)?, self.post_timeout)
+    }
+
+    /// Posts an item, waiting up to `timeout` for room (zero: fail at once if full).
+    pub fn post_item_timeout(
+        &self,
+        routine: &str,
+        slot: &str,
+        item: Item,
+        timeout: Duration,
+    ) -> Result<(), RuntimeError> {
+        let (node, slot_idx) = self.resolve(routine, slot)?;
+        let job = &self.job;
+        job.hold()?;
+        let started = Instant::now();
+        let deadline = started + timeout;
+        let mut item = item;
+        let result = loop {
+            match job.push(node, slot_idx, item, false, crate::scheduler::Sched::External(&job.shared.pool)) {
+                Ok(()) => break Ok(()),
+                Err(back) => item = back,
+            }
+            if job.halted() {
+                break Err(RuntimeError::JobHalted {
+                    job: job.id,
+                    status: job.status(),
+                });
+            }
+            let now = Instant::now();
+            if now >= deadline {
+                break Err(RuntimeError::QueueFull {
+                    job: job.id,
+                    routine: routine.to_owned(),
+                    slot: slot.to_owned(),
+                    capacity: job.flow.routines[node].capacities[slot_idx],
+                    waited: now - started,
+                });
+            }
+            job.shared
+                .pool
+                .wait_progress((deadline - now).min(Duration::from_millis(5)));
+        };
+        job.release();
+        result
+    }
+
+    /// Posts an item, waiting up to the runtime's post timeout.
+    pub fn post_item(&self, routine: &str, slot: &str, item: Item) -> Result<(), RuntimeError> {
+        self.post_item_timeout(routine, slot, item, self.post_timeout)
+    }
+
+    fn resolve(&self, routine: &str, slot: &str) -> Result<(usize, usize), RuntimeError> {
+        let flow = &self.job.flow;
+        let node = flow
+            .routine_index(routine)
+            .ok_or_else(|| RuntimeError::UnknownRoutine {
+                flow: self.job.flow_name.to_string(),
+                routine: routine.to_owned(),
+                suggestion: suggest(routine, flow.routines.iter().map(|r| &*r.id)),
+            })?;
+        let r = &flow.routines[node];
+        let slot_idx = r.slot_index(slot).ok_or_else(|| RuntimeError::UnknownSlot {
+            routine: routine.to_owned(),
+            slot: slot.to_owned(),
+            suggestion: suggest(slot, r.slot_names.iter().map(|s| &**s)),
+        })?;
+        Ok((node, slot_idx))
+    }
+
+    /// Keeps the job open for input until the returned guard is dropped.
+    pub fn hold_open(&self) -> Result<InputHold, RuntimeError> {
+        self.job.hold()?;
+        Ok(InputHold {
+            job: self.job.clone(),
+        })
+    }
+
+    /// Cancels the job: nothing new is scheduled, running activations end, queued items stay
+    /// (reported as `queued`). Returns false if it had already failed or been cancelled.
+    pub fn cancel(&self) -> bool {
+        self.job.cancel()
+    }
+
+    /// Counters per routine.
+    pub fn counters(&self) -> BTreeMap<String, RoutineCounters> {
+        self.job.counters()
+    }
+
+    /// Failures reported by `stop`/`continue` strategies, in order.
+    pub fn errors(&self) -> Vec<ActivationFailure> {
+        self.job.failures()
+    }
+
+    /// Dead letters, in order.
+    pub fn dead_letters(&self) -> Vec<DeadLetter> {
+        self.job.dead_letters()
+    }
+
+    /// Lines logged or printed by routines, in order.
+    pub fn output(&self) -> Vec<OutputLine> {
+        self.job.output()
+    }
+
+    /// A routine's WorkerState in this job (`None` for an unknown routine).
+    pub fn worker_state(&self, routine: &str) -> Option<serde_json::Map<String, serde_json::Value>> {
+        let node = self.job.flow.routine_index(routine)?;
+        Some(self.job.nodes[node].state.lock().clone())
+    }
+
+    /// Items still queued in a routine's slots.
+    pub fn queued_items(&self, routine: &str) -> Option<BTreeMap<String, Vec<Item>>> {
+        let node = self.job.flow.routine_index(routine)?;
+        Some(self.job.queued_items(node))
+    }
+
+    /// A summary for people and scripts.
+    pub fn summary(&self) -> JobSummary {
+        let routines = self.counters();
+        JobSummary {
+            job: self.job.id,
+            flow: self.job.flow_name.to_string(),
+            status: self.status(),
+            failure: self.failure(),
+            dead_lettered: routines.values().map(|c| c.dead_lettered).sum(),
+            routines,
+            errors: self.errors(),
+            wall_time_ms: self.job.wall_time().as_millis() as u64,
+        }
+    }
+}

@@ -1,0 +1,323 @@
+//! The work-stealing pool that runs activations.
+//!
+//! # Design
+//!
+//! `thread_pool_size` worker threads, exactly; nothing else ever runs routine logic. Work is a
+//! [`Task`]: "look at routine R of job J and run it if its policy releases a batch" (a check),
+//! or "run this failed batch again" (a retry). Tasks live in a global [`Injector`] (fed by
+//! threads outside the pool: posts and the timer) and in one FIFO deque per worker (fed by that
+//! worker: an emit schedules the receiving routine on the emitting worker's deque, where an idle
+//! worker can steal it — so a subscriber can start before its emitter returns).
+//!
+//! A worker looks for work in this order (crossbeam-deque's `find_task`): its own deque, then a
+//! batch from the injector, then one task from each peer; `Steal::Retry` means "lost a race, try
+//! again", so the search repeats until every source says empty or something is found.
+//!
+//! # Sleeping without lost wake-ups
+//!
+//! An idle worker does not spin. It adds itself to the idle list, issues a `SeqCst` fence,
+//! re-checks every queue, and only then parks. A producer pushes, issues a `SeqCst` fence, and
+//! reads the sleeper count; if non-zero it unparks one idle worker. Either the producer sees the
+//! sleeper (and wakes it) or the sleeper's re-check sees the task: the two fences forbid both
+//! reads missing. `Parker` keeps an unpark that comes before the park, so that case is covered
+//! too. A bounded park timeout is a second line of defence, not the mechanism.
+//!
+//! # Backpressure without deadlock
+//!
+//! An emit into a full slot must wait, but a waiting worker may hold the only thread that could
+//! drain that slot (one thread; n threads and n blocked emitters; a cycle). So a blocked emitter
+//! (see `Context::deliver`) first *helps*: it runs another task found by the same search, on
+//! its own stack, as rayon's `join` does (nesting is bounded by [`MAX_HELP_DEPTH`]). When there
+//! is nothing to help with it waits for progress (an item leaving a queue wakes it). Only when
+//! the whole pool is stalled — every worker blocked in an emit or asleep, no timer armed, and
+//! still so after a short grace wait — does the emitter overrun the bound by one item; every
+//! such item is counted (`overflowed`) per routine. A routine with concurrency 1 is never
+//! activated twice at once, nested or not, because its `running` count gates every check.
+//!
+//! # Shutdown
+//!
+//! 1. The runtime cancels every unfinished job: checks stop releasing batches, blocked emitters
+//!    return `JobHalted`, posts are refused.
+//! 2. The timer thread stops; its armed tasks are abandoned (a pending retry's items become
+//!    dead letters, so they are not lost) and their jobs' pending counts released.
+//! 3. The `shutdown` flag is set and every worker unparked. A worker exits only when its search
+//!    finds no task, so its own deque is empty when it leaves; tasks of cancelled jobs run only
+//!    their bookkeeping.
+//! 4. The runtime joins the workers, then abandons whatever is left in the injector.
+//!
+//! Native logic cannot be pre-empted: shutdown waits for activations already running.
+
+use std::cell::Cell;
+use std::iter;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering, fence};
+use std::time::Duration;
+
+use crossbeam_deque::{Injector, Steal, Stealer, Worker};
+use crossbeam_utils::sync::{Parker, Unparker};
+use parking_lot::{Condvar, Mutex};
+
+use crate::activation::Batch;
+use crate::job::Job;
+use crate::runtime::Shared;
+
+/// How deep a blocked emitter may nest helping activations on its own stack.
+pub(crate) const MAX_HELP_DEPTH: u32 = 16;
+
+/// A unit of work for the pool.
+pub(crate) enum Task {
+    /// Check routine `node` of `job` and run it while its policy releases batches.
+    Check { job: Arc<Job>, node: usize },
+    /// A `time_interval` timer ended: as `Check`, and the routine's timer is disarmed.
+    TimerCheck { job: Arc<Job>, node: usize },
+    /// Run a failed batch again (retry number `attempt`).
+    Retry {
+        job: Arc<Job>,
+        node: usize,
+        batch: Batch,
+        attempt: u32,
+    },
+}
+
+impl Task {
+    fn run(self, w: &WorkerLocal) {
+        match self {
+            Task::Check { job, node } => job.run_check(node, false, w),
+            Task::TimerCheck { job, node } => job.run_check(node, true, w),
+            Task::Retry {
+                job,
+                node,
+                batch,
+                attempt,
+            } => job.run_retry(node, batch, attempt, w),
+        }
+    }
+
+    /// Drops the task without running it, releasing what it holds (shutdown only).
+    pub(crate) fn abandon(self) {
+        match self {
+            Task::Check { job, .. } | Task::TimerCheck { job, .. } => job.release(),
+            Task::Retry {
+                job, node, batch, ..
+            } => job.abandon_retry(node, batch),
+        }
+    }
+}
+
+/// The shared half of the pool.
+pub(crate) struct Pool {
+    injector: Injector<Task>,
+    stealers: Box<[Stealer<Task>]>,
+    idle: Mutex<Vec<usize>>,
+    sleepers: AtomicUsize,
+    unparkers: Box<[Unparker]>,
+    shutdown: AtomicBool,
+    /// Workers waiting in an emit with nothing to help with.
+    blocked: AtomicUsize,
+    progress_lock: Mutex<()>,
+    progress: Condvar,
+    progress_waiters: AtomicUsize,
+    size: usize,
+}
+
+/// What each worker thread owns; handed to logic through the activation context.
+pub(crate) struct WorkerLocal {
+    deque: Worker<Task>,
+    shared: Arc<Shared>,
+    depth: Cell<u32>,
+}
+
+/// Where a newly ready task goes: the current worker's deque, or the injector.
+#[derive(Clone, Copy)]
+pub(crate) enum Sched<'a> {
+    Worker(&'a WorkerLocal),
+    External(&'a Pool),
+}
+
+impl Sched<'_> {
+    pub(crate) fn schedule(self, task: Task) {
+        match self {
+            Sched::Worker(w) => {
+                w.deque.push(task);
+                w.shared.pool.notify_one();
+            }
+            Sched::External(pool) => pool.inject(task),
+        }
+    }
+}
+
+impl Pool {
+    /// Creates the pool's shared half and the per-worker deques and parkers.
+    pub(crate) fn new(size: usize) -> (Pool, Vec<(Worker<Task>, Parker)>) {
+        let locals: Vec<(Worker<Task>, Parker)> = (0..size)
+            .map(|_| (Worker::new_fifo(), Parker::new()))
+            .collect();
+        let pool = Pool {
+            injector: Injector::new(),
+            stealers: locals.iter().map(|(w, _)| w.stealer()).collect(),
+            idle: Mutex::new(Vec::with_capacity(size)),
+            sleepers: AtomicUsize::new(0),
+            unparkers: locals.iter().map(|(_, p)| p.unparker().clone()).collect(),
+            shutdown: AtomicBool::new(false),
+            blocked: AtomicUsize::new(0),
+            progress_lock: Mutex::new(()),
+            progress: Condvar::new(),
+            progress_waiters: AtomicUsize::new(0),
+            size,
+        };
+        (pool, locals)
+    }
+
+    pub(crate) fn inject(&self, task: Task) {
+        self.injector.push(task);
+        self.notify_one();
+    }
+
+    fn notify_one(&self) {
+        fence(Ordering::SeqCst);
+        if self.sleepers.load(Ordering::SeqCst) == 0 {
+            return;
+        }
+        let woken = {
+            let mut idle = self.idle.lock();
+            let w = idle.pop();
+            self.sleepers.store(idle.len(), Ordering::SeqCst);
+            w
+        };
+        if let Some(i) = woken {
+            self.unparkers[i].unpark();
+        }
+    }
+
+    fn has_work(&self) -> bool {
+        !self.injector.is_empty() || self.stealers.iter().any(|s| !s.is_empty())
+    }
+
+    /// Wakes threads waiting for queue space (called whenever items leave a queue).
+    pub(crate) fn notify_progress(&self) {
+        if self.progress_waiters.load(Ordering::SeqCst) > 0 {
+            let _g = self.progress_lock.lock();
+            self.progress.notify_all();
+        }
+    }
+
+    /// Waits until some queue loses items, or `timeout`.
+    pub(crate) fn wait_progress(&self, timeout: Duration) {
+        let mut g = self.progress_lock.lock();
+        self.progress_waiters.fetch_add(1, Ordering::SeqCst);
+        self.progress.wait_for(&mut g, timeout);
+        self.progress_waiters.fetch_sub(1, Ordering::SeqCst);
+    }
+
+    /// Whether no worker can make progress: all are blocked in emits or asleep.
+    pub(crate) fn stalled(&self) -> bool {
+        self.blocked.load(Ordering::SeqCst) + self.sleepers.load(Ordering::SeqCst) >= self.size
+            && !self.has_work()
+    }
+
+    pub(crate) fn enter_blocked(&self) {
+        self.blocked.fetch_add(1, Ordering::SeqCst);
+        // Another blocked emitter may now see the pool stalled.
+        self.notify_progress();
+    }
+
+    pub(crate) fn leave_blocked(&self) {
+        self.blocked.fetch_sub(1, Ordering::SeqCst);
+    }
+
+    /// Number of worker threads.
+    pub(crate) fn size(&self) -> usize {
+        self.size
+    }
+
+    pub(crate) fn begin_shutdown(&self) {
+        self.shutdown.store(true, Ordering::SeqCst);
+        for u in self.unparkers.iter() {
+            u.unpark();
+        }
+    }
+
+    /// Takes whatever is left in the injector (after the workers have exited).
+    pub(crate) fn drain_injector(&self) -> Vec<Task> {
+        iter::from_fn(|| loop {
+            match self.injector.steal() {
+                Steal::Success(t) => return Some(t),
+                Steal::Empty => return None,
+                Steal::Retry => {}
+            }
+        })
+        .collect()
+    }
+}
+
+impl WorkerLocal {
+    fn find_task(&self) -> Option<Task> {
+        let pool = &self.shared.pool;
+        self.deque.pop().or_else(|| {
+            iter::repeat_with(|| {
+                pool.injector
+                    .steal_batch_and_pop(&self.deque)
+                    .or_else(|| pool.stealers.iter().map(Stealer::steal).collect())
+            })
+            .find(|s| !s.is_retry())
+            .and_then(Steal::success)
+        })
+    }
+
+    /// Runs one other task on this stack, if there is one (a blocked emitter helping).
+    /// The caller is counted as blocked; while the helped task runs it is not.
+    pub(crate) fn help_once(&self) -> bool {
+        if self.depth.get() >= MAX_HELP_DEPTH {
+            return false;
+        }
+        let Some(task) = self.find_task() else {
+            return false;
+        };
+        let pool = &self.shared.pool;
+        pool.leave_blocked();
+        self.depth.set(self.depth.get() + 1);
+        task.run(self);
+        self.depth.set(self.depth.get() - 1);
+        pool.enter_blocked();
+        true
+    }
+
+    pub(crate) fn sched(&self) -> Sched<'_> {
+        Sched::Worker(self)
+    }
+}
+
+/// The body of worker thread `index`.
+pub(crate) fn worker_main(shared: Arc<Shared>, index: usize, deque: Worker<Task>, parker: Parker) {
+    let local = WorkerLocal {
+        deque,
+        shared,
+        depth: Cell::new(0),
+    };
+    let pool = &local.shared.pool;
+    loop {
+        if let Some(task) = local.find_task() {
+            task.run(&local);
+            continue;
+        }
+        if pool.shutdown.load(Ordering::SeqCst) {
+            break;
+        }
+        {
+            let mut idle = pool.idle.lock();
+            idle.push(index);
+            pool.sleepers.store(idle.len(), Ordering::SeqCst);
+        }
+        fence(Ordering::SeqCst);
+        if !pool.has_work() && !pool.shutdown.load(Ordering::SeqCst) {
+            // A blocked emitter may be waiting to see whether the pool has stalled.
+            pool.notify_progress();
+            parker.park_timeout(Duration::from_millis(100));
+        }
+        let mut idle = pool.idle.lock();
+        if let Some(pos) = idle.iter().position(|&i| i == index) {
+            idle.swap_remove(pos);
+            pool.sleepers.store(idle.len(), Ordering::SeqCst);
+        }
+    }
+}
