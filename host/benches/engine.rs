@@ -1,1 +1,418 @@
-fn main(){}
+//! Engine benchmark: routilux (native routines) against a bare `crossbeam-channel` pipeline of
+//! the same shape, side by side in one run.
+//!
+//! ```text
+//! cargo bench -p routilux --bench engine                 # all scenarios, 5 runs each
+//! cargo bench -p routilux --bench engine -- --reps 3 --messages 50000 --threads 4
+//! ```
+//!
+//! Every (scenario, implementation) pair runs in a fresh child process, so peak RSS (VmHWM) is
+//! that run's alone. Figures are medians over the runs. "Deliveries" counts items handed to a
+//! routine's logic (or a stage thread), summed over routines, entry routine included: fan-out
+//! 1→3 makes 4 per message, a chain of 5 makes 5, fan-in 3→1 makes 2.
+
+#![allow(missing_docs, clippy::unwrap_used)]
+
+use std::process::Command;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::{Duration, Instant};
+
+use routilux::{Flow, Item, Policy, Routine, Runtime};
+use serde_json::json;
+
+#[derive(Clone, Copy, Debug, PartialEq)]
+enum Shape {
+    FanOut,
+    Chain,
+    FanIn,
+}
+
+impl Shape {
+    const ALL: [Shape; 3] = [Shape::FanOut, Shape::Chain, Shape::FanIn];
+    fn name(self) -> &'static str {
+        match self {
+            Shape::FanOut => "fan-out 1->3",
+            Shape::Chain => "chain of 5",
+            Shape::FanIn => "fan-in 3->1 batch(10)",
+        }
+    }
+    fn key(self) -> &'static str {
+        match self {
+            Shape::FanOut => "fanout",
+            Shape::Chain => "chain",
+            Shape::FanIn => "fanin",
+        }
+    }
+    fn from_key(k: &str) -> Option<Shape> {
+        Shape::ALL.into_iter().find(|s| s.key() == k)
+    }
+    fn deliveries_per_message(self) -> u64 {
+        match self {
+            Shape::FanOut => 4,
+            Shape::Chain => 5,
+            Shape::FanIn => 2,
+        }
+    }
+    /// Routines (or stages) whose receipt time is a latency end point.
+    fn sinks(self) -> usize {
+        match self {
+            Shape::FanOut => 3,
+            Shape::Chain | Shape::FanIn => 1,
+        }
+    }
+}
+
+/// Post and delivery timestamps (ns since the run's epoch), indexed by message id.
+struct Clock {
+    epoch: Instant,
+    posted: Vec<AtomicU64>,
+    delivered: Vec<Vec<AtomicU64>>,
+}
+
+impl Clock {
+    fn new(n: usize, sinks: usize) -> Arc<Self> {
+        let col = || (0..n).map(|_| AtomicU64::new(0)).collect::<Vec<_>>();
+        Arc::new(Self {
+            epoch: Instant::now(),
+            posted: col(),
+            delivered: (0..sinks).map(|_| col()).collect(),
+        })
+    }
+    fn now(&self) -> u64 {
+        self.epoch.elapsed().as_nanos() as u64
+    }
+    fn post(&self, id: usize) {
+        self.posted[id].store(self.now(), Ordering::Relaxed);
+    }
+    fn deliver(&self, sink: usize, item: &Item) {
+        let id = item.value()["id"].as_u64().unwrap() as usize;
+        self.delivered[sink][id].store(self.now(), Ordering::Relaxed);
+    }
+    /// p50 and p99 of delivery − post over every sink and message, in µs.
+    fn percentiles(&self) -> (f64, f64) {
+        let mut lat: Vec<u64> = Vec::with_capacity(self.posted.len() * self.delivered.len());
+        for sink in &self.delivered {
+            for (p, d) in self.posted.iter().zip(sink) {
+                let (p, d) = (p.load(Ordering::Relaxed), d.load(Ordering::Relaxed));
+                assert!(d >= p && d > 0, "a message was not delivered");
+                lat.push(d - p);
+            }
+        }
+        lat.sort_unstable();
+        let at = |q: f64| lat[((lat.len() - 1) as f64 * q) as usize] as f64 / 1000.0;
+        (at(0.50), at(0.99))
+    }
+}
+
+fn messages(n: usize) -> Vec<Item> {
+    let payload = "x".repeat(64);
+    (0..n)
+        .map(|i| Item::new(json!({"id": i, "payload": payload})).unwrap())
+        .collect()
+}
+
+fn forward(
+    ctx: &routilux::Context<'_>,
+    batch: &routilux::Batch,
+) -> Result<(), routilux::RoutineError> {
+    for item in batch.items() {
+        ctx.emit_item("out", item.clone())?;
+    }
+    Ok(())
+}
+
+fn recorder(clock: &Arc<Clock>, sink: usize) -> Routine {
+    let c = clock.clone();
+    Routine::new().slot("in").logic(move |_, batch| {
+        for item in batch.items() {
+            c.deliver(sink, item);
+        }
+        Ok(())
+    })
+}
+
+fn forwarder() -> Routine {
+    Routine::new()
+        .slot("in")
+        .event("out", ["id", "payload"])
+        .logic(forward)
+}
+
+/// Runs one scenario on routilux; returns elapsed time.
+fn run_routilux(shape: Shape, n: usize, threads: usize, clock: &Arc<Clock>) -> Duration {
+    let mut flow = Flow::new();
+    let entries: Vec<String> = match shape {
+        Shape::FanOut => {
+            flow.add_routine(forwarder(), "src");
+            for s in 0..3 {
+                let id = format!("sub{s}");
+                flow.add_routine(recorder(clock, s), &id)
+                    .connect("src", "out", &id, "in");
+            }
+            vec!["src".into()]
+        }
+        Shape::Chain => {
+            for s in 0..4 {
+                flow.add_routine(forwarder(), &format!("r{s}"));
+                if s > 0 {
+                    flow.connect(&format!("r{}", s - 1), "out", &format!("r{s}"), "in");
+                }
+            }
+            flow.add_routine(recorder(clock, 0), "r4")
+                .connect("r3", "out", "r4", "in");
+            vec!["r0".into()]
+        }
+        Shape::FanIn => {
+            let c = clock.clone();
+            flow.add_routine(
+                Routine::new()
+                    .slot("in")
+                    .policy(Policy::batch_size(10))
+                    .logic(move |_, batch| {
+                        for item in batch.items() {
+                            c.deliver(0, item);
+                        }
+                        Ok(())
+                    }),
+                "sink",
+            );
+            (0..3)
+                .map(|s| {
+                    let id = format!("src{s}");
+                    flow.add_routine(forwarder(), &id)
+                        .connect(&id, "out", "sink", "in");
+                    id
+                })
+                .collect()
+        }
+    };
+    let rt = Runtime::builder().thread_pool_size(threads).build();
+    rt.register("bench", &flow).unwrap();
+    let items = messages(n);
+    let job = rt.exec("bench").unwrap();
+    let start = Instant::now();
+    let inputs: Vec<routilux::Input> = entries
+        .iter()
+        .map(|e| job.input(e, "in").unwrap())
+        .collect();
+    for (i, item) in items.into_iter().enumerate() {
+        clock.post(i);
+        inputs[i % inputs.len()].post_item(item).unwrap();
+    }
+    drop(inputs);
+    assert!(job.wait(Duration::from_secs(600)));
+    let elapsed = start.elapsed();
+    let c = job.counters();
+    let delivered: u64 = c.values().map(|c| c.processed).sum();
+    assert_eq!(
+        delivered,
+        n as u64 * shape.deliveries_per_message()
+            - (n % 10) as u64 * u64::from(shape == Shape::FanIn)
+    );
+    elapsed
+}
+
+/// The same shape as threads joined by bounded crossbeam channels (one thread per stage).
+fn run_channels(shape: Shape, n: usize, clock: &Arc<Clock>) -> Duration {
+    use crossbeam_channel::{Receiver, Sender, bounded};
+    const CAP: usize = routilux::DEFAULT_MAX_QUEUE_LENGTH;
+    let items = messages(n);
+    let spawn_fwd = |rx: Receiver<Item>, txs: Vec<Sender<Item>>| {
+        std::thread::spawn(move || {
+            for item in rx {
+                for tx in &txs {
+                    tx.send(item.clone()).unwrap();
+                }
+            }
+        })
+    };
+    let spawn_sink = |rx: Receiver<Item>, sink: usize, chunk: usize, c: Arc<Clock>| {
+        std::thread::spawn(move || {
+            let mut buf = Vec::with_capacity(chunk);
+            for item in rx {
+                buf.push(item);
+                if buf.len() == chunk {
+                    for i in buf.drain(..) {
+                        c.deliver(sink, &i);
+                    }
+                }
+            }
+        })
+    };
+    let mut handles = Vec::new();
+    let entries: Vec<Sender<Item>> = match shape {
+        Shape::FanOut => {
+            let (tx, rx) = bounded(CAP);
+            let mut subs = Vec::new();
+            for s in 0..3 {
+                let (stx, srx) = bounded(CAP);
+                subs.push(stx);
+                handles.push(spawn_sink(srx, s, 1, clock.clone()));
+            }
+            handles.push(spawn_fwd(rx, subs));
+            vec![tx]
+        }
+        Shape::Chain => {
+            let (last_tx, last_rx) = bounded(CAP);
+            handles.push(spawn_sink(last_rx, 0, 1, clock.clone()));
+            let mut next = last_tx;
+            for _ in 0..4 {
+                let (tx, rx) = bounded(CAP);
+                handles.push(spawn_fwd(rx, vec![next]));
+                next = tx;
+            }
+            vec![next]
+        }
+        Shape::FanIn => {
+            let (sink_tx, sink_rx) = bounded(CAP);
+            handles.push(spawn_sink(sink_rx, 0, 10, clock.clone()));
+            (0..3)
+                .map(|_| {
+                    let (tx, rx) = bounded(CAP);
+                    handles.push(spawn_fwd(rx, vec![sink_tx.clone()]));
+                    tx
+                })
+                .collect()
+        }
+    };
+    let start = Instant::now();
+    for (i, item) in items.into_iter().enumerate() {
+        clock.post(i);
+        entries[i % entries.len()].send(item).unwrap();
+    }
+    drop(entries);
+    for h in handles {
+        h.join().unwrap();
+    }
+    start.elapsed()
+}
+
+fn peak_rss_kib() -> u64 {
+    std::fs::read_to_string("/proc/self/status")
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find(|l| l.starts_with("VmHWM:"))
+                .and_then(|l| l.split_whitespace().nth(1))
+                .and_then(|v| v.parse().ok())
+        })
+        .unwrap_or(0)
+}
+
+struct Opts {
+    reps: usize,
+    messages: usize,
+    threads: usize,
+    child: Option<(Shape, String)>,
+}
+
+fn parse_args() -> Opts {
+    let mut o = Opts {
+        reps: 5,
+        messages: 100_000,
+        threads: 4,
+        child: None,
+    };
+    let args: Vec<String> = std::env::args().skip(1).collect();
+    let mut i = 0;
+    while i < args.len() {
+        let val = || args.get(i + 1).cloned().unwrap_or_default();
+        match args[i].as_str() {
+            "--reps" => o.reps = val().parse().unwrap(),
+            "--messages" => o.messages = val().parse().unwrap(),
+            "--threads" => o.threads = val().parse().unwrap(),
+            "--child" => {
+                let v = val();
+                let (s, imp) = v.split_once(':').unwrap();
+                o.child = Some((Shape::from_key(s).unwrap(), imp.to_owned()));
+            }
+            _ => {
+                i += 1;
+                continue;
+            }
+        }
+        i += 2;
+    }
+    o
+}
+
+fn median(mut v: Vec<f64>) -> f64 {
+    v.sort_by(f64::total_cmp);
+    v[v.len() / 2]
+}
+
+fn main() {
+    let o = parse_args();
+    if let Some((shape, imp)) = o.child {
+        let clock = Clock::new(o.messages, shape.sinks());
+        let elapsed = match imp.as_str() {
+            "routilux" => run_routilux(shape, o.messages, o.threads, &clock),
+            _ => run_channels(shape, o.messages, &clock),
+        };
+        let (p50, p99) = clock.percentiles();
+        let rate =
+            (o.messages as u64 * shape.deliveries_per_message()) as f64 / elapsed.as_secs_f64();
+        println!("{rate} {p50} {p99} {}", peak_rss_kib());
+        return;
+    }
+    let exe = std::env::current_exe().unwrap();
+    println!(
+        "routilux engine bench: {} messages of {{\"id\", \"payload\": 64 B}}, thread_pool_size {}, {} runs each (medians)\n",
+        o.messages, o.threads, o.reps
+    );
+    println!(
+        "{:<22} {:<16} {:>14} {:>10} {:>10} {:>10} {:>9}",
+        "scenario", "implementation", "deliveries/s", "p50 µs", "p99 µs", "peak MiB", "vs chan"
+    );
+    for shape in Shape::ALL {
+        let mut results = Vec::new();
+        for imp in ["channel", "routilux"] {
+            let mut runs: Vec<[f64; 4]> = Vec::new();
+            for _ in 0..o.reps {
+                let out = Command::new(&exe)
+                    .args([
+                        "--child",
+                        &format!("{}:{imp}", shape.key()),
+                        "--messages",
+                        &o.messages.to_string(),
+                        "--threads",
+                        &o.threads.to_string(),
+                    ])
+                    .output()
+                    .unwrap();
+                assert!(
+                    out.status.success(),
+                    "{}",
+                    String::from_utf8_lossy(&out.stderr)
+                );
+                let text = String::from_utf8_lossy(&out.stdout);
+                let f: Vec<f64> = text
+                    .split_whitespace()
+                    .map(|x| x.parse().unwrap())
+                    .collect();
+                runs.push([f[0], f[1], f[2], f[3]]);
+            }
+            let col = |k: usize| median(runs.iter().map(|r| r[k]).collect());
+            results.push((imp, col(0), col(1), col(2), col(3) / 1024.0));
+        }
+        let chan = results[0].1;
+        for (imp, rate, p50, p99, mib) in results {
+            let label = if imp == "channel" {
+                "crossbeam-channel"
+            } else {
+                "routilux native"
+            };
+            println!(
+                "{:<22} {:<16} {:>14.0} {:>10.1} {:>10.1} {:>10.1} {:>8.0}%",
+                shape.name(),
+                label,
+                rate,
+                p50,
+                p99,
+                mib,
+                rate / chan * 100.0
+            );
+        }
+    }
+}

@@ -363,7 +363,9 @@ mod tests {
     }
 
     fn names(n: usize) -> Vec<Arc<str>> {
-        (0..n).map(|i| Arc::from(format!("s{i}").as_str())).collect()
+        (0..n)
+            .map(|i| Arc::from(format!("s{i}").as_str()))
+            .collect()
     }
 
     #[test]
@@ -420,6 +422,9 @@ mod tests {
             Decision::Fire(vec![2, 0], Some(Arc::new(json!({"k": 1}))))
         );
         let nothing = Policy::custom("nothing", |_| Some(Take::new().slot("s1", 5)));
-        assert_eq!(nothing.decide(&n2, &[q(4), q(0)], None, now), Decision::Idle);
+        assert_eq!(
+            nothing.decide(&n2, &[q(4), q(0)], None, now),
+            Decision::Idle
+        );
     }
 }

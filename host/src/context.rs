@@ -12,7 +12,7 @@ use serde::Serialize;
 use serde_json::{Map, Value};
 
 use crate::item::{Item, ItemError};
-use crate::job::{Job, JobId};
+use crate::job::{Help, Job, JobId};
 use crate::scheduler::WorkerLocal;
 use crate::state::StateRef;
 
@@ -143,8 +143,9 @@ impl<'a> Context<'a> {
         Ok(())
     }
 
-    /// Pushes into one slot; when it is full, helps the pool, waits, or — if the whole pool
-    /// is stalled — overruns the bound by this one item (counted).
+    /// Pushes into one slot. When it is full: runs the slot's routine here if it is idle
+    /// (or other work, if that routine is starved), else waits for room; only if the whole
+    /// pool stays stalled does it overrun the bound by this one item (counted).
     fn deliver(&self, node: usize, slot: usize, item: Item) -> Result<(), EmitError> {
         let job = self.job;
         let mut item = match job.push(node, slot, item, false, self.worker.sched()) {
@@ -152,41 +153,65 @@ impl<'a> Context<'a> {
             Err(item) => item,
         };
         let shared = &job.shared;
-        shared.pool.enter_blocked();
-        let _blocked = scopeguard(|| shared.pool.leave_blocked());
-        let mut stalled_before = false;
+        // The epoch seen when the pool was first found stalled; overrun only if the pool is
+        // still stalled after a grace wait and no batch moved anywhere meanwhile.
+        let mut stalled_at: Option<u64> = None;
         loop {
             if job.halted() {
                 job.dead_letter_undelivered(
                     node,
                     slot,
                     item,
-                    format!("job halted while `{}` waited for queue space", self.routine_id()),
+                    format!(
+                        "job halted while `{}` waited for queue space",
+                        self.routine_id()
+                    ),
                 );
                 return Err(EmitError::JobHalted {
                     job: job.id,
                     routine: self.routine_id().to_owned(),
                 });
             }
-            if self.worker.help_once() {
-                stalled_before = false;
-            } else if shared.stalled() {
-                if stalled_before {
-                    let r = &job.flow.routines[node];
-                    tracing::debug!(
-                        job = %job.id,
-                        routine = %r.id,
-                        slot = %r.slot_names[slot],
-                        "pool stalled on a full slot; overrunning its bound by one item"
+            let (helped, may_overrun) = match job.help_consumer(node, slot, self.worker) {
+                Help::Ran => (true, false),
+                // Suspended under us on this stack (a cycle): it cannot drain the slot before
+                // we return, so waiting would be forever. Overrun now.
+                Help::Busy if self.worker.runs_here(job, node) => {
+                    self.overrun(
+                        node,
+                        slot,
+                        item,
+                        "its routine is suspended under the emitter",
                     );
-                    let _ = job.push(node, slot, item, true, self.worker.sched());
                     return Ok(());
                 }
-                stalled_before = true;
-                shared.pool.wait_progress(Duration::from_micros(200));
+                // Running on another worker: it drains the slot by itself. In an acyclic flow
+                // it can never be waiting on us, so this wait always ends.
+                Help::Busy => (false, job.flow.cyclic),
+                // Idle but starved (a multi-slot policy waiting on another slot): run other
+                // work, which may feed it.
+                Help::CannotFire => (self.worker.help_once(), true),
+                Help::TooDeep => (false, true),
+            };
+            if helped {
+                stalled_at = None;
             } else {
-                stalled_before = false;
+                // Counted as blocked only while waiting, so a worker that is merely slow
+                // (pre-empted between two attempts) never makes the pool look stalled.
+                shared.pool.enter_blocked();
+                if may_overrun && shared.stalled() {
+                    let epoch = shared.pool.epoch();
+                    if stalled_at == Some(epoch) {
+                        shared.pool.leave_blocked();
+                        self.overrun(node, slot, item, "the whole pool is stalled");
+                        return Ok(());
+                    }
+                    stalled_at = Some(epoch);
+                } else {
+                    stalled_at = None;
+                }
                 shared.pool.wait_progress(Duration::from_millis(1));
+                shared.pool.leave_blocked();
             }
             item = match job.push(node, slot, item, false, self.worker.sched()) {
                 Ok(()) => return Ok(()),
@@ -194,16 +219,19 @@ impl<'a> Context<'a> {
             };
         }
     }
-}
 
-struct ScopeGuard<F: FnMut()>(F);
-
-impl<F: FnMut()> Drop for ScopeGuard<F> {
-    fn drop(&mut self) {
-        (self.0)()
+    /// Pushes past the slot's bound (counted as `overflowed`) to break a wait that could
+    /// never end.
+    fn overrun(&self, node: usize, slot: usize, item: Item, why: &str) {
+        let job = self.job;
+        let r = &job.flow.routines[node];
+        tracing::debug!(
+            job = %job.id,
+            routine = %r.id,
+            slot = %r.slot_names[slot],
+            emitter = self.routine_id(),
+            "overrunning a full slot by one item: {why}"
+        );
+        let _ = job.push(node, slot, item, true, self.worker.sched());
     }
-}
-
-fn scopeguard<F: FnMut()>(f: F) -> ScopeGuard<F> {
-    ScopeGuard(f)
 }

@@ -35,7 +35,11 @@ pub struct Connection {
 
 impl fmt::Display for Connection {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "{}.{} -> {}.{}", self.from, self.event, self.to, self.slot)
+        write!(
+            f,
+            "{}.{} -> {}.{}",
+            self.from, self.event, self.to, self.slot
+        )
     }
 }
 
@@ -87,7 +91,9 @@ pub enum Problem {
         name: String,
     },
     /// A slot that can hold nothing.
-    #[error("routine `{routine}`: slot `{slot}` has max_queue_length 0 and could never hold an item")]
+    #[error(
+        "routine `{routine}`: slot `{slot}` has max_queue_length 0 and could never hold an item"
+    )]
     ZeroCapacity {
         /// The routine.
         routine: String,
@@ -129,7 +135,10 @@ pub enum Problem {
         suggestion: Option<String>,
     },
     /// A connection names an event its source routine does not declare.
-    #[error("connection `{connection}`: routine `{routine}` has no event `{event}`{}", hint(suggestion))]
+    #[error(
+        "connection `{connection}`: routine `{routine}` has no event `{event}`{}",
+        hint(suggestion)
+    )]
     UnknownEvent {
         /// The connection.
         connection: String,
@@ -141,7 +150,10 @@ pub enum Problem {
         suggestion: Option<String>,
     },
     /// A connection names a slot its destination routine does not declare.
-    #[error("connection `{connection}`: routine `{routine}` has no slot `{slot}`{}", hint(suggestion))]
+    #[error(
+        "connection `{connection}`: routine `{routine}` has no slot `{slot}`{}",
+        hint(suggestion)
+    )]
     UnknownSlot {
         /// The connection.
         connection: String,
@@ -177,7 +189,9 @@ fn hint(suggestion: &Option<String>) -> String {
 #[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
 pub enum Warning {
     /// No connection feeds this slot: only external posts can fill it.
-    #[error("routine `{routine}`: slot `{slot}` has no incoming connection (only posts can fill it)")]
+    #[error(
+        "routine `{routine}`: slot `{slot}` has no incoming connection (only posts can fill it)"
+    )]
     UnconnectedSlot {
         /// The routine.
         routine: String,
@@ -196,7 +210,11 @@ pub struct FlowError {
 impl fmt::Display for FlowError {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         let n = self.problems.len();
-        write!(f, "invalid flow: {n} problem{}", if n == 1 { "" } else { "s" })?;
+        write!(
+            f,
+            "invalid flow: {n} problem{}",
+            if n == 1 { "" } else { "s" }
+        )?;
         for p in &self.problems {
             write!(f, "\n  - {p}")?;
         }
@@ -204,14 +222,20 @@ impl fmt::Display for FlowError {
     }
 }
 
-/// The nearest of `candidates` to `name`, if it is close enough to be a likely typo.
+/// The nearest of `candidates` to `name`, if it is close enough to be a likely typo: within
+/// two edits (and not a complete rewrite of a short name), or very similar by Jaro-Winkler.
 pub fn suggest<'a>(name: &str, candidates: impl IntoIterator<Item = &'a str>) -> Option<String> {
     candidates
         .into_iter()
-        .map(|c| (strsim::jaro_winkler(name, c), c))
-        .filter(|(score, _)| *score >= 0.7)
-        .max_by(|a, b| a.0.total_cmp(&b.0))
-        .map(|(_, c)| c.to_owned())
+        .filter_map(|c| {
+            let edits = strsim::damerau_levenshtein(name, c);
+            let jw = strsim::jaro_winkler(name, c);
+            let close =
+                (edits <= 2 && edits < c.chars().count().max(name.chars().count())) || jw >= 0.85;
+            close.then_some((edits, -((jw * 1000.0) as i64), c))
+        })
+        .min()
+        .map(|(_, _, c)| c.to_owned())
 }
 
 impl Flow {
@@ -291,8 +315,9 @@ impl Flow {
             }
             let src = self.find_routine(&c.from, &connection, &mut problems);
             let dst = self.find_routine(&c.to, &connection, &mut problems);
+            let event_ok = src.is_some_and(|(_, s)| s.events.iter().any(|e| *e.name == *c.event));
             if let Some((_, s)) = src
-                && !s.events.iter().any(|e| *e.name == *c.event)
+                && !event_ok
             {
                 problems.push(Problem::UnknownEvent {
                     connection: connection.clone(),
@@ -301,8 +326,9 @@ impl Flow {
                     suggestion: suggest(&c.event, s.events.iter().map(|e| &*e.name)),
                 });
             }
+            let slot_ok = dst.is_some_and(|(_, d)| d.slots.iter().any(|s| *s.name == *c.slot));
             if let Some((_, d)) = dst {
-                if d.slots.iter().any(|s| *s.name == *c.slot) {
+                if slot_ok {
                     fed.insert((&c.to, &c.slot));
                 } else {
                     problems.push(Problem::UnknownSlot {
@@ -313,7 +339,7 @@ impl Flow {
                     });
                 }
             }
-            if let (Some((si, _)), Some((di, _))) = (src, dst) {
+            if let (Some((si, _)), Some((di, _)), true, true) = (src, dst, event_ok, slot_ok) {
                 edges.push((si, di));
             }
         }
@@ -405,7 +431,20 @@ impl Flow {
                 routines[s].routes[ev].push((d, slot));
             }
         }
-        Ok((CompiledFlow { routines, index }, warnings))
+        let edges: Vec<(usize, usize)> = routines
+            .iter()
+            .enumerate()
+            .flat_map(|(i, r)| r.routes.iter().flatten().map(move |&(d, _)| (i, d)))
+            .collect();
+        let cyclic = !find_cycles(routines.len(), &edges).is_empty();
+        Ok((
+            CompiledFlow {
+                routines,
+                index,
+                cyclic,
+            },
+            warnings,
+        ))
     }
 }
 
@@ -526,6 +565,8 @@ fn find_cycles(n: usize, edges: &[(usize, usize)]) -> Vec<Vec<usize>> {
 pub(crate) struct CompiledFlow {
     pub(crate) routines: Vec<CompiledRoutine>,
     pub(crate) index: HashMap<String, usize>,
+    /// Whether some routines feed each other in a loop (only with `allow_cycles`).
+    pub(crate) cyclic: bool,
 }
 
 pub(crate) struct CompiledRoutine {
@@ -583,14 +624,29 @@ mod tests {
             .connect("b", "out", "b", "inp");
         let err = f.validate().unwrap_err();
         let text = err.to_string();
-        assert!(text.contains("routine id `a` is used more than once"), "{text}");
+        assert!(
+            text.contains("routine id `a` is used more than once"),
+            "{text}"
+        );
         assert!(text.contains("routine `c` has no logic"), "{text}");
         assert!(text.contains("routine `c` has no slots"), "{text}");
         assert!(text.contains("can never fire"), "{text}");
-        assert!(text.contains("`a.out -> b.in` is declared more than once"), "{text}");
-        assert!(text.contains("no routine `bb` (did you mean `b`?)"), "{text}");
-        assert!(text.contains("has no event `ot` (did you mean `out`?)"), "{text}");
-        assert!(text.contains("has no slot `inp` (did you mean `in`?)"), "{text}");
+        assert!(
+            text.contains("`a.out -> b.in` is declared more than once"),
+            "{text}"
+        );
+        assert!(
+            text.contains("no routine `bb` (did you mean `b`?)"),
+            "{text}"
+        );
+        assert!(
+            text.contains("has no event `ot` (did you mean `out`?)"),
+            "{text}"
+        );
+        assert!(
+            text.contains("has no slot `inp` (did you mean `in`?)"),
+            "{text}"
+        );
         assert_eq!(err.problems.len(), 8, "{text}");
     }
 

@@ -175,7 +175,6 @@ pub struct RoutineCounters {
 #[derive(Default)]
 struct Counters {
     activations: AtomicU64,
-    items_in: AtomicU64,
     items_out: AtomicU64,
     processed: AtomicU64,
     failures: AtomicU64,
@@ -193,6 +192,8 @@ fn add(c: &AtomicU64, n: u64) {
 
 struct Queues {
     slots: Vec<VecDeque<Item>>,
+    /// Items ever pushed (kept under the lock: one atomic less per delivery).
+    items_in: u64,
     running: usize,
     scheduled: bool,
     timer_armed: bool,
@@ -210,6 +211,19 @@ struct Lifecycle {
     status: JobStatus,
     failure: Option<String>,
     finished_at: Option<Instant>,
+}
+
+/// What a blocked emitter's attempt to run the full slot's routine achieved.
+#[derive(Debug)]
+pub(crate) enum Help {
+    /// It ran at least one activation of the routine: there may be room now.
+    Ran,
+    /// The routine is running (elsewhere, or under us on this stack): wait for it.
+    Busy,
+    /// The routine is idle but its policy releases nothing.
+    CannotFire,
+    /// This stack is nested too deep to run it here.
+    TooDeep,
 }
 
 /// Outcome of running an activation.
@@ -257,6 +271,7 @@ impl Job {
             .map(|r| Node {
                 queues: Mutex::new(Queues {
                     slots: r.capacities.iter().map(|_| VecDeque::new()).collect(),
+                    items_in: 0,
                     running: 0,
                     scheduled: false,
                     timer_armed: false,
@@ -429,6 +444,7 @@ impl Job {
                 add(&n.counters.overflowed, 1);
             }
             q.slots[slot].push_back(item);
+            q.items_in += 1;
             let s = !q.scheduled
                 && !q.timer_armed
                 && q.running < r.concurrency
@@ -439,7 +455,6 @@ impl Job {
             }
             s
         };
-        add(&n.counters.items_in, 1);
         if schedule {
             self.add_pending();
             sched.schedule(Task::Check {
@@ -460,36 +475,53 @@ impl Job {
                 q.scheduled = false;
             }
         }
-        self.drive(node, false, w);
+        let _ = self.drive(node, false, w);
         self.release();
     }
 
     /// A retry task: run the batch again, then go on as a check.
-    pub(crate) fn run_retry(self: &Arc<Self>, node: usize, batch: Batch, attempt: u32, w: &WorkerLocal) {
+    pub(crate) fn run_retry(
+        self: &Arc<Self>,
+        node: usize,
+        batch: Batch,
+        attempt: u32,
+        w: &WorkerLocal,
+    ) {
         let outcome = if self.halted() {
-            self.dead_letter(node, batch, "job halted before the retry ran".into(), attempt);
+            self.dead_letter(
+                node,
+                batch,
+                "job halted before the retry ran".into(),
+                attempt,
+            );
             Outcome::Done
         } else {
             self.activate(node, batch, attempt, w)
         };
         if let Outcome::Done = outcome {
-            self.drive(node, true, w);
+            let _ = self.drive(node, true, w);
         }
         self.release();
     }
 
     /// Shutdown dropped a retry before it ran: keep its items, free its `running` slot.
     pub(crate) fn abandon_retry(&self, node: usize, batch: Batch) {
-        self.dead_letter(node, batch, "runtime shut down before the retry ran".into(), 0);
+        self.dead_letter(
+            node,
+            batch,
+            "runtime shut down before the retry ran".into(),
+            0,
+        );
         self.nodes[node].queues.lock().running -= 1;
         self.release();
     }
 
-    /// Runs activations of `node` while its policy releases batches. `holding`: the caller
-    /// owns one `running` slot from an activation that just ended.
-    fn drive(self: &Arc<Self>, node: usize, mut holding: bool, w: &WorkerLocal) {
+    /// Runs activations of `node` while its policy releases batches; returns whether it ran
+    /// any. `holding`: the caller owns one `running` slot from an activation that just ended.
+    fn drive(self: &Arc<Self>, node: usize, mut holding: bool, w: &WorkerLocal) -> bool {
         let r = &self.flow.routines[node];
         let n = &self.nodes[node];
+        let mut ran = false;
         for round in 0.. {
             let batch = {
                 let mut q = n.queues.lock();
@@ -497,7 +529,7 @@ impl Job {
                     q.running -= 1;
                 }
                 if self.halted() || q.running >= r.concurrency {
-                    return;
+                    return ran;
                 }
                 if round == MAX_ROUNDS {
                     // Yield the worker: others' tasks wait behind us. Continue as a new task.
@@ -510,11 +542,11 @@ impl Job {
                             node,
                         });
                     }
-                    return;
+                    return ran;
                 }
                 let now = Instant::now();
                 match r.policy.decide(&r.slot_names, &q.slots, q.last_fire, now) {
-                    Decision::Idle => return,
+                    Decision::Idle => return ran,
                     Decision::WaitUntil(at) => {
                         if !q.timer_armed {
                             q.timer_armed = true;
@@ -528,7 +560,7 @@ impl Job {
                                 },
                             );
                         }
-                        return;
+                        return ran;
                     }
                     Decision::Fire(counts, message) => {
                         q.running += 1;
@@ -561,16 +593,58 @@ impl Job {
                     }
                 }
             };
-            self.shared.pool.notify_progress();
+            ran = true;
+            self.shared.pool.record_progress();
             if let Outcome::Deferred = self.activate(node, batch, 0, w) {
-                return;
+                return ran;
             }
+        }
+        ran
+    }
+
+    /// A worker blocked on a full slot of `node` tries to run `node` itself (nested on its
+    /// stack). In an acyclic flow the consumer is downstream of every frame below it, so it
+    /// can never wait on them: this is how backpressure makes progress without inverting
+    /// dependencies.
+    pub(crate) fn help_consumer(
+        self: &Arc<Self>,
+        node: usize,
+        slot: usize,
+        w: &WorkerLocal,
+    ) -> Help {
+        let r = &self.flow.routines[node];
+        {
+            let q = self.nodes[node].queues.lock();
+            if q.running >= r.concurrency {
+                return Help::Busy;
+            }
+        }
+        match w.nested(|| self.drive(node, false, w)) {
+            Some(true) => return Help::Ran,
+            None => return Help::TooDeep,
+            Some(false) => {}
+        }
+        // It did not run: someone else drained the slot meanwhile, it started elsewhere, or
+        // its policy really releases nothing.
+        let q = self.nodes[node].queues.lock();
+        if q.slots[slot].len() < r.capacities[slot] {
+            Help::Ran
+        } else if q.running >= r.concurrency {
+            Help::Busy
+        } else {
+            Help::CannotFire
         }
     }
 
     /// Runs the logic on `batch` (retrying inline when the delay is zero) and applies the
     /// routine's error strategy.
-    fn activate(self: &Arc<Self>, node: usize, batch: Batch, first_attempt: u32, w: &WorkerLocal) -> Outcome {
+    fn activate(
+        self: &Arc<Self>,
+        node: usize,
+        batch: Batch,
+        first_attempt: u32,
+        w: &WorkerLocal,
+    ) -> Outcome {
         let r = &self.flow.routines[node];
         let c = &self.nodes[node].counters;
         let mut attempt = first_attempt;
@@ -585,13 +659,15 @@ impl Job {
             let _enter = span.enter();
             let ctx = Context::new(self, node, w);
             let started = Instant::now();
-            let result = panic::catch_unwind(AssertUnwindSafe(|| r.logic.activate(&ctx, &batch)))
-                .unwrap_or_else(|payload| {
-                    Err(RoutineError::fatal(format!(
-                        "logic panicked: {}",
-                        panic_message(payload.as_ref())
-                    )))
-                });
+            w.enter(self, node);
+            let result = panic::catch_unwind(AssertUnwindSafe(|| r.logic.activate(&ctx, &batch)));
+            w.exit();
+            let result = result.unwrap_or_else(|payload| {
+                Err(RoutineError::fatal(format!(
+                    "logic panicked: {}",
+                    panic_message(payload.as_ref())
+                )))
+            });
             add(&c.busy_ns, started.elapsed().as_nanos() as u64);
             add(&c.activations, 1);
             let err = match result {
@@ -601,6 +677,17 @@ impl Job {
                 }
                 Err(e) => e,
             };
+            if self.control.load(Ordering::Acquire) == CANCELLED {
+                // The job was cancelled under this activation (an emit waiting for space
+                // returns `JobHalted`, say): keep the items, but it is not the routine's fault.
+                self.dead_letter(
+                    node,
+                    batch,
+                    format!("job cancelled: {}", err.message),
+                    attempt + 1,
+                );
+                return Outcome::Done;
+            }
             add(&c.failures, 1);
             let action = match &r.on_error {
                 ErrorStrategy::Retry(p) if err.retryable && attempt < p.max && !self.halted() => {
@@ -637,7 +724,14 @@ impl Job {
         }
     }
 
-    fn handle_failure(&self, node: usize, batch: Batch, err: RoutineError, attempts: u32, action: Action) {
+    fn handle_failure(
+        &self,
+        node: usize,
+        batch: Batch,
+        err: RoutineError,
+        attempts: u32,
+        action: Action,
+    ) {
         let r = &self.flow.routines[node];
         let c = &self.nodes[node].counters;
         let strategy = match (&r.on_error, action) {
@@ -692,9 +786,15 @@ impl Job {
     }
 
     /// An emitted item that could not be delivered because the job halted while it waited.
-    pub(crate) fn dead_letter_undelivered(&self, node: usize, slot: usize, item: Item, error: String) {
+    pub(crate) fn dead_letter_undelivered(
+        &self,
+        node: usize,
+        slot: usize,
+        item: Item,
+        error: String,
+    ) {
         let r = &self.flow.routines[node];
-        add(&self.nodes[node].counters.items_in, 1);
+        self.nodes[node].queues.lock().items_in += 1;
         let batch = Batch::from_slots([(&*r.slot_names[slot], vec![item])], None);
         self.dead_letter(node, batch, error, 0);
     }
@@ -725,12 +825,15 @@ impl Job {
             .map(|(r, n)| {
                 let c = &n.counters;
                 let get = |a: &AtomicU64| a.load(Ordering::Relaxed);
-                let queued = n.queues.lock().slots.iter().map(VecDeque::len).sum::<usize>();
+                let (queued, items_in) = {
+                    let q = n.queues.lock();
+                    (q.slots.iter().map(VecDeque::len).sum::<usize>(), q.items_in)
+                };
                 (
                     r.id.to_string(),
                     RoutineCounters {
                         activations: get(&c.activations),
-                        items_in: get(&c.items_in),
+                        items_in,
                         items_out: get(&c.items_out),
                         processed: get(&c.processed),
                         failures: get(&c.failures),

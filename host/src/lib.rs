@@ -43,5 +43,8 @@ pub use routine::{
     DEFAULT_MAX_QUEUE_LENGTH, ErrorStrategy, EventSpec, Exhausted, Logic, RetryPolicy, Routine,
     RoutineError, SlotSpec,
 };
-pub use runtime::{InputHold, JobHandle, JobSummary, OutputFn, Runtime, RuntimeBuilder, RuntimeError, Shutdown};
+pub use runtime::{
+    Input, InputHold, JobHandle, JobSummary, OutputFn, Runtime, RuntimeBuilder, RuntimeError,
+    Shutdown,
+};
 pub use state::StateRef;

@@ -38,9 +38,11 @@ use serde::{Deserialize, Serialize};
 
 use crate::flow::{Flow, FlowError, Warning, suggest};
 use crate::item::{Item, ItemError};
-use crate::job::{ActivationFailure, DeadLetter, Job, JobId, JobStatus, OutputLine, RoutineCounters};
+use crate::job::{
+    ActivationFailure, DeadLetter, Job, JobId, JobStatus, OutputLine, RoutineCounters,
+};
 use crate::registry::FlowRegistry;
-use crate::scheduler::{self, Pool};
+use crate::scheduler::{self, Pool, Sched};
 use crate::timer::Timer;
 
 /// A callback receiving each line of job output as it is produced.
@@ -99,7 +101,9 @@ pub enum RuntimeError {
         suggestion: Option<String>,
     },
     /// The slot stayed full until the post's deadline.
-    #[error("slot `{routine}.{slot}` of {job} is full ({capacity} items) and stayed full for {waited:?}")]
+    #[error(
+        "slot `{routine}.{slot}` of {job} is full ({capacity} items) and stayed full for {waited:?}"
+    )]
     QueueFull {
         /// The job.
         job: JobId,
@@ -393,6 +397,78 @@ impl Drop for InputHold {
     }
 }
 
+/// Queues `item` into a resolved slot, waiting up to `timeout` for room. The caller holds the
+/// job open.
+fn post_resolved(
+    job: &Arc<Job>,
+    node: usize,
+    slot: usize,
+    item: Item,
+    timeout: Duration,
+) -> Result<(), RuntimeError> {
+    let started = Instant::now();
+    let deadline = started + timeout;
+    let mut item = item;
+    loop {
+        if job.halted() {
+            return Err(RuntimeError::JobHalted {
+                job: job.id,
+                status: job.status(),
+            });
+        }
+        match job.push(node, slot, item, false, Sched::External(&job.shared.pool)) {
+            Ok(()) => return Ok(()),
+            Err(back) => item = back,
+        }
+        let now = Instant::now();
+        if now >= deadline {
+            let r = &job.flow.routines[node];
+            return Err(RuntimeError::QueueFull {
+                job: job.id,
+                routine: r.id.to_string(),
+                slot: r.slot_names[slot].to_string(),
+                capacity: r.capacities[slot],
+                waited: now - started,
+            });
+        }
+        job.shared
+            .pool
+            .wait_progress((deadline - now).min(Duration::from_millis(5)));
+    }
+}
+
+/// A resolved input of one job's `routine.slot` (from [`JobHandle::input`]). Holds the job
+/// open until dropped.
+pub struct Input {
+    job: Arc<Job>,
+    node: usize,
+    slot: usize,
+    timeout: Duration,
+}
+
+impl Input {
+    /// Posts a value, waiting up to the runtime's post timeout for room.
+    pub fn post<T: Serialize + ?Sized>(&self, value: &T) -> Result<(), RuntimeError> {
+        self.post_item(Item::from_serialize(value)?)
+    }
+
+    /// Posts an item, waiting up to the runtime's post timeout for room.
+    pub fn post_item(&self, item: Item) -> Result<(), RuntimeError> {
+        post_resolved(&self.job, self.node, self.slot, item, self.timeout)
+    }
+
+    /// Posts an item, waiting up to `timeout` for room (zero: fail at once if full).
+    pub fn post_item_timeout(&self, item: Item, timeout: Duration) -> Result<(), RuntimeError> {
+        post_resolved(&self.job, self.node, self.slot, item, timeout)
+    }
+}
+
+impl Drop for Input {
+    fn drop(&mut self) {
+        self.job.release();
+    }
+}
+
 /// A summary of a job for people and scripts.
 #[derive(Clone, Debug, Serialize, Deserialize)]
 pub struct JobSummary {
@@ -470,7 +546,12 @@ impl JobHandle {
         slot: &str,
         value: &T,
     ) -> Result<(), RuntimeError> {
-        self.post_item_timeout(routine, slot, Item::from_serialize(value)?, self.post_timeout)
+        self.post_item_timeout(
+            routine,
+            slot,
+            Item::from_serialize(value)?,
+            self.post_timeout,
+        )
     }
 
     /// Posts an item, waiting up to `timeout` for room (zero: fail at once if full).
@@ -482,38 +563,23 @@ impl JobHandle {
         timeout: Duration,
     ) -> Result<(), RuntimeError> {
         let (node, slot_idx) = self.resolve(routine, slot)?;
-        let job = &self.job;
-        job.hold()?;
-        let started = Instant::now();
-        let deadline = started + timeout;
-        let mut item = item;
-        let result = loop {
-            match job.push(node, slot_idx, item, false, crate::scheduler::Sched::External(&job.shared.pool)) {
-                Ok(()) => break Ok(()),
-                Err(back) => item = back,
-            }
-            if job.halted() {
-                break Err(RuntimeError::JobHalted {
-                    job: job.id,
-                    status: job.status(),
-                });
-            }
-            let now = Instant::now();
-            if now >= deadline {
-                break Err(RuntimeError::QueueFull {
-                    job: job.id,
-                    routine: routine.to_owned(),
-                    slot: slot.to_owned(),
-                    capacity: job.flow.routines[node].capacities[slot_idx],
-                    waited: now - started,
-                });
-            }
-            job.shared
-                .pool
-                .wait_progress((deadline - now).min(Duration::from_millis(5)));
-        };
-        job.release();
+        self.job.hold()?;
+        let result = post_resolved(&self.job, node, slot_idx, item, timeout);
+        self.job.release();
         result
+    }
+
+    /// An input handle for `routine.slot`: names resolved once, and the job held open until
+    /// the handle is dropped (for streaming many items into one job).
+    pub fn input(&self, routine: &str, slot: &str) -> Result<Input, RuntimeError> {
+        let (node, slot) = self.resolve(routine, slot)?;
+        self.job.hold()?;
+        Ok(Input {
+            job: self.job.clone(),
+            node,
+            slot,
+            timeout: self.post_timeout,
+        })
     }
 
     /// Posts an item, waiting up to the runtime's post timeout.
@@ -531,11 +597,13 @@ impl JobHandle {
                 suggestion: suggest(routine, flow.routines.iter().map(|r| &*r.id)),
             })?;
         let r = &flow.routines[node];
-        let slot_idx = r.slot_index(slot).ok_or_else(|| RuntimeError::UnknownSlot {
-            routine: routine.to_owned(),
-            slot: slot.to_owned(),
-            suggestion: suggest(slot, r.slot_names.iter().map(|s| &**s)),
-        })?;
+        let slot_idx = r
+            .slot_index(slot)
+            .ok_or_else(|| RuntimeError::UnknownSlot {
+                routine: routine.to_owned(),
+                slot: slot.to_owned(),
+                suggestion: suggest(slot, r.slot_names.iter().map(|s| &**s)),
+            })?;
         Ok((node, slot_idx))
     }
 
@@ -574,7 +642,10 @@ impl JobHandle {
     }
 
     /// A routine's WorkerState in this job (`None` for an unknown routine).
-    pub fn worker_state(&self, routine: &str) -> Option<serde_json::Map<String, serde_json::Value>> {
+    pub fn worker_state(
+        &self,
+        routine: &str,
+    ) -> Option<serde_json::Map<String, serde_json::Value>> {
         let node = self.job.flow.routine_index(routine)?;
         Some(self.job.nodes[node].state.lock().clone())
     }

@@ -47,10 +47,10 @@
 //!
 //! Native logic cannot be pre-empted: shutdown waits for activations already running.
 
-use std::cell::Cell;
+use std::cell::{Cell, RefCell};
 use std::iter;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering, fence};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering, fence};
 use std::time::Duration;
 
 use crossbeam_deque::{Injector, Steal, Stealer, Worker};
@@ -112,8 +112,12 @@ pub(crate) struct Pool {
     sleepers: AtomicUsize,
     unparkers: Box<[Unparker]>,
     shutdown: AtomicBool,
-    /// Workers waiting in an emit with nothing to help with.
+    /// Workers woken to look for a task that have not found one yet.
+    searching: AtomicUsize,
+    /// Workers waiting (in `wait_progress`) inside an emit, having found nothing to help with.
     blocked: AtomicUsize,
+    /// Bumped whenever a batch leaves a queue: a stalled pool does not move it.
+    epoch: AtomicU64,
     progress_lock: Mutex<()>,
     progress: Condvar,
     progress_waiters: AtomicUsize,
@@ -125,6 +129,8 @@ pub(crate) struct WorkerLocal {
     deque: Worker<Task>,
     shared: Arc<Shared>,
     depth: Cell<u32>,
+    /// The activations on this thread's stack, outermost first, as (job address, routine).
+    active: RefCell<Vec<(usize, usize)>>,
 }
 
 /// Where a newly ready task goes: the current worker's deque, or the injector.
@@ -159,7 +165,9 @@ impl Pool {
             sleepers: AtomicUsize::new(0),
             unparkers: locals.iter().map(|(_, p)| p.unparker().clone()).collect(),
             shutdown: AtomicBool::new(false),
+            searching: AtomicUsize::new(0),
             blocked: AtomicUsize::new(0),
+            epoch: AtomicU64::new(0),
             progress_lock: Mutex::new(()),
             progress: Condvar::new(),
             progress_waiters: AtomicUsize::new(0),
@@ -173,14 +181,20 @@ impl Pool {
         self.notify_one();
     }
 
+    /// Wakes one sleeping worker for a newly pushed task — unless a worker is already
+    /// searching: it will find the task, and waking more would only add context switches.
     fn notify_one(&self) {
         fence(Ordering::SeqCst);
-        if self.sleepers.load(Ordering::SeqCst) == 0 {
+        if self.searching.load(Ordering::SeqCst) > 0 || self.sleepers.load(Ordering::SeqCst) == 0 {
             return;
         }
         let woken = {
             let mut idle = self.idle.lock();
             let w = idle.pop();
+            if w.is_some() {
+                // The woken worker searches; it learns so by finding itself off the idle list.
+                self.searching.fetch_add(1, Ordering::SeqCst);
+            }
             self.sleepers.store(idle.len(), Ordering::SeqCst);
             w
         };
@@ -193,7 +207,23 @@ impl Pool {
         !self.injector.is_empty() || self.stealers.iter().any(|s| !s.is_empty())
     }
 
-    /// Wakes threads waiting for queue space (called whenever items leave a queue).
+    /// Items left a queue: if anyone waits for room, bump the epoch and wake them. (A waiter
+    /// counts itself blocked before it reads the epoch, so it cannot miss a bump it needs.)
+    pub(crate) fn record_progress(&self) {
+        if self.blocked.load(Ordering::SeqCst) > 0
+            || self.progress_waiters.load(Ordering::SeqCst) > 0
+        {
+            self.epoch.fetch_add(1, Ordering::SeqCst);
+            self.notify_progress();
+        }
+    }
+
+    /// The progress epoch (see [`Pool::record_progress`]).
+    pub(crate) fn epoch(&self) -> u64 {
+        self.epoch.load(Ordering::SeqCst)
+    }
+
+    /// Wakes threads waiting for queue space or for a change in the pool's state.
     pub(crate) fn notify_progress(&self) {
         if self.progress_waiters.load(Ordering::SeqCst) > 0 {
             let _g = self.progress_lock.lock();
@@ -209,16 +239,13 @@ impl Pool {
         self.progress_waiters.fetch_sub(1, Ordering::SeqCst);
     }
 
-    /// Whether no worker can make progress: all are blocked in emits or asleep.
+    /// Whether every worker is blocked in an emit or asleep.
     pub(crate) fn stalled(&self) -> bool {
         self.blocked.load(Ordering::SeqCst) + self.sleepers.load(Ordering::SeqCst) >= self.size
-            && !self.has_work()
     }
 
     pub(crate) fn enter_blocked(&self) {
         self.blocked.fetch_add(1, Ordering::SeqCst);
-        // Another blocked emitter may now see the pool stalled.
-        self.notify_progress();
     }
 
     pub(crate) fn leave_blocked(&self) {
@@ -239,11 +266,13 @@ impl Pool {
 
     /// Takes whatever is left in the injector (after the workers have exited).
     pub(crate) fn drain_injector(&self) -> Vec<Task> {
-        iter::from_fn(|| loop {
-            match self.injector.steal() {
-                Steal::Success(t) => return Some(t),
-                Steal::Empty => return None,
-                Steal::Retry => {}
+        iter::from_fn(|| {
+            loop {
+                match self.injector.steal() {
+                    Steal::Success(t) => return Some(t),
+                    Steal::Empty => return None,
+                    Steal::Retry => {}
+                }
             }
         })
         .collect()
@@ -264,22 +293,46 @@ impl WorkerLocal {
         })
     }
 
-    /// Runs one other task on this stack, if there is one (a blocked emitter helping).
-    /// The caller is counted as blocked; while the helped task runs it is not.
+    /// Runs `f` nested on this (blocked emitter's) stack; refused (`None`) past
+    /// [`MAX_HELP_DEPTH`].
+    pub(crate) fn nested<R>(&self, f: impl FnOnce() -> R) -> Option<R> {
+        if self.depth.get() >= MAX_HELP_DEPTH {
+            return None;
+        }
+        self.depth.set(self.depth.get() + 1);
+        let r = f();
+        self.depth.set(self.depth.get() - 1);
+        Some(r)
+    }
+
+    /// Runs any one task on this stack, if there is one (a blocked emitter whose consumer
+    /// cannot fire helps the rest of the pool, which may feed that consumer).
     pub(crate) fn help_once(&self) -> bool {
         if self.depth.get() >= MAX_HELP_DEPTH {
             return false;
         }
-        let Some(task) = self.find_task() else {
-            return false;
-        };
-        let pool = &self.shared.pool;
-        pool.leave_blocked();
-        self.depth.set(self.depth.get() + 1);
-        task.run(self);
-        self.depth.set(self.depth.get() - 1);
-        pool.enter_blocked();
-        true
+        match self.find_task() {
+            Some(task) => self.nested(|| task.run(self)).is_some(),
+            None => false,
+        }
+    }
+
+    /// Marks an activation of `(job, node)` as running on this stack until [`Self::exit`].
+    pub(crate) fn enter(&self, job: &Arc<Job>, node: usize) {
+        self.active
+            .borrow_mut()
+            .push((Arc::as_ptr(job) as usize, node));
+    }
+
+    pub(crate) fn exit(&self) {
+        self.active.borrow_mut().pop();
+    }
+
+    /// Whether an activation of `(job, node)` is suspended on this very stack (so waiting for
+    /// it to finish would wait forever).
+    pub(crate) fn runs_here(&self, job: &Arc<Job>, node: usize) -> bool {
+        let key = (Arc::as_ptr(job) as usize, node);
+        self.active.borrow().contains(&key)
     }
 
     pub(crate) fn sched(&self) -> Sched<'_> {
@@ -293,12 +346,26 @@ pub(crate) fn worker_main(shared: Arc<Shared>, index: usize, deque: Worker<Task>
         deque,
         shared,
         depth: Cell::new(0),
+        active: RefCell::new(Vec::new()),
     };
     let pool = &local.shared.pool;
+    // Whether this worker is counted in `pool.searching` (it was woken for a task).
+    let mut searching = false;
     loop {
         if let Some(task) = local.find_task() {
+            if std::mem::take(&mut searching)
+                && pool.searching.fetch_sub(1, Ordering::SeqCst) == 1
+                && pool.has_work()
+            {
+                // The last searcher found work: hand the search on, so that a burst of tasks
+                // ramps up to every worker.
+                pool.notify_one();
+            }
             task.run(&local);
             continue;
+        }
+        if std::mem::take(&mut searching) {
+            pool.searching.fetch_sub(1, Ordering::SeqCst);
         }
         if pool.shutdown.load(Ordering::SeqCst) {
             break;
@@ -318,6 +385,9 @@ pub(crate) fn worker_main(shared: Arc<Shared>, index: usize, deque: Worker<Task>
         if let Some(pos) = idle.iter().position(|&i| i == index) {
             idle.swap_remove(pos);
             pool.sleepers.store(idle.len(), Ordering::SeqCst);
+        } else {
+            // A notifier took us off the list and counted us as searching.
+            searching = true;
         }
     }
 }

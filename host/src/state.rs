@@ -31,7 +31,11 @@ impl<'a> StateRef<'a> {
     }
 
     /// Sets `key`; returns the previous value.
-    pub fn set(&self, key: &str, value: impl Serialize) -> Result<Option<Value>, serde_json::Error> {
+    pub fn set(
+        &self,
+        key: &str,
+        value: impl Serialize,
+    ) -> Result<Option<Value>, serde_json::Error> {
         let value = serde_json::to_value(value)?;
         Ok(self.map.lock().insert(key.to_owned(), value))
     }
@@ -47,7 +51,11 @@ impl<'a> StateRef<'a> {
     /// Atomically adds `delta` to the integer under `key` (absent counts as 0); returns the sum.
     pub fn increment(&self, key: &str, delta: i64) -> i64 {
         let v = self.update(key, |old| {
-            Value::from(old.and_then(Value::as_i64).unwrap_or(0).saturating_add(delta))
+            Value::from(
+                old.and_then(Value::as_i64)
+                    .unwrap_or(0)
+                    .saturating_add(delta),
+            )
         });
         v.as_i64().unwrap_or(0)
     }

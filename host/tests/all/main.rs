@@ -1,1 +1,13 @@
-fn main(){}
+//! Integration tests of the engine through its public API. One binary, one module per concern.
+
+#![allow(clippy::unwrap_used, missing_docs)]
+
+mod backpressure;
+mod common;
+mod errors;
+mod examples;
+mod policies;
+mod property;
+mod runtime;
+mod state;
+mod validation;

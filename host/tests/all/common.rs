@@ -1,0 +1,126 @@
+//! Helpers shared by the integration tests.
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use parking_lot::{Condvar, Mutex};
+use routilux::{Batch, Context, Item, RoutineError, Runtime};
+use serde_json::Value;
+
+pub const WAIT: Duration = Duration::from_secs(20);
+
+pub fn runtime(threads: usize) -> Runtime {
+    Runtime::builder().thread_pool_size(threads).build()
+}
+
+/// A log of values, shared between logic closures and the test.
+#[derive(Clone, Default)]
+pub struct Log<T>(Arc<Mutex<Vec<T>>>);
+
+impl<T: Clone> Log<T> {
+    pub fn new() -> Self {
+        Self(Arc::new(Mutex::new(Vec::new())))
+    }
+    pub fn push(&self, v: T) {
+        self.0.lock().push(v);
+    }
+    pub fn get(&self) -> Vec<T> {
+        self.0.lock().clone()
+    }
+    pub fn len(&self) -> usize {
+        self.0.lock().len()
+    }
+}
+
+/// One recorded activation: which routine, when it started and ended, what it got.
+#[derive(Clone, Debug)]
+pub struct Interval {
+    pub routine: String,
+    pub start: Instant,
+    pub end: Instant,
+    pub items: Vec<Value>,
+}
+
+/// Whether two intervals overlap in time.
+pub fn overlap(a: &Interval, b: &Interval) -> bool {
+    a.start < b.end && b.start < a.end
+}
+
+/// The largest number of intervals that were open at one instant.
+pub fn max_overlap(intervals: &[Interval]) -> usize {
+    let mut edges: Vec<(Instant, i32)> = Vec::new();
+    for i in intervals {
+        edges.push((i.start, 1));
+        edges.push((i.end, -1));
+    }
+    // Ends sort before starts at the same instant: touching is not overlapping.
+    edges.sort_by(|a, b| a.0.cmp(&b.0).then(a.1.cmp(&b.1)));
+    let (mut cur, mut max) = (0, 0);
+    for (_, d) in edges {
+        cur += d;
+        max = max.max(cur);
+    }
+    max as usize
+}
+
+/// A logic closure that records its interval, sleeps `busy`, then forwards items to `out`.
+pub fn recording(
+    log: &Log<Interval>,
+    busy: Duration,
+    out: Option<&'static str>,
+) -> impl Fn(&Context<'_>, &Batch) -> Result<(), RoutineError> + Send + Sync + 'static {
+    let log = log.clone();
+    move |ctx, batch| {
+        let start = Instant::now();
+        std::thread::sleep(busy);
+        if let Some(ev) = out {
+            for item in batch.items() {
+                ctx.emit_item(ev, item.clone())?;
+            }
+        }
+        log.push(Interval {
+            routine: ctx.routine_id().to_owned(),
+            start,
+            end: Instant::now(),
+            items: batch.items().map(|i: &Item| i.value().clone()).collect(),
+        });
+        Ok(())
+    }
+}
+
+/// A gate that logic can wait on until the test opens it.
+#[derive(Clone, Default)]
+pub struct Gate(Arc<(Mutex<bool>, Condvar)>);
+
+impl Gate {
+    pub fn new() -> Self {
+        Self::default()
+    }
+    pub fn open(&self) {
+        *self.0.0.lock() = true;
+        self.0.1.notify_all();
+    }
+    /// Waits until open (or a generous timeout, so a bug fails the test instead of hanging).
+    pub fn wait(&self) -> bool {
+        let mut g = self.0.0.lock();
+        let deadline = Instant::now() + WAIT;
+        while !*g {
+            if self.0.1.wait_until(&mut g, deadline).timed_out() {
+                return false;
+            }
+        }
+        true
+    }
+}
+
+/// Waits until `f` is true or the timeout passes.
+pub fn eventually(mut f: impl FnMut() -> bool) -> bool {
+    let deadline = Instant::now() + WAIT;
+    while Instant::now() < deadline {
+        if f() {
+            return true;
+        }
+        std::thread::sleep(Duration::from_millis(1));
+    }
+    false
+}

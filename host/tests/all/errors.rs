@@ -1,0 +1,338 @@
+//! Error strategies: stop, continue, retry (really re-running), skip; panics contained;
+//! dead letters keep every failed item.
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::time::{Duration, Instant};
+
+use routilux::{
+    ErrorStrategy, Exhausted, Flow, JobHandle, JobStatus, RetryPolicy, Routine, RoutineError,
+    Runtime,
+};
+use serde_json::json;
+
+use crate::common::{Log, WAIT, runtime};
+
+/// `src` forwards to `bad` (fails on odd ids) and `good` (never fails).
+fn flow(strategy: ErrorStrategy) -> (Flow, Log<i64>) {
+    let good_seen = Log::new();
+    let g = good_seen.clone();
+    let mut flow = Flow::new();
+    flow.add_routine(
+        Routine::new()
+            .slot("in")
+            .event("out", ["id"])
+            .logic(|ctx, b| {
+                for i in b.items() {
+                    ctx.emit_item("out", i.clone())?;
+                }
+                Ok(())
+            }),
+        "src",
+    )
+    .add_routine(
+        Routine::new()
+            .slot("in")
+            .policy(routilux::Policy::batch_size(1))
+            .on_error(strategy)
+            .logic(|_, b| {
+                let id = b.slot("in")[0].value()["id"].as_i64().unwrap_or(0);
+                if id % 2 == 1 {
+                    Err(RoutineError::fatal(format!("odd id {id}")))
+                } else {
+                    Ok(())
+                }
+            }),
+        "bad",
+    )
+    .add_routine(
+        Routine::new()
+            .slot("in")
+            .policy(routilux::Policy::batch_size(1))
+            .logic(move |_, b| {
+                g.push(b.slot("in")[0].value()["id"].as_i64().unwrap_or(-1));
+                Ok(())
+            }),
+        "good",
+    )
+    .connect("src", "out", "bad", "in")
+    .connect("src", "out", "good", "in");
+    (flow, good_seen)
+}
+
+fn run(rt: &Runtime, f: &Flow, n: i64) -> JobHandle {
+    rt.register("f", f).unwrap();
+    let job = rt.exec("f").unwrap();
+    let hold = job.hold_open().unwrap();
+    for id in 0..n {
+        if job.post("src", "in", &json!({"id": id})).is_err() {
+            break;
+        }
+    }
+    drop(hold);
+    assert!(job.wait(WAIT));
+    job
+}
+
+#[test]
+fn continue_records_errors_keeps_items_and_siblings_run() {
+    let rt = runtime(2);
+    let (f, good) = flow(ErrorStrategy::Continue);
+    let job = run(&rt, &f, 10);
+    assert_eq!(job.status(), JobStatus::Completed);
+    assert_eq!(
+        good.get(),
+        (0..10).collect::<Vec<_>>(),
+        "sibling got every item in order"
+    );
+    let c = &job.counters()["bad"];
+    assert_eq!(
+        (c.processed, c.errors, c.dead_lettered, c.items_in),
+        (5, 5, 5, 10)
+    );
+    let dead = job.dead_letters();
+    let ids: Vec<i64> = dead
+        .iter()
+        .map(|d| d.items["in"][0].value()["id"].as_i64().unwrap())
+        .collect();
+    assert_eq!(ids, vec![1, 3, 5, 7, 9]);
+    assert_eq!(dead[0].error, "odd id 1");
+    assert_eq!(job.errors().len(), 5);
+    assert_eq!(job.errors()[0].strategy, "continue");
+}
+
+#[test]
+fn stop_fails_the_job_and_stops_scheduling() {
+    let rt = runtime(1);
+    let (f, _) = flow(ErrorStrategy::Stop);
+    let job = run(&rt, &f, 10);
+    assert_eq!(job.status(), JobStatus::Failed);
+    assert_eq!(job.failure().unwrap(), "routine `bad` failed: odd id 1");
+    let counters = job.counters();
+    let c = &counters["bad"];
+    assert_eq!(c.errors, 1);
+    // Every item is accounted for: processed, dead-lettered, or still queued.
+    for (name, c) in &counters {
+        assert_eq!(
+            c.items_in,
+            c.processed + c.dead_lettered + c.queued,
+            "{name}: {c:?}"
+        );
+    }
+    assert!(c.queued > 0 || counters["src"].queued > 0 || counters["good"].queued > 0);
+    let err = job.post("src", "in", &json!({"id": 99})).unwrap_err();
+    assert!(err.to_string().contains("has finished"), "{err}");
+}
+
+#[test]
+fn flow_default_strategy_applies_to_routines_without_one() {
+    let rt = runtime(2);
+    let mut f = Flow::new();
+    f.add_routine(
+        Routine::new().slot("in").logic(|_, _| Err("always".into())),
+        "r",
+    )
+    .on_error(ErrorStrategy::Skip);
+    let job = run_single(&rt, &f, "r", 3);
+    assert_eq!(job.status(), JobStatus::Completed);
+    let c = &job.counters()["r"];
+    assert_eq!(c.skipped, c.activations);
+    assert_eq!(c.errors, 0);
+    assert!(job.errors().is_empty(), "skip reports no error");
+    assert_eq!(c.dead_lettered, 3, "skipped items are still kept");
+}
+
+fn run_single(rt: &Runtime, f: &Flow, routine: &str, n: i64) -> JobHandle {
+    rt.register("single", f).unwrap();
+    let job = rt.exec("single").unwrap();
+    let hold = job.hold_open().unwrap();
+    for id in 0..n {
+        job.post(routine, "in", &json!({"id": id})).unwrap();
+    }
+    drop(hold);
+    assert!(job.wait(WAIT));
+    job
+}
+
+#[test]
+fn retry_really_runs_the_logic_again_with_the_same_items_and_backs_off() {
+    let rt = runtime(2);
+    let attempts: Log<(Instant, Vec<i64>)> = Log::new();
+    let a = attempts.clone();
+    let mut f = Flow::new();
+    f.add_routine(
+        Routine::new()
+            .slot("in")
+            .on_error(ErrorStrategy::retry(3, Duration::from_millis(20), 2.0))
+            .logic(move |_, b| {
+                let ids = b
+                    .items()
+                    .map(|i| i.value()["id"].as_i64().unwrap())
+                    .collect();
+                a.push((Instant::now(), ids));
+                if a.len() < 3 {
+                    Err(RoutineError::retryable("flaky"))
+                } else {
+                    Ok(())
+                }
+            }),
+        "flaky",
+    );
+    let job = run_single(&rt, &f, "flaky", 1);
+    assert_eq!(job.status(), JobStatus::Completed);
+    let runs = attempts.get();
+    assert_eq!(runs.len(), 3);
+    assert!(
+        runs.iter().all(|(_, ids)| ids == &vec![0]),
+        "same items every attempt"
+    );
+    let gap1 = runs[1].0 - runs[0].0;
+    let gap2 = runs[2].0 - runs[1].0;
+    assert!(gap1 >= Duration::from_millis(20), "{gap1:?}");
+    assert!(gap2 >= Duration::from_millis(40), "{gap2:?}");
+    let c = &job.counters()["flaky"];
+    assert_eq!(
+        (
+            c.activations,
+            c.retries,
+            c.failures,
+            c.processed,
+            c.dead_lettered
+        ),
+        (3, 2, 2, 1, 0)
+    );
+}
+
+#[test]
+fn retry_keeps_order_items_behind_a_retry_wait() {
+    let rt = runtime(2);
+    let seen: Log<i64> = Log::new();
+    let failed_once = Arc::new(AtomicUsize::new(0));
+    let (s, fo) = (seen.clone(), failed_once.clone());
+    let mut f = Flow::new();
+    f.add_routine(
+        Routine::new()
+            .slot("in")
+            .policy(routilux::Policy::batch_size(1))
+            .on_error(ErrorStrategy::retry(1, Duration::from_millis(30), 1.0))
+            .logic(move |_, b| {
+                let id = b.items().next().unwrap().value()["id"].as_i64().unwrap();
+                if id == 0 && fo.fetch_add(1, Ordering::SeqCst) == 0 {
+                    return Err("first try of item 0 fails".into());
+                }
+                s.push(id);
+                Ok(())
+            }),
+        "ordered",
+    );
+    let job = run_single(&rt, &f, "ordered", 5);
+    assert_eq!(seen.get(), vec![0, 1, 2, 3, 4]);
+    assert_eq!(job.status(), JobStatus::Completed);
+}
+
+#[test]
+fn exhausted_retries_fall_back_and_non_retryable_errors_are_not_retried() {
+    let rt = runtime(2);
+    let runs = Arc::new(AtomicUsize::new(0));
+    let r = runs.clone();
+    let mut f = Flow::new();
+    f.add_routine(
+        Routine::new()
+            .slot("in")
+            .on_error(ErrorStrategy::Retry(RetryPolicy {
+                max: 2,
+                delay: Duration::ZERO,
+                backoff: 1.0,
+                then: Exhausted::Continue,
+            }))
+            .logic(move |_, _| {
+                r.fetch_add(1, Ordering::SeqCst);
+                Err("down".into())
+            }),
+        "r",
+    );
+    let job = run_single(&rt, &f, "r", 1);
+    assert_eq!(runs.load(Ordering::SeqCst), 3, "1 attempt + 2 retries");
+    assert_eq!(job.status(), JobStatus::Completed, "then: continue");
+    assert_eq!(job.dead_letters()[0].attempts, 3);
+    assert_eq!(job.errors()[0].strategy, "retry");
+
+    let rt = runtime(2);
+    let runs = Arc::new(AtomicUsize::new(0));
+    let r = runs.clone();
+    let mut f = Flow::new();
+    f.add_routine(
+        Routine::new()
+            .slot("in")
+            .on_error(ErrorStrategy::retry(5, Duration::ZERO, 1.0))
+            .logic(move |_, _| {
+                r.fetch_add(1, Ordering::SeqCst);
+                Err(RoutineError::fatal("malformed"))
+            }),
+        "r",
+    );
+    let job = run_single(&rt, &f, "r", 1);
+    assert_eq!(runs.load(Ordering::SeqCst), 1);
+    assert_eq!(job.status(), JobStatus::Failed, "then: stop (the default)");
+}
+
+#[test]
+fn a_panicking_routine_is_contained() {
+    let rt = runtime(2);
+    let mut f = Flow::new();
+    f.add_routine(
+        Routine::new()
+            .slot("in")
+            .on_error(ErrorStrategy::Continue)
+            .logic(|_, b| {
+                if b.items().any(|i| i.value()["id"] == 1) {
+                    panic!("boom on item 1");
+                }
+                Ok(())
+            }),
+        "r",
+    );
+    rt.register("p", &f).unwrap();
+    let job = rt.exec("p").unwrap();
+    let hold = job.hold_open().unwrap();
+    job.post("r", "in", &json!({"id": 1})).unwrap();
+    assert!(crate::common::eventually(|| job.counters()["r"]
+        .activations
+        == 1));
+    job.post("r", "in", &json!({"id": 2})).unwrap();
+    drop(hold);
+    assert!(job.wait(WAIT));
+    assert_eq!(job.status(), JobStatus::Completed);
+    let errs = job.errors();
+    assert!(
+        errs.iter()
+            .any(|e| e.error == "logic panicked: boom on item 1"),
+        "{errs:?}"
+    );
+    let c = &job.counters()["r"];
+    assert_eq!(c.items_in, c.processed + c.dead_lettered);
+    assert!(c.processed >= 1 || c.dead_lettered == 2);
+}
+
+#[test]
+fn emitting_on_an_undeclared_event_is_an_activation_error() {
+    let rt = runtime(1);
+    let mut f = Flow::new();
+    f.add_routine(
+        Routine::new()
+            .slot("in")
+            .event("out", ["x"])
+            .on_error(ErrorStrategy::Continue)
+            .logic(|ctx, _| {
+                ctx.emit("nope", &json!({"x": 1}))?;
+                Ok(())
+            }),
+        "r",
+    );
+    let job = run_single(&rt, &f, "r", 1);
+    let errs = job.errors();
+    assert_eq!(
+        errs[0].error,
+        "routine `r` emitted on undeclared event `nope` (declared: out)"
+    );
+}
