@@ -13,6 +13,12 @@
 
 #![allow(missing_docs, clippy::unwrap_used)]
 
+/// Both implementations run under mimalloc. With glibc's malloc, items freed on a different
+/// thread from the one that made them are much dearer, which penalises a pool (where the last
+/// holder of an item can be any worker) more than one-thread-per-stage; see BENCHMARKS.md.
+#[global_allocator]
+static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 use std::process::Command;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -204,6 +210,14 @@ fn run_routilux(shape: Shape, n: usize, threads: usize, clock: &Arc<Clock>) -> D
     assert!(job.wait(Duration::from_secs(600)));
     let elapsed = start.elapsed();
     let c = job.counters();
+    if std::env::var_os("BENCH_COUNTERS").is_some() {
+        for (name, c) in &c {
+            eprintln!(
+                "{name}: activations {} processed {}",
+                c.activations, c.processed
+            );
+        }
+    }
     let delivered: u64 = c.values().map(|c| c.processed).sum();
     assert_eq!(
         delivered,

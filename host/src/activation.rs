@@ -25,7 +25,17 @@ use serde_json::{Value, json};
 
 use crate::item::Item;
 
-/// An activation policy. See the [module docs](self) for the semantics of each.
+/// An activation policy: when a routine runs, and which of its queued items it gets.
+///
+/// | policy | fires when | takes |
+/// | --- | --- | --- |
+/// | `immediate` | any slot holds an item | everything queued, from every slot |
+/// | `batch_size(n)` | every slot holds ≥ n | exactly n from each slot |
+/// | `all_slots_ready` | every slot holds ≥ 1 | one from each slot |
+/// | `time_interval(d)` | items are queued and the last activation was ≥ d ago (a timer wakes the routine when d ends, so trailing items are not stranded) | everything queued |
+/// | `custom` | the closure returns a [`Take`] | what the take names |
+///
+/// Items are always taken from the front of each slot, in arrival order.
 #[derive(Clone)]
 pub enum Policy {
     /// Run as soon as anything arrives; take everything queued.

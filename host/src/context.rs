@@ -87,7 +87,7 @@ impl<'a> Context<'a> {
         &self.job.flow.routines[self.node].config
     }
 
-    /// This routine's [`WorkerState`](crate::state) in this job.
+    /// This routine's WorkerState in this job (see [`StateRef`]).
     pub fn state(&self) -> StateRef<'_> {
         StateRef::new(&self.job.nodes[self.node].state)
     }
@@ -210,8 +210,22 @@ impl<'a> Context<'a> {
                 } else {
                     stalled_at = None;
                 }
-                shared.pool.wait_progress(Duration::from_millis(1));
+                let mut pending = Some(item);
+                let pushed = shared.pool.wait_unless(Duration::from_millis(1), || {
+                    let it = pending.take().expect("the item is still ours");
+                    match job.push(node, slot, it, false, self.worker.sched()) {
+                        Ok(()) => true,
+                        Err(back) => {
+                            pending = Some(back);
+                            false
+                        }
+                    }
+                });
                 shared.pool.leave_blocked();
+                if pushed {
+                    return Ok(());
+                }
+                item = pending.expect("a failed push gives the item back");
             }
             item = match job.push(node, slot, item, false, self.worker.sched()) {
                 Ok(()) => return Ok(()),

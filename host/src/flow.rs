@@ -43,7 +43,9 @@ impl fmt::Display for Connection {
     }
 }
 
-/// A graph of routines. See the [module docs](self).
+/// A graph of routines by id and connections between them. Built freely (`add_routine` and
+/// `connect` never fail), then checked as a whole by [`Flow::validate`], which reports every
+/// problem at once.
 #[derive(Clone, Debug)]
 pub struct Flow {
     routines: IndexMap<String, Routine>,

@@ -523,6 +523,7 @@ impl Job {
         let n = &self.nodes[node];
         let mut ran = false;
         for round in 0.. {
+            let freed_full;
             let batch = {
                 let mut q = n.queues.lock();
                 if std::mem::take(&mut holding) {
@@ -566,6 +567,11 @@ impl Job {
                         q.running += 1;
                         holding = true;
                         q.last_fire = Some(now);
+                        // A producer can only be waiting on a slot that was full.
+                        freed_full = counts
+                            .iter()
+                            .zip(q.slots.iter().zip(&r.capacities))
+                            .any(|(&k, (s, &cap))| k > 0 && s.len() >= cap);
                         let data: Vec<Vec<Item>> = counts
                             .iter()
                             .zip(q.slots.iter_mut())
@@ -594,7 +600,7 @@ impl Job {
                 }
             };
             ran = true;
-            self.shared.pool.record_progress();
+            self.shared.pool.record_progress(freed_full);
             if let Outcome::Deferred = self.activate(node, batch, 0, w) {
                 return ran;
             }

@@ -1,26 +1,6 @@
 //! The runtime: a worker pool, a timer, a flow registry and the jobs it runs.
 //!
-//! ```
-//! use routilux::{Flow, Routine, Runtime};
-//! use serde_json::json;
-//! use std::time::Duration;
-//!
-//! let mut flow = Flow::new();
-//! flow.add_routine(
-//!     Routine::new().slot("in").event("out", ["n"]).logic(|ctx, batch| {
-//!         for item in batch.slot("in") {
-//!             ctx.emit("out", &json!({"n": item.value()["n"].as_i64().unwrap_or(0) * 2}))?;
-//!         }
-//!         Ok(())
-//!     }),
-//!     "double",
-//! );
-//! let rt = Runtime::builder().thread_pool_size(2).build();
-//! rt.register("doubler", &flow).unwrap();
-//! let job = rt.post("doubler", "double", "in", &json!({"n": 21})).unwrap();
-//! assert!(rt.wait_until_all_jobs_finished(Duration::from_secs(5)));
-//! assert_eq!(job.counters()["double"].items_out, 1);
-//! ```
+//! Jobs are started by name, fed by posts, and complete by themselves (see `job`).
 //!
 //! Dropping a runtime **cancels** its unfinished jobs (no new activations; running ones end),
 //! then joins its threads. To let jobs finish first, call [`Runtime::shutdown`] with
@@ -222,7 +202,35 @@ impl RuntimeBuilder {
     }
 }
 
-/// Runs flows. See the [module docs](self).
+/// Runs flows: a pool of exactly `thread_pool_size` workers, a timer thread, a registry of
+/// flows and the jobs started from them.
+///
+/// ```
+/// use routilux::{Flow, Routine, Runtime};
+/// use serde_json::json;
+/// use std::time::Duration;
+///
+/// let mut flow = Flow::new();
+/// flow.add_routine(
+///     Routine::new().slot("in").event("out", ["n"]).logic(|ctx, batch| {
+///         for item in batch.slot("in") {
+///             ctx.emit("out", &json!({"n": item.value()["n"].as_i64().unwrap_or(0) * 2}))?;
+///         }
+///         Ok(())
+///     }),
+///     "double",
+/// );
+/// let rt = Runtime::builder().thread_pool_size(2).build();
+/// rt.register("doubler", &flow).unwrap();
+/// let job = rt.post("doubler", "double", "in", &json!({"n": 21})).unwrap();
+/// assert!(rt.wait_until_all_jobs_finished(Duration::from_secs(5)));
+/// assert_eq!(job.counters()["double"].items_out, 1);
+/// ```
+///
+///
+/// Dropping a runtime **cancels** its unfinished jobs (no new activations; running ones end),
+/// then joins its threads. To let jobs finish first, call [`Runtime::shutdown`] with
+/// [`Shutdown::Drain`].
 pub struct Runtime {
     shared: Arc<Shared>,
     registry: FlowRegistry,
@@ -431,9 +439,24 @@ fn post_resolved(
                 waited: now - started,
             });
         }
-        job.shared
-            .pool
-            .wait_progress((deadline - now).min(Duration::from_millis(5)));
+        let mut pending = Some(item);
+        let pushed =
+            job.shared
+                .pool
+                .wait_unless((deadline - now).min(Duration::from_millis(5)), || {
+                    let it = pending.take().expect("the item is still ours");
+                    match job.push(node, slot, it, false, Sched::External(&job.shared.pool)) {
+                        Ok(()) => true,
+                        Err(back) => {
+                            pending = Some(back);
+                            false
+                        }
+                    }
+                });
+        if pushed {
+            return Ok(());
+        }
+        item = pending.expect("a failed push gives the item back");
     }
 }
 

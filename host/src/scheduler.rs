@@ -22,18 +22,37 @@
 //! reads missing. `Parker` keeps an unpark that comes before the park, so that case is covered
 //! too. A bounded park timeout is a second line of defence, not the mechanism.
 //!
+//! Wake-ups are throttled as in tokio: a producer wakes nobody while some woken worker is
+//! still *searching* (it will find the task); a searcher that finds work and was the last one
+//! wakes the next sleeper if more work is queued, so a burst still reaches every worker. A
+//! searcher that gives up decrements the count *before* its fenced re-check, so a producer that
+//! skipped the wake-up because of it is seen by that re-check.
+//!
 //! # Backpressure without deadlock
 //!
 //! An emit into a full slot must wait, but a waiting worker may hold the only thread that could
 //! drain that slot (one thread; n threads and n blocked emitters; a cycle). So a blocked emitter
-//! (see `Context::deliver`) first *helps*: it runs another task found by the same search, on
-//! its own stack, as rayon's `join` does (nesting is bounded by [`MAX_HELP_DEPTH`]). When there
-//! is nothing to help with it waits for progress (an item leaving a queue wakes it). Only when
-//! the whole pool is stalled — every worker blocked in an emit or asleep, no timer armed, and
-//! still so after a short grace wait — does the emitter overrun the bound by one item; every
-//! such item is counted (`overflowed`) per routine. A routine with concurrency 1 is never
-//! activated twice at once, nested or not, because its `running` count gates every check.
+//! (`Context::deliver`) first **runs the full slot's routine itself**, nested on its stack, if
+//! that routine is idle. In an acyclic flow every frame on a stack is downstream of the frames
+//! below it, so a nested consumer can never wait on its own caller, and the most downstream
+//! blocked frame of the pool always has an idle consumer it can run: **an acyclic flow never
+//! deadlocks and never overruns a bound**, with any number of threads (tested with one thread,
+//! queues of one item, and floods).
 //!
+//! Otherwise the emitter waits (for a batch to leave a full slot, or 1 ms) and tries again:
+//! - the consumer runs on another worker: it will drain the slot; wait;
+//! - the consumer is suspended *under the emitter on the same stack* (a cycle): waiting would
+//!   be forever, so the item overruns the bound at once;
+//! - the consumer is idle but its policy releases nothing (`all_slots_ready` starved of its
+//!   other slot, say): the emitter runs any other task, which may feed it.
+//!
+//! Only in the last case, or in a cyclic flow, or past [`MAX_HELP_DEPTH`] nested frames, may
+//! the emitter overrun when the whole pool is **stalled**: every worker waiting in an emit or
+//! asleep, no timer armed, and no batch taken anywhere during a 1 ms grace wait (a progress
+//! epoch, bumped when a batch is taken while someone is blocked, proves that). A worker counts
+//! as blocked only while it waits, never while it merely runs slowly. Every overrun item is
+//! counted per routine (`overflowed`); it is never dropped.
+
 //! # Shutdown
 //!
 //! 1. The runtime cancels every unfinished job: checks stop releasing batches, blocked emitters
@@ -207,13 +226,15 @@ impl Pool {
         !self.injector.is_empty() || self.stealers.iter().any(|s| !s.is_empty())
     }
 
-    /// Items left a queue: if anyone waits for room, bump the epoch and wake them. (A waiter
-    /// counts itself blocked before it reads the epoch, so it cannot miss a bump it needs.)
-    pub(crate) fn record_progress(&self) {
-        if self.blocked.load(Ordering::SeqCst) > 0
-            || self.progress_waiters.load(Ordering::SeqCst) > 0
-        {
+    /// A batch left a queue. If an emitter is blocked, bump the epoch (it proves the pool is
+    /// not stalled; a waiter counts itself blocked before reading the epoch, so it cannot miss
+    /// a bump). If the batch came from a full slot, wake waiters: one may be waiting for room
+    /// there. (Waiters also re-check on a short timeout, so a wake-up is an optimisation.)
+    pub(crate) fn record_progress(&self, freed_full: bool) {
+        if self.blocked.load(Ordering::SeqCst) > 0 {
             self.epoch.fetch_add(1, Ordering::SeqCst);
+        }
+        if freed_full {
             self.notify_progress();
         }
     }
@@ -231,12 +252,18 @@ impl Pool {
         }
     }
 
-    /// Waits until some queue loses items, or `timeout`.
-    pub(crate) fn wait_progress(&self, timeout: Duration) {
+    /// Waits up to `timeout` for room, unless `ready` (a retried push) succeeds first.
+    /// `ready` runs with the waiter already registered and the wake-up lock held, so a batch
+    /// taken after it failed always finds the waiter asleep and wakes it: no lost wake-up.
+    pub(crate) fn wait_unless(&self, timeout: Duration, ready: impl FnOnce() -> bool) -> bool {
         let mut g = self.progress_lock.lock();
         self.progress_waiters.fetch_add(1, Ordering::SeqCst);
-        self.progress.wait_for(&mut g, timeout);
+        let done = ready();
+        if !done {
+            self.progress.wait_for(&mut g, timeout);
+        }
         self.progress_waiters.fetch_sub(1, Ordering::SeqCst);
+        done
     }
 
     /// Whether every worker is blocked in an emit or asleep.
