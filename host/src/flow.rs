@@ -3,8 +3,9 @@
 //! A [`Flow`] is built freely (`add_routine`, `connect` never fail) and then checked by
 //! [`Flow::validate`], which reports every problem at once: unknown routines, events and slots
 //! (with the nearest valid name), duplicate ids and connections, policies that can never fire,
-//! missing logic, and cycles (unless the flow allows them). Unconnected slots are warnings:
-//! they are entry points that only external posts can fill.
+//! missing logic, and cycles (unless the flow allows them). A slot left unconnected on a
+//! routine whose other slots are connected is a warning (only a post could fill it); a routine
+//! with no connected slot at all is an entry point and needs no warning.
 //!
 //! A valid flow compiles into a [`CompiledFlow`]: routines in a vector, names resolved to
 //! indices, and a routing table `routine → event → [(routine, slot)]` so that an emit does no
@@ -358,8 +359,17 @@ impl Flow {
         if !problems.is_empty() {
             return Err(FlowError { problems });
         }
+        // A routine none of whose slots is connected is an entry point, fed by posts. A
+        // routine with some slots connected and others not has probably lost a connection.
         let mut warnings = Vec::new();
         for (id, r) in &self.routines {
+            if !r
+                .slots
+                .iter()
+                .any(|s| fed.contains(&(id.as_str(), &*s.name)))
+            {
+                continue;
+            }
             for s in &r.slots {
                 if !fed.contains(&(id.as_str(), &*s.name)) {
                     warnings.push(Warning::UnconnectedSlot {
@@ -685,13 +695,16 @@ mod tests {
         let err = f.validate().unwrap_err();
         assert!(matches!(err.problems[0], Problem::PolicyNeverFires { .. }));
         let mut ok = Flow::new();
-        ok.add_routine(r(), "a");
+        ok.add_routine(r(), "entry")
+            .add_routine(r().slot("other"), "join")
+            .connect("entry", "out", "join", "in");
         assert_eq!(
             ok.validate().unwrap(),
             vec![Warning::UnconnectedSlot {
-                routine: "a".into(),
-                slot: "in".into()
-            }]
+                routine: "join".into(),
+                slot: "other".into()
+            }],
+            "the entry routine's slot is not a warning; the join's forgotten slot is"
         );
     }
 }

@@ -48,3 +48,8 @@ pub use runtime::{
     Shutdown,
 };
 pub use state::StateRef;
+
+/// The README's example, compiled and run as a doctest so it cannot rot.
+#[cfg(doctest)]
+#[doc = include_str!("../../README.md")]
+pub struct ReadmeDoctests;

@@ -369,3 +369,45 @@ fn cancelling_releases_an_emitter_blocked_on_a_full_slot_and_keeps_its_item() {
     );
     assert_eq!(stuck.dead_lettered, 1, "the item the emitter held is kept");
 }
+
+#[test]
+fn an_input_handle_streams_into_one_job_and_holds_it_open() {
+    let rt = runtime(2);
+    let seen: Log<i64> = Log::new();
+    let s = seen.clone();
+    let mut flow = Flow::new();
+    flow.add_routine(
+        Routine::new()
+            .slot_with_capacity("in", 4)
+            .logic(move |_, b| {
+                for i in b.items() {
+                    s.push(i.value()["id"].as_i64().unwrap());
+                }
+                Ok(())
+            }),
+        "sink",
+    );
+    rt.register("f", &flow).unwrap();
+    let job = rt.exec("f").unwrap();
+    let input = job.input("sink", "in").unwrap();
+    for id in 0..100 {
+        input.post(&json!({"id": id})).unwrap();
+        if id == 50 {
+            // Quiescent for a moment, but the input keeps the job open.
+            assert!(eventually(|| seen.len() == 51));
+            std::thread::sleep(Duration::from_millis(10));
+            assert!(!job.is_finished());
+        }
+    }
+    drop(input);
+    assert!(job.wait(WAIT));
+    assert_eq!(seen.get(), (0..100).collect::<Vec<_>>());
+    assert!(
+        job.input("sink", "in").is_err(),
+        "a finished job takes no new input"
+    );
+    assert!(matches!(
+        rt.exec("f").unwrap().input("sink", "nope"),
+        Err(RuntimeError::UnknownSlot { .. })
+    ));
+}

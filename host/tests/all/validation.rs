@@ -31,10 +31,9 @@ fn a_shared_registry_serves_a_runtime() {
     let mut flow = Flow::new();
     flow.add_routine(Routine::new().slot("in").logic(|_, _| Ok(())), "r");
     let warnings = reg.register("one", &flow).unwrap();
-    assert_eq!(
-        warnings.len(),
-        1,
-        "the entry slot has no incoming connection"
+    assert!(
+        warnings.is_empty(),
+        "an entry routine is fed by posts: {warnings:?}"
     );
     let rt = Runtime::builder()
         .thread_pool_size(1)

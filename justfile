@@ -1,0 +1,18 @@
+# Thin recipes over cargo. Each one is also spelled out in the README.
+
+# The fan-out demo, end to end.
+demo:
+    cargo run --release -p routilux --example news_fanout
+
+# The whole test suite (what CI runs).
+test:
+    cargo test --workspace
+
+# Format check and lints, as CI runs them.
+lint:
+    cargo fmt --all -- --check
+    cargo clippy --workspace --all-targets -- -D warnings
+
+# The engine benchmark (routilux vs bare crossbeam-channel); pass e.g. `--reps 3`.
+bench *ARGS:
+    cargo bench -p routilux --bench engine -- {{ARGS}}
