@@ -392,12 +392,21 @@ impl Job {
             .compare_exchange(RUNNING, CANCELLED, Ordering::AcqRel, Ordering::Acquire)
             .is_ok();
         if changed {
-            self.shared.pool.notify_progress();
-            // A job with nothing pending (never given input) finishes now.
             self.pending.fetch_add(1, Ordering::SeqCst);
+            self.disarm_timers("job cancelled");
+            self.shared.pool.notify_progress();
+            // A job with nothing else pending (never given input) finishes now.
             self.release();
         }
         changed
+    }
+
+    /// A halted job need not wait for its timers: `time_interval` wake-ups have nothing to
+    /// release any more, and a pending retry's items become a dead letter now.
+    fn disarm_timers(&self, why: &str) {
+        for task in self.shared.timer.take_job(self) {
+            task.abandon(why);
+        }
     }
 
     fn fail(&self, reason: String) {
@@ -407,6 +416,7 @@ impl Job {
             .is_ok()
         {
             self.lifecycle.lock().failure = Some(reason);
+            self.disarm_timers("job failed");
             self.shared.pool.notify_progress();
         }
     }
@@ -505,13 +515,8 @@ impl Job {
     }
 
     /// Shutdown dropped a retry before it ran: keep its items, free its `running` slot.
-    pub(crate) fn abandon_retry(&self, node: usize, batch: Batch) {
-        self.dead_letter(
-            node,
-            batch,
-            "runtime shut down before the retry ran".into(),
-            0,
-        );
+    pub(crate) fn abandon_retry(&self, node: usize, batch: Batch, why: &str) {
+        self.dead_letter(node, batch, format!("{why} before the retry ran"), 0);
         self.nodes[node].queues.lock().running -= 1;
         self.release();
     }

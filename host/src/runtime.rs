@@ -374,7 +374,7 @@ impl Runtime {
             return;
         };
         for task in self.shared.timer.shutdown() {
-            task.abandon();
+            task.abandon("runtime shut down");
         }
         let _ = timer.join();
         self.shared.pool.begin_shutdown();
@@ -382,7 +382,7 @@ impl Runtime {
             let _ = w.join();
         }
         for task in self.shared.pool.drain_injector() {
-            task.abandon();
+            task.abandon("runtime shut down");
         }
     }
 }

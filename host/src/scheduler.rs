@@ -112,13 +112,23 @@ impl Task {
         }
     }
 
-    /// Drops the task without running it, releasing what it holds (shutdown only).
-    pub(crate) fn abandon(self) {
+    /// Drops the task without running it, releasing what it holds (its job halted, or the
+    /// runtime is shutting down). A retry's items become a dead letter saying `why`.
+    pub(crate) fn abandon(self, why: &str) {
         match self {
             Task::Check { job, .. } | Task::TimerCheck { job, .. } => job.release(),
             Task::Retry {
                 job, node, batch, ..
-            } => job.abandon_retry(node, batch),
+            } => job.abandon_retry(node, batch, why),
+        }
+    }
+
+    /// The job the task belongs to.
+    pub(crate) fn job(&self) -> *const Job {
+        match self {
+            Task::Check { job, .. } | Task::TimerCheck { job, .. } | Task::Retry { job, .. } => {
+                Arc::as_ptr(job)
+            }
         }
     }
 }

@@ -11,6 +11,7 @@ use std::time::Instant;
 
 use parking_lot::{Condvar, Mutex};
 
+use crate::job::Job;
 use crate::scheduler::{Pool, Task};
 
 struct Entry {
@@ -58,7 +59,7 @@ impl Timer {
         let mut st = self.state.lock();
         if st.shutdown {
             drop(st);
-            task.abandon();
+            task.abandon("runtime shut down");
             return;
         }
         st.seq += 1;
@@ -101,6 +102,17 @@ impl Timer {
                 None => self.cv.wait(&mut st),
             }
         }
+    }
+
+    /// Disarms and returns every entry of one job (it halted: they need not wait their time).
+    pub(crate) fn take_job(&self, job: *const Job) -> Vec<Task> {
+        let mut st = self.state.lock();
+        let (mine, rest): (Vec<Entry>, Vec<Entry>) = std::mem::take(&mut st.heap)
+            .into_iter()
+            .partition(|e| std::ptr::eq(e.task.job(), job));
+        st.heap = rest.into();
+        self.armed.fetch_sub(mine.len(), Ordering::SeqCst);
+        mine.into_iter().map(|e| e.task).collect()
     }
 
     /// Stops the thread and returns the armed tasks (to be abandoned by the caller).

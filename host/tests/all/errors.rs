@@ -336,3 +336,35 @@ fn emitting_on_an_undeclared_event_is_an_activation_error() {
         "routine `r` emitted on undeclared event `nope` (declared: out)"
     );
 }
+
+#[test]
+fn cancelling_a_job_with_an_armed_retry_finishes_it_at_once_and_keeps_the_items() {
+    let rt = runtime(2);
+    let mut f = Flow::new();
+    f.add_routine(
+        Routine::new()
+            .slot("in")
+            .on_error(ErrorStrategy::retry(5, Duration::from_secs(600), 1.0))
+            .logic(|_, _| Err("down for a while".into())),
+        "r",
+    );
+    rt.register("slow-retry", &f).unwrap();
+    let job = rt.post("slow-retry", "r", "in", &json!({"id": 1})).unwrap();
+    assert!(crate::common::eventually(
+        || job.counters()["r"].retries == 1
+    ));
+    let started = Instant::now();
+    assert!(job.cancel());
+    assert!(
+        job.wait(Duration::from_secs(5)),
+        "a 600 s retry delay must not hold a cancelled job"
+    );
+    assert!(started.elapsed() < Duration::from_secs(5));
+    assert_eq!(job.status(), JobStatus::Cancelled);
+    let dead = job.dead_letters();
+    assert_eq!(dead.len(), 1);
+    assert_eq!(dead[0].error, "job cancelled before the retry ran");
+    assert_eq!(dead[0].items["in"][0].value()["id"], 1);
+    let c = &job.counters()["r"];
+    assert_eq!(c.items_in, c.dead_lettered);
+}

@@ -398,3 +398,56 @@ fn output_lines_are_kept_per_job_and_streamed() {
     assert_eq!(out[1].level, "info");
     assert_eq!(streamed.get()[0], format!("{} printer got 7", job.id()));
 }
+
+#[test]
+fn many_small_jobs_from_several_threads_all_complete_and_account() {
+    // Exercises job completion against concurrent posts, and worker sleep/wake-up: thousands
+    // of jobs that each go quiescent quickly, while the pool keeps parking and waking.
+    let rt = Arc::new(runtime(3));
+    let log = Log::new();
+    rt.register("f", &fan_out_flow(2, &log, Duration::ZERO))
+        .unwrap();
+    let posters: Vec<_> = (0..3)
+        .map(|t| {
+            let rt = rt.clone();
+            std::thread::spawn(move || {
+                let mut jobs = Vec::new();
+                for i in 0..400 {
+                    let job = rt
+                        .post("f", "src", "in", &json!({"id": t * 1000 + i}))
+                        .unwrap();
+                    if i % 7 == 0 {
+                        // Sometimes a second item races the job's completion: it is either
+                        // accepted (and processed) or refused as finished — never lost.
+                        match job.post("src", "in", &json!({"id": -1})) {
+                            Ok(()) | Err(RuntimeError::JobFinished { .. }) => {}
+                            Err(e) => panic!("{e}"),
+                        }
+                    }
+                    jobs.push(job);
+                }
+                jobs
+            })
+        })
+        .collect();
+    let jobs: Vec<_> = posters
+        .into_iter()
+        .flat_map(|p| p.join().unwrap())
+        .collect();
+    assert!(rt.wait_until_all_jobs_finished(WAIT));
+    assert_eq!(jobs.len(), 1200);
+    let mut delivered = 0;
+    for job in &jobs {
+        assert_eq!(job.status(), JobStatus::Completed);
+        let c = job.counters();
+        let posted = c["src"].items_in;
+        assert!(posted == 1 || posted == 2);
+        assert_eq!(c["sub0"].processed, posted);
+        assert_eq!(c["sub1"].processed, posted);
+        delivered += 2 * posted as usize;
+    }
+    assert_eq!(
+        log.get().iter().map(|i| i.items.len()).sum::<usize>(),
+        delivered
+    );
+}
