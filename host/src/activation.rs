@@ -142,8 +142,10 @@ impl Policy {
                 if !any {
                     return Decision::Idle;
                 }
-                match last_fire {
-                    Some(last) if now < last + *d => Decision::WaitUntil(last + *d),
+                match last_fire.map(|last| last.checked_add(*d)) {
+                    // An interval too long to represent never ends.
+                    Some(None) => Decision::Idle,
+                    Some(Some(next)) if now < next => Decision::WaitUntil(next),
                     _ => Decision::Fire(queues.iter().map(VecDeque::len).collect(), None),
                 }
             }
@@ -153,8 +155,20 @@ impl Policy {
                     queues,
                     last_activation: last_fire,
                 };
-                let Some(take) = (c.decide)(&view) else {
-                    return Decision::Idle;
+                // User code runs on a worker under the routine's lock: a panic must not unwind
+                // through the scheduler.
+                let decided =
+                    std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| (c.decide)(&view)));
+                let take = match decided {
+                    Ok(Some(take)) => take,
+                    Ok(None) => return Decision::Idle,
+                    Err(payload) => {
+                        return Decision::Broken(format!(
+                            "custom policy `{}` panicked: {}",
+                            c.name,
+                            crate::job::panic_message(payload.as_ref())
+                        ));
+                    }
                 };
                 let mut counts = vec![0; queues.len()];
                 for (slot, n) in take.counts {
@@ -202,6 +216,8 @@ pub(crate) enum Decision {
     WaitUntil(Instant),
     /// Nothing until more items arrive.
     Idle,
+    /// The policy itself failed (a custom policy panicked): the routine cannot go on.
+    Broken(String),
 }
 
 /// A user-defined policy (see [`Policy::custom`]).

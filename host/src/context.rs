@@ -187,7 +187,9 @@ impl<'a> Context<'a> {
                 }
                 // Running on another worker: it drains the slot by itself. In an acyclic flow
                 // it can never be waiting on us, so this wait always ends.
-                Help::Busy => (false, job.flow.cyclic),
+                // (A wait can still close a loop through a frame that `help_once` put on some
+                // stack; then the stall check below breaks it.)
+                Help::Busy => (false, job.flow.cyclic || self.worker.has_foreign_frames()),
                 // Idle but starved (a multi-slot policy waiting on another slot): run other
                 // work, which may feed it.
                 Help::CannotFire => (self.worker.help_once(), true),
@@ -198,6 +200,7 @@ impl<'a> Context<'a> {
             } else {
                 // Counted as blocked only while waiting, so a worker that is merely slow
                 // (pre-empted between two attempts) never makes the pool look stalled.
+                shared.pool.wake_for_queued_work();
                 shared.pool.enter_blocked();
                 if may_overrun && shared.stalled() {
                     let epoch = shared.pool.epoch();

@@ -387,6 +387,9 @@ impl Job {
 
     /// Stops scheduling; finishes once in-flight work drains. Returns false if already halted.
     pub(crate) fn cancel(&self) -> bool {
+        if self.is_finished() {
+            return false;
+        }
         let changed = self
             .control
             .compare_exchange(RUNNING, CANCELLED, Ordering::AcqRel, Ordering::Acquire)
@@ -422,11 +425,17 @@ impl Job {
     }
 
     pub(crate) fn wait(&self, timeout: Duration) -> bool {
-        let deadline = Instant::now() + timeout;
+        // A timeout too long to represent means "no deadline".
+        let deadline = Instant::now().checked_add(timeout);
         let mut lc = self.lifecycle.lock();
         while !lc.finished {
-            if self.done.wait_until(&mut lc, deadline).timed_out() {
-                return lc.finished;
+            match deadline {
+                Some(d) => {
+                    if self.done.wait_until(&mut lc, d).timed_out() {
+                        return lc.finished;
+                    }
+                }
+                None => self.done.wait(&mut lc),
             }
         }
         true
@@ -553,6 +562,11 @@ impl Job {
                 let now = Instant::now();
                 match r.policy.decide(&r.slot_names, &q.slots, q.last_fire, now) {
                     Decision::Idle => return ran,
+                    Decision::Broken(reason) => {
+                        drop(q);
+                        self.policy_broken(node, reason);
+                        return ran;
+                    }
                     Decision::WaitUntil(at) => {
                         if !q.timer_armed {
                             q.timer_armed = true;
@@ -711,7 +725,7 @@ impl Job {
                     }
                     self.add_pending();
                     self.shared.timer.schedule(
-                        Instant::now() + delay,
+                        Instant::now() + delay, // at most a day: `delay_before` caps it
                         Task::Retry {
                             job: self.clone(),
                             node,
@@ -774,6 +788,23 @@ impl Job {
         if let Action::Stop = action {
             self.fail(format!("routine `{}` failed: {message}", r.id));
         }
+    }
+
+    /// A routine's policy failed: nothing of it can run any more, so the job fails (its
+    /// queued items stay queued and are reported).
+    fn policy_broken(&self, node: usize, reason: String) {
+        let r = &self.flow.routines[node];
+        add(&self.nodes[node].counters.errors, 1);
+        tracing::error!(job = %self.id, routine = %r.id, "{reason}");
+        self.failures.lock().push(ActivationFailure {
+            routine: r.id.to_string(),
+            error: reason.clone(),
+            retryable: false,
+            attempts: 0,
+            strategy: "stop".to_owned(),
+            at: SystemTime::now(),
+        });
+        self.fail(format!("routine `{}`: {reason}", r.id));
     }
 
     pub(crate) fn dead_letter(&self, node: usize, batch: Batch, error: String, attempts: u32) {
@@ -884,7 +915,7 @@ impl Job {
     }
 }
 
-fn panic_message(payload: &(dyn std::any::Any + Send)) -> String {
+pub(crate) fn panic_message(payload: &(dyn std::any::Any + Send)) -> String {
     if let Some(s) = payload.downcast_ref::<&str>() {
         (*s).to_owned()
     } else if let Some(s) = payload.downcast_ref::<String>() {

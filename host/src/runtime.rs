@@ -9,7 +9,7 @@
 use std::collections::BTreeMap;
 use std::fmt;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
@@ -33,6 +33,8 @@ pub(crate) struct Shared {
     pub(crate) pool: Pool,
     pub(crate) timer: Timer,
     pub(crate) on_output: Option<OutputFn>,
+    /// Set when shutdown begins: no new jobs, no new input.
+    pub(crate) closed: AtomicBool,
     finished_gen: Mutex<u64>,
     finished_cv: Condvar,
 }
@@ -114,6 +116,9 @@ pub enum RuntimeError {
     /// The posted value is not a JSON object.
     #[error("invalid item: {0}")]
     Item(#[from] ItemError),
+    /// The runtime is shutting down (or has): it starts no job and takes no input.
+    #[error("the runtime has shut down")]
+    ShutDown,
 }
 
 fn hint(suggestion: &Option<String>) -> String {
@@ -173,6 +178,7 @@ impl RuntimeBuilder {
             pool,
             timer: Timer::default(),
             on_output: self.on_output,
+            closed: AtomicBool::new(false),
             finished_gen: Mutex::new(0),
             finished_cv: Condvar::new(),
         });
@@ -279,6 +285,9 @@ impl Runtime {
     /// Starts a job of the named flow. It runs once input is posted to it, and completes by
     /// itself when it becomes quiescent.
     pub fn exec(&self, flow_name: &str) -> Result<JobHandle, RuntimeError> {
+        if self.shared.closed.load(Ordering::SeqCst) {
+            return Err(RuntimeError::ShutDown);
+        }
         let flow = self
             .registry
             .get(flow_name)
@@ -312,19 +321,28 @@ impl Runtime {
     /// Waits until every job of this runtime has finished; returns whether they all did
     /// within `timeout`. A job that was never given input has not finished.
     pub fn wait_until_all_jobs_finished(&self, timeout: Duration) -> bool {
-        let deadline = Instant::now() + timeout;
+        // A timeout too long to represent means "no deadline".
+        let deadline = Instant::now().checked_add(timeout);
         let mut gen_guard = self.shared.finished_gen.lock();
         loop {
-            if self.jobs.lock().iter().all(|j| j.is_finished()) {
+            // Never hold the job list while taking other locks: snapshot it.
+            let jobs = self.jobs.lock().clone();
+            if jobs.iter().all(|j| j.is_finished()) {
                 return true;
             }
-            if self
-                .shared
-                .finished_cv
-                .wait_until(&mut gen_guard, deadline)
-                .timed_out()
-            {
-                return self.jobs.lock().iter().all(|j| j.is_finished());
+            match deadline {
+                Some(d) => {
+                    if self
+                        .shared
+                        .finished_cv
+                        .wait_until(&mut gen_guard, d)
+                        .timed_out()
+                    {
+                        let jobs = self.jobs.lock().clone();
+                        return jobs.iter().all(|j| j.is_finished());
+                    }
+                }
+                None => self.shared.finished_cv.wait(&mut gen_guard),
             }
         }
     }
@@ -367,7 +385,11 @@ impl Runtime {
         if let Shutdown::Drain(timeout) = mode {
             self.wait_until_all_jobs_finished(timeout);
         }
-        for j in self.jobs.lock().iter() {
+        self.shared.closed.store(true, Ordering::SeqCst);
+        // Snapshot the list: cancelling can finish a job, which takes the lock that
+        // `wait_until_all_jobs_finished` holds while it reads the list.
+        let jobs = self.jobs.lock().clone();
+        for j in &jobs {
             j.cancel();
         }
         let Some((workers, timer)) = self.threads.lock().take() else {
@@ -415,7 +437,8 @@ fn post_resolved(
     timeout: Duration,
 ) -> Result<(), RuntimeError> {
     let started = Instant::now();
-    let deadline = started + timeout;
+    // A timeout too long to represent means "no deadline".
+    let deadline = started.checked_add(timeout);
     let mut item = item;
     loop {
         if job.halted() {
@@ -429,7 +452,7 @@ fn post_resolved(
             Err(back) => item = back,
         }
         let now = Instant::now();
-        if now >= deadline {
+        if deadline.is_some_and(|d| now >= d) {
             let r = &job.flow.routines[node];
             return Err(RuntimeError::QueueFull {
                 job: job.id,
@@ -440,19 +463,19 @@ fn post_resolved(
             });
         }
         let mut pending = Some(item);
-        let pushed =
-            job.shared
-                .pool
-                .wait_unless((deadline - now).min(Duration::from_millis(5)), || {
-                    let it = pending.take().expect("the item is still ours");
-                    match job.push(node, slot, it, false, Sched::External(&job.shared.pool)) {
-                        Ok(()) => true,
-                        Err(back) => {
-                            pending = Some(back);
-                            false
-                        }
-                    }
-                });
+        let slice = deadline.map_or(Duration::from_millis(5), |d| {
+            (d - now).min(Duration::from_millis(5))
+        });
+        let pushed = job.shared.pool.wait_unless(slice, || {
+            let it = pending.take().expect("the item is still ours");
+            match job.push(node, slot, it, false, Sched::External(&job.shared.pool)) {
+                Ok(()) => true,
+                Err(back) => {
+                    pending = Some(back);
+                    false
+                }
+            }
+        });
         if pushed {
             return Ok(());
         }

@@ -158,6 +158,9 @@ pub(crate) struct WorkerLocal {
     deque: Worker<Task>,
     shared: Arc<Shared>,
     depth: Cell<u32>,
+    /// How many frames on this stack run an arbitrary task taken by `help_once` (which, unlike
+    /// running the full slot's own routine, can put an upstream routine above a downstream one).
+    foreign: Cell<u32>,
     /// The activations on this thread's stack, outermost first, as (job address, routine).
     active: RefCell<Vec<(usize, usize)>>,
 }
@@ -207,6 +210,14 @@ impl Pool {
 
     pub(crate) fn inject(&self, task: Task) {
         self.injector.push(task);
+        if self.shutdown.load(Ordering::SeqCst) {
+            // The workers may be gone: nobody else would ever take it. (Steals are exclusive,
+            // so a task is abandoned or run once, whoever gets it.)
+            for t in self.drain_injector() {
+                t.abandon("runtime shut down");
+            }
+            return;
+        }
         self.notify_one();
     }
 
@@ -276,9 +287,20 @@ impl Pool {
         done
     }
 
-    /// Whether every worker is blocked in an emit or asleep.
+    /// Whether no worker can move: every one is waiting in an emit or asleep, and no sleeper
+    /// is about to be needed for queued work. (Queued tasks with every worker waiting do not
+    /// count as progress: waiting workers do not run them.)
     pub(crate) fn stalled(&self) -> bool {
-        self.blocked.load(Ordering::SeqCst) + self.sleepers.load(Ordering::SeqCst) >= self.size
+        let sleepers = self.sleepers.load(Ordering::SeqCst);
+        self.blocked.load(Ordering::SeqCst) + sleepers >= self.size
+            && !(sleepers > 0 && self.has_work())
+    }
+
+    /// A waiting worker may hold stolen tasks in its own deque: make sure a sleeper takes them.
+    pub(crate) fn wake_for_queued_work(&self) {
+        if self.has_work() {
+            self.notify_one();
+        }
     }
 
     pub(crate) fn enter_blocked(&self) {
@@ -336,10 +358,8 @@ impl WorkerLocal {
         if self.depth.get() >= MAX_HELP_DEPTH {
             return None;
         }
-        self.depth.set(self.depth.get() + 1);
-        let r = f();
-        self.depth.set(self.depth.get() - 1);
-        Some(r)
+        let _depth = Restore::add(&self.depth, 1);
+        Some(f())
     }
 
     /// Runs any one task on this stack, if there is one (a blocked emitter whose consumer
@@ -349,9 +369,18 @@ impl WorkerLocal {
             return false;
         }
         match self.find_task() {
-            Some(task) => self.nested(|| task.run(self)).is_some(),
+            Some(task) => {
+                let _foreign = Restore::add(&self.foreign, 1);
+                self.nested(|| task.run(self)).is_some()
+            }
             None => false,
         }
+    }
+
+    /// Whether some frame on this stack was taken by `help_once` (so a wait here may be part
+    /// of a cycle of waits even in an acyclic flow).
+    pub(crate) fn has_foreign_frames(&self) -> bool {
+        self.foreign.get() > 0
     }
 
     /// Marks an activation of `(job, node)` as running on this stack until [`Self::exit`].
@@ -377,12 +406,29 @@ impl WorkerLocal {
     }
 }
 
+/// Adds to a counter for a scope, restoring it on exit (unwinding included).
+struct Restore<'a>(&'a Cell<u32>, u32);
+
+impl<'a> Restore<'a> {
+    fn add(cell: &'a Cell<u32>, n: u32) -> Self {
+        cell.set(cell.get() + n);
+        Restore(cell, n)
+    }
+}
+
+impl Drop for Restore<'_> {
+    fn drop(&mut self) {
+        self.0.set(self.0.get() - self.1);
+    }
+}
+
 /// The body of worker thread `index`.
 pub(crate) fn worker_main(shared: Arc<Shared>, index: usize, deque: Worker<Task>, parker: Parker) {
     let local = WorkerLocal {
         deque,
         shared,
         depth: Cell::new(0),
+        foreign: Cell::new(0),
         active: RefCell::new(Vec::new()),
     };
     let pool = &local.shared.pool;

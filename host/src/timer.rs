@@ -89,10 +89,12 @@ impl Timer {
             match st.heap.peek().map(|e| e.at) {
                 Some(at) if at <= now => {
                     if let Some(e) = st.heap.pop() {
-                        self.armed.fetch_sub(1, Ordering::SeqCst);
-                        // Inject outside the lock: waking a worker takes other locks.
+                        // Inject outside the lock: waking a worker takes other locks. The entry
+                        // counts as armed until the pool has it, so the pool never looks
+                        // stalled while a task is in flight from here.
                         drop(st);
                         pool.inject(e.task);
+                        self.armed.fetch_sub(1, Ordering::SeqCst);
                         st = self.state.lock();
                     }
                 }

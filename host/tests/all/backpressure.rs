@@ -411,3 +411,65 @@ fn an_input_handle_streams_into_one_job_and_holds_it_open() {
         Err(RuntimeError::UnknownSlot { .. })
     ));
 }
+
+#[test]
+fn a_starved_join_behind_a_chain_never_deadlocks_whatever_the_pool() {
+    // a -> c -> d -> join.left, s -> join.right; `join` needs both slots and `right` is fed
+    // only once, so the chain backs up into a slot that cannot drain. Blocked emitters then
+    // run other tasks (which can stack an upstream routine above a downstream one) and the
+    // pool must still end the job, overrunning by counted items instead of hanging.
+    for threads in [1, 2, 3] {
+        let rt = runtime(threads);
+        let mut flow = Flow::new();
+        let fwd = || {
+            Routine::new()
+                .slot_with_capacity("in", 1)
+                .event("out", ["id"])
+                .logic(|ctx, b| {
+                    for i in b.items() {
+                        ctx.emit_item("out", i.clone())?;
+                    }
+                    Ok(())
+                })
+        };
+        flow.add_routine(fwd(), "a")
+            .add_routine(fwd(), "c")
+            .add_routine(fwd(), "d")
+            .add_routine(fwd(), "s")
+            .add_routine(
+                Routine::new()
+                    .slot_with_capacity("left", 1)
+                    .slot_with_capacity("right", 1)
+                    .policy(Policy::AllSlotsReady)
+                    .logic(|_, _| Ok(())),
+                "join",
+            )
+            .connect("a", "out", "c", "in")
+            .connect("c", "out", "d", "in")
+            .connect("d", "out", "join", "left")
+            .connect("s", "out", "join", "right");
+        rt.register("f", &flow).unwrap();
+        let job = rt.exec("f").unwrap();
+        let a = job.input("a", "in").unwrap();
+        let s = job.input("s", "in").unwrap();
+        s.post(&json!({"id": -1})).unwrap();
+        for id in 0..60 {
+            a.post(&json!({"id": id})).unwrap();
+        }
+        drop((a, s));
+        assert!(job.wait(WAIT), "deadlock with {threads} threads");
+        let c = job.counters();
+        assert_eq!(c["join"].processed, 2, "one pair joined");
+        assert_eq!(
+            c["join"].queued, 59,
+            "the rest of `left` is kept, not dropped"
+        );
+        for (name, k) in &c {
+            assert_eq!(
+                k.items_in,
+                k.processed + k.dead_lettered + k.queued,
+                "{name}: {k:?}"
+            );
+        }
+    }
+}

@@ -124,3 +124,58 @@ pub fn eventually(mut f: impl FnMut() -> bool) -> bool {
     }
     false
 }
+
+/// Routines meet here: each arrival under a key waits until `n` have arrived under that key,
+/// or a timeout passes. Activations that really run in parallel all meet and so overlap;
+/// activations run one after another time out one by one and do not — so a test built on it
+/// shows parallelism without depending on how fast the machine is.
+#[derive(Clone, Default)]
+pub struct Rendezvous(Arc<(Mutex<std::collections::HashMap<String, usize>>, Condvar)>);
+
+impl Rendezvous {
+    pub fn new() -> Self {
+        Self::default()
+    }
+    /// Returns whether all `n` met.
+    pub fn meet(&self, key: &str, n: usize, timeout: Duration) -> bool {
+        let (lock, cv) = &*self.0;
+        let mut g = lock.lock();
+        *g.entry(key.to_owned()).or_default() += 1;
+        cv.notify_all();
+        let deadline = Instant::now() + timeout;
+        while g[key] < n {
+            if cv.wait_until(&mut g, deadline).timed_out() {
+                return g[key] >= n;
+            }
+        }
+        true
+    }
+}
+
+/// A logic closure that records its interval and, for each item, meets `n - 1` other routines
+/// at the rendezvous keyed by the item's `key_field` before ending.
+pub fn meeting(
+    log: &Log<Interval>,
+    rv: &Rendezvous,
+    n: usize,
+    key_field: &'static str,
+) -> impl Fn(&Context<'_>, &Batch) -> Result<(), RoutineError> + Send + Sync + 'static {
+    let (log, rv) = (log.clone(), rv.clone());
+    move |ctx, batch| {
+        let start = Instant::now();
+        for item in batch.items() {
+            rv.meet(
+                &item.value()[key_field].to_string(),
+                n,
+                Duration::from_secs(2),
+            );
+        }
+        log.push(Interval {
+            routine: ctx.routine_id().to_owned(),
+            start,
+            end: Instant::now(),
+            items: batch.items().map(|i: &Item| i.value().clone()).collect(),
+        });
+        Ok(())
+    }
+}

@@ -368,3 +368,45 @@ fn cancelling_a_job_with_an_armed_retry_finishes_it_at_once_and_keeps_the_items(
     let c = &job.counters()["r"];
     assert_eq!(c.items_in, c.dead_lettered);
 }
+
+#[test]
+fn a_panicking_custom_policy_fails_the_job_and_keeps_the_worker() {
+    let rt = runtime(1);
+    let mut f = Flow::new();
+    f.add_routine(
+        Routine::new()
+            .slot("in")
+            .policy(routilux::Policy::custom("broken", |v| {
+                if v.len("in") > 1 {
+                    panic!("policy bug");
+                }
+                None
+            }))
+            .logic(|_, _| Ok(())),
+        "r",
+    );
+    rt.register("f", &f).unwrap();
+    let job = rt.exec("f").unwrap();
+    let input = job.input("r", "in").unwrap();
+    input.post(&json!({"id": 1})).unwrap();
+    let _ = input.post(&json!({"id": 2}));
+    drop(input);
+    assert!(job.wait(WAIT));
+    assert_eq!(job.status(), JobStatus::Failed);
+    assert_eq!(
+        job.failure().unwrap(),
+        "routine `r`: custom policy `broken` panicked: policy bug"
+    );
+    assert_eq!(
+        job.counters()["r"].queued,
+        2,
+        "its items stay, reported as queued"
+    );
+    // The single worker survived: a new job on the same runtime runs.
+    let mut ok = Flow::new();
+    ok.add_routine(Routine::new().slot("in").logic(|_, _| Ok(())), "r");
+    rt.register("ok", &ok).unwrap();
+    let job = rt.post("ok", "r", "in", &json!({})).unwrap();
+    assert!(job.wait(WAIT));
+    assert_eq!(job.status(), JobStatus::Completed);
+}

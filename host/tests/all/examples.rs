@@ -5,7 +5,7 @@ use std::time::Duration;
 use routilux::{Flow, JobStatus, Policy, Routine};
 use serde_json::json;
 
-use crate::common::{Interval, Log, WAIT, overlap, recording, runtime};
+use crate::common::{Interval, Log, Rendezvous, WAIT, meeting, overlap, runtime};
 
 const HEADLINES: [&str; 3] = [
     "Breaking: routilux 1.0 released",
@@ -94,6 +94,7 @@ fn news_fan_out_every_subscriber_gets_every_headline_in_order() {
 fn image_processors_of_one_image_run_in_overlapping_intervals() {
     let rt = runtime(4);
     let log: Log<Interval> = Log::new();
+    let rv = Rendezvous::new();
     let mut flow = Flow::new();
     flow.add_routine(
         Routine::new()
@@ -117,7 +118,7 @@ fn image_processors_of_one_image_run_in_overlapping_intervals() {
             Routine::new()
                 .slot("image")
                 .policy(Policy::batch_size(1))
-                .logic(recording(&log, Duration::from_millis(40), None)),
+                .logic(meeting(&log, &rv, 3, "name")),
             p,
         )
         .connect("producer", "image", p, "image");

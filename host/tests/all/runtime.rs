@@ -60,7 +60,7 @@ fn one_thread_never_overlaps_two_activations() {
 
 /// Subscribers that block until `want` of them run at the same time (or a timeout passes).
 /// Returns the largest number that were ever running together.
-fn peak_parallelism(threads: usize, subscribers: usize, want: usize) -> usize {
+fn peak_parallelism(threads: usize, subscribers: usize, want: usize, patience: Duration) -> usize {
     let rt = runtime(threads);
     let state = Arc::new((Mutex::new((0usize, 0usize)), Condvar::new()));
     let mut flow = Flow::new();
@@ -86,7 +86,7 @@ fn peak_parallelism(threads: usize, subscribers: usize, want: usize) -> usize {
                 g.0 += 1;
                 g.1 = g.1.max(g.0);
                 cv.notify_all();
-                let deadline = Instant::now() + Duration::from_millis(400);
+                let deadline = Instant::now() + patience;
                 while g.1 < want && !cv.wait_until(&mut g, deadline).timed_out() {}
                 g.0 -= 1;
                 Ok(())
@@ -103,25 +103,48 @@ fn peak_parallelism(threads: usize, subscribers: usize, want: usize) -> usize {
 
 #[test]
 fn thread_pool_size_is_honoured_exactly() {
+    // Reaching the goal ends the wait at once, so a generous patience costs nothing there.
     assert_eq!(
-        peak_parallelism(4, 4, 4),
+        peak_parallelism(4, 4, 4, Duration::from_secs(5)),
         4,
         "four threads run four blocking routines at once"
     );
     assert_eq!(
-        peak_parallelism(3, 4, 4),
+        peak_parallelism(3, 4, 4, Duration::from_secs(1)),
         3,
         "three threads never run four at once"
     );
-    assert_eq!(peak_parallelism(1, 3, 3), 1);
+    assert_eq!(peak_parallelism(1, 3, 3, Duration::from_millis(100)), 1);
 }
 
 #[test]
 fn fan_out_subscribers_run_in_parallel() {
     let rt = runtime(4);
     let log = Log::new();
-    rt.register("f", &fan_out_flow(3, &log, Duration::from_millis(60)))
-        .unwrap();
+    let rv = crate::common::Rendezvous::new();
+    let mut flow = Flow::new();
+    flow.add_routine(
+        Routine::new()
+            .slot("in")
+            .event("out", ["id"])
+            .logic(|ctx, b| {
+                for i in b.items() {
+                    ctx.emit_item("out", i.clone())?;
+                }
+                Ok(())
+            }),
+        "src",
+    );
+    for s in ["a", "b", "c"] {
+        flow.add_routine(
+            Routine::new()
+                .slot("in")
+                .logic(crate::common::meeting(&log, &rv, 3, "id")),
+            s,
+        )
+        .connect("src", "out", s, "in");
+    }
+    rt.register("f", &flow).unwrap();
     let job = rt.post("f", "src", "in", &json!({"id": 1})).unwrap();
     assert!(job.wait(WAIT));
     let iv = log.get();
@@ -450,4 +473,46 @@ fn many_small_jobs_from_several_threads_all_complete_and_account() {
         log.get().iter().map(|i| i.items.len()).sum::<usize>(),
         delivered
     );
+}
+
+#[test]
+fn huge_timeouts_mean_no_deadline_and_a_shut_down_runtime_refuses_work() {
+    let rt = runtime(2);
+    let log = Log::new();
+    rt.register("f", &fan_out_flow(1, &log, Duration::ZERO))
+        .unwrap();
+    let job = rt.exec("f").unwrap();
+    job.post_item_timeout(
+        "src",
+        "in",
+        routilux::Item::new(json!({"id": 1})).unwrap(),
+        Duration::MAX,
+    )
+    .unwrap();
+    assert!(job.wait(Duration::MAX));
+    assert!(rt.wait_until_all_jobs_finished(Duration::MAX));
+
+    let mut flow = Flow::new();
+    flow.add_routine(
+        Routine::new()
+            .slot("in")
+            .policy(routilux::Policy::time_interval(Duration::MAX))
+            .logic(|_, _| Ok(())),
+        "once",
+    );
+    rt.register("once", &flow).unwrap();
+    let job = rt.exec("once").unwrap();
+    let input = job.input("once", "in").unwrap();
+    input.post(&json!({})).unwrap();
+    assert!(eventually(|| job.counters()["once"].activations == 1));
+    input.post(&json!({})).unwrap();
+    drop(input);
+    assert!(
+        job.wait(WAIT),
+        "an interval that never ends leaves the item queued"
+    );
+    assert_eq!(job.counters()["once"].queued, 1);
+
+    rt.shutdown(Shutdown::Cancel);
+    assert!(matches!(rt.exec("f"), Err(RuntimeError::ShutDown)));
 }
