@@ -6,7 +6,7 @@ use std::time::Duration;
 use routilux::{Flow, Item, JobHandle, JobStatus, Policy, Routine, RuntimeError};
 use serde_json::json;
 
-use crate::common::{Gate, Log, WAIT, eventually, runtime};
+use crate::common::{Gate, Log, WAIT, eventually, forward, generator, runtime};
 
 #[test]
 fn post_into_a_full_slot_waits_then_fails_with_queue_full() {
@@ -84,18 +84,7 @@ fn flood_chain(threads: usize, depth: usize, capacity: usize, n: i64) -> (JobHan
     let seen: Log<i64> = Log::new();
     let s = seen.clone();
     let mut flow = Flow::new();
-    flow.add_routine(
-        Routine::new()
-            .slot("go")
-            .event("out", ["id"])
-            .logic(move |ctx, _| {
-                for id in 0..n {
-                    ctx.emit("out", &json!({"id": id}))?;
-                }
-                Ok(())
-            }),
-        "src",
-    );
+    flow.add_routine(generator(n), "src");
     let mut prev = "src".to_owned();
     for d in 0..depth {
         let id = format!("hop{d}");
@@ -103,12 +92,7 @@ fn flood_chain(threads: usize, depth: usize, capacity: usize, n: i64) -> (JobHan
             Routine::new()
                 .slot_with_capacity("in", capacity)
                 .event("out", ["id"])
-                .logic(|ctx, b| {
-                    for i in b.items() {
-                        ctx.emit_item("out", i.clone())?;
-                    }
-                    Ok(())
-                }),
+                .logic(forward),
             &id,
         )
         .connect(&prev, "out", &id, "in");
@@ -155,30 +139,19 @@ fn emit_into_a_full_slot_slows_the_producer_and_loses_nothing() {
     let seen: Log<i64> = Log::new();
     let s = seen.clone();
     let mut flow = Flow::new();
-    flow.add_routine(
-        Routine::new()
-            .slot("go")
-            .event("out", ["id"])
-            .logic(|ctx, _| {
-                for id in 0..200 {
-                    ctx.emit("out", &json!({"id": id}))?;
-                }
-                Ok(())
-            }),
-        "fast",
-    )
-    .add_routine(
-        Routine::new()
-            .slot_with_capacity("in", 3)
-            .policy(Policy::batch_size(1))
-            .logic(move |_, b| {
-                std::thread::sleep(Duration::from_micros(300));
-                s.push(b.items().next().unwrap().value()["id"].as_i64().unwrap());
-                Ok(())
-            }),
-        "slow",
-    )
-    .connect("fast", "out", "slow", "in");
+    flow.add_routine(generator(200), "fast")
+        .add_routine(
+            Routine::new()
+                .slot_with_capacity("in", 3)
+                .policy(Policy::batch_size(1))
+                .logic(move |_, b| {
+                    std::thread::sleep(Duration::from_micros(300));
+                    s.push(b.items().next().unwrap().value()["id"].as_i64().unwrap());
+                    Ok(())
+                }),
+            "slow",
+        )
+        .connect("fast", "out", "slow", "in");
     rt.register("f", &flow).unwrap();
     let job = rt.post("f", "fast", "go", &json!({})).unwrap();
     assert!(job.wait(WAIT));
@@ -191,18 +164,7 @@ fn fan_out_flood_with_one_thread_and_tiny_queues() {
     let rt = runtime(1);
     let logs: Vec<Log<i64>> = (0..3).map(|_| Log::new()).collect();
     let mut flow = Flow::new();
-    flow.add_routine(
-        Routine::new()
-            .slot("go")
-            .event("out", ["id"])
-            .logic(|ctx, _| {
-                for id in 0..3_000 {
-                    ctx.emit("out", &json!({"id": id}))?;
-                }
-                Ok(())
-            }),
-        "src",
-    );
+    flow.add_routine(generator(3_000), "src");
     for (i, log) in logs.iter().enumerate() {
         let l = log.clone();
         let id = format!("sub{i}");
@@ -293,27 +255,16 @@ fn a_stalled_pool_overruns_by_counted_items_instead_of_deadlocking() {
     // drain it: the one worker would wait forever. It overruns instead, and says so.
     let rt = runtime(1);
     let mut flow = Flow::new();
-    flow.add_routine(
-        Routine::new()
-            .slot("go")
-            .event("out", ["id"])
-            .logic(|ctx, _| {
-                for id in 0..10 {
-                    ctx.emit("out", &json!({"id": id}))?;
-                }
-                Ok(())
-            }),
-        "src",
-    )
-    .add_routine(
-        Routine::new()
-            .slot_with_capacity("left", 4)
-            .slot("right")
-            .policy(Policy::AllSlotsReady)
-            .logic(|_, _| Ok(())),
-        "join",
-    )
-    .connect("src", "out", "join", "left");
+    flow.add_routine(generator(10), "src")
+        .add_routine(
+            Routine::new()
+                .slot_with_capacity("left", 4)
+                .slot("right")
+                .policy(Policy::AllSlotsReady)
+                .logic(|_, _| Ok(())),
+            "join",
+        )
+        .connect("src", "out", "join", "left");
     rt.register("f", &flow).unwrap();
     let job = rt.post("f", "src", "go", &json!({})).unwrap();
     assert!(job.wait(WAIT));
@@ -327,29 +278,18 @@ fn cancelling_releases_an_emitter_blocked_on_a_full_slot_and_keeps_its_item() {
     let gate = Gate::new();
     let g = gate.clone();
     let mut flow = Flow::new();
-    flow.add_routine(
-        Routine::new()
-            .slot("go")
-            .event("out", ["id"])
-            .logic(|ctx, _| {
-                for id in 0..50 {
-                    ctx.emit("out", &json!({"id": id}))?;
-                }
-                Ok(())
-            }),
-        "src",
-    )
-    .add_routine(
-        Routine::new()
-            .slot_with_capacity("in", 2)
-            .policy(Policy::batch_size(1))
-            .logic(move |_, _| {
-                g.wait();
-                Ok(())
-            }),
-        "stuck",
-    )
-    .connect("src", "out", "stuck", "in");
+    flow.add_routine(generator(50), "src")
+        .add_routine(
+            Routine::new()
+                .slot_with_capacity("in", 2)
+                .policy(Policy::batch_size(1))
+                .logic(move |_, _| {
+                    g.wait();
+                    Ok(())
+                }),
+            "stuck",
+        )
+        .connect("src", "out", "stuck", "in");
     rt.register("f", &flow).unwrap();
     let job = rt.post("f", "src", "go", &json!({})).unwrap();
     // The consumer is blocked on the gate (nested under the emitter, or on the other worker)
@@ -425,12 +365,7 @@ fn a_starved_join_behind_a_chain_never_deadlocks_whatever_the_pool() {
             Routine::new()
                 .slot_with_capacity("in", 1)
                 .event("out", ["id"])
-                .logic(|ctx, b| {
-                    for i in b.items() {
-                        ctx.emit_item("out", i.clone())?;
-                    }
-                    Ok(())
-                })
+                .logic(forward)
         };
         flow.add_routine(fwd(), "a")
             .add_routine(fwd(), "c")

@@ -63,6 +63,37 @@ pub fn max_overlap(intervals: &[Interval]) -> usize {
     max as usize
 }
 
+/// Logic that forwards every item it gets, unchanged, on event `out`.
+pub fn forward(ctx: &Context<'_>, batch: &Batch) -> Result<(), RoutineError> {
+    for item in batch.items() {
+        ctx.emit_item("out", item.clone())?;
+    }
+    Ok(())
+}
+
+/// A routine that, activated on slot `go`, emits `{"id": 0..n}` on `out`, in one activation.
+pub fn generator(n: i64) -> routilux::Routine {
+    routilux::Routine::new()
+        .slot("go")
+        .event("out", ["id"])
+        .logic(move |ctx, _| {
+            for id in 0..n {
+                ctx.emit("out", &serde_json::json!({ "id": id }))?;
+            }
+            Ok(())
+        })
+}
+
+/// Records one activation's interval and items.
+fn record(log: &Log<Interval>, ctx: &Context<'_>, batch: &Batch, start: Instant) {
+    log.push(Interval {
+        routine: ctx.routine_id().to_owned(),
+        start,
+        end: Instant::now(),
+        items: batch.items().map(|i: &Item| i.value().clone()).collect(),
+    });
+}
+
 /// A logic closure that records its interval, sleeps `busy`, then forwards items to `out`.
 pub fn recording(
     log: &Log<Interval>,
@@ -78,12 +109,7 @@ pub fn recording(
                 ctx.emit_item(ev, item.clone())?;
             }
         }
-        log.push(Interval {
-            routine: ctx.routine_id().to_owned(),
-            start,
-            end: Instant::now(),
-            items: batch.items().map(|i: &Item| i.value().clone()).collect(),
-        });
+        record(&log, ctx, batch, start);
         Ok(())
     }
 }

@@ -11,7 +11,7 @@ use routilux::{
 };
 use serde_json::json;
 
-use crate::common::{Log, WAIT, runtime};
+use crate::common::{Log, WAIT, forward, runtime};
 
 /// `src` forwards to `bad` (fails on odd ids) and `good` (never fails).
 fn flow(strategy: ErrorStrategy) -> (Flow, Log<i64>) {
@@ -22,12 +22,7 @@ fn flow(strategy: ErrorStrategy) -> (Flow, Log<i64>) {
         Routine::new()
             .slot("in")
             .event("out", ["id"])
-            .logic(|ctx, b| {
-                for i in b.items() {
-                    ctx.emit_item("out", i.clone())?;
-                }
-                Ok(())
-            }),
+            .logic(forward),
         "src",
     )
     .add_routine(

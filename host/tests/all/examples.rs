@@ -1,6 +1,5 @@
 //! The three examples of the reference documentation, with native routines.
 
-
 use routilux::{Flow, JobStatus, Policy, Routine};
 use serde_json::json;
 

@@ -10,7 +10,7 @@ use routilux::{Flow, JobStatus, Routine, Runtime, RuntimeError, Shutdown};
 use serde_json::json;
 
 use crate::common::{
-    Gate, Interval, Log, WAIT, eventually, max_overlap, overlap, recording, runtime,
+    Gate, Interval, Log, WAIT, eventually, forward, max_overlap, overlap, recording, runtime,
 };
 
 /// A source that forwards its input to `n` subscribers, each recording its intervals.
@@ -20,12 +20,7 @@ fn fan_out_flow(n: usize, log: &Log<Interval>, busy: Duration) -> Flow {
         Routine::new()
             .slot("in")
             .event("out", ["id"])
-            .logic(|ctx, batch| {
-                for item in batch.items() {
-                    ctx.emit_item("out", item.clone())?;
-                }
-                Ok(())
-            }),
+            .logic(forward),
         "src",
     );
     for i in 0..n {
@@ -65,15 +60,7 @@ fn peak_parallelism(threads: usize, subscribers: usize, want: usize, patience: D
     let state = Arc::new((Mutex::new((0usize, 0usize)), Condvar::new()));
     let mut flow = Flow::new();
     flow.add_routine(
-        Routine::new()
-            .slot("in")
-            .event("out", ["x"])
-            .logic(|ctx, b| {
-                for i in b.items() {
-                    ctx.emit_item("out", i.clone())?;
-                }
-                Ok(())
-            }),
+        Routine::new().slot("in").event("out", ["x"]).logic(forward),
         "src",
     );
     for i in 0..subscribers {
@@ -127,12 +114,7 @@ fn fan_out_subscribers_run_in_parallel() {
         Routine::new()
             .slot("in")
             .event("out", ["id"])
-            .logic(|ctx, b| {
-                for i in b.items() {
-                    ctx.emit_item("out", i.clone())?;
-                }
-                Ok(())
-            }),
+            .logic(forward),
         "src",
     );
     for s in ["a", "b", "c"] {
