@@ -118,10 +118,7 @@ fn messages(n: usize) -> Vec<Item> {
         .collect()
 }
 
-fn forward(
-    ctx: &routilux::Context<'_>,
-    batch: &routilux::Batch,
-) -> Result<(), routilux::RoutineError> {
+fn forward(ctx: &routilux::Context, batch: &routilux::Batch) -> Result<(), routilux::RoutineError> {
     for item in batch.items() {
         ctx.emit_item("out", item.clone())?;
     }

@@ -13,7 +13,7 @@ use serde_json::{Map, Value};
 
 use crate::item::{Item, ItemError};
 use crate::job::{Help, Job, JobId};
-use crate::scheduler::WorkerLocal;
+use crate::scheduler::{Sched, WorkerLocal, current_worker};
 use crate::state::StateRef;
 
 /// Why an emit failed.
@@ -51,15 +51,27 @@ pub enum EmitError {
 }
 
 /// Handed to [`Logic::activate`](crate::Logic::activate): emit, state, config, job identity.
-pub struct Context<'a> {
-    job: &'a Arc<Job>,
+///
+/// A context is valid for the activation it was handed to. It is `Sync`: logic may emit from
+/// threads it scopes inside the activation (such emits wait for room without helping the
+/// pool, as only a worker can).
+pub struct Context {
+    job: Arc<Job>,
     node: usize,
-    worker: &'a WorkerLocal,
 }
 
-impl<'a> Context<'a> {
-    pub(crate) fn new(job: &'a Arc<Job>, node: usize, worker: &'a WorkerLocal) -> Self {
-        Self { job, node, worker }
+impl Context {
+    pub(crate) fn new(job: Arc<Job>, node: usize) -> Self {
+        Self { job, node }
+    }
+
+    /// A second handle on the same activation (for logic that must keep one in a `'static`
+    /// place while it runs, such as a WebAssembly store).
+    pub(crate) fn handle(&self) -> Context {
+        Context {
+            job: self.job.clone(),
+            node: self.node,
+        }
     }
 
     /// The job this activation belongs to.
@@ -112,6 +124,11 @@ impl<'a> Context<'a> {
         self.job.log(self.node, "stdout", message.into());
     }
 
+    /// Writes a line of a guest's `stdout` or `stderr` to the job's output.
+    pub(crate) fn output(&self, stream: &str, line: String) {
+        self.job.log(self.node, stream, line);
+    }
+
     /// Emits a value (serialised to a JSON object) on `event`.
     pub fn emit<T: Serialize + ?Sized>(&self, event: &str, value: &T) -> Result<(), EmitError> {
         let item = Item::from_serialize(value).map_err(|source| EmitError::Item {
@@ -147,8 +164,12 @@ impl<'a> Context<'a> {
     /// (or other work, if that routine is starved), else waits for room; only if the whole
     /// pool stays stalled does it overrun the bound by this one item (counted).
     fn deliver(&self, node: usize, slot: usize, item: Item) -> Result<(), EmitError> {
-        let job = self.job;
-        let mut item = match job.push(node, slot, item, false, self.worker.sched()) {
+        let job = &self.job;
+        let Some(worker) = current_worker(&job.shared) else {
+            return self.deliver_from_outside(node, slot, item);
+        };
+        let worker = &*worker;
+        let mut item = match job.push(node, slot, item, false, worker.sched()) {
             Ok(()) => return Ok(()),
             Err(item) => item,
         };
@@ -158,26 +179,15 @@ impl<'a> Context<'a> {
         let mut stalled_at: Option<u64> = None;
         loop {
             if job.halted() {
-                job.dead_letter_undelivered(
-                    node,
-                    slot,
-                    item,
-                    format!(
-                        "job halted while `{}` waited for queue space",
-                        self.routine_id()
-                    ),
-                );
-                return Err(EmitError::JobHalted {
-                    job: job.id,
-                    routine: self.routine_id().to_owned(),
-                });
+                return Err(self.halted_while_waiting(node, slot, item));
             }
-            let (helped, may_overrun) = match job.help_consumer(node, slot, self.worker) {
+            let (helped, may_overrun) = match job.help_consumer(node, slot, worker) {
                 Help::Ran => (true, false),
                 // Suspended under us on this stack (a cycle): it cannot drain the slot before
                 // we return, so waiting would be forever. Overrun now.
-                Help::Busy if self.worker.runs_here(job, node) => {
+                Help::Busy if worker.runs_here(job, node) => {
                     self.overrun(
+                        worker,
                         node,
                         slot,
                         item,
@@ -189,10 +199,10 @@ impl<'a> Context<'a> {
                 // it can never be waiting on us, so this wait always ends.
                 // (A wait can still close a loop through a frame that `help_once` put on some
                 // stack; then the stall check below breaks it.)
-                Help::Busy => (false, job.flow.cyclic || self.worker.has_foreign_frames()),
+                Help::Busy => (false, job.flow.cyclic || worker.has_foreign_frames()),
                 // Idle but starved (a multi-slot policy waiting on another slot): run other
                 // work, which may feed it.
-                Help::CannotFire => (self.worker.help_once(), true),
+                Help::CannotFire => (worker.help_once(), true),
                 Help::TooDeep => (false, true),
             };
             if helped {
@@ -206,7 +216,7 @@ impl<'a> Context<'a> {
                     let epoch = shared.pool.epoch();
                     if stalled_at == Some(epoch) {
                         shared.pool.leave_blocked();
-                        self.overrun(node, slot, item, "the whole pool is stalled");
+                        self.overrun(worker, node, slot, item, "the whole pool is stalled");
                         return Ok(());
                     }
                     stalled_at = Some(epoch);
@@ -216,7 +226,7 @@ impl<'a> Context<'a> {
                 let mut pending = Some(item);
                 let pushed = shared.pool.wait_unless(Duration::from_millis(1), || {
                     let it = pending.take().expect("the item is still ours");
-                    match job.push(node, slot, it, false, self.worker.sched()) {
+                    match job.push(node, slot, it, false, worker.sched()) {
                         Ok(()) => true,
                         Err(back) => {
                             pending = Some(back);
@@ -230,7 +240,7 @@ impl<'a> Context<'a> {
                 }
                 item = pending.expect("a failed push gives the item back");
             }
-            item = match job.push(node, slot, item, false, self.worker.sched()) {
+            item = match job.push(node, slot, item, false, worker.sched()) {
                 Ok(()) => return Ok(()),
                 Err(item) => item,
             };
@@ -239,8 +249,8 @@ impl<'a> Context<'a> {
 
     /// Pushes past the slot's bound (counted as `overflowed`) to break a wait that could
     /// never end.
-    fn overrun(&self, node: usize, slot: usize, item: Item, why: &str) {
-        let job = self.job;
+    fn overrun(&self, worker: &WorkerLocal, node: usize, slot: usize, item: Item, why: &str) {
+        let job = &self.job;
         let r = &job.flow.routines[node];
         tracing::debug!(
             job = %job.id,
@@ -249,6 +259,53 @@ impl<'a> Context<'a> {
             emitter = self.routine_id(),
             "overrunning a full slot by one item: {why}"
         );
-        let _ = job.push(node, slot, item, true, self.worker.sched());
+        let _ = job.push(node, slot, item, true, worker.sched());
+    }
+
+    /// The job halted while an emit waited: the item becomes a dead letter of the receiving
+    /// routine (it is never dropped).
+    fn halted_while_waiting(&self, node: usize, slot: usize, item: Item) -> EmitError {
+        let job = &self.job;
+        job.dead_letter_undelivered(
+            node,
+            slot,
+            item,
+            format!(
+                "job halted while `{}` waited for queue space",
+                self.routine_id()
+            ),
+        );
+        EmitError::JobHalted {
+            job: job.id,
+            routine: self.routine_id().to_owned(),
+        }
+    }
+
+    /// An emit from a thread that is not one of the pool's workers (a thread the logic
+    /// scoped): it cannot run activations, so it only waits for room.
+    fn deliver_from_outside(&self, node: usize, slot: usize, item: Item) -> Result<(), EmitError> {
+        let job = &self.job;
+        let pool = &job.shared.pool;
+        let mut pending = Some(item);
+        loop {
+            let it = pending.take().expect("the item is still ours");
+            if job.halted() {
+                return Err(self.halted_while_waiting(node, slot, it));
+            }
+            pending = Some(it);
+            let pushed = pool.wait_unless(Duration::from_millis(5), || {
+                let it = pending.take().expect("the item is still ours");
+                match job.push(node, slot, it, false, Sched::External(pool)) {
+                    Ok(()) => true,
+                    Err(back) => {
+                        pending = Some(back);
+                        false
+                    }
+                }
+            });
+            if pushed {
+                return Ok(());
+            }
+        }
     }
 }

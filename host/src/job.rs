@@ -682,7 +682,7 @@ impl Job {
                 attempt
             );
             let _enter = span.enter();
-            let ctx = Context::new(self, node, w);
+            let ctx = Context::new(self.clone(), node);
             let started = Instant::now();
             w.enter(self, node);
             let result = panic::catch_unwind(AssertUnwindSafe(|| r.logic.activate(&ctx, &batch)));

@@ -20,6 +20,7 @@
 //! | `job` | job lifecycle, completion, counters, dead letters |
 //! | `scheduler`, `timer` | the work-stealing pool and its timer |
 //! | `runtime` | [`Runtime`], [`JobHandle`] |
+//! | [`wasm`] | WebAssembly plugins: engine, cache, sandboxed instances |
 
 mod activation;
 mod context;
@@ -32,6 +33,7 @@ mod runtime;
 mod scheduler;
 mod state;
 mod timer;
+pub mod wasm;
 
 pub use activation::{Batch, CustomPolicy, Policy, PolicyView, Take};
 pub use context::{Context, EmitError};

@@ -138,16 +138,16 @@ impl From<crate::EmitError> for RoutineError {
 /// it is called concurrently for the same routine of the same job.
 pub trait Logic: Send + Sync + 'static {
     /// Runs one activation.
-    fn activate(&self, ctx: &Context<'_>, batch: &Batch) -> Result<(), RoutineError>;
+    fn activate(&self, ctx: &Context, batch: &Batch) -> Result<(), RoutineError>;
 }
 
 struct FnLogic<F>(F);
 
 impl<F> Logic for FnLogic<F>
 where
-    F: Fn(&Context<'_>, &Batch) -> Result<(), RoutineError> + Send + Sync + 'static,
+    F: Fn(&Context, &Batch) -> Result<(), RoutineError> + Send + Sync + 'static,
 {
-    fn activate(&self, ctx: &Context<'_>, batch: &Batch) -> Result<(), RoutineError> {
+    fn activate(&self, ctx: &Context, batch: &Batch) -> Result<(), RoutineError> {
         (self.0)(ctx, batch)
     }
 }
@@ -321,7 +321,7 @@ impl Routine {
     /// Sets the logic to a native closure.
     pub fn logic<F>(self, f: F) -> Self
     where
-        F: Fn(&Context<'_>, &Batch) -> Result<(), RoutineError> + Send + Sync + 'static,
+        F: Fn(&Context, &Batch) -> Result<(), RoutineError> + Send + Sync + 'static,
     {
         self.logic_impl(FnLogic(f))
     }

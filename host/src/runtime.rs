@@ -141,6 +141,7 @@ pub enum Shutdown {
 #[derive(Clone)]
 pub struct RuntimeBuilder {
     threads: usize,
+    stack_size: usize,
     post_timeout: Duration,
     registry: Option<FlowRegistry>,
     on_output: Option<OutputFn>,
@@ -150,6 +151,14 @@ impl RuntimeBuilder {
     /// Worker threads (honoured exactly; at least 1). Default: the machine's parallelism.
     pub fn thread_pool_size(mut self, n: usize) -> Self {
         self.threads = n.max(1);
+        self
+    }
+
+    /// Stack size of each worker thread (default 32 MiB, reserved, not committed). A blocked
+    /// emitter can run other activations nested on its stack, and each WebAssembly call may
+    /// use up to wasmtime's `max_wasm_stack` (512 KiB) of it.
+    pub fn worker_stack_size(mut self, bytes: usize) -> Self {
+        self.stack_size = bytes.max(256 * 1024);
         self
     }
 
@@ -188,6 +197,7 @@ impl RuntimeBuilder {
             threads.push(
                 std::thread::Builder::new()
                     .name(format!("routilux-worker-{i}"))
+                    .stack_size(self.stack_size)
                     .spawn(move || scheduler::worker_main(s, i, deque, parker))
                     .expect("spawning a worker thread"),
             );
@@ -261,6 +271,7 @@ impl Runtime {
     pub fn builder() -> RuntimeBuilder {
         RuntimeBuilder {
             threads: std::thread::available_parallelism().map_or(2, |n| n.get()),
+            stack_size: 32 * 1024 * 1024,
             post_timeout: Duration::from_secs(30),
             registry: None,
             on_output: None,

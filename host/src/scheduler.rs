@@ -68,6 +68,7 @@
 
 use std::cell::{Cell, RefCell};
 use std::iter;
+use std::rc::Rc;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering, fence};
 use std::time::Duration;
@@ -422,15 +423,38 @@ impl Drop for Restore<'_> {
     }
 }
 
+thread_local! {
+    /// The pool worker running on this thread, if it is one.
+    static CURRENT: RefCell<Option<Rc<WorkerLocal>>> = const { RefCell::new(None) };
+}
+
+/// This thread's worker, if this thread is a worker of the pool behind `shared`. (Logic gets
+/// its worker this way rather than through its context, so that a context can be kept where
+/// only `'static + Send` data may live, such as a WebAssembly store.)
+pub(crate) fn current_worker(shared: &Arc<Shared>) -> Option<Rc<WorkerLocal>> {
+    CURRENT.with(|c| {
+        c.borrow()
+            .as_ref()
+            .filter(|w| Arc::ptr_eq(&w.shared, shared))
+            .cloned()
+    })
+}
+
 /// The body of worker thread `index`.
 pub(crate) fn worker_main(shared: Arc<Shared>, index: usize, deque: Worker<Task>, parker: Parker) {
-    let local = WorkerLocal {
+    let local = Rc::new(WorkerLocal {
         deque,
         shared,
         depth: Cell::new(0),
         foreign: Cell::new(0),
         active: RefCell::new(Vec::new()),
-    };
+    });
+    CURRENT.with(|c| *c.borrow_mut() = Some(local.clone()));
+    run_worker(&local, index, &parker);
+    CURRENT.with(|c| c.borrow_mut().take());
+}
+
+fn run_worker(local: &WorkerLocal, index: usize, parker: &Parker) {
     let pool = &local.shared.pool;
     // Whether this worker is counted in `pool.searching` (it was woken for a task).
     let mut searching = false;
@@ -444,7 +468,7 @@ pub(crate) fn worker_main(shared: Arc<Shared>, index: usize, deque: Worker<Task>
                 // ramps up to every worker.
                 pool.notify_one();
             }
-            task.run(&local);
+            task.run(local);
             continue;
         }
         if std::mem::take(&mut searching) {

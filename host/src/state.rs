@@ -60,6 +60,32 @@ impl<'a> StateRef<'a> {
         v.as_i64().unwrap_or(0)
     }
 
+    /// Atomically adds `delta` to the integer under `key` (absent counts as 0); fails, changing
+    /// nothing, if the value there is not an integer.
+    pub fn add(&self, key: &str, delta: i64) -> Result<i64, String> {
+        let mut map = self.map.lock();
+        let old = match map.get(key) {
+            None => 0,
+            Some(v) => v
+                .as_i64()
+                .ok_or_else(|| format!("state `{key}` is not an integer: {v}"))?,
+        };
+        let new = old.saturating_add(delta);
+        map.insert(key.to_owned(), Value::from(new));
+        Ok(new)
+    }
+
+    /// Atomically sets `key` to `value` if it still holds `expected` (`None`: if absent);
+    /// returns whether it did.
+    pub fn compare_and_swap(&self, key: &str, expected: Option<&Value>, value: Value) -> bool {
+        let mut map = self.map.lock();
+        if map.get(key) != expected {
+            return false;
+        }
+        map.insert(key.to_owned(), value);
+        true
+    }
+
     /// Removes `key`; returns its value.
     pub fn remove(&self, key: &str) -> Option<Value> {
         self.map.lock().remove(key)

@@ -196,17 +196,16 @@ fn a_cycle_with_one_thread_and_tiny_queues_does_not_deadlock() {
     for threads in [1, 2] {
         let rt = runtime(threads);
         let mut flow = Flow::new();
-        let hop = |ctx: &routilux::Context<'_>,
-                   b: &routilux::Batch|
-         -> Result<(), routilux::RoutineError> {
-            for i in b.items() {
-                let left = i.value()["left"].as_i64().unwrap();
-                if left > 0 {
-                    ctx.emit("out", &json!({"id": i.value()["id"], "left": left - 1}))?;
+        let hop =
+            |ctx: &routilux::Context, b: &routilux::Batch| -> Result<(), routilux::RoutineError> {
+                for i in b.items() {
+                    let left = i.value()["left"].as_i64().unwrap();
+                    if left > 0 {
+                        ctx.emit("out", &json!({"id": i.value()["id"], "left": left - 1}))?;
+                    }
                 }
-            }
-            Ok(())
-        };
+                Ok(())
+            };
         flow.add_routine(
             Routine::new()
                 .slot_with_capacity("in", 1)

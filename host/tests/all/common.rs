@@ -64,7 +64,7 @@ pub fn max_overlap(intervals: &[Interval]) -> usize {
 }
 
 /// Logic that forwards every item it gets, unchanged, on event `out`.
-pub fn forward(ctx: &Context<'_>, batch: &Batch) -> Result<(), RoutineError> {
+pub fn forward(ctx: &Context, batch: &Batch) -> Result<(), RoutineError> {
     for item in batch.items() {
         ctx.emit_item("out", item.clone())?;
     }
@@ -85,7 +85,7 @@ pub fn generator(n: i64) -> routilux::Routine {
 }
 
 /// Records one activation's interval and items.
-fn record(log: &Log<Interval>, ctx: &Context<'_>, batch: &Batch, start: Instant) {
+fn record(log: &Log<Interval>, ctx: &Context, batch: &Batch, start: Instant) {
     log.push(Interval {
         routine: ctx.routine_id().to_owned(),
         start,
@@ -99,7 +99,7 @@ pub fn recording(
     log: &Log<Interval>,
     busy: Duration,
     out: Option<&'static str>,
-) -> impl Fn(&Context<'_>, &Batch) -> Result<(), RoutineError> + Send + Sync + 'static {
+) -> impl Fn(&Context, &Batch) -> Result<(), RoutineError> + Send + Sync + 'static {
     let log = log.clone();
     move |ctx, batch| {
         let start = Instant::now();
@@ -185,7 +185,7 @@ pub fn meeting(
     rv: &Rendezvous,
     n: usize,
     key_field: &'static str,
-) -> impl Fn(&Context<'_>, &Batch) -> Result<(), RoutineError> + Send + Sync + 'static {
+) -> impl Fn(&Context, &Batch) -> Result<(), RoutineError> + Send + Sync + 'static {
     let (log, rv) = (log.clone(), rv.clone());
     move |ctx, batch| {
         let start = Instant::now();

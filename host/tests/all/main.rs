@@ -11,3 +11,7 @@ mod property;
 mod runtime;
 mod state;
 mod validation;
+mod wasm;
+
+#[path = "../support/plugins.rs"]
+mod plugins;

@@ -1,0 +1,494 @@
+//! Write [routilux](https://example.invalid/routilux) routines in Rust.
+//!
+//! A routine is a type implementing [`Routine`]: its kind name, a [`Spec`] (slots, events,
+//! default config) and an `activate` method that receives every slot's released items at once.
+//! [`export!`] turns one or more routines into a WebAssembly component for the
+//! `routilux:plugin@0.1.0` world; plugin crates never name a WIT path.
+//!
+//! ```
+//! use routilux_sdk::{Batch, Context, Error, Routine, Spec};
+//!
+//! pub struct Greeter;
+//!
+//! impl Routine for Greeter {
+//!     const NAME: &'static str = "greeter";
+//!     fn spec() -> Spec {
+//!         Spec::new("greets everyone it is given").slot("name").event("greeting", ["text"])
+//!     }
+//!     fn activate(ctx: &Context, batch: &Batch) -> Result<(), Error> {
+//!         for item in batch.slot("name") {
+//!             let name: String = item.get("name")?;
+//!             ctx.emit("greeting", &serde_json::json!({ "text": format!("hello, {name}") }))?;
+//!         }
+//!         Ok(())
+//!     }
+//! }
+//!
+//! // In a plugin crate (crate-type = ["cdylib"], built for wasm32-wasip2):
+//! // routilux_sdk::export!(Greeter);
+//!
+//! // Natively, without wasm:
+//! let host = routilux_sdk::testing::TestHost::new();
+//! let batch = routilux_sdk::testing::batch([("name", vec![serde_json::json!({"name": "Ada"})])]);
+//! host.run::<Greeter>(&batch).unwrap();
+//! assert_eq!(host.emitted("greeting"), vec![serde_json::json!({"text": "hello, Ada"})]);
+//! ```
+
+use std::fmt;
+
+use serde::Serialize;
+use serde::de::DeserializeOwned;
+use serde_json::{Map, Value};
+
+pub use serde_json::json;
+
+/// The generated bindings of the `routilux:plugin` world (used by [`export!`]).
+#[doc(hidden)]
+pub mod bindings {
+    wit_bindgen::generate!({
+        path: "../wit",
+        world: "plugin",
+        pub_export_macro: true,
+        export_macro_name: "export_plugin",
+        default_bindings_module: "routilux_sdk::bindings",
+    });
+}
+
+pub mod testing;
+
+/// What a routine kind looks like to the host: description, slots, events, default config.
+#[derive(Clone, Debug, Default)]
+pub struct Spec {
+    pub(crate) description: String,
+    pub(crate) slots: Vec<(String, Option<u32>)>,
+    pub(crate) events: Vec<(String, Vec<String>)>,
+    pub(crate) config: Map<String, Value>,
+}
+
+impl Spec {
+    /// A spec with a one-line description.
+    pub fn new(description: &str) -> Self {
+        Self {
+            description: description.to_owned(),
+            ..Self::default()
+        }
+    }
+
+    /// Adds an input slot with the host's default bound.
+    pub fn slot(mut self, name: &str) -> Self {
+        self.slots.push((name.to_owned(), None));
+        self
+    }
+
+    /// Adds an input slot holding at most `max_queue_length` items.
+    pub fn slot_with_capacity(mut self, name: &str, max_queue_length: u32) -> Self {
+        self.slots.push((name.to_owned(), Some(max_queue_length)));
+        self
+    }
+
+    /// Adds an output event with the field names its items carry.
+    pub fn event<I, S>(mut self, name: &str, fields: I) -> Self
+    where
+        I: IntoIterator<Item = S>,
+        S: Into<String>,
+    {
+        self.events.push((
+            name.to_owned(),
+            fields.into_iter().map(Into::into).collect(),
+        ));
+        self
+    }
+
+    /// Sets a default config value (a flow's config overrides it).
+    pub fn config(mut self, key: &str, value: impl Into<Value>) -> Self {
+        self.config.insert(key.to_owned(), value.into());
+        self
+    }
+}
+
+/// A routine kind. See the [crate docs](crate) for an example.
+pub trait Routine {
+    /// The kind's name, as flows refer to it.
+    const NAME: &'static str;
+    /// Slots, events and default config.
+    fn spec() -> Spec;
+    /// Runs one activation with every slot's released items.
+    fn activate(ctx: &Context, batch: &Batch) -> Result<(), Error>;
+}
+
+/// A failed activation: a message, and whether a retry with the same items may succeed.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Error {
+    /// What went wrong.
+    pub message: String,
+    /// Whether a retry may help.
+    pub retryable: bool,
+}
+
+impl Error {
+    /// A failure no retry can fix (bad input).
+    pub fn fatal(message: impl Into<String>) -> Self {
+        Self {
+            message: message.into(),
+            retryable: false,
+        }
+    }
+
+    /// A failure a retry may fix (a busy service).
+    pub fn retryable(message: impl Into<String>) -> Self {
+        Self {
+            message: message.into(),
+            retryable: true,
+        }
+    }
+}
+
+impl fmt::Display for Error {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.message)
+    }
+}
+
+impl From<String> for Error {
+    fn from(message: String) -> Self {
+        Error::retryable(message)
+    }
+}
+
+impl From<&str> for Error {
+    fn from(message: &str) -> Self {
+        Error::retryable(message)
+    }
+}
+
+impl From<serde_json::Error> for Error {
+    fn from(e: serde_json::Error) -> Self {
+        Error::fatal(format!("bad data: {e}"))
+    }
+}
+
+/// One item: a JSON object.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Item(Value);
+
+impl Item {
+    /// The item as JSON.
+    pub fn value(&self) -> &Value {
+        &self.0
+    }
+
+    /// A field, deserialised; an error names the missing or mistyped field.
+    pub fn get<T: DeserializeOwned>(&self, field: &str) -> Result<T, Error> {
+        let v = self
+            .0
+            .get(field)
+            .ok_or_else(|| Error::fatal(format!("item has no field `{field}`: {}", self.0)))?;
+        T::deserialize(v).map_err(|e| Error::fatal(format!("field `{field}`: {e}")))
+    }
+
+    /// A field, deserialised, or `None` when absent.
+    pub fn get_opt<T: DeserializeOwned>(&self, field: &str) -> Result<Option<T>, Error> {
+        match self.0.get(field) {
+            None | Some(Value::Null) => Ok(None),
+            Some(v) => T::deserialize(v)
+                .map(Some)
+                .map_err(|e| Error::fatal(format!("field `{field}`: {e}"))),
+        }
+    }
+
+    /// The whole item deserialised.
+    pub fn parse<T: DeserializeOwned>(&self) -> Result<T, Error> {
+        T::deserialize(&self.0).map_err(|e| Error::fatal(format!("item: {e}")))
+    }
+}
+
+/// Every slot's released items for one activation, and the policy's message.
+#[derive(Clone, Debug, Default)]
+pub struct Batch {
+    pub(crate) slots: Vec<(String, Vec<Item>)>,
+    pub(crate) message: Option<Value>,
+}
+
+impl Batch {
+    /// The items released from `slot` (empty if none).
+    pub fn slot(&self, slot: &str) -> &[Item] {
+        self.slots
+            .iter()
+            .find(|(s, _)| s == slot)
+            .map_or(&[], |(_, items)| items.as_slice())
+    }
+
+    /// Every item of every slot.
+    pub fn items(&self) -> impl Iterator<Item = &Item> {
+        self.slots.iter().flat_map(|(_, items)| items)
+    }
+
+    /// Every slot with its items.
+    pub fn slots(&self) -> impl Iterator<Item = (&str, &[Item])> {
+        self.slots.iter().map(|(s, i)| (s.as_str(), i.as_slice()))
+    }
+
+    /// How many items in all.
+    pub fn len(&self) -> usize {
+        self.slots.iter().map(|(_, i)| i.len()).sum()
+    }
+
+    /// Whether it holds no item.
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    /// The activation policy's message.
+    pub fn message(&self) -> Option<&Value> {
+        self.message.as_ref()
+    }
+}
+
+/// Severity of a log line.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Level {
+    /// Trace.
+    Trace,
+    /// Debug.
+    Debug,
+    /// Info.
+    Info,
+    /// Warn.
+    Warn,
+    /// Error.
+    Error,
+}
+
+/// What the host provides; the wasm host or a [`testing::TestHost`].
+pub(crate) trait Backend {
+    fn emit(&self, event: &str, payload: Vec<u8>) -> Result<(), String>;
+    fn log(&self, level: Level, message: &str);
+    fn config(&self, key: &str) -> Option<String>;
+    fn state_get(&self, key: &str) -> Option<String>;
+    fn state_set(&self, key: &str, value: &str) -> Result<(), String>;
+    fn state_add(&self, key: &str, delta: i64) -> Result<i64, String>;
+    fn state_cas(&self, key: &str, expected: Option<&str>, value: &str) -> Result<bool, String>;
+    fn job_id(&self) -> String;
+}
+
+/// What an activation can do: emit, log, read config, use WorkerState.
+pub struct Context<'a> {
+    backend: &'a dyn Backend,
+}
+
+impl Context<'_> {
+    /// Emits a value (it must serialise to a JSON object) on `event`. Returns once every
+    /// connected slot has taken it (a full slot makes this wait).
+    pub fn emit<T: Serialize + ?Sized>(&self, event: &str, value: &T) -> Result<(), Error> {
+        let bytes = serde_json::to_vec(value)?;
+        self.backend.emit(event, bytes).map_err(Error::fatal)
+    }
+
+    /// Logs a line to the job's output.
+    pub fn log(&self, level: Level, message: impl AsRef<str>) {
+        self.backend.log(level, message.as_ref());
+    }
+
+    /// A config value, deserialised; `None` when absent.
+    pub fn config<T: DeserializeOwned>(&self, key: &str) -> Result<Option<T>, Error> {
+        self.backend
+            .config(key)
+            .map(|text| {
+                serde_json::from_str(&text)
+                    .map_err(|e| Error::fatal(format!("config `{key}`: {e}")))
+            })
+            .transpose()
+    }
+
+    /// A WorkerState value, deserialised; `None` when absent.
+    pub fn state<T: DeserializeOwned>(&self, key: &str) -> Result<Option<T>, Error> {
+        self.backend
+            .state_get(key)
+            .map(|text| {
+                serde_json::from_str(&text).map_err(|e| Error::fatal(format!("state `{key}`: {e}")))
+            })
+            .transpose()
+    }
+
+    /// Sets a WorkerState value.
+    pub fn set_state<T: Serialize + ?Sized>(&self, key: &str, value: &T) -> Result<(), Error> {
+        let text = serde_json::to_string(value)?;
+        self.backend.state_set(key, &text).map_err(Error::fatal)
+    }
+
+    /// Atomically adds `delta` to an integer in WorkerState; returns the new value.
+    pub fn add_state(&self, key: &str, delta: i64) -> Result<i64, Error> {
+        self.backend.state_add(key, delta).map_err(Error::fatal)
+    }
+
+    /// Atomically sets `key` to `value` if it still holds `expected` (`None`: absent).
+    pub fn compare_and_swap_state<E: Serialize, T: Serialize>(
+        &self,
+        key: &str,
+        expected: Option<&E>,
+        value: &T,
+    ) -> Result<bool, Error> {
+        let expected = expected.map(serde_json::to_string).transpose()?;
+        let value = serde_json::to_string(value)?;
+        self.backend
+            .state_cas(key, expected.as_deref(), &value)
+            .map_err(Error::fatal)
+    }
+
+    /// The current job's id.
+    pub fn job_id(&self) -> String {
+        self.backend.job_id()
+    }
+}
+
+/// Exports routines as a `routilux:plugin` component: `routilux_sdk::export!(A, B, C);`.
+#[macro_export]
+macro_rules! export {
+    ($($routine:ty),+ $(,)?) => {
+        #[doc(hidden)]
+        pub struct __RoutiluxPlugin;
+
+        impl $crate::bindings::exports::routilux::plugin::routine::Guest for __RoutiluxPlugin {
+            fn describe() -> ::std::vec::Vec<$crate::__private::RoutineKind> {
+                ::std::vec![$($crate::__private::describe::<$routine>()),+]
+            }
+
+            fn activate(
+                kind: ::std::string::String,
+                batches: ::std::vec::Vec<$crate::__private::SlotBatch>,
+                message: ::std::option::Option<::std::string::String>,
+            ) -> ::std::result::Result<(), $crate::__private::ActivationError> {
+                $(
+                    if kind == <$routine as $crate::Routine>::NAME {
+                        return $crate::__private::activate::<$routine>(batches, message);
+                    }
+                )+
+                $crate::__private::unknown_kind(&kind)
+            }
+        }
+
+        $crate::bindings::export_plugin!(__RoutiluxPlugin with_types_in $crate::bindings);
+    };
+}
+
+/// Support for [`export!`]; not part of the API.
+#[doc(hidden)]
+pub mod __private {
+    use super::*;
+    pub use crate::bindings::routilux::plugin::types::{
+        ActivationError, EventSpec, RoutineKind, SlotBatch, SlotSpec,
+    };
+
+    struct WasmHost;
+
+    impl Backend for WasmHost {
+        fn emit(&self, event: &str, payload: Vec<u8>) -> Result<(), String> {
+            crate::bindings::routilux::plugin::host::emit(event, &payload)
+        }
+        fn log(&self, level: Level, message: &str) {
+            use crate::bindings::routilux::plugin::types::Level as L;
+            let level = match level {
+                Level::Trace => L::Trace,
+                Level::Debug => L::Debug,
+                Level::Info => L::Info,
+                Level::Warn => L::Warn,
+                Level::Error => L::Error,
+            };
+            crate::bindings::routilux::plugin::host::log(level, message)
+        }
+        fn config(&self, key: &str) -> Option<String> {
+            crate::bindings::routilux::plugin::host::config(key)
+        }
+        fn state_get(&self, key: &str) -> Option<String> {
+            crate::bindings::routilux::plugin::host::state_get(key)
+        }
+        fn state_set(&self, key: &str, value: &str) -> Result<(), String> {
+            crate::bindings::routilux::plugin::host::state_set(key, value)
+        }
+        fn state_add(&self, key: &str, delta: i64) -> Result<i64, String> {
+            crate::bindings::routilux::plugin::host::state_add(key, delta)
+        }
+        fn state_cas(
+            &self,
+            key: &str,
+            expected: Option<&str>,
+            value: &str,
+        ) -> Result<bool, String> {
+            crate::bindings::routilux::plugin::host::state_compare_and_swap(key, expected, value)
+        }
+        fn job_id(&self) -> String {
+            crate::bindings::routilux::plugin::host::job_id()
+        }
+    }
+
+    /// The WIT description of routine `R`.
+    pub fn describe<R: Routine>() -> RoutineKind {
+        let spec = R::spec();
+        RoutineKind {
+            name: R::NAME.to_owned(),
+            description: spec.description,
+            slots: spec
+                .slots
+                .into_iter()
+                .map(|(name, max_queue_length)| SlotSpec {
+                    name,
+                    max_queue_length,
+                })
+                .collect(),
+            events: spec
+                .events
+                .into_iter()
+                .map(|(name, fields)| EventSpec { name, fields })
+                .collect(),
+            default_config: Value::Object(spec.config).to_string(),
+        }
+    }
+
+    /// Decodes an activation and runs `R` against the wasm host.
+    pub fn activate<R: Routine>(
+        batches: Vec<SlotBatch>,
+        message: Option<String>,
+    ) -> Result<(), ActivationError> {
+        let batch = decode(batches, message).map_err(|e| ActivationError {
+            message: e.message,
+            retryable: false,
+        })?;
+        let ctx = Context { backend: &WasmHost };
+        R::activate(&ctx, &batch).map_err(|e| ActivationError {
+            message: e.message,
+            retryable: e.retryable,
+        })
+    }
+
+    /// The answer to a kind this component does not provide.
+    pub fn unknown_kind(kind: &str) -> Result<(), ActivationError> {
+        Err(ActivationError {
+            message: format!("this component provides no routine kind `{kind}`"),
+            retryable: false,
+        })
+    }
+
+    fn decode(batches: Vec<SlotBatch>, message: Option<String>) -> Result<Batch, Error> {
+        let slots = batches
+            .into_iter()
+            .map(|b| {
+                let items = b
+                    .items
+                    .iter()
+                    .map(|bytes| serde_json::from_slice(bytes).map(Item))
+                    .collect::<Result<Vec<_>, _>>()?;
+                Ok((b.slot, items))
+            })
+            .collect::<Result<Vec<_>, serde_json::Error>>()?;
+        let message = message.map(|m| serde_json::from_str(&m)).transpose()?;
+        Ok(Batch { slots, message })
+    }
+
+    pub(crate) fn context(backend: &dyn Backend) -> Context<'_> {
+        Context { backend }
+    }
+
+    pub(crate) fn item(value: Value) -> Item {
+        Item(value)
+    }
+}

@@ -1,0 +1,46 @@
+//! WebAssembly routines: components of the `routilux:plugin@0.1.0` world as routine logic.
+//!
+//! ```text
+//! WasmEngine ── one wasmtime Engine (epoch interruption on), one Linker (WASI + host imports),
+//!   │            an epoch ticker thread, and the on-disk cache of compiled components
+//!   └─ load(path) → Plugin ── Component + InstancePre (shared), the kinds from `describe`
+//!                     └─ routine(kind) → Routine whose Logic is a WasmLogic:
+//!                          a pool of instances, each with its own Store
+//! ```
+//!
+//! # Instance lifecycle
+//!
+//! An instance is a resource, not the state: a routine's state lives in the job's WorkerState,
+//! through the host imports. A `WasmLogic` keeps idle instances in a small pool and takes one
+//! per activation (creating one from the shared `InstancePre` when the pool is empty). What
+//! ends an instance's life:
+//!
+//! - **a trap** (panic, `unreachable`, stack overflow, memory limit, deadline, fuel): a trap
+//!   poisons the whole Store, so the instance is dropped at once and the next activation gets
+//!   a fresh one;
+//! - **age**: after `recycle_after` activations, so a leak in a guest cannot grow forever;
+//! - **surplus**: an instance returned to a full pool is dropped.
+//!
+//! An activation that returns an error value (not a trap) leaves its instance healthy.
+//!
+//! # Sandbox
+//!
+//! Every Store has a memory cap (`StoreLimits`, trapping on a failed grow), a wall-clock
+//! deadline per activation (epoch interruption; time spent waiting inside `emit` for queue
+//! space does not count), optional fuel, and WASI with no preopened directory, no environment
+//! variable and no socket unless [`Permissions`] grant them. Guest stdout and stderr are
+//! captured per instance and forwarded, line by line, to the output of the job and routine the
+//! instance is serving.
+
+mod bindings;
+mod cache;
+mod engine;
+mod error;
+mod instance;
+mod output;
+mod plugin;
+
+pub use engine::{WasmConfig, WasmEngine, WasmStats};
+pub use error::LoadError;
+pub use instance::{Limits, Permissions};
+pub use plugin::{KindInfo, Plugin};

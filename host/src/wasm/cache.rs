@@ -1,0 +1,80 @@
+//! The on-disk cache of compiled components.
+//!
+//! Key: SHA-256 of the component's bytes, plus wasmtime's compatibility hash of the engine
+//! (its version and every setting that affects code generation). A file is written to a
+//! temporary name and renamed into place, so a reader never sees half a file; a file that
+//! fails to load is reported, removed and recompiled.
+
+use std::hash::{DefaultHasher, Hash, Hasher};
+use std::path::{Path, PathBuf};
+
+use sha2::{Digest, Sha256};
+use wasmtime::Engine;
+use wasmtime::component::Component;
+
+/// Where compiled components go when no directory is configured: `$ROUTILUX_CACHE_DIR`,
+/// else `$XDG_CACHE_HOME/routilux`, else `$HOME/.cache/routilux`, else the temp dir.
+pub(crate) fn default_dir() -> PathBuf {
+    let env = |k: &str| {
+        std::env::var_os(k)
+            .filter(|v| !v.is_empty())
+            .map(PathBuf::from)
+    };
+    env("ROUTILUX_CACHE_DIR")
+        .or_else(|| env("XDG_CACHE_HOME").map(|d| d.join("routilux")))
+        .or_else(|| env("HOME").map(|d| d.join(".cache").join("routilux")))
+        .unwrap_or_else(|| std::env::temp_dir().join("routilux-cache"))
+}
+
+/// The cache file for `bytes` compiled by `engine`.
+pub(crate) fn entry(dir: &Path, engine: &Engine, bytes: &[u8]) -> PathBuf {
+    let mut h = DefaultHasher::new();
+    engine.precompile_compatibility_hash().hash(&mut h);
+    let digest = Sha256::digest(bytes);
+    let hex: String = digest.iter().map(|b| format!("{b:02x}")).collect();
+    dir.join(format!("{hex}-{:016x}.cwasm", h.finish()))
+}
+
+/// Loads a compiled component from the cache, if a usable entry is there.
+pub(crate) fn load(engine: &Engine, path: &Path) -> Option<Component> {
+    // Read into memory rather than map the file: a mapping would turn another process
+    // truncating or rewriting the entry into a SIGBUS here.
+    let bytes = std::fs::read(path).ok()?;
+    // SAFETY: `deserialize` trusts its input to be wasmtime's own output. The bytes come from
+    // routilux's cache directory, were written by `store` below from `Component::serialize`,
+    // and the entry's name carries the engine's compatibility hash; wasmtime still checks the
+    // header, version and engine settings and refuses a mismatch. What it cannot defend
+    // against is someone with write access to the cache directory planting a crafted file:
+    // keep the cache directory private to the user running the host.
+    #[allow(unsafe_code)]
+    let loaded = unsafe { Component::deserialize(engine, &bytes) };
+    match loaded {
+        Ok(c) => Some(c),
+        Err(e) => {
+            tracing::warn!(path = %path.display(), error = %e, "unusable cache entry; recompiling");
+            let _ = std::fs::remove_file(path);
+            None
+        }
+    }
+}
+
+/// Writes a compiled component to the cache (best effort: a failure only costs a recompile).
+pub(crate) fn store(component: &Component, path: &Path) {
+    let write = || -> std::io::Result<()> {
+        let dir = path.parent().unwrap_or(Path::new("."));
+        std::fs::create_dir_all(dir)?;
+        let bytes = component
+            .serialize()
+            .map_err(|e| std::io::Error::other(e.to_string()))?;
+        let tmp = dir.join(format!(
+            ".{}.{}.tmp",
+            path.file_name().and_then(|n| n.to_str()).unwrap_or("entry"),
+            std::process::id()
+        ));
+        std::fs::write(&tmp, bytes)?;
+        std::fs::rename(&tmp, path)
+    };
+    if let Err(e) = write() {
+        tracing::warn!(path = %path.display(), error = %e, "could not write the compiled-component cache");
+    }
+}

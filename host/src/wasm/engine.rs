@@ -1,0 +1,233 @@
+//! The WebAssembly engine: one wasmtime `Engine` and `Linker` shared by every plugin, the
+//! epoch ticker that enforces deadlines, and loading (with the compiled-component cache).
+
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
+
+use parking_lot::Mutex;
+use wasmtime::component::{Component, HasSelf, Linker};
+use wasmtime::{Config, Engine, OptLevel};
+
+use super::bindings;
+use super::cache;
+use super::error::LoadError;
+use super::instance::{Limits, Permissions, StoreData};
+use super::plugin::{self, Plugin};
+
+/// Settings of a [`WasmEngine`].
+#[derive(Clone, Debug)]
+pub struct WasmConfig {
+    /// Where compiled components are cached; `None`: the default directory (see
+    /// [`WasmConfig::default`]).
+    pub cache_dir: Option<PathBuf>,
+    /// Whether to use the on-disk cache at all.
+    pub cache: bool,
+    /// Meter fuel (needed for [`Limits::fuel`]; costs 38–54 % for interpreted guests).
+    pub fuel: bool,
+    /// Limits of routines that set none.
+    pub default_limits: Limits,
+    /// Epoch tick: the granularity of activation deadlines.
+    pub tick: Duration,
+}
+
+impl Default for WasmConfig {
+    /// Cache on, in `$ROUTILUX_CACHE_DIR`, else `$XDG_CACHE_HOME/routilux`, else
+    /// `~/.cache/routilux`; no fuel; default [`Limits`]; a 10 ms tick.
+    fn default() -> Self {
+        Self {
+            cache_dir: None,
+            cache: true,
+            fuel: false,
+            default_limits: Limits::default(),
+            tick: Duration::from_millis(10),
+        }
+    }
+}
+
+/// Counters of an engine's loads.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct WasmStats {
+    /// Components compiled by Cranelift.
+    pub compiled: u64,
+    /// Components loaded from the on-disk cache instead.
+    pub cache_hits: u64,
+}
+
+pub(crate) struct EngineInner {
+    engine: Engine,
+    pub(crate) linker: Linker<StoreData>,
+    config: WasmConfig,
+    cache_dir: Option<PathBuf>,
+    compiled: AtomicU64,
+    cache_hits: AtomicU64,
+    stop: Arc<AtomicBool>,
+    ticker: Mutex<Option<JoinHandle<()>>>,
+}
+
+impl EngineInner {
+    pub(crate) fn engine(&self) -> &Engine {
+        &self.engine
+    }
+
+    pub(crate) fn fuel_enabled(&self) -> bool {
+        self.config.fuel
+    }
+
+    pub(crate) fn default_limits(&self) -> &Limits {
+        &self.config.default_limits
+    }
+}
+
+impl Drop for EngineInner {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::SeqCst);
+        if let Some(t) = self.ticker.lock().take() {
+            t.thread().unpark();
+            let _ = t.join();
+        }
+    }
+}
+
+/// Loads plugins and makes routines from them. Cheap to clone (shared).
+#[derive(Clone)]
+pub struct WasmEngine {
+    pub(crate) inner: Arc<EngineInner>,
+}
+
+impl std::fmt::Debug for WasmEngine {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("WasmEngine")
+            .field("config", &self.inner.config)
+            .field("stats", &self.stats())
+            .finish()
+    }
+}
+
+impl WasmEngine {
+    /// An engine with the given settings; starts its epoch ticker thread.
+    pub fn new(config: WasmConfig) -> Result<Self, LoadError> {
+        let engine_err = |e: wasmtime::Error| LoadError::Engine(format!("{e:#}"));
+        let mut c = Config::new();
+        c.wasm_component_model(true)
+            .epoch_interruption(true)
+            .consume_fuel(config.fuel)
+            .cranelift_opt_level(OptLevel::Speed)
+            .parallel_compilation(true);
+        let engine = Engine::new(&c).map_err(engine_err)?;
+        let mut linker = Linker::new(&engine);
+        wasmtime_wasi::p2::add_to_linker_sync(&mut linker).map_err(engine_err)?;
+        bindings::Plugin::add_to_linker::<_, HasSelf<_>>(&mut linker, |s| s).map_err(engine_err)?;
+
+        let stop = Arc::new(AtomicBool::new(false));
+        let ticker = {
+            let (engine, stop, tick) = (engine.clone(), stop.clone(), config.tick);
+            std::thread::Builder::new()
+                .name("routilux-epoch".into())
+                .spawn(move || {
+                    while !stop.load(Ordering::SeqCst) {
+                        std::thread::park_timeout(tick);
+                        engine.increment_epoch();
+                    }
+                })
+                .map_err(|e| LoadError::Engine(e.to_string()))?
+        };
+        let cache_dir = config
+            .cache
+            .then(|| config.cache_dir.clone().unwrap_or_else(cache::default_dir));
+        Ok(Self {
+            inner: Arc::new(EngineInner {
+                engine,
+                linker,
+                config,
+                cache_dir,
+                compiled: AtomicU64::new(0),
+                cache_hits: AtomicU64::new(0),
+                stop,
+                ticker: Mutex::new(Some(ticker)),
+            }),
+        })
+    }
+
+    /// Loads a plugin from a `.wasm` component file, with no extra permissions.
+    pub fn load(&self, path: impl AsRef<Path>) -> Result<Plugin, LoadError> {
+        self.load_with(path, Permissions::default())
+    }
+
+    /// Loads a plugin granting it `permissions` (read-only directories, environment).
+    pub fn load_with(
+        &self,
+        path: impl AsRef<Path>,
+        permissions: Permissions,
+    ) -> Result<Plugin, LoadError> {
+        let path = path.as_ref();
+        let bytes = std::fs::read(path).map_err(|source| LoadError::Io {
+            path: path.to_owned(),
+            source,
+        })?;
+        self.load_bytes(path, &bytes, permissions)
+    }
+
+    /// Loads a plugin from bytes; `path` is only used in messages and reports.
+    pub fn load_bytes(
+        &self,
+        path: &Path,
+        bytes: &[u8],
+        permissions: Permissions,
+    ) -> Result<Plugin, LoadError> {
+        let path = path.to_owned();
+        if bytes.len() < 8 || &bytes[..4] != b"\0asm" {
+            return Err(LoadError::NotWasm { path });
+        }
+        if bytes[4..8] == [1, 0, 0, 0] {
+            return Err(LoadError::CoreModule { path });
+        }
+        let started = Instant::now();
+        let (component, from_cache) = self.compile(&path, bytes)?;
+        tracing::debug!(
+            path = %path.display(),
+            from_cache,
+            elapsed = ?started.elapsed(),
+            "component ready"
+        );
+        plugin::open(self, path, component, from_cache, permissions)
+    }
+
+    fn compile(&self, path: &Path, bytes: &[u8]) -> Result<(Component, bool), LoadError> {
+        let inner = &self.inner;
+        let entry = inner
+            .cache_dir
+            .as_ref()
+            .map(|dir| cache::entry(dir, &inner.engine, bytes));
+        if let Some(entry) = &entry
+            && let Some(component) = cache::load(&inner.engine, entry)
+        {
+            inner.cache_hits.fetch_add(1, Ordering::Relaxed);
+            return Ok((component, true));
+        }
+        let component = Component::new(&inner.engine, bytes).map_err(|e| LoadError::Compile {
+            path: path.to_owned(),
+            detail: format!("{e:#}"),
+        })?;
+        inner.compiled.fetch_add(1, Ordering::Relaxed);
+        if let Some(entry) = &entry {
+            cache::store(&component, entry);
+        }
+        Ok((component, false))
+    }
+
+    /// How many components this engine compiled, and how many it took from the cache.
+    pub fn stats(&self) -> WasmStats {
+        WasmStats {
+            compiled: self.inner.compiled.load(Ordering::Relaxed),
+            cache_hits: self.inner.cache_hits.load(Ordering::Relaxed),
+        }
+    }
+
+    /// The directory of the compiled-component cache, if caching is on.
+    pub fn cache_dir(&self) -> Option<&Path> {
+        self.inner.cache_dir.as_deref()
+    }
+}

@@ -1,0 +1,432 @@
+//! Instances of a plugin serving one routine: the Store data, the host imports, the
+//! per-activation sandbox, and the pool that recycles instances (see the [module
+//! docs](super) for what ends an instance's life).
+
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::time::{Duration, Instant};
+
+use parking_lot::{Condvar, Mutex};
+use serde_json::Value;
+use wasmtime::component::ResourceTable;
+use wasmtime::{Store, StoreLimits, StoreLimitsBuilder, Trap, UpdateDeadline};
+use wasmtime_wasi::{FsPerms, WasiCtx, WasiCtxBuilder, WasiCtxView, WasiView};
+
+use super::bindings::{self, ActivationError, Level};
+use super::output::Capture;
+use super::plugin::PluginInner;
+use crate::activation::Batch;
+use crate::context::Context;
+use crate::item::Item;
+use crate::routine::{Logic, RoutineError};
+
+/// Resource limits of one routine's instances.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Limits {
+    /// Most linear memory (all memories of an instance together), in bytes. Default 64 MiB.
+    pub memory: usize,
+    /// Wall-clock budget of one activation, not counting time spent waiting inside `emit` for
+    /// queue space. Default 30 s.
+    pub timeout: Duration,
+    /// Fuel per activation (needs [`WasmConfig::fuel`](super::WasmConfig)); `None`: unmetered.
+    pub fuel: Option<u64>,
+    /// Most live instances of this routine (across the jobs of its flow). Default 64.
+    pub max_instances: usize,
+    /// Activations after which an instance is replaced by a fresh one. Default 10,000.
+    pub recycle_after: u64,
+}
+
+impl Default for Limits {
+    fn default() -> Self {
+        Self {
+            memory: 64 << 20,
+            timeout: Duration::from_secs(30),
+            fuel: None,
+            max_instances: 64,
+            recycle_after: 10_000,
+        }
+    }
+}
+
+/// Capabilities granted to a routine beyond the default (none).
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Permissions {
+    /// Host directories mounted read-only, as `(host path, guest path)`.
+    pub read_only_dirs: Vec<(PathBuf, String)>,
+    /// Environment variables passed through from the host (by name; absent ones are skipped).
+    pub env: Vec<String>,
+}
+
+/// What one activation in progress needs from the Store's point of view.
+struct Call {
+    ctx: Context,
+    started: Instant,
+    /// Time spent in host imports that wait (emit): not charged to the deadline.
+    host_time: Duration,
+    timeout: Duration,
+    timed_out: bool,
+}
+
+/// The data of every Store: WASI, limits, captured output, and the activation it serves.
+pub(crate) struct StoreData {
+    wasi: WasiCtx,
+    table: ResourceTable,
+    limits: StoreLimits,
+    stdout: Capture,
+    stderr: Capture,
+    call: Option<Call>,
+}
+
+impl WasiView for StoreData {
+    fn ctx(&mut self) -> WasiCtxView<'_> {
+        WasiCtxView {
+            ctx: &mut self.wasi,
+            table: &mut self.table,
+        }
+    }
+}
+
+impl StoreData {
+    pub(crate) fn new(limits: &Limits, permissions: &Permissions) -> wasmtime::Result<Self> {
+        let stdout = Capture::new("stdout");
+        let stderr = Capture::new("stderr");
+        let mut wasi = WasiCtxBuilder::new();
+        wasi.stdout(stdout.clone())
+            .stderr(stderr.clone())
+            .allow_tcp(false)
+            .allow_udp(false)
+            .allow_ip_name_lookup(false);
+        for (host, guest) in &permissions.read_only_dirs {
+            wasi.preopened_dir(host, guest, FsPerms::ReadOnly)
+                .map_err(|e| wasmtime::format_err!("cannot grant `{}`: {e}", host.display()))?;
+        }
+        for name in &permissions.env {
+            if let Ok(value) = std::env::var(name) {
+                wasi.env(name, value);
+            }
+        }
+        Ok(Self {
+            wasi: wasi.build(),
+            table: ResourceTable::new(),
+            limits: StoreLimitsBuilder::new()
+                .memory_size(limits.memory)
+                .trap_on_grow_failure(true)
+                .build(),
+            stdout,
+            stderr,
+            call: None,
+        })
+    }
+
+    /// Starts serving an activation: its context, deadline, and output.
+    fn begin(&mut self, ctx: &Context, timeout: Duration) {
+        self.stdout.attach(Some(ctx.handle()));
+        self.stderr.attach(Some(ctx.handle()));
+        self.call = Some(Call {
+            ctx: ctx.handle(),
+            started: Instant::now(),
+            host_time: Duration::ZERO,
+            timeout,
+            timed_out: false,
+        });
+    }
+
+    /// Ends the activation: forwards the rest of its output and returns its record.
+    fn end(&mut self) -> Option<Call> {
+        for c in [&self.stdout, &self.stderr] {
+            c.drain(true);
+            c.attach(None);
+        }
+        self.call.take()
+    }
+}
+
+/// Builds a new Store for `inner`'s plugin, with the sandbox of `limits`.
+pub(crate) fn new_store(
+    inner: &PluginInner,
+    limits: &Limits,
+) -> wasmtime::Result<Store<StoreData>> {
+    let data = StoreData::new(limits, &inner.permissions)?;
+    let mut store = Store::new(inner.engine.engine(), data);
+    store.limiter(|d| &mut d.limits);
+    // Each epoch tick checks the activation's budget; time spent waiting in `emit` is not
+    // charged. Outside an activation (instantiation, `describe`) the default budget applies.
+    let fallback = limits.timeout;
+    let created = Instant::now();
+    store.epoch_deadline_callback(move |mut ctx| {
+        let data = ctx.data_mut();
+        let (spent, budget) = match &data.call {
+            Some(c) => (c.started.elapsed().saturating_sub(c.host_time), c.timeout),
+            None => (created.elapsed(), fallback),
+        };
+        if spent >= budget {
+            if let Some(c) = &mut data.call {
+                c.timed_out = true;
+            }
+            Ok(UpdateDeadline::Interrupt)
+        } else {
+            Ok(UpdateDeadline::Continue(1))
+        }
+    });
+    store.set_epoch_deadline(1);
+    if inner.engine.fuel_enabled() {
+        store.set_fuel(limits.fuel.unwrap_or(u64::MAX))?;
+    }
+    Ok(store)
+}
+
+fn no_call() -> String {
+    "only available while an activation runs".to_owned()
+}
+
+impl bindings::routilux::plugin::types::Host for StoreData {}
+
+impl bindings::Host for StoreData {
+    fn emit(&mut self, event: String, payload: Vec<u8>) -> Result<(), String> {
+        let call = self.call.as_mut().ok_or_else(no_call)?;
+        let item = Item::from_json_bytes(payload).map_err(|e| e.to_string())?;
+        let waited = Instant::now();
+        let result = call.ctx.emit_item(&event, item).map_err(|e| e.to_string());
+        call.host_time += waited.elapsed();
+        result
+    }
+
+    fn log(&mut self, level: Level, message: String) {
+        let level = match level {
+            Level::Trace => tracing::Level::TRACE,
+            Level::Debug => tracing::Level::DEBUG,
+            Level::Info => tracing::Level::INFO,
+            Level::Warn => tracing::Level::WARN,
+            Level::Error => tracing::Level::ERROR,
+        };
+        if let Some(call) = &self.call {
+            call.ctx.log(level, message);
+        }
+    }
+
+    fn config(&mut self, key: String) -> Option<String> {
+        let call = self.call.as_ref()?;
+        call.ctx.config(&key).map(Value::to_string)
+    }
+
+    fn state_get(&mut self, key: String) -> Option<String> {
+        let call = self.call.as_ref()?;
+        call.ctx.state().get(&key).map(|v| v.to_string())
+    }
+
+    fn state_set(&mut self, key: String, value: String) -> Result<(), String> {
+        let call = self.call.as_ref().ok_or_else(no_call)?;
+        let value: Value =
+            serde_json::from_str(&value).map_err(|e| format!("state `{key}`: not JSON: {e}"))?;
+        call.ctx
+            .state()
+            .set(&key, value)
+            .map(|_| ())
+            .map_err(|e| e.to_string())
+    }
+
+    fn state_add(&mut self, key: String, delta: i64) -> Result<i64, String> {
+        let call = self.call.as_ref().ok_or_else(no_call)?;
+        call.ctx.state().add(&key, delta)
+    }
+
+    fn state_compare_and_swap(
+        &mut self,
+        key: String,
+        expected: Option<String>,
+        value: String,
+    ) -> Result<bool, String> {
+        let call = self.call.as_ref().ok_or_else(no_call)?;
+        let parse = |t: &str| {
+            serde_json::from_str::<Value>(t).map_err(|e| format!("state `{key}`: not JSON: {e}"))
+        };
+        let expected = expected.as_deref().map(parse).transpose()?;
+        let value = parse(&value)?;
+        Ok(call
+            .ctx
+            .state()
+            .compare_and_swap(&key, expected.as_ref(), value))
+    }
+
+    fn job_id(&mut self) -> String {
+        self.call
+            .as_ref()
+            .map(|c| c.ctx.job_id().to_string())
+            .unwrap_or_default()
+    }
+}
+
+/// One live instance: its Store and its bindings.
+struct Instance {
+    store: Store<StoreData>,
+    bindings: bindings::Plugin,
+    activations: u64,
+}
+
+/// The logic of a routine whose kind comes from a plugin.
+pub(crate) struct WasmLogic {
+    plugin: Arc<PluginInner>,
+    kind: String,
+    limits: Limits,
+    idle: Mutex<Vec<Instance>>,
+    returned: Condvar,
+    live: AtomicUsize,
+}
+
+impl WasmLogic {
+    pub(crate) fn new(plugin: Arc<PluginInner>, kind: &str, limits: Limits) -> Self {
+        Self {
+            plugin,
+            kind: kind.to_owned(),
+            limits,
+            idle: Mutex::new(Vec::new()),
+            returned: Condvar::new(),
+            live: AtomicUsize::new(0),
+        }
+    }
+
+    fn checkout(&self) -> Result<Instance, RoutineError> {
+        let deadline = Instant::now() + self.limits.timeout.min(Duration::from_secs(3600));
+        let mut idle = self.idle.lock();
+        loop {
+            if let Some(inst) = idle.pop() {
+                return Ok(inst);
+            }
+            if self.live.load(Ordering::SeqCst) < self.limits.max_instances {
+                self.live.fetch_add(1, Ordering::SeqCst);
+                drop(idle);
+                return self.instantiate().inspect_err(|_| {
+                    self.live.fetch_sub(1, Ordering::SeqCst);
+                });
+            }
+            if self.returned.wait_until(&mut idle, deadline).timed_out() {
+                return Err(RoutineError::retryable(format!(
+                    "wasm routine `{}`: all {} instances stayed busy for {:?}",
+                    self.kind, self.limits.max_instances, self.limits.timeout
+                )));
+            }
+        }
+    }
+
+    fn instantiate(&self) -> Result<Instance, RoutineError> {
+        let fail = |e: wasmtime::Error| {
+            RoutineError::retryable(format!(
+                "wasm routine `{}` ({}): cannot instantiate: {e:#}",
+                self.kind,
+                self.plugin.path.display()
+            ))
+        };
+        let mut store = new_store(&self.plugin, &self.limits).map_err(fail)?;
+        let bindings = self.plugin.pre.instantiate(&mut store).map_err(fail)?;
+        Ok(Instance {
+            store,
+            bindings,
+            activations: 0,
+        })
+    }
+
+    fn checkin(&self, inst: Instance) {
+        if inst.activations >= self.limits.recycle_after {
+            self.discard(inst);
+            return;
+        }
+        let mut idle = self.idle.lock();
+        idle.push(inst);
+        drop(idle);
+        self.returned.notify_one();
+    }
+
+    fn discard(&self, inst: Instance) {
+        drop(inst);
+        self.live.fetch_sub(1, Ordering::SeqCst);
+        self.returned.notify_one();
+    }
+
+    fn trap_error(&self, err: &wasmtime::Error, call: &Call, stderr: &[String]) -> RoutineError {
+        let file = self.plugin.path.display();
+        let (what, retryable) = if call.timed_out {
+            (format!("exceeded its deadline of {:?}", call.timeout), true)
+        } else {
+            match err.downcast_ref::<Trap>() {
+                Some(Trap::StackOverflow) => ("overflowed its stack".to_owned(), false),
+                Some(Trap::OutOfFuel) => (
+                    format!("ran out of fuel ({} units)", self.limits.fuel.unwrap_or(0)),
+                    false,
+                ),
+                Some(Trap::UnreachableCodeReached) => (
+                    "trapped: unreachable code (a panic or abort in the guest)".to_owned(),
+                    false,
+                ),
+                Some(Trap::Interrupt) => ("was interrupted".to_owned(), true),
+                Some(trap) => (format!("trapped: {trap}"), false),
+                None => {
+                    let text = format!("{err:#}");
+                    if text.contains("growing memory") {
+                        (
+                            format!(
+                                "exceeded its memory limit of {} MiB",
+                                self.limits.memory >> 20
+                            ),
+                            false,
+                        )
+                    } else {
+                        (format!("failed: {text}"), false)
+                    }
+                }
+            }
+        };
+        let mut message = format!("wasm routine `{}` ({file}) {what}", self.kind);
+        if let Some(i) = stderr.iter().rposition(|l| l.contains("panicked at")) {
+            let detail: Vec<&str> = stderr[i..].iter().take(2).map(String::as_str).collect();
+            message.push_str(&format!(" — guest: {}", detail.join(" ")));
+        }
+        RoutineError { message, retryable }
+    }
+}
+
+impl Logic for WasmLogic {
+    fn activate(&self, ctx: &Context, batch: &Batch) -> Result<(), RoutineError> {
+        let mut inst = self.checkout()?;
+        let batches: Vec<bindings::SlotBatch> = batch
+            .slots()
+            .map(|(slot, items)| bindings::SlotBatch {
+                slot: slot.to_owned(),
+                items: items.iter().map(|i| i.json_bytes().to_vec()).collect(),
+            })
+            .collect();
+        let message = batch.message().map(Value::to_string);
+        inst.store.data_mut().begin(ctx, self.limits.timeout);
+        inst.store.set_epoch_deadline(1);
+        if let Some(fuel) = self.limits.fuel
+            && self.plugin.engine.fuel_enabled()
+        {
+            let _ = inst.store.set_fuel(fuel);
+        }
+        let result = inst.bindings.routilux_plugin_routine().call_activate(
+            &mut inst.store,
+            &self.kind,
+            &batches,
+            message.as_deref(),
+        );
+        inst.activations += 1;
+        let call = inst.store.data_mut().end().expect("the call began above");
+        match result {
+            Ok(Ok(())) => {
+                self.checkin(inst);
+                Ok(())
+            }
+            Ok(Err(ActivationError { message, retryable })) => {
+                self.checkin(inst);
+                Err(RoutineError { message, retryable })
+            }
+            Err(err) => {
+                // A trap poisons the whole Store: this instance is done.
+                let tail = inst.store.data().stderr.take_tail();
+                let e = self.trap_error(&err, &call, &tail);
+                self.discard(inst);
+                Err(e)
+            }
+        }
+    }
+}

@@ -1,0 +1,276 @@
+//! A loaded plugin: its compiled component, the `InstancePre` every instance is made from,
+//! and the routine kinds it described.
+
+use std::collections::HashSet;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use serde_json::{Map, Value};
+use wasmtime::component::Component;
+
+use super::bindings::{self, RoutineKind};
+use super::engine::{EngineInner, WasmEngine};
+use super::error::LoadError;
+use super::instance::{Limits, Permissions, WasmLogic, new_store};
+use crate::flow::suggest;
+use crate::routine::{DEFAULT_MAX_QUEUE_LENGTH, EventSpec, Routine, SlotSpec};
+
+/// A routine kind a plugin provides, as its `describe` said.
+#[derive(Clone, Debug, PartialEq)]
+pub struct KindInfo {
+    /// The kind's name.
+    pub name: String,
+    /// One line saying what it does.
+    pub description: String,
+    /// Input slots.
+    pub slots: Vec<SlotSpec>,
+    /// Output events and their fields.
+    pub events: Vec<EventSpec>,
+    /// Default config (a flow's config overrides its keys).
+    pub default_config: Map<String, Value>,
+}
+
+pub(crate) struct PluginInner {
+    pub(crate) engine: Arc<EngineInner>,
+    pub(crate) path: PathBuf,
+    pub(crate) pre: bindings::PluginPre<super::instance::StoreData>,
+    pub(crate) permissions: Permissions,
+    kinds: Vec<KindInfo>,
+    imports: Vec<String>,
+    from_cache: bool,
+}
+
+/// A loaded plugin. Cheap to clone (shared).
+#[derive(Clone)]
+pub struct Plugin {
+    inner: Arc<PluginInner>,
+}
+
+impl std::fmt::Debug for Plugin {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Plugin")
+            .field("path", &self.inner.path)
+            .field("kinds", &self.kind_names())
+            .finish()
+    }
+}
+
+/// Instantiates the component once, asks it to describe itself, and checks the answer.
+pub(crate) fn open(
+    engine: &WasmEngine,
+    path: PathBuf,
+    component: Component,
+    from_cache: bool,
+    permissions: Permissions,
+) -> Result<Plugin, LoadError> {
+    let e = &engine.inner;
+    let wrong = |err: wasmtime::Error| LoadError::WrongWorld {
+        path: path.clone(),
+        detail: format!("{err:#}"),
+    };
+    let pre = e.linker.instantiate_pre(&component).map_err(wrong)?;
+    let pre = bindings::PluginPre::new(pre).map_err(wrong)?;
+    let imports = component
+        .component_type()
+        .imports(e.engine())
+        .map(|(name, _)| name.to_owned())
+        .collect();
+    let mut inner = PluginInner {
+        engine: e.clone(),
+        path: path.clone(),
+        pre,
+        permissions,
+        kinds: Vec::new(),
+        imports,
+        from_cache,
+    };
+    let describe = |err: wasmtime::Error| LoadError::Describe {
+        path: path.clone(),
+        detail: format!("{err:#}"),
+    };
+    let limits = e.default_limits().clone();
+    let mut store = new_store(&inner, &limits).map_err(describe)?;
+    let instance = inner.pre.instantiate(&mut store).map_err(describe)?;
+    let kinds = instance
+        .routilux_plugin_routine()
+        .call_describe(&mut store)
+        .map_err(describe)?;
+    inner.kinds = check(&path, kinds)?;
+    Ok(Plugin {
+        inner: Arc::new(inner),
+    })
+}
+
+fn check(path: &Path, kinds: Vec<RoutineKind>) -> Result<Vec<KindInfo>, LoadError> {
+    let mut problems = Vec::new();
+    let mut names = HashSet::new();
+    let mut out = Vec::new();
+    if kinds.is_empty() {
+        problems.push("it provides no routine kind".to_owned());
+    }
+    for k in kinds {
+        let name = k.name.trim().to_owned();
+        if name.is_empty() || name != k.name {
+            problems.push(format!(
+                "kind name `{}` is empty or has surrounding spaces",
+                k.name
+            ));
+        }
+        if !names.insert(k.name.clone()) {
+            problems.push(format!("kind `{}` is described twice", k.name));
+        }
+        let mut seen = HashSet::new();
+        for s in &k.slots {
+            if s.name.is_empty() || !seen.insert(&s.name) {
+                problems.push(format!(
+                    "kind `{}`: slot name `{}` is empty or repeated",
+                    k.name, s.name
+                ));
+            }
+            if s.max_queue_length == Some(0) {
+                problems.push(format!(
+                    "kind `{}`: slot `{}` holds no item",
+                    k.name, s.name
+                ));
+            }
+        }
+        let mut seen = HashSet::new();
+        for ev in &k.events {
+            if ev.name.is_empty() || !seen.insert(&ev.name) {
+                problems.push(format!(
+                    "kind `{}`: event name `{}` is empty or repeated",
+                    k.name, ev.name
+                ));
+            }
+        }
+        let config = match serde_json::from_str::<Value>(&k.default_config) {
+            Ok(Value::Object(map)) => map,
+            Ok(other) => {
+                problems.push(format!(
+                    "kind `{}`: default config must be a JSON object, got `{other}`",
+                    k.name
+                ));
+                Map::new()
+            }
+            Err(e) => {
+                problems.push(format!(
+                    "kind `{}`: default config is not JSON: {e}",
+                    k.name
+                ));
+                Map::new()
+            }
+        };
+        out.push(KindInfo {
+            name: k.name,
+            description: k.description,
+            slots: k
+                .slots
+                .into_iter()
+                .map(|s| {
+                    SlotSpec::new(&s.name).max_queue_length(
+                        s.max_queue_length
+                            .map_or(DEFAULT_MAX_QUEUE_LENGTH, |n| n as usize),
+                    )
+                })
+                .collect(),
+            events: k
+                .events
+                .into_iter()
+                .map(|e| EventSpec {
+                    name: e.name.as_str().into(),
+                    fields: e.fields,
+                })
+                .collect(),
+            default_config: config,
+        });
+    }
+    if problems.is_empty() {
+        Ok(out)
+    } else {
+        Err(LoadError::BadDescription {
+            path: path.to_owned(),
+            problems,
+        })
+    }
+}
+
+impl Plugin {
+    /// The file it was loaded from.
+    pub fn path(&self) -> &Path {
+        &self.inner.path
+    }
+
+    /// The routine kinds it provides, in the order it described them.
+    pub fn kinds(&self) -> &[KindInfo] {
+        &self.inner.kinds
+    }
+
+    /// Their names.
+    pub fn kind_names(&self) -> Vec<&str> {
+        self.inner.kinds.iter().map(|k| k.name.as_str()).collect()
+    }
+
+    /// One kind by name.
+    pub fn kind(&self, name: &str) -> Option<&KindInfo> {
+        self.inner.kinds.iter().find(|k| k.name == name)
+    }
+
+    /// What the component imports: the capabilities it asks the host for (the routilux host
+    /// interface and the WASI interfaces it uses).
+    pub fn imports(&self) -> &[String] {
+        &self.inner.imports
+    }
+
+    /// Whether the compiled component came from the on-disk cache.
+    pub fn from_cache(&self) -> bool {
+        self.inner.from_cache
+    }
+
+    /// A routine of `kind` with the engine's default limits: slots, events and default config
+    /// as described, logic running in sandboxed instances of this plugin.
+    pub fn routine(&self, kind: &str) -> Result<Routine, LoadError> {
+        self.routine_with(kind, self.inner.engine.default_limits().clone())
+    }
+
+    /// A routine of `kind` with its own limits.
+    pub fn routine_with(&self, kind: &str, limits: Limits) -> Result<Routine, LoadError> {
+        let Some(k) = self.kind(kind) else {
+            return Err(LoadError::UnknownKind {
+                path: self.inner.path.clone(),
+                kind: kind.to_owned(),
+                available: self.kind_names().iter().map(|s| s.to_string()).collect(),
+                suggestion: suggest(kind, self.kind_names()),
+            });
+        };
+        let bad = |detail: &str| LoadError::BadLimits {
+            path: self.inner.path.clone(),
+            kind: kind.to_owned(),
+            detail: detail.to_owned(),
+        };
+        if limits.max_instances == 0 {
+            return Err(bad("max_instances must be at least 1"));
+        }
+        if limits.recycle_after == 0 {
+            return Err(bad("recycle_after must be at least 1"));
+        }
+        if limits.timeout.is_zero() {
+            return Err(bad("timeout must be more than zero"));
+        }
+        if limits.fuel.is_some() && !self.inner.engine.fuel_enabled() {
+            return Err(bad(
+                "a fuel limit needs an engine with fuel metering (WasmConfig::fuel)",
+            ));
+        }
+        let mut r = Routine::new().description(&k.description);
+        for s in &k.slots {
+            r = r.slot(s.clone());
+        }
+        for e in &k.events {
+            r = r.event(&e.name, e.fields.clone());
+        }
+        for (key, v) in &k.default_config {
+            r = r.config(key, v.clone());
+        }
+        Ok(r.logic_impl(WasmLogic::new(self.inner.clone(), kind, limits)))
+    }
+}

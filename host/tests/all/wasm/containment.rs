@@ -1,0 +1,206 @@
+//! Guest misbehaviour is contained to its routine: each fixture misbehaves on the item marked
+//! `"bad": true`; the failure is reported with routine, slot and reason, the item is kept as a
+//! dead letter, the poisoned instance is replaced, the next item is served, and the sibling in
+//! the same fan-out sees every item.
+
+use std::time::Duration;
+
+use routilux::wasm::Limits;
+use routilux::{ErrorStrategy, Flow, JobStatus, Policy, Routine};
+use serde_json::json;
+
+use super::{WAIT, load, recording_runtime};
+use crate::common::forward;
+
+/// Runs items 1, 2 (bad), 3 through `src → {bad: kind, sibling: echo}`; returns the job.
+fn contain(kind: &str, limits: Limits, threads: usize) -> routilux::JobHandle {
+    let fixtures = load("fixtures");
+    let mut flow = Flow::new();
+    flow.add_routine(
+        Routine::new()
+            .slot("in")
+            .event("out", ["id"])
+            .logic(forward),
+        "src",
+    )
+    .add_routine(
+        fixtures
+            .routine_with(kind, limits)
+            .unwrap()
+            .policy(Policy::batch_size(1))
+            .on_error(ErrorStrategy::Continue),
+        "bad",
+    )
+    .add_routine(fixtures.routine("echo").unwrap(), "sibling")
+    .connect("src", "out", "bad", "in")
+    .connect("src", "out", "sibling", "in");
+    let (rt, _) = recording_runtime(threads);
+    rt.register("contain", &flow).unwrap();
+    let job = rt.exec("contain").unwrap();
+    let input = job.input("src", "in").unwrap();
+    input.post(&json!({"id": 1})).unwrap();
+    input.post(&json!({"id": 2, "bad": true})).unwrap();
+    input.post(&json!({"id": 3})).unwrap();
+    drop(input);
+    assert!(job.wait(WAIT), "{kind}: job did not finish");
+    job
+}
+
+/// Checks the containment promises and returns the reported error.
+fn contained(kind: &str, limits: Limits) -> String {
+    let job = contain(kind, limits, 2);
+    assert_eq!(job.status(), JobStatus::Completed, "{kind}");
+    let c = job.counters();
+    assert_eq!(
+        c["sibling"].processed, 3,
+        "{kind}: the sibling saw every item"
+    );
+    assert_eq!(
+        (c["bad"].processed, c["bad"].errors, c["bad"].dead_lettered),
+        (2, 1, 1),
+        "{kind}: {:?}",
+        c["bad"]
+    );
+    let dead = job.dead_letters();
+    assert_eq!(dead.len(), 1);
+    assert_eq!(dead[0].routine, "bad");
+    assert_eq!(
+        dead[0].items["in"][0].value()["id"],
+        2,
+        "{kind}: the bad item is kept"
+    );
+    let out = job.output();
+    let passed: Vec<&str> = out
+        .iter()
+        .filter(|l| l.routine == "bad" && l.level == "stdout")
+        .map(|l| l.message.as_str())
+        .collect();
+    assert_eq!(
+        passed,
+        vec![
+            format!("{kind} passed {}", json!({"id": 1})),
+            format!("{kind} passed {}", json!({"id": 3}))
+        ],
+        "{kind}: the item after the failure was served"
+    );
+    let errors = job.errors();
+    assert_eq!(errors[0].routine, "bad");
+    errors[0].error.clone()
+}
+
+#[test]
+fn a_panic_traps_only_its_instance() {
+    let e = contained("panic", Limits::default());
+    assert!(e.contains("wasm routine `panic`"), "{e}");
+    assert!(e.contains("fixtures.wasm"), "{e}");
+    assert!(
+        e.contains("unreachable code (a panic or abort in the guest)"),
+        "{e}"
+    );
+    assert!(
+        e.contains("fixture panicked on"),
+        "the guest's panic message is kept: {e}"
+    );
+}
+
+#[test]
+fn unreachable_traps_only_its_instance() {
+    let e = contained("unreachable", Limits::default());
+    assert!(e.contains("trapped: unreachable code"), "{e}");
+}
+
+#[test]
+fn an_infinite_loop_hits_its_deadline() {
+    let limits = Limits {
+        timeout: Duration::from_millis(300),
+        ..Default::default()
+    };
+    let e = contained("spin", limits);
+    assert!(e.contains("exceeded its deadline of 300ms"), "{e}");
+}
+
+#[test]
+fn a_memory_bomb_hits_its_memory_cap() {
+    let limits = Limits {
+        memory: 32 << 20,
+        ..Default::default()
+    };
+    let e = contained("membomb", limits);
+    assert!(e.contains("exceeded its memory limit of 32 MiB"), "{e}");
+}
+
+#[test]
+fn a_stack_overflow_is_a_trap_not_a_crash() {
+    let limits = Limits {
+        timeout: Duration::from_secs(5),
+        ..Default::default()
+    };
+    let e = contained("recurse", limits);
+    assert!(e.contains("overflowed its stack"), "{e}");
+}
+
+#[test]
+fn an_emit_on_an_undeclared_event_fails_the_activation() {
+    let e = contained("bad_emit", Limits::default());
+    assert!(
+        e.contains("routine `bad` emitted on undeclared event `nope` (declared: out)"),
+        "{e}"
+    );
+}
+
+#[test]
+fn a_guest_error_is_retried_when_it_says_a_retry_can_help() {
+    let fixtures = load("fixtures");
+    let mut flow = Flow::new();
+    flow.add_routine(
+        fixtures
+            .routine("fails")
+            .unwrap()
+            .on_error(ErrorStrategy::retry(2, Duration::ZERO, 1.0)),
+        "fails",
+    );
+    let (rt, _) = recording_runtime(1);
+    rt.register("f", &flow).unwrap();
+    let job = rt
+        .post("f", "fails", "in", &json!({"id": 9, "bad": true}))
+        .unwrap();
+    assert!(job.wait(WAIT));
+    assert_eq!(job.status(), JobStatus::Failed);
+    let c = &job.counters()["fails"];
+    assert_eq!(
+        (c.activations, c.retries),
+        (3, 2),
+        "the guest really ran three times"
+    );
+    assert_eq!(job.errors()[0].error, r#"refused {"bad":true,"id":9}"#);
+}
+
+#[test]
+fn an_emit_flood_into_a_small_queue_loses_nothing() {
+    for threads in [1, 2] {
+        let fixtures = load("fixtures");
+        let mut flow = Flow::new();
+        flow.add_routine(
+            fixtures.routine("flood").unwrap().config("count", 3000),
+            "flood",
+        )
+        .add_routine(
+            Routine::new().slot_with_capacity("in", 2).logic(|ctx, b| {
+                for _ in b.items() {
+                    ctx.state().increment("seen", 1);
+                }
+                Ok(())
+            }),
+            "sink",
+        )
+        .connect("flood", "out", "sink", "in");
+        let (rt, _) = recording_runtime(threads);
+        rt.register("flood", &flow).unwrap();
+        let job = rt.post("flood", "flood", "in", &json!({})).unwrap();
+        assert!(job.wait(WAIT));
+        assert_eq!(job.status(), JobStatus::Completed, "{:?}", job.errors());
+        assert_eq!(job.worker_state("sink").unwrap()["seen"], json!(3000));
+        let c = &job.counters()["sink"];
+        assert_eq!((c.items_in, c.overflowed), (3000, 0), "threads={threads}");
+    }
+}
