@@ -16,3 +16,8 @@ lint:
 # The engine benchmark (routilux vs bare crossbeam-channel); pass e.g. `--reps 3`.
 bench *ARGS:
     cargo bench -p routilux --bench engine -- {{ARGS}}
+
+# Build the example plugins and fixtures for wasm32-wasip2.
+plugins:
+    rustup target add wasm32-wasip2
+    cargo build --release --target wasm32-wasip2 --manifest-path plugins/Cargo.toml

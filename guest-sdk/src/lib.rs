@@ -1,38 +1,4 @@
-//! Write [routilux](https://example.invalid/routilux) routines in Rust.
-//!
-//! A routine is a type implementing [`Routine`]: its kind name, a [`Spec`] (slots, events,
-//! default config) and an `activate` method that receives every slot's released items at once.
-//! [`export!`] turns one or more routines into a WebAssembly component for the
-//! `routilux:plugin@0.1.0` world; plugin crates never name a WIT path.
-//!
-//! ```
-//! use routilux_sdk::{Batch, Context, Error, Routine, Spec};
-//!
-//! pub struct Greeter;
-//!
-//! impl Routine for Greeter {
-//!     const NAME: &'static str = "greeter";
-//!     fn spec() -> Spec {
-//!         Spec::new("greets everyone it is given").slot("name").event("greeting", ["text"])
-//!     }
-//!     fn activate(ctx: &Context, batch: &Batch) -> Result<(), Error> {
-//!         for item in batch.slot("name") {
-//!             let name: String = item.get("name")?;
-//!             ctx.emit("greeting", &serde_json::json!({ "text": format!("hello, {name}") }))?;
-//!         }
-//!         Ok(())
-//!     }
-//! }
-//!
-//! // In a plugin crate (crate-type = ["cdylib"], built for wasm32-wasip2):
-//! // routilux_sdk::export!(Greeter);
-//!
-//! // Natively, without wasm:
-//! let host = routilux_sdk::testing::TestHost::new();
-//! let batch = routilux_sdk::testing::batch([("name", vec![serde_json::json!({"name": "Ada"})])]);
-//! host.run::<Greeter>(&batch).unwrap();
-//! assert_eq!(host.emitted("greeting"), vec![serde_json::json!({"text": "hello, Ada"})]);
-//! ```
+#![doc = include_str!("../README.md")]
 
 use std::fmt;
 

@@ -1,5 +1,6 @@
-//! Engine benchmark: routilux (native routines) against a bare `crossbeam-channel` pipeline of
-//! the same shape, side by side in one run.
+//! Engine benchmark: routilux with native routines and with WebAssembly routines, against a
+//! bare `crossbeam-channel` pipeline of the same shape, side by side in one run; then the
+//! cost of a wasm activation, of a fresh instance, and the memory of a live instance.
 //!
 //! ```text
 //! cargo bench -p routilux --bench engine                 # all scenarios, 5 runs each
@@ -24,8 +25,12 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
-use routilux::{Flow, Item, Policy, Routine, Runtime};
+use routilux::wasm::{Limits, Plugin, WasmConfig, WasmEngine};
+use routilux::{Batch, Context, Flow, Item, Logic, Policy, Routine, RoutineError, Runtime};
 use serde_json::json;
+
+#[path = "../tests/support/plugins.rs"]
+mod plugins;
 
 #[derive(Clone, Copy, Debug, PartialEq)]
 enum Shape {
@@ -118,72 +123,114 @@ fn messages(n: usize) -> Vec<Item> {
         .collect()
 }
 
-fn forward(ctx: &routilux::Context, batch: &routilux::Batch) -> Result<(), routilux::RoutineError> {
+fn forward(ctx: &Context, batch: &Batch) -> Result<(), RoutineError> {
     for item in batch.items() {
         ctx.emit_item("out", item.clone())?;
     }
     Ok(())
 }
 
-fn recorder(clock: &Arc<Clock>, sink: usize) -> Routine {
-    let c = clock.clone();
-    Routine::new().slot("in").logic(move |_, batch| {
-        for item in batch.items() {
-            c.deliver(sink, item);
-        }
-        Ok(())
-    })
+/// Native routines, or routines of the `fixtures` plugin (`forward`, `sink`).
+#[derive(Clone)]
+enum Imp {
+    Native,
+    Wasm(Plugin),
 }
 
-fn forwarder() -> Routine {
-    Routine::new()
-        .slot("in")
-        .event("out", ["id", "payload"])
-        .logic(forward)
+/// Records delivery times after the wrapped logic has handled a batch.
+struct Timed {
+    inner: Arc<dyn Logic>,
+    clock: Arc<Clock>,
+    sink: usize,
+}
+
+impl Logic for Timed {
+    fn activate(&self, ctx: &Context, batch: &Batch) -> Result<(), RoutineError> {
+        self.inner.activate(ctx, batch)?;
+        for item in batch.items() {
+            self.clock.deliver(self.sink, item);
+        }
+        Ok(())
+    }
+}
+
+fn recorder(imp: &Imp, clock: &Arc<Clock>, sink: usize) -> Routine {
+    let c = clock.clone();
+    match imp {
+        Imp::Native => Routine::new().slot("in").logic(move |_, batch| {
+            for item in batch.items() {
+                c.deliver(sink, item);
+            }
+            Ok(())
+        }),
+        Imp::Wasm(p) => {
+            let r = p.routine("sink").unwrap();
+            let inner = r.logic_ref().unwrap();
+            r.logic_impl(Timed {
+                inner,
+                clock: c,
+                sink,
+            })
+        }
+    }
+}
+
+fn forwarder(imp: &Imp) -> Routine {
+    match imp {
+        Imp::Native => Routine::new()
+            .slot("in")
+            .event("out", ["id", "payload"])
+            .logic(forward),
+        Imp::Wasm(p) => p.routine("forward").unwrap(),
+    }
+}
+
+fn fixtures() -> Plugin {
+    let engine = WasmEngine::new(WasmConfig {
+        cache_dir: Some(
+            plugins::repo_root()
+                .join("target")
+                .join("routilux-bench-cache"),
+        ),
+        ..WasmConfig::default()
+    })
+    .unwrap();
+    engine.load(plugins::plugin("fixtures")).unwrap()
 }
 
 /// Runs one scenario on routilux; returns elapsed time.
-fn run_routilux(shape: Shape, n: usize, threads: usize, clock: &Arc<Clock>) -> Duration {
+fn run_routilux(shape: Shape, imp: &Imp, n: usize, threads: usize, clock: &Arc<Clock>) -> Duration {
     let mut flow = Flow::new();
     let entries: Vec<String> = match shape {
         Shape::FanOut => {
-            flow.add_routine(forwarder(), "src");
+            flow.add_routine(forwarder(imp), "src");
             for s in 0..3 {
                 let id = format!("sub{s}");
-                flow.add_routine(recorder(clock, s), &id)
+                flow.add_routine(recorder(imp, clock, s), &id)
                     .connect("src", "out", &id, "in");
             }
             vec!["src".into()]
         }
         Shape::Chain => {
             for s in 0..4 {
-                flow.add_routine(forwarder(), &format!("r{s}"));
+                flow.add_routine(forwarder(imp), &format!("r{s}"));
                 if s > 0 {
                     flow.connect(&format!("r{}", s - 1), "out", &format!("r{s}"), "in");
                 }
             }
-            flow.add_routine(recorder(clock, 0), "r4")
+            flow.add_routine(recorder(imp, clock, 0), "r4")
                 .connect("r3", "out", "r4", "in");
             vec!["r0".into()]
         }
         Shape::FanIn => {
-            let c = clock.clone();
             flow.add_routine(
-                Routine::new()
-                    .slot("in")
-                    .policy(Policy::batch_size(10))
-                    .logic(move |_, batch| {
-                        for item in batch.items() {
-                            c.deliver(0, item);
-                        }
-                        Ok(())
-                    }),
+                recorder(imp, clock, 0).policy(Policy::batch_size(10)),
                 "sink",
             );
             (0..3)
                 .map(|s| {
                     let id = format!("src{s}");
-                    flow.add_routine(forwarder(), &id)
+                    flow.add_routine(forwarder(imp), &id)
                         .connect(&id, "out", "sink", "in");
                     id
                 })
@@ -311,11 +358,12 @@ fn peak_rss_kib() -> u64 {
         .unwrap_or(0)
 }
 
+#[derive(Clone)]
 struct Opts {
     reps: usize,
     messages: usize,
     threads: usize,
-    child: Option<(Shape, String)>,
+    child: Option<(String, String)>,
 }
 
 fn parse_args() -> Opts {
@@ -336,7 +384,7 @@ fn parse_args() -> Opts {
             "--child" => {
                 let v = val();
                 let (s, imp) = v.split_once(':').unwrap();
-                o.child = Some((Shape::from_key(s).unwrap(), imp.to_owned()));
+                o.child = Some((s.to_owned(), imp.to_owned()));
             }
             _ => {
                 i += 1;
@@ -353,77 +401,197 @@ fn median(mut v: Vec<f64>) -> f64 {
     v[v.len() / 2]
 }
 
+/// Runs `--child <what>` `reps` times; returns the medians of the numbers each run prints.
+fn run_children(o: &Opts, what: &str) -> Vec<f64> {
+    let exe = std::env::current_exe().unwrap();
+    let mut runs: Vec<Vec<f64>> = Vec::new();
+    for _ in 0..o.reps {
+        let out = Command::new(&exe)
+            .args([
+                "--child",
+                what,
+                "--messages",
+                &o.messages.to_string(),
+                "--threads",
+                &o.threads.to_string(),
+            ])
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "{what}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let text = String::from_utf8_lossy(&out.stdout);
+        runs.push(
+            text.split_whitespace()
+                .map(|x| x.parse().unwrap())
+                .collect(),
+        );
+    }
+    (0..runs[0].len())
+        .map(|k| median(runs.iter().map(|r| r[k]).collect()))
+        .collect()
+}
+
+/// Per-activation time through the runtime: one routine, `batch_size(1)`, each activation
+/// emitting its item once (to no connection). `fresh`: a new wasm instance every activation.
+fn run_round_trip(imp: &str, n: usize) -> f64 {
+    let routine = match imp {
+        "native" => Routine::new()
+            .slot("in")
+            .event("out", ["id", "payload"])
+            .logic(forward),
+        _ => {
+            let limits = Limits {
+                recycle_after: if imp == "fresh" { 1 } else { u64::MAX },
+                ..Limits::default()
+            };
+            fixtures().routine_with("forward", limits).unwrap()
+        }
+    };
+    let mut flow = Flow::new();
+    flow.add_routine(routine.policy(Policy::batch_size(1)), "r");
+    let rt = Runtime::builder().thread_pool_size(1).build();
+    rt.register("rt", &flow).unwrap();
+    let item = messages(1).remove(0);
+    // Warm up (compiles nothing, but makes the first instance).
+    let job = rt.exec("rt").unwrap();
+    job.post_item("r", "in", item.clone()).unwrap();
+    assert!(job.wait(Duration::from_secs(60)));
+    let job = rt.exec("rt").unwrap();
+    let input = job.input("r", "in").unwrap();
+    let start = Instant::now();
+    for _ in 0..n {
+        input.post_item(item.clone()).unwrap();
+    }
+    drop(input);
+    assert!(job.wait(Duration::from_secs(600)));
+    let elapsed = start.elapsed();
+    assert_eq!(job.counters()["r"].activations, n as u64);
+    elapsed.as_secs_f64() * 1e6 / n as f64
+}
+
+fn vm_rss_kib() -> f64 {
+    std::fs::read_to_string("/proc/self/status")
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find(|l| l.starts_with("VmRSS:"))
+                .and_then(|l| l.split_whitespace().nth(1))
+                .and_then(|v| v.parse().ok())
+        })
+        .unwrap_or(0.0)
+}
+
+/// Resident memory added per live instance (each called once), in KiB.
+fn run_rss(n: usize) -> f64 {
+    let p = fixtures();
+    let warm: Vec<_> = (0..8).map(|_| p.instantiate().unwrap()).collect();
+    let before = vm_rss_kib();
+    let live: Vec<_> = (0..n).map(|_| p.instantiate().unwrap()).collect();
+    let after = vm_rss_kib();
+    drop((warm, live));
+    (after - before) / n as f64
+}
+
 fn main() {
     let o = parse_args();
-    if let Some((shape, imp)) = o.child {
-        let clock = Clock::new(o.messages, shape.sinks());
-        let elapsed = match imp.as_str() {
-            "routilux" => run_routilux(shape, o.messages, o.threads, &clock),
-            _ => run_channels(shape, o.messages, &clock),
-        };
-        let (p50, p99) = clock.percentiles();
-        let rate =
-            (o.messages as u64 * shape.deliveries_per_message()) as f64 / elapsed.as_secs_f64();
-        println!("{rate} {p50} {p99} {}", peak_rss_kib());
+    if let Some((what, imp)) = &o.child {
+        match what.as_str() {
+            "roundtrip" => println!("{}", run_round_trip(imp, o.messages.min(50_000))),
+            "rss" => println!("{}", run_rss(imp.parse().unwrap())),
+            shape => {
+                let shape = Shape::from_key(shape).unwrap();
+                let clock = Clock::new(o.messages, shape.sinks());
+                let elapsed = match imp.as_str() {
+                    "native" => run_routilux(shape, &Imp::Native, o.messages, o.threads, &clock),
+                    "wasm" => {
+                        run_routilux(shape, &Imp::Wasm(fixtures()), o.messages, o.threads, &clock)
+                    }
+                    _ => run_channels(shape, o.messages, &clock),
+                };
+                let (p50, p99) = clock.percentiles();
+                let rate = (o.messages as u64 * shape.deliveries_per_message()) as f64
+                    / elapsed.as_secs_f64();
+                println!("{rate} {p50} {p99} {}", peak_rss_kib());
+            }
+        }
         return;
     }
-    let exe = std::env::current_exe().unwrap();
+    // Build the plugins once, before any child needs them.
+    plugins::plugin_dir();
     println!(
         "routilux engine bench: {} messages of {{\"id\", \"payload\": 64 B}}, thread_pool_size {}, {} runs each (medians)\n",
         o.messages, o.threads, o.reps
     );
     println!(
-        "{:<22} {:<16} {:>14} {:>10} {:>10} {:>10} {:>9}",
-        "scenario", "implementation", "deliveries/s", "p50 µs", "p99 µs", "peak MiB", "vs chan"
+        "{:<22} {:<18} {:>14} {:>10} {:>10} {:>10} {:>8} {:>9}",
+        "scenario",
+        "implementation",
+        "deliveries/s",
+        "p50 µs",
+        "p99 µs",
+        "peak MiB",
+        "vs chan",
+        "vs native"
     );
     for shape in Shape::ALL {
-        let mut results = Vec::new();
-        for imp in ["channel", "routilux"] {
-            let mut runs: Vec<[f64; 4]> = Vec::new();
-            for _ in 0..o.reps {
-                let out = Command::new(&exe)
-                    .args([
-                        "--child",
-                        &format!("{}:{imp}", shape.key()),
-                        "--messages",
-                        &o.messages.to_string(),
-                        "--threads",
-                        &o.threads.to_string(),
-                    ])
-                    .output()
-                    .unwrap();
-                assert!(
-                    out.status.success(),
-                    "{}",
-                    String::from_utf8_lossy(&out.stderr)
-                );
-                let text = String::from_utf8_lossy(&out.stdout);
-                let f: Vec<f64> = text
-                    .split_whitespace()
-                    .map(|x| x.parse().unwrap())
-                    .collect();
-                runs.push([f[0], f[1], f[2], f[3]]);
-            }
-            let col = |k: usize| median(runs.iter().map(|r| r[k]).collect());
-            results.push((imp, col(0), col(1), col(2), col(3) / 1024.0));
-        }
-        let chan = results[0].1;
-        for (imp, rate, p50, p99, mib) in results {
-            let label = if imp == "channel" {
-                "crossbeam-channel"
+        let results: Vec<(&str, Vec<f64>)> = ["channel", "native", "wasm"]
+            .into_iter()
+            .map(|imp| (imp, run_children(&o, &format!("{}:{imp}", shape.key()))))
+            .collect();
+        let chan = results[0].1[0];
+        let native = results[1].1[0];
+        for (imp, r) in &results {
+            let label = match *imp {
+                "channel" => "crossbeam-channel",
+                "native" => "routilux native",
+                _ => "routilux wasm",
+            };
+            let vs_native = if *imp == "wasm" {
+                format!("{:>8.0}%", r[0] / native * 100.0)
             } else {
-                "routilux native"
+                String::new()
             };
             println!(
-                "{:<22} {:<16} {:>14.0} {:>10.1} {:>10.1} {:>10.1} {:>8.0}%",
+                "{:<22} {:<18} {:>14.0} {:>10.1} {:>10.1} {:>10.1} {:>7.0}% {vs_native}",
                 shape.name(),
                 label,
-                rate,
-                p50,
-                p99,
-                mib,
-                rate / chan * 100.0
+                r[0],
+                r[1],
+                r[2],
+                r[3] / 1024.0,
+                r[0] / chan * 100.0
             );
         }
+    }
+
+    let n = o.messages.min(50_000);
+    println!(
+        "\nactivation cost through the runtime (one routine, batch_size(1), {n} activations, 1 worker, each emits its item once):"
+    );
+    let native = run_children(&o, "roundtrip:native")[0];
+    let wasm = run_children(&o, "roundtrip:wasm")[0];
+    let fresh = run_children(&o, "roundtrip:fresh")[0];
+    println!("  native logic                    {native:>8.2} µs/activation");
+    println!(
+        "  wasm logic (Rust guest)         {wasm:>8.2} µs/activation   wasm round trip: {:.2} µs",
+        wasm - native
+    );
+    println!(
+        "  wasm, a fresh instance each     {fresh:>8.2} µs/activation   fresh instance: {:.2} µs",
+        fresh - wasm
+    );
+    println!("\nresident memory per live instance (fixtures plugin, each called once):");
+    for count in [1_000, 10_000] {
+        let kib = run_children(
+            &Opts {
+                reps: 1,
+                ..o.clone()
+            },
+            &format!("rss:{count}"),
+        )[0];
+        println!("  {count:>6} instances: {kib:>8.1} KiB each");
     }
 }

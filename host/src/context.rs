@@ -124,6 +124,11 @@ impl Context {
         self.job.log(self.node, "stdout", message.into());
     }
 
+    /// Whether the job has failed or been cancelled (a running guest should stop).
+    pub(crate) fn job_halted(&self) -> bool {
+        self.job.halted()
+    }
+
     /// Writes a line of a guest's `stdout` or `stderr` to the job's output.
     pub(crate) fn output(&self, stream: &str, line: String) {
         self.job.log(self.node, stream, line);

@@ -338,6 +338,11 @@ impl Routine {
         self
     }
 
+    /// The logic, if set (to wrap it, for instance: measuring, tracing).
+    pub fn logic_ref(&self) -> Option<Arc<dyn Logic>> {
+        self.logic.clone()
+    }
+
     /// The declared slots.
     pub fn slots(&self) -> &[SlotSpec] {
         &self.slots

@@ -154,11 +154,12 @@ impl RuntimeBuilder {
         self
     }
 
-    /// Stack size of each worker thread (default 32 MiB, reserved, not committed). A blocked
+    /// Stack size of each worker thread (default 32 MiB, at least 4 MiB; reserved, not
+    /// committed). A blocked
     /// emitter can run other activations nested on its stack, and each WebAssembly call may
     /// use up to wasmtime's `max_wasm_stack` (512 KiB) of it.
     pub fn worker_stack_size(mut self, bytes: usize) -> Self {
-        self.stack_size = bytes.max(256 * 1024);
+        self.stack_size = bytes.max(4 * 1024 * 1024);
         self
     }
 

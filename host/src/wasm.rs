@@ -19,7 +19,11 @@
 //!   poisons the whole Store, so the instance is dropped at once and the next activation gets
 //!   a fresh one;
 //! - **age**: after `recycle_after` activations, so a leak in a guest cannot grow forever;
-//! - **surplus**: an instance returned to a full pool is dropped.
+//! - **surplus**: an instance returned to a pool already holding 8 idle ones is dropped.
+//!
+//! At most `max_instances` live at once per routine (a checkout waits for one to come back),
+//! except that an activation nested on a stack already holding one of that routine's instances
+//! never waits (it could be waiting on itself) and makes one more.
 //!
 //! An activation that returns an error value (not a trap) leaves its instance healthy.
 //!
@@ -43,4 +47,4 @@ mod plugin;
 pub use engine::{WasmConfig, WasmEngine, WasmStats};
 pub use error::LoadError;
 pub use instance::{Limits, Permissions};
-pub use plugin::{KindInfo, Plugin};
+pub use plugin::{KindInfo, LiveInstance, Plugin};

@@ -13,8 +13,10 @@ use wasmtime::Engine;
 use wasmtime::component::Component;
 
 /// Where compiled components go when no directory is configured: `$ROUTILUX_CACHE_DIR`,
-/// else `$XDG_CACHE_HOME/routilux`, else `$HOME/.cache/routilux`, else the temp dir.
-pub(crate) fn default_dir() -> PathBuf {
+/// else `$XDG_CACHE_HOME/routilux`, else `$HOME/.cache/routilux`; `None` (no cache) when none
+/// of these is set — never a shared directory such as `/tmp`, where another user could plant
+/// an entry.
+pub(crate) fn default_dir() -> Option<PathBuf> {
     let env = |k: &str| {
         std::env::var_os(k)
             .filter(|v| !v.is_empty())
@@ -23,7 +25,34 @@ pub(crate) fn default_dir() -> PathBuf {
     env("ROUTILUX_CACHE_DIR")
         .or_else(|| env("XDG_CACHE_HOME").map(|d| d.join("routilux")))
         .or_else(|| env("HOME").map(|d| d.join(".cache").join("routilux")))
-        .unwrap_or_else(|| std::env::temp_dir().join("routilux-cache"))
+}
+
+/// Creates the cache directory (private to the user) and checks that nobody else can write
+/// in it; a directory that fails the check is not used (compiles are then not cached).
+pub(crate) fn prepare(dir: &Path) -> bool {
+    use std::os::unix::fs::{DirBuilderExt, PermissionsExt};
+    let _ = std::fs::DirBuilder::new()
+        .recursive(true)
+        .mode(0o700)
+        .create(dir);
+    match std::fs::metadata(dir) {
+        Ok(m) if m.is_dir() && m.permissions().mode() & 0o022 == 0 => true,
+        Ok(_) => {
+            tracing::warn!(
+                dir = %dir.display(),
+                "cache directory is writable by others; not caching compiled components"
+            );
+            false
+        }
+        Err(e) => {
+            tracing::warn!(
+                dir = %dir.display(),
+                error = %e,
+                "cannot create the cache directory; not caching compiled components"
+            );
+            false
+        }
+    }
 }
 
 /// The cache file for `bytes` compiled by `engine`.
@@ -66,10 +95,12 @@ pub(crate) fn store(component: &Component, path: &Path) {
         let bytes = component
             .serialize()
             .map_err(|e| std::io::Error::other(e.to_string()))?;
+        static SEQ: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
         let tmp = dir.join(format!(
-            ".{}.{}.tmp",
+            ".{}.{}.{}.tmp",
             path.file_name().and_then(|n| n.to_str()).unwrap_or("entry"),
-            std::process::id()
+            std::process::id(),
+            SEQ.fetch_add(1, std::sync::atomic::Ordering::Relaxed)
         ));
         std::fs::write(&tmp, bytes)?;
         std::fs::rename(&tmp, path)

@@ -35,7 +35,8 @@ pub struct WasmConfig {
 
 impl Default for WasmConfig {
     /// Cache on, in `$ROUTILUX_CACHE_DIR`, else `$XDG_CACHE_HOME/routilux`, else
-    /// `~/.cache/routilux`; no fuel; default [`Limits`]; a 10 ms tick.
+    /// `~/.cache/routilux` (created private to the user; a directory others can write to is
+    /// not used); no fuel; default [`Limits`]; a 10 ms tick (at least 1 ms).
     fn default() -> Self {
         Self {
             cache_dir: None,
@@ -123,7 +124,8 @@ impl WasmEngine {
 
         let stop = Arc::new(AtomicBool::new(false));
         let ticker = {
-            let (engine, stop, tick) = (engine.clone(), stop.clone(), config.tick);
+            let tick = config.tick.max(Duration::from_millis(1));
+            let (engine, stop) = (engine.clone(), stop.clone());
             std::thread::Builder::new()
                 .name("routilux-epoch".into())
                 .spawn(move || {
@@ -136,7 +138,9 @@ impl WasmEngine {
         };
         let cache_dir = config
             .cache
-            .then(|| config.cache_dir.clone().unwrap_or_else(cache::default_dir));
+            .then(|| config.cache_dir.clone().or_else(cache::default_dir))
+            .flatten()
+            .filter(|dir| cache::prepare(dir));
         Ok(Self {
             inner: Arc::new(EngineInner {
                 engine,

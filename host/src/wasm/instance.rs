@@ -2,6 +2,7 @@
 //! per-activation sandbox, and the pool that recycles instances (see the [module
 //! docs](super) for what ends an instance's life).
 
+use std::cell::RefCell;
 use std::path::PathBuf;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -10,7 +11,7 @@ use std::time::{Duration, Instant};
 use parking_lot::{Condvar, Mutex};
 use serde_json::Value;
 use wasmtime::component::ResourceTable;
-use wasmtime::{Store, StoreLimits, StoreLimitsBuilder, Trap, UpdateDeadline};
+use wasmtime::{ResourceLimiter, Store, Trap, UpdateDeadline};
 use wasmtime_wasi::{FsPerms, WasiCtx, WasiCtxBuilder, WasiCtxView, WasiView};
 
 use super::bindings::{self, ActivationError, Level};
@@ -24,7 +25,7 @@ use crate::routine::{Logic, RoutineError};
 /// Resource limits of one routine's instances.
 #[derive(Clone, Debug, PartialEq)]
 pub struct Limits {
-    /// Most linear memory (all memories of an instance together), in bytes. Default 64 MiB.
+    /// Most linear memory, all memories of an instance together, in bytes. Default 64 MiB.
     pub memory: usize,
     /// Wall-clock budget of one activation, not counting time spent waiting inside `emit` for
     /// queue space. Default 30 s.
@@ -58,6 +59,49 @@ pub struct Permissions {
     pub env: Vec<String>,
 }
 
+/// The memory cap of one instance: the sum of all its linear memories (a component can have
+/// several core instances, each with its own memory). Growing past it traps.
+struct MemoryCap {
+    cap: usize,
+    total: usize,
+}
+
+/// Most table elements per table (a guard against table bombs).
+const MAX_TABLE_ELEMENTS: usize = 1 << 20;
+
+impl ResourceLimiter for MemoryCap {
+    fn memory_growing(
+        &mut self,
+        current: usize,
+        desired: usize,
+        _maximum: Option<usize>,
+    ) -> wasmtime::Result<bool> {
+        let total = self.total - current.min(self.total) + desired;
+        if total > self.cap {
+            return Err(wasmtime::format_err!(
+                "memory limit: growing memory to {total} bytes in all, over the cap of {}",
+                self.cap
+            ));
+        }
+        self.total = total;
+        Ok(true)
+    }
+
+    fn table_growing(
+        &mut self,
+        _current: usize,
+        desired: usize,
+        _maximum: Option<usize>,
+    ) -> wasmtime::Result<bool> {
+        if desired > MAX_TABLE_ELEMENTS {
+            return Err(wasmtime::format_err!(
+                "table limit: growing a table to {desired} elements"
+            ));
+        }
+        Ok(true)
+    }
+}
+
 /// What one activation in progress needs from the Store's point of view.
 struct Call {
     ctx: Context,
@@ -72,7 +116,7 @@ struct Call {
 pub(crate) struct StoreData {
     wasi: WasiCtx,
     table: ResourceTable,
-    limits: StoreLimits,
+    limits: MemoryCap,
     stdout: Capture,
     stderr: Capture,
     call: Option<Call>,
@@ -109,10 +153,10 @@ impl StoreData {
         Ok(Self {
             wasi: wasi.build(),
             table: ResourceTable::new(),
-            limits: StoreLimitsBuilder::new()
-                .memory_size(limits.memory)
-                .trap_on_grow_failure(true)
-                .build(),
+            limits: MemoryCap {
+                cap: limits.memory,
+                total: 0,
+            },
             stdout,
             stderr,
             call: None,
@@ -121,6 +165,9 @@ impl StoreData {
 
     /// Starts serving an activation: its context, deadline, and output.
     fn begin(&mut self, ctx: &Context, timeout: Duration) {
+        // Nothing of an earlier activation (another job, perhaps) may leak into this one.
+        self.stdout.reset();
+        self.stderr.reset();
         self.stdout.attach(Some(ctx.handle()));
         self.stderr.attach(Some(ctx.handle()));
         self.call = Some(Call {
@@ -156,10 +203,18 @@ pub(crate) fn new_store(
     let created = Instant::now();
     store.epoch_deadline_callback(move |mut ctx| {
         let data = ctx.data_mut();
-        let (spent, budget) = match &data.call {
-            Some(c) => (c.started.elapsed().saturating_sub(c.host_time), c.timeout),
-            None => (created.elapsed(), fallback),
+        let (spent, budget, halted) = match &data.call {
+            Some(c) => (
+                c.started.elapsed().saturating_sub(c.host_time),
+                c.timeout,
+                c.ctx.job_halted(),
+            ),
+            None => (created.elapsed(), fallback, false),
         };
+        if halted {
+            // The job failed or was cancelled: stop its guest now.
+            return Ok(UpdateDeadline::Interrupt);
+        }
         if spent >= budget {
             if let Some(c) = &mut data.call {
                 c.timed_out = true;
@@ -176,6 +231,9 @@ pub(crate) fn new_store(
     Ok(store)
 }
 
+/// Longest `log` message kept whole.
+const MAX_LOG_BYTES: usize = 16 * 1024;
+
 fn no_call() -> String {
     "only available while an activation runs".to_owned()
 }
@@ -185,6 +243,9 @@ impl bindings::routilux::plugin::types::Host for StoreData {}
 impl bindings::Host for StoreData {
     fn emit(&mut self, event: String, payload: Vec<u8>) -> Result<(), String> {
         let call = self.call.as_mut().ok_or_else(no_call)?;
+        if call.ctx.job_halted() {
+            return Err(format!("job {} has halted", call.ctx.job_id()));
+        }
         let item = Item::from_json_bytes(payload).map_err(|e| e.to_string())?;
         let waited = Instant::now();
         let result = call.ctx.emit_item(&event, item).map_err(|e| e.to_string());
@@ -201,6 +262,15 @@ impl bindings::Host for StoreData {
             Level::Error => tracing::Level::ERROR,
         };
         if let Some(call) = &self.call {
+            let mut message = message;
+            if message.len() > MAX_LOG_BYTES {
+                let mut end = MAX_LOG_BYTES;
+                while !message.is_char_boundary(end) {
+                    end -= 1;
+                }
+                message.truncate(end);
+                message.push_str(" [truncated]");
+            }
             call.ctx.log(level, message);
         }
     }
@@ -257,6 +327,58 @@ impl bindings::Host for StoreData {
     }
 }
 
+/// Idle instances kept per routine; more are dropped when they come back.
+const MAX_IDLE: usize = 8;
+
+thread_local! {
+    /// The `WasmLogic`s that have an instance checked out on this thread's stack.
+    static HELD: RefCell<Vec<usize>> = const { RefCell::new(Vec::new()) };
+}
+
+/// An instance checked out of a pool. Whatever happens to the activation — a trap, or a
+/// host-side panic unwinding through it — the pool's count is settled on drop: an instance
+/// not explicitly returned is discarded.
+struct Checked<'a> {
+    logic: &'a WasmLogic,
+    inst: Option<Instance>,
+}
+
+impl<'a> Checked<'a> {
+    fn new(logic: &'a WasmLogic, inst: Instance) -> Self {
+        HELD.with(|h| h.borrow_mut().push(logic.key()));
+        Self {
+            logic,
+            inst: Some(inst),
+        }
+    }
+
+    fn get(&mut self) -> &mut Instance {
+        self.inst.as_mut().expect("checked out")
+    }
+
+    /// Back to the pool, healthy.
+    fn checkin(mut self) {
+        if let Some(inst) = self.inst.take() {
+            self.logic.checkin(inst);
+        }
+    }
+}
+
+impl Drop for Checked<'_> {
+    fn drop(&mut self) {
+        let key = self.logic.key();
+        HELD.with(|h| {
+            let mut h = h.borrow_mut();
+            if let Some(i) = h.iter().rposition(|&k| k == key) {
+                h.swap_remove(i);
+            }
+        });
+        if let Some(inst) = self.inst.take() {
+            self.logic.discard(inst);
+        }
+    }
+}
+
 /// One live instance: its Store and its bindings.
 struct Instance {
     store: Store<StoreData>,
@@ -286,19 +408,27 @@ impl WasmLogic {
         }
     }
 
-    fn checkout(&self) -> Result<Instance, RoutineError> {
+    fn checkout(&self) -> Result<Checked<'_>, RoutineError> {
         let deadline = Instant::now() + self.limits.timeout.min(Duration::from_secs(3600));
+        // An activation of this routine suspended lower on this thread's stack (a blocked emit
+        // running other work) holds an instance that cannot come back before we return:
+        // never wait for the pool then, go past the cap by this nesting instead.
+        let nested = HELD.with(|h| h.borrow().contains(&self.key()));
         let mut idle = self.idle.lock();
         loop {
             if let Some(inst) = idle.pop() {
-                return Ok(inst);
+                return Ok(Checked::new(self, inst));
             }
-            if self.live.load(Ordering::SeqCst) < self.limits.max_instances {
+            if nested || self.live.load(Ordering::SeqCst) < self.limits.max_instances {
                 self.live.fetch_add(1, Ordering::SeqCst);
                 drop(idle);
-                return self.instantiate().inspect_err(|_| {
-                    self.live.fetch_sub(1, Ordering::SeqCst);
-                });
+                return match self.instantiate() {
+                    Ok(inst) => Ok(Checked::new(self, inst)),
+                    Err(e) => {
+                        self.release_slot();
+                        Err(e)
+                    }
+                };
             }
             if self.returned.wait_until(&mut idle, deadline).timed_out() {
                 return Err(RoutineError::retryable(format!(
@@ -326,12 +456,22 @@ impl WasmLogic {
         })
     }
 
+    fn key(&self) -> usize {
+        self as *const Self as usize
+    }
+
+    /// Returns a healthy instance to the pool (or drops it when it is old or surplus).
     fn checkin(&self, inst: Instance) {
         if inst.activations >= self.limits.recycle_after {
             self.discard(inst);
             return;
         }
         let mut idle = self.idle.lock();
+        if idle.len() >= MAX_IDLE {
+            drop(idle);
+            self.discard(inst);
+            return;
+        }
         idle.push(inst);
         drop(idle);
         self.returned.notify_one();
@@ -339,7 +479,14 @@ impl WasmLogic {
 
     fn discard(&self, inst: Instance) {
         drop(inst);
+        self.release_slot();
+    }
+
+    /// One live instance fewer; decremented under the pool lock so a waiter cannot miss it.
+    fn release_slot(&self) {
+        let idle = self.idle.lock();
         self.live.fetch_sub(1, Ordering::SeqCst);
+        drop(idle);
         self.returned.notify_one();
     }
 
@@ -358,11 +505,14 @@ impl WasmLogic {
                     "trapped: unreachable code (a panic or abort in the guest)".to_owned(),
                     false,
                 ),
+                Some(Trap::Interrupt) if call.ctx.job_halted() => {
+                    ("was stopped: its job halted".to_owned(), false)
+                }
                 Some(Trap::Interrupt) => ("was interrupted".to_owned(), true),
                 Some(trap) => (format!("trapped: {trap}"), false),
                 None => {
                     let text = format!("{err:#}");
-                    if text.contains("growing memory") {
+                    if text.contains("memory limit") {
                         (
                             format!(
                                 "exceeded its memory limit of {} MiB",
@@ -387,7 +537,7 @@ impl WasmLogic {
 
 impl Logic for WasmLogic {
     fn activate(&self, ctx: &Context, batch: &Batch) -> Result<(), RoutineError> {
-        let mut inst = self.checkout()?;
+        let mut checked = self.checkout()?;
         let batches: Vec<bindings::SlotBatch> = batch
             .slots()
             .map(|(slot, items)| bindings::SlotBatch {
@@ -396,6 +546,7 @@ impl Logic for WasmLogic {
             })
             .collect();
         let message = batch.message().map(Value::to_string);
+        let inst = checked.get();
         inst.store.data_mut().begin(ctx, self.limits.timeout);
         inst.store.set_epoch_deadline(1);
         if let Some(fuel) = self.limits.fuel
@@ -413,19 +564,18 @@ impl Logic for WasmLogic {
         let call = inst.store.data_mut().end().expect("the call began above");
         match result {
             Ok(Ok(())) => {
-                self.checkin(inst);
+                checked.checkin();
                 Ok(())
             }
             Ok(Err(ActivationError { message, retryable })) => {
-                self.checkin(inst);
+                checked.checkin();
                 Err(RoutineError { message, retryable })
             }
             Err(err) => {
-                // A trap poisons the whole Store: this instance is done.
+                // A trap poisons the whole Store: this instance is done (dropping `checked`
+                // discards it).
                 let tail = inst.store.data().stderr.take_tail();
-                let e = self.trap_error(&err, &call, &tail);
-                self.discard(inst);
-                Err(e)
+                Err(self.trap_error(&err, &call, &tail))
             }
         }
     }

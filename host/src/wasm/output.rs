@@ -28,6 +28,10 @@ pub(crate) const MAX_PENDING: usize = 1 << 20;
 /// How many recent lines a capture remembers (to explain a trap: a Rust panic message).
 const TAIL: usize = 8;
 
+/// Lines one activation may send to its job; more are counted and dropped, so a guest
+/// printing in a loop cannot fill the host's memory through the job's output.
+pub(crate) const MAX_LINES_PER_ACTIVATION: usize = 10_000;
+
 #[derive(Default)]
 struct Buffer {
     bytes: Vec<u8>,
@@ -35,6 +39,9 @@ struct Buffer {
     /// Where complete lines go as soon as they are written: the activation being served.
     sink: Option<Context>,
     tail: VecDeque<String>,
+    /// Lines sent to the current activation, and lines over the budget since.
+    sent: usize,
+    suppressed: usize,
 }
 
 /// One captured stream (clones share the buffer).
@@ -55,7 +62,18 @@ impl Capture {
 
     /// Sends lines to `ctx`'s job from now on (`None`: keep them until the next drain).
     pub(crate) fn attach(&self, ctx: Option<Context>) {
-        self.buf.lock().sink = ctx;
+        let mut b = self.buf.lock();
+        b.sink = ctx;
+        b.sent = 0;
+        b.suppressed = 0;
+    }
+
+    /// Forgets whatever an earlier activation left (its unfinished line, its tail).
+    pub(crate) fn reset(&self) {
+        let mut b = self.buf.lock();
+        b.bytes.clear();
+        b.dropped = 0;
+        b.tail.clear();
     }
 
     fn append(&self, data: &[u8]) {
@@ -64,9 +82,11 @@ impl Capture {
         let kept = data.len().min(room);
         b.bytes.extend_from_slice(&data[..kept]);
         b.dropped += data.len() - kept;
-        if b.sink.is_some() && data.contains(&b'\n') {
+        let full = b.bytes.len() >= MAX_PENDING;
+        if b.sink.is_some() && (full || data.contains(&b'\n')) {
             drop(b);
-            self.drain(false);
+            // A line too long to keep is cut here rather than silencing what follows.
+            self.drain(full);
         }
     }
 
@@ -84,14 +104,36 @@ impl Capture {
         let Some(ctx) = b.sink.as_ref().map(Context::handle) else {
             return;
         };
+        let room = MAX_LINES_PER_ACTIVATION.saturating_sub(b.sent);
+        let (send, over) = if lines.len() > room {
+            (room, lines.len() - room)
+        } else {
+            (lines.len(), 0)
+        };
+        b.sent += send;
+        b.suppressed += over;
+        let suppressed = if all {
+            std::mem::take(&mut b.suppressed)
+        } else {
+            0
+        };
         drop(b);
-        for line in lines {
+        for line in lines.into_iter().take(send) {
             ctx.output(self.stream, line);
         }
         if dropped > 0 {
             ctx.output(
                 self.stream,
-                format!("[{dropped} bytes of output dropped: too much at once]"),
+                format!("[{dropped} bytes of output dropped: a line too long to keep]"),
+            );
+        }
+        if suppressed > 0 {
+            ctx.output(
+                self.stream,
+                format!(
+                    "[{suppressed} more lines dropped: over the {MAX_LINES_PER_ACTIVATION}-line \
+                     budget of one activation]"
+                ),
             );
         }
     }

@@ -40,6 +40,12 @@ pub(crate) struct PluginInner {
     from_cache: bool,
 }
 
+/// A live instance of a plugin, held until dropped (see [`Plugin::instantiate`]).
+pub struct LiveInstance {
+    _store: wasmtime::Store<super::instance::StoreData>,
+    _bindings: bindings::Plugin,
+}
+
 /// A loaded plugin. Cheap to clone (shared).
 #[derive(Clone)]
 pub struct Plugin {
@@ -224,6 +230,27 @@ impl Plugin {
     /// Whether the compiled component came from the on-disk cache.
     pub fn from_cache(&self) -> bool {
         self.inner.from_cache
+    }
+
+    /// A fresh instance of this plugin outside any routine (with the engine's default
+    /// limits), after one call of `describe`: for warming up and for measuring what a live
+    /// instance costs.
+    pub fn instantiate(&self) -> Result<LiveInstance, LoadError> {
+        let fail = |e: wasmtime::Error| LoadError::Describe {
+            path: self.inner.path.clone(),
+            detail: format!("{e:#}"),
+        };
+        let limits = self.inner.engine.default_limits().clone();
+        let mut store = new_store(&self.inner, &limits).map_err(fail)?;
+        let bindings = self.inner.pre.instantiate(&mut store).map_err(fail)?;
+        bindings
+            .routilux_plugin_routine()
+            .call_describe(&mut store)
+            .map_err(fail)?;
+        Ok(LiveInstance {
+            _store: store,
+            _bindings: bindings,
+        })
     }
 
     /// A routine of `kind` with the engine's default limits: slots, events and default config

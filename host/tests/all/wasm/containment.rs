@@ -204,3 +204,57 @@ fn an_emit_flood_into_a_small_queue_loses_nothing() {
         assert_eq!((c.items_in, c.overflowed), (3000, 0), "threads={threads}");
     }
 }
+
+#[test]
+fn cancelling_a_job_stops_its_running_guest() {
+    let fixtures = load("fixtures");
+    let limits = Limits {
+        timeout: Duration::from_secs(60),
+        ..Default::default()
+    };
+    let mut flow = Flow::new();
+    flow.add_routine(fixtures.routine_with("spin", limits).unwrap(), "spin");
+    let (rt, _) = recording_runtime(1);
+    rt.register("spin", &flow).unwrap();
+    let job = rt
+        .post("spin", "spin", "in", &json!({"bad": true}))
+        .unwrap();
+    std::thread::sleep(Duration::from_millis(100));
+    let asked = std::time::Instant::now();
+    assert!(job.cancel());
+    assert!(
+        job.wait(Duration::from_secs(5)),
+        "the spinning guest was not stopped"
+    );
+    assert!(asked.elapsed() < Duration::from_secs(5));
+    assert_eq!(job.status(), JobStatus::Cancelled);
+    let dead = job.dead_letters();
+    assert_eq!(dead.len(), 1, "its item is kept");
+    assert!(
+        dead[0].error.contains("its job halted"),
+        "{}",
+        dead[0].error
+    );
+}
+
+#[test]
+fn a_guest_printing_in_a_loop_is_capped_per_activation() {
+    let fixtures = load("fixtures");
+    let mut flow = Flow::new();
+    flow.add_routine(
+        fixtures.routine("chatty").unwrap().config("lines", 12_345),
+        "chatty",
+    );
+    let (rt, _) = recording_runtime(1);
+    rt.register("chatty", &flow).unwrap();
+    let job = rt.post("chatty", "chatty", "in", &json!({})).unwrap();
+    assert!(job.wait(WAIT));
+    assert_eq!(job.status(), JobStatus::Completed);
+    let out = job.output();
+    assert_eq!(out.len(), 10_001);
+    assert_eq!(out[9_999].message, "line 9999");
+    assert_eq!(
+        out[10_000].message,
+        "[2345 more lines dropped: over the 10000-line budget of one activation]"
+    );
+}
