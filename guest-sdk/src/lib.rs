@@ -133,28 +133,65 @@ impl From<serde_json::Error> for Error {
     }
 }
 
-/// One item: a JSON object.
-#[derive(Clone, Debug, PartialEq)]
-pub struct Item(Value);
+/// One item: a JSON object. It arrives as bytes and is parsed on first use, so a routine
+/// that only forwards or counts items never parses them.
+#[derive(Clone)]
+pub struct Item {
+    bytes: Vec<u8>,
+    value: std::cell::OnceCell<Value>,
+}
+
+impl fmt::Debug for Item {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "Item({})", self.value())
+    }
+}
+
+impl PartialEq for Item {
+    fn eq(&self, other: &Self) -> bool {
+        self.value() == other.value()
+    }
+}
 
 impl Item {
+    pub(crate) fn from_bytes(bytes: Vec<u8>) -> Self {
+        Self {
+            bytes,
+            value: std::cell::OnceCell::new(),
+        }
+    }
+
+    pub(crate) fn from_value(value: Value) -> Self {
+        let bytes = serde_json::to_vec(&value).unwrap_or_else(|_| b"{}".to_vec());
+        let cell = std::cell::OnceCell::new();
+        let _ = cell.set(value);
+        Self { bytes, value: cell }
+    }
+
     /// The item as JSON.
     pub fn value(&self) -> &Value {
-        &self.0
+        self.value.get_or_init(|| {
+            // The host sends only valid JSON objects.
+            serde_json::from_slice(&self.bytes).unwrap_or(Value::Object(Map::new()))
+        })
+    }
+
+    /// The item's JSON text, as it arrived.
+    pub fn as_bytes(&self) -> &[u8] {
+        &self.bytes
     }
 
     /// A field, deserialised; an error names the missing or mistyped field.
     pub fn get<T: DeserializeOwned>(&self, field: &str) -> Result<T, Error> {
-        let v = self
-            .0
-            .get(field)
-            .ok_or_else(|| Error::fatal(format!("item has no field `{field}`: {}", self.0)))?;
+        let v = self.value().get(field).ok_or_else(|| {
+            Error::fatal(format!("item has no field `{field}`: {}", self.value()))
+        })?;
         T::deserialize(v).map_err(|e| Error::fatal(format!("field `{field}`: {e}")))
     }
 
     /// A field, deserialised, or `None` when absent.
     pub fn get_opt<T: DeserializeOwned>(&self, field: &str) -> Result<Option<T>, Error> {
-        match self.0.get(field) {
+        match self.value().get(field) {
             None | Some(Value::Null) => Ok(None),
             Some(v) => T::deserialize(v)
                 .map(Some)
@@ -164,7 +201,7 @@ impl Item {
 
     /// The whole item deserialised.
     pub fn parse<T: DeserializeOwned>(&self) -> Result<T, Error> {
-        T::deserialize(&self.0).map_err(|e| Error::fatal(format!("item: {e}")))
+        T::deserialize(self.value()).map_err(|e| Error::fatal(format!("item: {e}")))
     }
 }
 
@@ -248,6 +285,13 @@ impl Context<'_> {
     pub fn emit<T: Serialize + ?Sized>(&self, event: &str, value: &T) -> Result<(), Error> {
         let bytes = serde_json::to_vec(value)?;
         self.backend.emit(event, bytes).map_err(Error::fatal)
+    }
+
+    /// Emits an item as it is, without parsing or serialising it again (forwarding).
+    pub fn emit_item(&self, event: &str, item: &Item) -> Result<(), Error> {
+        self.backend
+            .emit(event, item.as_bytes().to_vec())
+            .map_err(Error::fatal)
     }
 
     /// Logs a line to the job's output.
@@ -435,17 +479,13 @@ pub mod __private {
     }
 
     fn decode(batches: Vec<SlotBatch>, message: Option<String>) -> Result<Batch, Error> {
-        let slots = batches
+        let slots: Vec<(String, Vec<Item>)> = batches
             .into_iter()
             .map(|b| {
-                let items = b
-                    .items
-                    .iter()
-                    .map(|bytes| serde_json::from_slice(bytes).map(Item))
-                    .collect::<Result<Vec<_>, _>>()?;
-                Ok((b.slot, items))
+                let items = b.items.into_iter().map(Item::from_bytes).collect();
+                (b.slot, items)
             })
-            .collect::<Result<Vec<_>, serde_json::Error>>()?;
+            .collect();
         let message = message.map(|m| serde_json::from_str(&m)).transpose()?;
         Ok(Batch { slots, message })
     }
@@ -455,6 +495,6 @@ pub mod __private {
     }
 
     pub(crate) fn item(value: Value) -> Item {
-        Item(value)
+        Item::from_value(value)
     }
 }

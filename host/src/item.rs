@@ -70,18 +70,22 @@ impl Item {
         Self::from_value_unchecked(Value::Object(map))
     }
 
-    /// Parses UTF-8 JSON bytes (as a WebAssembly guest produces them); keeps the bytes so
-    /// they are not serialised again on the way to another guest.
+    /// Takes UTF-8 JSON bytes (as a WebAssembly guest produces them) after checking that they
+    /// hold one JSON object. The bytes are kept, so the item reaches other guests without
+    /// being serialised again, and the value is parsed only if native logic asks for it.
     pub fn from_json_bytes(bytes: impl Into<Box<[u8]>>) -> Result<Self, ItemError> {
         let bytes = bytes.into();
-        let value: Value = serde_json::from_slice(&bytes)?;
-        if !value.is_object() {
+        // Validate without building a value (no allocation per field).
+        serde_json::from_slice::<serde::de::IgnoredAny>(&bytes)?;
+        let first = bytes.iter().find(|b| !b.is_ascii_whitespace()).copied();
+        if first != Some(b'{') {
+            let value: Value = serde_json::from_slice(&bytes)?;
             return Err(ItemError::NotAnObject {
                 kind: kind_of(&value),
             });
         }
         let inner = Inner {
-            value: OnceLock::from(value),
+            value: OnceLock::new(),
             bytes: OnceLock::from(bytes),
         };
         Ok(Self(Arc::new(inner)))
@@ -94,10 +98,11 @@ impl Item {
         }))
     }
 
-    /// The item as a JSON value (always an object).
+    /// The item as a JSON value (always an object), parsed on first use if the item came as
+    /// bytes.
     pub fn value(&self) -> &Value {
         self.0.value.get_or_init(|| {
-            // Every constructor sets the value; this branch exists only to keep the type total.
+            // Bytes were validated as a JSON object when the item was made.
             let bytes = self.0.bytes.get().map(|b| &b[..]).unwrap_or(b"{}");
             serde_json::from_slice(bytes).unwrap_or(Value::Object(Map::new()))
         })

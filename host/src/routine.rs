@@ -275,6 +275,15 @@ impl Routine {
         self.slot(SlotSpec::new(name).max_queue_length(max_queue_length))
     }
 
+    /// Changes the bound of an existing slot (a slot of that name must have been declared,
+    /// for instance by a plugin's description; otherwise nothing changes).
+    pub fn max_queue_length(mut self, slot: &str, n: usize) -> Self {
+        if let Some(s) = self.slots.iter_mut().find(|s| &*s.name == slot) {
+            s.max_queue_length = n;
+        }
+        self
+    }
+
     /// Adds an output event with its declared field names.
     pub fn event<I, S>(mut self, name: &str, fields: I) -> Self
     where
