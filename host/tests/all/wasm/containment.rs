@@ -216,10 +216,20 @@ fn cancelling_a_job_stops_its_running_guest() {
     flow.add_routine(fixtures.routine_with("spin", limits).unwrap(), "spin");
     let (rt, _) = recording_runtime(1);
     rt.register("spin", &flow).unwrap();
-    let job = rt
-        .post("spin", "spin", "in", &json!({"bad": true}))
-        .unwrap();
-    std::thread::sleep(Duration::from_millis(100));
+    let job = rt.exec("spin").unwrap();
+    let input = job.input("spin", "in").unwrap();
+    // It prints for the first item, then spins on the second; wait until the second has left
+    // the queue (its activation runs).
+    input.post(&json!({"id": 1})).unwrap();
+    input.post(&json!({"id": 2, "bad": true})).unwrap();
+    drop(input);
+    assert!(crate::common::eventually(|| {
+        job.output()
+            .iter()
+            .any(|l| l.message.starts_with("spin passed"))
+            && job.counters()["spin"].queued == 0
+    }));
+    std::thread::sleep(Duration::from_millis(50));
     let asked = std::time::Instant::now();
     assert!(job.cancel());
     assert!(
@@ -229,7 +239,8 @@ fn cancelling_a_job_stops_its_running_guest() {
     assert!(asked.elapsed() < Duration::from_secs(5));
     assert_eq!(job.status(), JobStatus::Cancelled);
     let dead = job.dead_letters();
-    assert_eq!(dead.len(), 1, "its item is kept");
+    assert_eq!(dead.len(), 1, "its items are kept");
+    assert!(dead[0].items["in"].iter().any(|i| i.value()["id"] == 2));
     assert!(
         dead[0].error.contains("its job halted"),
         "{}",
