@@ -229,16 +229,13 @@ impl Context {
                     stalled_at = None;
                 }
                 let mut pending = Some(item);
-                let pushed = shared.pool.wait_unless(Duration::from_millis(1), || {
-                    let it = pending.take().expect("the item is still ours");
-                    match job.push(node, slot, it, false, worker.sched()) {
-                        Ok(()) => true,
-                        Err(back) => {
-                            pending = Some(back);
-                            false
-                        }
-                    }
-                });
+                let pushed = job.push_or_wait(
+                    node,
+                    slot,
+                    &mut pending,
+                    worker.sched(),
+                    Duration::from_millis(1),
+                );
                 shared.pool.leave_blocked();
                 if pushed {
                     return Ok(());
@@ -298,16 +295,13 @@ impl Context {
                 return Err(self.halted_while_waiting(node, slot, it));
             }
             pending = Some(it);
-            let pushed = pool.wait_unless(Duration::from_millis(5), || {
-                let it = pending.take().expect("the item is still ours");
-                match job.push(node, slot, it, false, Sched::External(pool)) {
-                    Ok(()) => true,
-                    Err(back) => {
-                        pending = Some(back);
-                        false
-                    }
-                }
-            });
+            let pushed = job.push_or_wait(
+                node,
+                slot,
+                &mut pending,
+                Sched::External(pool),
+                Duration::from_millis(5),
+            );
             if pushed {
                 return Ok(());
             }

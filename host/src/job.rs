@@ -484,6 +484,31 @@ impl Job {
         Ok(())
     }
 
+    /// Waits up to `timeout` for room in `node.slot` and queues the item in `pending` there;
+    /// returns whether it did (if not, the item is back in `pending`). No wake-up is lost: the
+    /// retry runs with the waiter registered (see `Pool::wait_unless`).
+    pub(crate) fn push_or_wait(
+        self: &Arc<Self>,
+        node: usize,
+        slot: usize,
+        pending: &mut Option<Item>,
+        sched: Sched<'_>,
+        timeout: Duration,
+    ) -> bool {
+        self.shared.pool.wait_unless(timeout, || {
+            let Some(item) = pending.take() else {
+                return true;
+            };
+            match self.push(node, slot, item, false, sched) {
+                Ok(()) => true,
+                Err(back) => {
+                    *pending = Some(back);
+                    false
+                }
+            }
+        })
+    }
+
     /// A check task: run `node` while its policy releases batches.
     pub(crate) fn run_check(self: &Arc<Self>, node: usize, from_timer: bool, w: &WorkerLocal) {
         {

@@ -478,16 +478,13 @@ fn post_resolved(
         let slice = deadline.map_or(Duration::from_millis(5), |d| {
             (d - now).min(Duration::from_millis(5))
         });
-        let pushed = job.shared.pool.wait_unless(slice, || {
-            let it = pending.take().expect("the item is still ours");
-            match job.push(node, slot, it, false, Sched::External(&job.shared.pool)) {
-                Ok(()) => true,
-                Err(back) => {
-                    pending = Some(back);
-                    false
-                }
-            }
-        });
+        let pushed = job.push_or_wait(
+            node,
+            slot,
+            &mut pending,
+            Sched::External(&job.shared.pool),
+            slice,
+        );
         if pushed {
             return Ok(());
         }
