@@ -346,16 +346,17 @@ fn run_channels(shape: Shape, n: usize, clock: &Arc<Clock>) -> Duration {
     start.elapsed()
 }
 
-fn peak_rss_kib() -> u64 {
+/// A `kB` field of `/proc/self/status` (`VmHWM`: peak resident, `VmRSS`: resident now).
+fn status_kib(field: &str) -> f64 {
     std::fs::read_to_string("/proc/self/status")
         .ok()
         .and_then(|s| {
             s.lines()
-                .find(|l| l.starts_with("VmHWM:"))
+                .find(|l| l.starts_with(field))
                 .and_then(|l| l.split_whitespace().nth(1))
                 .and_then(|v| v.parse().ok())
         })
-        .unwrap_or(0)
+        .unwrap_or(0.0)
 }
 
 #[derive(Clone)]
@@ -479,25 +480,13 @@ fn run_round_trip(imp: &str, n: usize) -> f64 {
     elapsed.as_secs_f64() * 1e6 / n as f64
 }
 
-fn vm_rss_kib() -> f64 {
-    std::fs::read_to_string("/proc/self/status")
-        .ok()
-        .and_then(|s| {
-            s.lines()
-                .find(|l| l.starts_with("VmRSS:"))
-                .and_then(|l| l.split_whitespace().nth(1))
-                .and_then(|v| v.parse().ok())
-        })
-        .unwrap_or(0.0)
-}
-
 /// Resident memory added per live instance (each called once), in KiB.
 fn run_rss(n: usize) -> f64 {
     let p = fixtures();
     let warm: Vec<_> = (0..8).map(|_| p.instantiate().unwrap()).collect();
-    let before = vm_rss_kib();
+    let before = status_kib("VmRSS:");
     let live: Vec<_> = (0..n).map(|_| p.instantiate().unwrap()).collect();
-    let after = vm_rss_kib();
+    let after = status_kib("VmRSS:");
     drop((warm, live));
     (after - before) / n as f64
 }
@@ -521,7 +510,7 @@ fn main() {
                 let (p50, p99) = clock.percentiles();
                 let rate = (o.messages as u64 * shape.deliveries_per_message()) as f64
                     / elapsed.as_secs_f64();
-                println!("{rate} {p50} {p99} {}", peak_rss_kib());
+                println!("{rate} {p50} {p99} {}", status_kib("VmHWM:"));
             }
         }
         return;

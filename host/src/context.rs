@@ -290,19 +290,17 @@ impl Context {
         let pool = &job.shared.pool;
         let mut pending = Some(item);
         loop {
-            let it = pending.take().expect("the item is still ours");
             if job.halted() {
-                return Err(self.halted_while_waiting(node, slot, it));
+                let item = pending.take().expect("a failed push gives the item back");
+                return Err(self.halted_while_waiting(node, slot, item));
             }
-            pending = Some(it);
-            let pushed = job.push_or_wait(
+            if job.push_or_wait(
                 node,
                 slot,
                 &mut pending,
                 Sched::External(pool),
                 Duration::from_millis(5),
-            );
-            if pushed {
+            ) {
                 return Ok(());
             }
         }

@@ -181,7 +181,8 @@ pub enum Problem {
     },
 }
 
-fn hint(suggestion: &Option<String>) -> String {
+/// " (did you mean `x`?)" when there is a suggestion, else nothing.
+pub(crate) fn hint(suggestion: &Option<String>) -> String {
     match suggestion {
         Some(s) => format!(" (did you mean `{s}`?)"),
         None => String::new(),

@@ -16,7 +16,7 @@ use std::time::{Duration, Instant};
 use parking_lot::{Condvar, Mutex};
 use serde::{Deserialize, Serialize};
 
-use crate::flow::{Flow, FlowError, Warning, suggest};
+use crate::flow::{Flow, FlowError, Warning, hint, suggest};
 use crate::item::{Item, ItemError};
 use crate::job::{
     ActivationFailure, DeadLetter, Job, JobId, JobStatus, OutputLine, RoutineCounters,
@@ -119,13 +119,6 @@ pub enum RuntimeError {
     /// The runtime is shutting down (or has): it starts no job and takes no input.
     #[error("the runtime has shut down")]
     ShutDown,
-}
-
-fn hint(suggestion: &Option<String>) -> String {
-    match suggestion {
-        Some(s) => format!(" (did you mean `{s}`?)"),
-        None => String::new(),
-    }
 }
 
 /// How [`Runtime::shutdown`] treats unfinished jobs.

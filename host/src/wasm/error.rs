@@ -2,6 +2,8 @@
 
 use std::path::PathBuf;
 
+use crate::flow::hint;
+
 /// A plugin that cannot be used, and why. Every variant names the file.
 #[derive(Debug, thiserror::Error)]
 pub enum LoadError {
@@ -91,11 +93,4 @@ pub enum LoadError {
 
 fn list(problems: &[String]) -> String {
     problems.iter().map(|p| format!("\n  - {p}")).collect()
-}
-
-fn hint(suggestion: &Option<String>) -> String {
-    match suggestion {
-        Some(s) => format!(" (did you mean `{s}`?)"),
-        None => String::new(),
-    }
 }

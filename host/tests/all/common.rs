@@ -63,6 +63,14 @@ pub fn max_overlap(intervals: &[Interval]) -> usize {
     max as usize
 }
 
+/// A routine with slot `in` and event `out` that forwards every item unchanged.
+pub fn forwarder() -> routilux::Routine {
+    routilux::Routine::new()
+        .slot("in")
+        .event("out", ["id"])
+        .logic(forward)
+}
+
 /// Logic that forwards every item it gets, unchanged, on event `out`.
 pub fn forward(ctx: &Context, batch: &Batch) -> Result<(), RoutineError> {
     for item in batch.items() {

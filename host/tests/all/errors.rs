@@ -11,47 +11,41 @@ use routilux::{
 };
 use serde_json::json;
 
-use crate::common::{Log, WAIT, forward, runtime};
+use crate::common::{Log, WAIT, forwarder, runtime};
 
 /// `src` forwards to `bad` (fails on odd ids) and `good` (never fails).
 fn flow(strategy: ErrorStrategy) -> (Flow, Log<i64>) {
     let good_seen = Log::new();
     let g = good_seen.clone();
     let mut flow = Flow::new();
-    flow.add_routine(
-        Routine::new()
-            .slot("in")
-            .event("out", ["id"])
-            .logic(forward),
-        "src",
-    )
-    .add_routine(
-        Routine::new()
-            .slot("in")
-            .policy(routilux::Policy::batch_size(1))
-            .on_error(strategy)
-            .logic(|_, b| {
-                let id = b.slot("in")[0].value()["id"].as_i64().unwrap_or(0);
-                if id % 2 == 1 {
-                    Err(RoutineError::fatal(format!("odd id {id}")))
-                } else {
+    flow.add_routine(forwarder(), "src")
+        .add_routine(
+            Routine::new()
+                .slot("in")
+                .policy(routilux::Policy::batch_size(1))
+                .on_error(strategy)
+                .logic(|_, b| {
+                    let id = b.slot("in")[0].value()["id"].as_i64().unwrap_or(0);
+                    if id % 2 == 1 {
+                        Err(RoutineError::fatal(format!("odd id {id}")))
+                    } else {
+                        Ok(())
+                    }
+                }),
+            "bad",
+        )
+        .add_routine(
+            Routine::new()
+                .slot("in")
+                .policy(routilux::Policy::batch_size(1))
+                .logic(move |_, b| {
+                    g.push(b.slot("in")[0].value()["id"].as_i64().unwrap_or(-1));
                     Ok(())
-                }
-            }),
-        "bad",
-    )
-    .add_routine(
-        Routine::new()
-            .slot("in")
-            .policy(routilux::Policy::batch_size(1))
-            .logic(move |_, b| {
-                g.push(b.slot("in")[0].value()["id"].as_i64().unwrap_or(-1));
-                Ok(())
-            }),
-        "good",
-    )
-    .connect("src", "out", "bad", "in")
-    .connect("src", "out", "good", "in");
+                }),
+            "good",
+        )
+        .connect("src", "out", "bad", "in")
+        .connect("src", "out", "good", "in");
     (flow, good_seen)
 }
 

@@ -10,19 +10,14 @@ use routilux::{Flow, JobStatus, Routine, Runtime, RuntimeError, Shutdown};
 use serde_json::json;
 
 use crate::common::{
-    Gate, Interval, Log, WAIT, eventually, forward, max_overlap, overlap, recording, runtime,
+    Gate, Interval, Log, WAIT, eventually, forward, forwarder, max_overlap, overlap, recording,
+    runtime,
 };
 
 /// A source that forwards its input to `n` subscribers, each recording its intervals.
 fn fan_out_flow(n: usize, log: &Log<Interval>, busy: Duration) -> Flow {
     let mut flow = Flow::new();
-    flow.add_routine(
-        Routine::new()
-            .slot("in")
-            .event("out", ["id"])
-            .logic(forward),
-        "src",
-    );
+    flow.add_routine(forwarder(), "src");
     for i in 0..n {
         let id = format!("sub{i}");
         flow.add_routine(
@@ -110,13 +105,7 @@ fn fan_out_subscribers_run_in_parallel() {
     let log = Log::new();
     let rv = crate::common::Rendezvous::new();
     let mut flow = Flow::new();
-    flow.add_routine(
-        Routine::new()
-            .slot("in")
-            .event("out", ["id"])
-            .logic(forward),
-        "src",
-    );
+    flow.add_routine(forwarder(), "src");
     for s in ["a", "b", "c"] {
         flow.add_routine(
             Routine::new()

@@ -10,30 +10,24 @@ use routilux::{ErrorStrategy, Flow, JobStatus, Policy, Routine};
 use serde_json::json;
 
 use super::{WAIT, load, recording_runtime};
-use crate::common::forward;
+use crate::common::forwarder;
 
 /// Runs items 1, 2 (bad), 3 through `src → {bad: kind, sibling: echo}`; returns the job.
 fn contain(kind: &str, limits: Limits, threads: usize) -> routilux::JobHandle {
     let fixtures = load("fixtures");
     let mut flow = Flow::new();
-    flow.add_routine(
-        Routine::new()
-            .slot("in")
-            .event("out", ["id"])
-            .logic(forward),
-        "src",
-    )
-    .add_routine(
-        fixtures
-            .routine_with(kind, limits)
-            .unwrap()
-            .policy(Policy::batch_size(1))
-            .on_error(ErrorStrategy::Continue),
-        "bad",
-    )
-    .add_routine(fixtures.routine("echo").unwrap(), "sibling")
-    .connect("src", "out", "bad", "in")
-    .connect("src", "out", "sibling", "in");
+    flow.add_routine(forwarder(), "src")
+        .add_routine(
+            fixtures
+                .routine_with(kind, limits)
+                .unwrap()
+                .policy(Policy::batch_size(1))
+                .on_error(ErrorStrategy::Continue),
+            "bad",
+        )
+        .add_routine(fixtures.routine("echo").unwrap(), "sibling")
+        .connect("src", "out", "bad", "in")
+        .connect("src", "out", "sibling", "in");
     let (rt, _) = recording_runtime(threads);
     rt.register("contain", &flow).unwrap();
     let job = rt.exec("contain").unwrap();
