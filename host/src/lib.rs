@@ -21,8 +21,11 @@
 //! | `scheduler`, `timer` | the work-stealing pool and its timer |
 //! | `runtime` | [`Runtime`], [`JobHandle`] |
 //! | [`wasm`] | WebAssembly plugins: engine, cache, sandboxed instances |
+//! | `cli` | the `routilux` tool: flow files, plugin directories, run / validate / inspect |
 
 mod activation;
+#[cfg(feature = "cli")]
+pub mod cli;
 mod context;
 mod flow;
 mod item;

@@ -232,6 +232,28 @@ impl Plugin {
         self.inner.from_cache
     }
 
+    /// The capabilities granted to this plugin's instances.
+    pub fn permissions(&self) -> &Permissions {
+        &self.inner.permissions
+    }
+
+    /// The same compiled plugin with other capabilities granted (nothing is recompiled or
+    /// described again): for routines of one component that need different grants.
+    pub fn with_permissions(&self, permissions: Permissions) -> Plugin {
+        let i = &self.inner;
+        Plugin {
+            inner: Arc::new(PluginInner {
+                engine: i.engine.clone(),
+                path: i.path.clone(),
+                pre: i.pre.clone(),
+                permissions,
+                kinds: i.kinds.clone(),
+                imports: i.imports.clone(),
+                from_cache: i.from_cache,
+            }),
+        }
+    }
+
     /// A fresh instance of this plugin outside any routine (with the engine's default
     /// limits), after one call of `describe`: for warming up and for measuring what a live
     /// instance costs.

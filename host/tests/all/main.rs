@@ -3,6 +3,7 @@
 #![allow(clippy::unwrap_used, missing_docs)]
 
 mod backpressure;
+mod cli;
 mod common;
 mod errors;
 mod examples;

@@ -1,0 +1,571 @@
+//! From a flow file and plugin directories to a validated [`Flow`]: every problem found, each
+//! at its place, with the nearest valid name where a name is unknown.
+
+use std::collections::{BTreeSet, HashMap};
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use serde_json::Value;
+use serde_saphyr::{Location, Spanned};
+
+use super::diag::{Diagnostic, Source};
+use super::file::{
+    FlowFile, LimitsDef, ManifestFile, OnErrorDef, PermissionsDef, PolicyDef, ThenDef,
+};
+use super::plugins::{self, PluginDirs};
+use crate::flow::{Problem, suggest};
+use crate::wasm::{Limits, LoadError, Permissions, Plugin, WasmEngine};
+use crate::{ErrorStrategy, Exhausted, Flow, Policy, RetryPolicy};
+
+/// How to find plugins.
+#[derive(Clone, Debug, Default)]
+pub(crate) struct PluginOptions {
+    /// Directories given on the command line (searched before the flow file's).
+    pub dirs: Vec<PathBuf>,
+    /// Build Cargo plugin projects first.
+    pub build: bool,
+}
+
+/// A flow file turned into a flow that can run.
+pub(crate) struct Loaded {
+    pub flow_id: String,
+    pub description: Option<String>,
+    pub flow: Flow,
+    pub threads: Option<usize>,
+    pub timeout: Option<Duration>,
+    /// Warnings (the flow is valid).
+    pub warnings: Vec<Diagnostic>,
+    /// Slots no connection feeds, in file order: where posts go.
+    pub entries: Vec<(String, String)>,
+    /// The components used, with whether each came from the compiled cache.
+    pub components: Vec<(PathBuf, bool)>,
+    /// The flow file's own input, by target slot.
+    pub input: Vec<((String, String), Vec<crate::Item>)>,
+}
+
+/// Reads, checks and builds the flow in `path`. On failure, every diagnostic found (errors
+/// and warnings).
+pub(crate) fn load(
+    path: &Path,
+    engine: &WasmEngine,
+    options: &PluginOptions,
+) -> Result<Loaded, Vec<Diagnostic>> {
+    let src = Source::read(path).map_err(|d| vec![d])?;
+    let file: FlowFile = src.parse().map_err(|d| vec![d])?;
+    let mut b = Builder {
+        src: &src,
+        engine,
+        diags: Vec::new(),
+        dirs: PluginDirs::default(),
+        loaded: HashMap::new(),
+        manifests: HashMap::new(),
+        base: path.parent().unwrap_or(Path::new(".")).to_owned(),
+    };
+    b.scan_dirs(&file, options);
+    let mut flow = Flow::new();
+    flow.allow_cycles(file.allow_cycles);
+    if let Some(s) = &file.on_error {
+        flow.on_error(strategy(&s.value));
+    }
+    if file.routines.is_empty() {
+        b.diags
+            .push(src.error(&file.flow_id.referenced, "the flow has no routines"));
+    }
+    // Routine id → the kind it got (None: it could not be built; its connections are not
+    // checked further, to avoid a cascade of messages).
+    let mut kinds: HashMap<String, Option<crate::wasm::KindInfo>> = HashMap::new();
+    let mut routine_at: HashMap<String, Location> = HashMap::new();
+    for (id, def) in &file.routines {
+        routine_at.insert(id.value.clone(), id.referenced);
+        let (kind, routine) = match b.routine(&id.value, &def.value) {
+            Some((k, r)) => (Some(k), r),
+            None => (None, None),
+        };
+        kinds.insert(id.value.clone(), kind);
+        if let Some(routine) = routine {
+            flow.add_routine(routine, &id.value);
+        }
+    }
+
+    let ids: Vec<&str> = file.routines.keys().map(|k| k.value.as_str()).collect();
+    let mut connection_at: HashMap<String, Location> = HashMap::new();
+    let mut fed: BTreeSet<(String, String)> = BTreeSet::new();
+    for c in &file.connections {
+        let from = b.endpoint(&c.value.from, "from", "event", &ids, &kinds);
+        let to = b.endpoint(&c.value.to, "to", "slot", &ids, &kinds);
+        if let (Some((fr, ev)), Some((tr, sl))) = (from, to) {
+            let key = format!("{fr}.{ev} -> {tr}.{sl}");
+            connection_at.entry(key).or_insert(c.referenced);
+            fed.insert((tr.clone(), sl.clone()));
+            flow.connect(&fr, &ev, &tr, &sl);
+        }
+    }
+
+    let mut input = Vec::new();
+    for (target, items) in &file.input {
+        if let Some(to) = b.endpoint(target, "input", "slot", &ids, &kinds) {
+            let items = items
+                .iter()
+                .filter_map(|m| crate::Item::new(Value::Object(m.clone())).ok())
+                .collect();
+            input.push((to, items));
+        }
+    }
+
+    let threads = file.execution.thread_pool_size.as_ref().and_then(|t| {
+        if t.value == 0 {
+            b.diags
+                .push(src.error(&t.referenced, "thread_pool_size must be at least 1"));
+        }
+        (t.value > 0).then_some(t.value)
+    });
+
+    let warnings = match flow.validate() {
+        Ok(w) => w,
+        Err(e) => {
+            for p in e.problems {
+                let at = problem_place(&p, &routine_at, &connection_at);
+                b.diags.push(src.error(&at, p.to_string()));
+            }
+            Vec::new()
+        }
+    };
+    for w in warnings {
+        let crate::Warning::UnconnectedSlot { routine, .. } = &w;
+        let at = routine_at
+            .get(routine)
+            .copied()
+            .unwrap_or(Location::UNKNOWN);
+        b.diags.push(src.warning(&at, w.to_string()));
+    }
+
+    if b.diags.iter().any(Diagnostic::is_error) {
+        return Err(b.diags);
+    }
+    let mut entries = Vec::new();
+    for (id, _) in &file.routines {
+        if let Some(Some(k)) = kinds.get(&id.value) {
+            for s in &k.slots {
+                if !fed.contains(&(id.value.clone(), s.name.to_string())) {
+                    entries.push((id.value.clone(), s.name.to_string()));
+                }
+            }
+        }
+    }
+    let mut components: Vec<(PathBuf, bool)> = b
+        .loaded
+        .iter()
+        .filter_map(|(p, r)| r.as_ref().ok().map(|pl| (p.clone(), pl.from_cache())))
+        .collect();
+    components.sort();
+    Ok(Loaded {
+        flow_id: file.flow_id.value.clone(),
+        description: file.description.clone(),
+        flow,
+        threads,
+        timeout: file.execution.timeout.map(|d| d.0),
+        warnings: b.diags,
+        entries,
+        components,
+        input,
+    })
+}
+
+/// Where a validation problem belongs in the file.
+fn problem_place(
+    p: &Problem,
+    routines: &HashMap<String, Location>,
+    connections: &HashMap<String, Location>,
+) -> Location {
+    let routine = |r: &str| routines.get(r).copied();
+    let connection = |c: &str| connections.get(c).copied();
+    let at = match p {
+        Problem::DuplicateRoutine { id } => routine(id),
+        Problem::NoLogic { routine: r }
+        | Problem::NoSlots { routine: r }
+        | Problem::DuplicateName { routine: r, .. }
+        | Problem::ZeroCapacity { routine: r, .. }
+        | Problem::ZeroConcurrency { routine: r }
+        | Problem::PolicyNeverFires { routine: r, .. }
+        | Problem::BadRetry { routine: r, .. } => routine(r),
+        Problem::UnknownRoutine { connection: c, .. }
+        | Problem::UnknownEvent { connection: c, .. }
+        | Problem::UnknownSlot { connection: c, .. }
+        | Problem::DuplicateConnection { connection: c } => connection(c),
+        Problem::Cycle { path } => connections
+            .iter()
+            .filter(|(c, _)| {
+                path.windows(2).any(|w| {
+                    c.starts_with(&format!("{}.", w[0])) && c.contains(&format!("-> {}.", w[1]))
+                })
+            })
+            .map(|(_, at)| *at)
+            .min_by_key(|at| (at.line(), at.column()))
+            .or_else(|| path.first().and_then(|r| routine(r))),
+    };
+    at.unwrap_or(Location::UNKNOWN)
+}
+
+/// The error strategy a flow file names.
+fn strategy(def: &OnErrorDef) -> ErrorStrategy {
+    match def {
+        OnErrorDef::Stop => ErrorStrategy::Stop,
+        OnErrorDef::Continue => ErrorStrategy::Continue,
+        OnErrorDef::Skip => ErrorStrategy::Skip,
+        OnErrorDef::Retry(r) => ErrorStrategy::Retry(RetryPolicy {
+            max: r.max,
+            delay: r.delay.map_or(Duration::from_millis(100), |d| d.0),
+            backoff: r.backoff.unwrap_or(2.0),
+            then: match r.then {
+                None | Some(ThenDef::Stop) => Exhausted::Stop,
+                Some(ThenDef::Continue) => Exhausted::Continue,
+                Some(ThenDef::Skip) => Exhausted::Skip,
+            },
+        }),
+    }
+}
+
+/// `limits` over `base`.
+fn apply_limits(base: &mut Limits, def: &LimitsDef) -> Result<(), String> {
+    if let Some(m) = def.memory {
+        base.memory = usize::try_from(m.0).map_err(|_| format!("memory {} is too large", m.0))?;
+        if base.memory < 64 << 10 {
+            return Err(format!(
+                "memory {} is below one WebAssembly page (64KiB)",
+                m.0
+            ));
+        }
+    }
+    if let Some(t) = def.timeout {
+        base.timeout = t.0;
+    }
+    if let Some(f) = def.fuel {
+        base.fuel = Some(f);
+    }
+    if let Some(n) = def.max_instances {
+        base.max_instances = n;
+    }
+    if let Some(n) = def.recycle_after {
+        base.recycle_after = n;
+    }
+    Ok(())
+}
+
+/// `permissions` added to `base`; host paths are relative to `dir`.
+fn add_permissions(base: &mut Permissions, def: &PermissionsDef, dir: &Path) -> Result<(), String> {
+    for g in &def.read_only_dirs {
+        let host = dir.join(&g.host);
+        if !host.is_dir() {
+            return Err(format!(
+                "read-only directory {} does not exist",
+                host.display()
+            ));
+        }
+        if !g.guest.starts_with('/') {
+            return Err(format!(
+                "guest path `{}` must be absolute (e.g. `/data`)",
+                g.guest
+            ));
+        }
+        base.read_only_dirs.push((host, g.guest.clone()));
+    }
+    base.env.extend(def.env.iter().cloned());
+    Ok(())
+}
+
+struct Builder<'a> {
+    src: &'a Source,
+    engine: &'a WasmEngine,
+    diags: Vec<Diagnostic>,
+    dirs: PluginDirs,
+    /// Components loaded so far (with no permissions), by path.
+    loaded: HashMap<PathBuf, Result<Plugin, LoadError>>,
+    /// Manifests read so far, by component path (limits, permissions, manifest source).
+    manifests: HashMap<PathBuf, Option<(Limits, Permissions)>>,
+    /// The flow file's directory.
+    base: PathBuf,
+}
+
+impl Builder<'_> {
+    fn scan_dirs(&mut self, file: &FlowFile, options: &PluginOptions) {
+        let mut dirs: Vec<(PathBuf, Option<Location>)> =
+            options.dirs.iter().map(|d| (d.clone(), None)).collect();
+        if let Some(p) = &file.plugins {
+            for d in p.value.items() {
+                dirs.push((self.base.join(d), Some(p.referenced)));
+            }
+        }
+        if dirs.is_empty() {
+            let default = self.base.join("plugins");
+            if default.is_dir() {
+                dirs.push((default, None));
+            }
+        }
+        for (dir, at) in dirs {
+            if options.build && plugins::is_cargo_project(&dir) {
+                if let Err(e) = plugins::build_rust_plugins(&dir, None, false) {
+                    self.push(at.as_ref(), e);
+                    continue;
+                }
+            }
+            if let Err(e) = self.dirs.scan(&dir) {
+                self.push(at.as_ref(), e);
+            }
+        }
+    }
+
+    fn push(&mut self, at: Option<&Location>, message: String) {
+        self.diags.push(match at {
+            Some(at) => self.src.error(at, message),
+            None => Diagnostic::error(message),
+        });
+    }
+
+    /// The component a routine's `plugin:` names.
+    fn component(&mut self, plugin: &Spanned<String>) -> Option<PathBuf> {
+        let name = plugin.value.as_str();
+        if name.ends_with(".wasm") || name.contains('/') {
+            let path = self.base.join(name);
+            if !path.is_file() {
+                let message = format!("plugin file {} does not exist", path.display());
+                self.diags.push(self.src.error(&plugin.referenced, message));
+                return None;
+            }
+            return Some(path);
+        }
+        match self.dirs.by_name.get(name).map(Vec::as_slice) {
+            Some([one]) => Some(one.clone()),
+            Some(many) => {
+                let list: Vec<String> = many.iter().map(|p| p.display().to_string()).collect();
+                let message = format!(
+                    "plugin `{name}` is ambiguous: {}; name the file (`plugin: path/to/{name}.wasm`)",
+                    list.join(" and ")
+                );
+                self.diags.push(self.src.error(&plugin.referenced, message));
+                None
+            }
+            None => {
+                let hint = match suggest(name, self.dirs.names()) {
+                    Some(s) => format!(" (did you mean `{s}`?)"),
+                    None if self.dirs.by_name.is_empty() => {
+                        " (no plugin directory: give --plugins DIR or `plugins:` in the flow file)"
+                            .to_owned()
+                    }
+                    None => format!(
+                        "; known plugins: {}",
+                        self.dirs.names().collect::<Vec<_>>().join(", ")
+                    ),
+                };
+                let message = format!("unknown plugin `{name}`{hint}");
+                self.diags.push(self.src.error(&plugin.referenced, message));
+                None
+            }
+        }
+    }
+
+    /// The plugin's defaults from its manifest, reading it once.
+    fn manifest(&mut self, component: &Path, at: &Location) -> Option<(Limits, Permissions)> {
+        if let Some(m) = self.manifests.get(component) {
+            return m.clone();
+        }
+        let mut limits = Limits::default();
+        let mut permissions = Permissions::default();
+        let result = match plugins::manifest_of(component) {
+            None => Some((limits, permissions)),
+            Some(path) => match Source::read(&path).and_then(|s| {
+                let m: ManifestFile = s.parse()?;
+                let dir = path.parent().unwrap_or(Path::new("."));
+                if let Some(l) = &m.limits {
+                    apply_limits(&mut limits, &l.value).map_err(|e| s.error(&l.referenced, e))?;
+                }
+                if let Some(p) = &m.permissions {
+                    add_permissions(&mut permissions, &p.value, dir)
+                        .map_err(|e| s.error(&p.referenced, e))?;
+                }
+                Ok((limits, permissions))
+            }) {
+                Ok(r) => Some(r),
+                Err(d) => {
+                    self.diags.push(d);
+                    let message = format!(
+                        "the manifest of {} is invalid (see above)",
+                        component.display()
+                    );
+                    self.diags.push(self.src.error(at, message));
+                    None
+                }
+            },
+        };
+        self.manifests.insert(component.to_owned(), result.clone());
+        result
+    }
+
+    /// Loads (once) the component, reporting a load failure at the first routine using it.
+    fn plugin(&mut self, component: &Path, at: &Location) -> Option<Plugin> {
+        if !self.loaded.contains_key(component) {
+            let r = self.engine.load(component);
+            if let Err(e) = &r {
+                self.diags.push(self.src.error(at, e.to_string()));
+            }
+            self.loaded.insert(component.to_owned(), r);
+        }
+        self.loaded
+            .get(component)
+            .and_then(|r| r.as_ref().ok())
+            .cloned()
+    }
+
+    /// Builds one routine, or reports why it cannot be built; the kind is returned whenever
+    /// it is known, so connections to a routine with other mistakes are still checked.
+    fn routine(
+        &mut self,
+        id: &str,
+        def: &super::file::RoutineDef,
+    ) -> Option<(crate::wasm::KindInfo, Option<crate::Routine>)> {
+        let src = self.src;
+        let component = self.component(&def.plugin)?;
+        let plugin = self.plugin(&component, &def.plugin.referenced)?;
+        let Some(kind) = plugin.kind(&def.kind.value).cloned() else {
+            let names = plugin.kind_names();
+            let hint = match suggest(&def.kind.value, names.iter().copied()) {
+                Some(s) => format!(" (did you mean `{s}`?)"),
+                None => format!("; it has {}", names.join(", ")),
+            };
+            let message = format!(
+                "routine `{id}`: plugin `{}` has no kind `{}`{hint}",
+                def.plugin.value, def.kind.value
+            );
+            self.diags.push(src.error(&def.kind.referenced, message));
+            return None;
+        };
+        let Some((mut limits, mut permissions)) = self.manifest(&component, &def.plugin.referenced)
+        else {
+            return Some((kind, None));
+        };
+        let mut ok = true;
+        if let Some(l) = &def.limits
+            && let Err(e) = apply_limits(&mut limits, &l.value)
+        {
+            self.diags
+                .push(src.error(&l.referenced, format!("routine `{id}`: {e}")));
+            ok = false;
+        }
+        if let Some(p) = &def.permissions
+            && let Err(e) = add_permissions(&mut permissions, &p.value, &self.base)
+        {
+            self.diags
+                .push(src.error(&p.referenced, format!("routine `{id}`: {e}")));
+            ok = false;
+        }
+        let plugin = if permissions == *plugin.permissions() {
+            plugin
+        } else {
+            plugin.with_permissions(permissions)
+        };
+        let mut routine = match plugin.routine_with(&kind.name, limits) {
+            Ok(r) => r,
+            Err(e) => {
+                let at = def
+                    .limits
+                    .as_ref()
+                    .map_or(def.kind.referenced, |l| l.referenced);
+                self.diags
+                    .push(src.error(&at, format!("routine `{id}`: {e}")));
+                return Some((kind, None));
+            }
+        };
+        if let Some(config) = &def.config {
+            for (key, value) in config {
+                let (at, key) = (&key.referenced, &key.value);
+                if !kind.default_config.contains_key(key) {
+                    let hint = match suggest(key, kind.default_config.keys().map(String::as_str)) {
+                        Some(s) => format!(" (did you mean `{s}`?)"),
+                        None => String::new(),
+                    };
+                    let message = format!(
+                        "routine `{id}`: config key `{key}` is not one kind `{}` declares{hint}",
+                        kind.name
+                    );
+                    self.diags.push(src.warning(at, message));
+                }
+                routine = routine.config(key, value.clone());
+            }
+        }
+        for (slot, n) in &def.max_queue_length {
+            if kind.slots.iter().any(|s| *s.name == *slot.value) {
+                routine = routine.max_queue_length(&slot.value, *n);
+            } else {
+                let names = kind.slots.iter().map(|s| &*s.name);
+                let message = format!(
+                    "routine `{id}`: kind `{}` has no slot `{}`{}",
+                    kind.name,
+                    slot.value,
+                    crate::flow::hint(&suggest(&slot.value, names))
+                );
+                self.diags.push(src.error(&slot.referenced, message));
+                ok = false;
+            }
+        }
+        if let Some(p) = &def.policy {
+            routine = routine.policy(match &p.value {
+                PolicyDef::Immediate => Policy::Immediate,
+                PolicyDef::AllSlotsReady => Policy::AllSlotsReady,
+                PolicyDef::BatchSize(n) => Policy::BatchSize(*n),
+                PolicyDef::TimeInterval(d) => Policy::TimeInterval(d.0),
+            });
+        }
+        if let Some(c) = &def.concurrency {
+            routine = routine.concurrency(c.value);
+        }
+        if let Some(s) = &def.on_error {
+            routine = routine.on_error(strategy(&s.value));
+        }
+        Some((kind, ok.then_some(routine)))
+    }
+
+    /// Checks `routine.event` (or `routine.slot`) of a connection.
+    fn endpoint(
+        &mut self,
+        text: &Spanned<String>,
+        side: &str,
+        what: &str,
+        ids: &[&str],
+        kinds: &HashMap<String, Option<crate::wasm::KindInfo>>,
+    ) -> Option<(String, String)> {
+        let src = self.src;
+        let at = &text.referenced;
+        let Some((routine, name)) = text.value.split_once('.') else {
+            let message = format!("`{side}: {}` must be written `routine.{what}`", text.value);
+            self.diags.push(src.error(at, message));
+            return None;
+        };
+        let Some(kind) = kinds.get(routine) else {
+            let message = format!(
+                "no routine `{routine}` in this flow{}",
+                crate::flow::hint(&suggest(routine, ids.iter().copied()))
+            );
+            self.diags.push(src.error(at, message));
+            return None;
+        };
+        let kind = kind.as_ref()?;
+        let names: Vec<&str> = if what == "event" {
+            kind.events.iter().map(|e| &*e.name).collect()
+        } else {
+            kind.slots.iter().map(|s| &*s.name).collect()
+        };
+        if !names.contains(&name) {
+            let hint = match suggest(name, names.iter().copied()) {
+                Some(s) => format!(" (did you mean `{s}`?)"),
+                None if names.is_empty() => format!("; it has no {what}s"),
+                None => format!("; it has {}", names.join(", ")),
+            };
+            let message = format!(
+                "routine `{routine}` (kind `{}`) has no {what} `{name}`{hint}",
+                kind.name
+            );
+            self.diags.push(src.error(at, message));
+            return None;
+        }
+        Some((routine.to_owned(), name.to_owned()))
+    }
+}

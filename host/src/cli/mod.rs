@@ -1,0 +1,251 @@
+//! The `routilux` command-line tool: run, validate and inspect flows made of WebAssembly
+//! plugins, scaffold and build plugins.
+//!
+//! | command | does |
+//! | --- | --- |
+//! | `run FLOW` | runs one job: streams routine output, ends with a summary |
+//! | `validate FLOW` | reports every problem of a flow file at once, with file:line:column |
+//! | `inspect PLUGIN.wasm` | kinds, slots, events, default config, capabilities |
+//! | `new NAME --lang rust` | a plugin project that builds and runs on the first try |
+//! | `build [DIR]` | builds a Rust plugin project for `wasm32-wasip2` |
+//!
+//! Exit codes: 0 success; 1 the job failed (or another failure); 2 bad command line or input;
+//! 3 invalid flow or plugins; 4 timeout.
+
+mod diag;
+mod file;
+mod inspect;
+mod load;
+mod new;
+pub mod plugins;
+mod run;
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::time::Duration;
+
+use clap::{Parser, Subcommand};
+
+use diag::Diagnostic;
+use load::PluginOptions;
+
+/// Exit codes.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[repr(u8)]
+pub(crate) enum Code {
+    /// The command did what it was asked (a job: completed).
+    Ok = 0,
+    /// The job failed or was cancelled, or the command could not do its work.
+    Failed = 1,
+    /// A bad command line or bad input items.
+    Usage = 2,
+    /// The flow file or its plugins are invalid.
+    Invalid = 3,
+    /// The job did not finish in time.
+    Timeout = 4,
+}
+
+#[derive(Parser)]
+#[command(
+    name = "routilux",
+    version,
+    about = "Run flows of sandboxed WebAssembly routines",
+    long_about = "Run flows of sandboxed WebAssembly routines.\n\nA flow file (YAML or JSON) \
+                  names routines by id (a plugin component and one of its kinds, with config, \
+                  policy, limits, error strategy) and connects their events to slots.",
+    after_help = "Exit codes: 0 success; 1 job failed; 2 bad command line or input; 3 invalid \
+                  flow or plugins; 4 timeout."
+)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Run one job of a flow: stream routine output, print a summary.
+    Run {
+        /// The flow file (YAML or JSON).
+        flow: PathBuf,
+        /// A plugin directory (repeatable; searched before the flow file's `plugins:`).
+        #[arg(long = "plugins", value_name = "DIR")]
+        plugins: Vec<PathBuf>,
+        /// Build Rust plugin projects among the plugin directories first.
+        #[arg(long)]
+        build: bool,
+        /// Post one item: `[routine.slot=]JSON` (default: the flow's only entry slot).
+        #[arg(long = "post", value_name = "[ROUTINE.SLOT=]JSON")]
+        posts: Vec<String>,
+        /// Post every line of a JSON-lines file: `[routine.slot=]FILE`.
+        #[arg(long = "input", value_name = "[ROUTINE.SLOT=]FILE")]
+        inputs: Vec<String>,
+        /// Worker threads (default: the flow's `execution.thread_pool_size`, else the CPUs).
+        #[arg(long)]
+        threads: Option<usize>,
+        /// Give up (cancel the job, exit 4) after this long, e.g. `30s`.
+        #[arg(long, value_parser = parse_duration)]
+        timeout: Option<Duration>,
+        /// Print the summary as JSON on stdout (routine output goes to stderr).
+        #[arg(long)]
+        json: bool,
+        /// No progress line, no summary unless the job fails.
+        #[arg(long, short)]
+        quiet: bool,
+    },
+    /// Check a flow file and its plugins; report every problem at once.
+    Validate {
+        /// The flow file (YAML or JSON).
+        flow: PathBuf,
+        /// A plugin directory (repeatable).
+        #[arg(long = "plugins", value_name = "DIR")]
+        plugins: Vec<PathBuf>,
+        /// Build Rust plugin projects among the plugin directories first.
+        #[arg(long)]
+        build: bool,
+    },
+    /// Show what a component provides (kinds, slots, events, config) and what it imports.
+    Inspect {
+        /// A component (`.wasm`) or a directory of them.
+        path: PathBuf,
+        /// Print JSON.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Create a plugin project.
+    New {
+        /// The plugin's name (a crate name).
+        name: String,
+        /// Its language.
+        #[arg(long, value_enum, default_value = "rust")]
+        lang: new::Lang,
+        /// Where to create it (default: the current directory).
+        #[arg(long, value_name = "DIR")]
+        dir: Option<PathBuf>,
+        /// The routilux-sdk crate to depend on (default: the one this tool was built with).
+        #[arg(long, value_name = "PATH")]
+        sdk: Option<PathBuf>,
+    },
+    /// Build a Rust plugin project (crate or workspace) for wasm32-wasip2.
+    Build {
+        /// The project directory (default: the current directory).
+        #[arg(default_value = ".")]
+        dir: PathBuf,
+    },
+}
+
+fn parse_duration(s: &str) -> Result<Duration, String> {
+    file::parse_duration(s)
+}
+
+/// Prints diagnostics to stderr, then a count of errors.
+fn print_diagnostics(diags: &[Diagnostic]) {
+    for d in diags {
+        eprintln!("{d}\n");
+    }
+    let errors = diags.iter().filter(|d| d.is_error()).count();
+    if errors > 0 {
+        eprintln!("{errors} error{} found", if errors == 1 { "" } else { "s" });
+    }
+}
+
+/// Runs the tool with the process's arguments.
+pub fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let code = match cli.command {
+        Command::Run {
+            flow,
+            plugins,
+            build,
+            posts,
+            inputs,
+            threads,
+            timeout,
+            json,
+            quiet,
+        } => {
+            if threads == Some(0) {
+                eprintln!("error: --threads must be at least 1");
+                return ExitCode::from(Code::Usage as u8);
+            }
+            run::run(run::RunArgs {
+                flow,
+                plugins: PluginOptions {
+                    dirs: plugins,
+                    build,
+                },
+                posts,
+                inputs,
+                threads,
+                timeout,
+                json,
+                quiet,
+            })
+        }
+        Command::Validate {
+            flow,
+            plugins,
+            build,
+        } => validate(
+            flow,
+            PluginOptions {
+                dirs: plugins,
+                build,
+            },
+        ),
+        Command::Inspect { path, json } => inspect::inspect(&path, json),
+        Command::New {
+            name,
+            lang,
+            dir,
+            sdk,
+        } => new::new(&name, lang, dir.as_deref(), sdk.as_deref()),
+        Command::Build { dir } => match plugins::build_rust_plugins(&dir, None, false) {
+            Ok(out) => {
+                eprintln!("components in {}", out.display());
+                Code::Ok
+            }
+            Err(e) => {
+                eprintln!("error: {e}");
+                Code::Failed
+            }
+        },
+    };
+    ExitCode::from(code as u8)
+}
+
+fn validate(flow: PathBuf, options: PluginOptions) -> Code {
+    let engine = match crate::wasm::WasmEngine::new(crate::wasm::WasmConfig::default()) {
+        Ok(e) => e,
+        Err(e) => {
+            eprintln!("error: cannot start the WebAssembly engine: {e}");
+            return Code::Failed;
+        }
+    };
+    match load::load(&flow, &engine, &options) {
+        Ok(l) => {
+            print_diagnostics(&l.warnings);
+            let n = l.flow.routines().count();
+            let c = l.flow.connections().len();
+            println!(
+                "{}: flow `{}` is valid ({n} routine{}, {c} connection{}){}",
+                flow.display(),
+                l.flow_id,
+                if n == 1 { "" } else { "s" },
+                if c == 1 { "" } else { "s" },
+                l.description
+                    .as_deref()
+                    .map(|d| format!(": {d}"))
+                    .unwrap_or_default()
+            );
+            let entries: Vec<String> = l.entries.iter().map(|(r, s)| format!("{r}.{s}")).collect();
+            if !entries.is_empty() {
+                println!("entry slots: {}", entries.join(", "));
+            }
+            Code::Ok
+        }
+        Err(diags) => {
+            print_diagnostics(&diags);
+            Code::Invalid
+        }
+    }
+}

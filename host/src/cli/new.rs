@@ -1,0 +1,194 @@
+//! `routilux new`: a plugin project that builds and runs on the first try.
+
+use std::path::{Path, PathBuf};
+
+use super::Code;
+
+/// Languages `new` can scaffold.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+pub(crate) enum Lang {
+    /// A Rust crate using `routilux-sdk`, built for wasm32-wasip2.
+    Rust,
+}
+
+/// Where the Rust SDK is: `--sdk`, else `$ROUTILUX_SDK`, else the `guest-sdk/` this binary was
+/// built beside.
+fn sdk_path(given: Option<&Path>) -> Result<PathBuf, String> {
+    let candidate = match given {
+        Some(p) => p.to_owned(),
+        None => match std::env::var_os("ROUTILUX_SDK") {
+            Some(p) => PathBuf::from(p),
+            None => Path::new(env!("CARGO_MANIFEST_DIR")).join("../guest-sdk"),
+        },
+    };
+    let manifest = candidate.join("Cargo.toml");
+    if !manifest.is_file() {
+        return Err(format!(
+            "the routilux-sdk crate is not at {} (no Cargo.toml); pass --sdk PATH to the \
+             repository's guest-sdk/",
+            candidate.display()
+        ));
+    }
+    candidate
+        .canonicalize()
+        .map_err(|e| format!("{}: {e}", candidate.display()))
+}
+
+fn valid_name(name: &str) -> bool {
+    let mut chars = name.chars();
+    chars.next().is_some_and(|c| c.is_ascii_lowercase())
+        && chars.all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '-' || c == '_')
+}
+
+/// Creates `DIR/NAME` (DIR defaults to the current directory).
+pub(crate) fn new(name: &str, lang: Lang, dir: Option<&Path>, sdk: Option<&Path>) -> Code {
+    if !valid_name(name) {
+        eprintln!(
+            "error: `{name}` is not a valid plugin name: use lowercase letters, digits, `-` and \
+             `_`, starting with a letter"
+        );
+        return Code::Usage;
+    }
+    let root = dir.unwrap_or(Path::new(".")).join(name);
+    if root.exists() {
+        eprintln!("error: {} already exists", root.display());
+        return Code::Usage;
+    }
+    let files = match lang {
+        Lang::Rust => match sdk_path(sdk) {
+            Ok(sdk) => rust_files(name, &sdk),
+            Err(e) => {
+                eprintln!("error: {e}");
+                return Code::Usage;
+            }
+        },
+    };
+    for (rel, text) in &files {
+        let path = root.join(rel);
+        let written = path
+            .parent()
+            .map_or(Ok(()), std::fs::create_dir_all)
+            .and_then(|()| std::fs::write(&path, text));
+        if let Err(e) = written {
+            eprintln!("error: cannot write {}: {e}", path.display());
+            return Code::Failed;
+        }
+    }
+    println!("created {} ({lang:?} plugin)", root.display());
+    println!("  cd {}", root.display());
+    println!("  cargo test                                          # the routine, natively");
+    println!(
+        "  routilux run flow.yaml --build --post '{{\"name\": \"Ada\"}}'   # build the component, run the flow"
+    );
+    Code::Ok
+}
+
+fn rust_files(name: &str, sdk: &Path) -> Vec<(&'static str, String)> {
+    let component = name.replace('-', "_");
+    let sdk = sdk.display().to_string().replace('\\', "/");
+    vec![
+        (
+            "Cargo.toml",
+            format!(
+                r#"[package]
+name = "{name}"
+version = "0.1.0"
+edition = "2024"
+publish = false
+
+[lib]
+# cdylib: the WebAssembly component; rlib: `cargo test` runs the routine natively.
+crate-type = ["cdylib", "rlib"]
+
+[dependencies]
+routilux-sdk = {{ path = "{sdk}" }}
+
+[profile.release]
+strip = true
+
+# A project of its own, even when created inside another workspace.
+[workspace]
+"#
+            ),
+        ),
+        (
+            "src/lib.rs",
+            r#"//! A routilux plugin. Build it with `routilux build` (or `cargo build --release --target
+//! wasm32-wasip2`), look at it with `routilux inspect`, run it with `routilux run flow.yaml`.
+
+use routilux_sdk::{Batch, Context, Error, Routine, Spec, json};
+
+/// Greets each name it is given, prints the greeting and emits it.
+pub struct Greeter;
+
+impl Routine for Greeter {
+    const NAME: &'static str = "greeter";
+    fn spec() -> Spec {
+        Spec::new("greets each name it is given")
+            .slot("names")
+            .event("greetings", ["text"])
+            .config("greeting", "Hello")
+    }
+    fn activate(ctx: &Context, batch: &Batch) -> Result<(), Error> {
+        let greeting: String = ctx.config("greeting")?.unwrap_or_else(|| "Hello".into());
+        for item in batch.slot("names") {
+            let name: String = item.get("name")?;
+            let text = format!("{greeting}, {name}!");
+            println!("{text}");
+            ctx.emit("greetings", &json!({ "text": text }))?;
+        }
+        Ok(())
+    }
+}
+
+routilux_sdk::export!(Greeter);
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use routilux_sdk::testing::{TestHost, batch};
+
+    #[test]
+    fn greets_each_name() {
+        let host = TestHost::new().with_config("greeting", json!("Hi"));
+        host.run::<Greeter>(&batch([("names", vec![json!({ "name": "Ada" })])]))
+            .unwrap();
+        assert_eq!(host.emitted("greetings"), vec![json!({ "text": "Hi, Ada!" })]);
+    }
+}
+"#
+            .to_owned(),
+        ),
+        (
+            "flow.yaml",
+            format!(
+                r#"# routilux run flow.yaml --build --post '{{"name": "Ada"}}'
+flow_id: {name}
+plugins: .            # this Cargo project; `--build` builds it first
+routines:
+  greeter:
+    plugin: {component}
+    kind: greeter
+    config:
+      greeting: Hello
+execution:
+  timeout: 30s
+"#
+            ),
+        ),
+        ("README.md", format!(
+            r#"# {name}
+
+A [routilux](https://example.invalid/routilux) plugin written in Rust.
+
+```sh
+cargo test                                                   # the routine, natively
+routilux build                                               # → target/wasm32-wasip2/release/{component}.wasm
+routilux inspect target/wasm32-wasip2/release/{component}.wasm   # what the host sees
+routilux run flow.yaml --build --post '{{"name": "Ada"}}'      # prints "Hello, Ada!"
+```
+"#
+        )),
+        (".gitignore", "/target\n".to_owned()),
+    ]
+}

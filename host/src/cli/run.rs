@@ -1,0 +1,485 @@
+//! `routilux run`: one job of a flow file, output streamed, a summary at the end.
+
+use std::io::{BufRead, BufReader, IsTerminal, Write};
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::{Duration, Instant};
+
+use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
+use parking_lot::Mutex;
+use serde::Serialize;
+
+use super::load::{Loaded, PluginOptions, load};
+use super::{Code, print_diagnostics};
+use crate::wasm::{WasmConfig, WasmEngine};
+use crate::{Item, JobHandle, JobStatus, JobSummary, OutputLine, Runtime, RuntimeError};
+
+/// What `run` was asked to do.
+pub(crate) struct RunArgs {
+    pub flow: PathBuf,
+    pub plugins: PluginOptions,
+    pub posts: Vec<String>,
+    pub inputs: Vec<String>,
+    pub threads: Option<usize>,
+    pub timeout: Option<Duration>,
+    pub json: bool,
+    pub quiet: bool,
+}
+
+/// `routine.slot`, or `None` for the flow's entry slot.
+type Target = Option<(String, String)>;
+
+/// Splits `routine.slot=REST` (the prefix is optional).
+fn split_target(arg: &str) -> (Target, &str) {
+    if let Some((head, rest)) = arg.split_once('=')
+        && let Some((r, s)) = head.split_once('.')
+        && [r, s].iter().all(|p| {
+            !p.is_empty()
+                && p.chars()
+                    .all(|c| c.is_alphanumeric() || c == '_' || c == '-')
+        })
+    {
+        return (Some((r.to_owned(), s.to_owned())), rest);
+    }
+    (None, arg)
+}
+
+/// Where an input goes: the named slot, or the flow's only entry slot.
+fn resolve(target: Target, loaded: &Loaded, what: &str) -> Result<(String, String), String> {
+    if let Some(t) = target {
+        return Ok(t);
+    }
+    match loaded.entries.as_slice() {
+        [one] => Ok(one.clone()),
+        [] => Err(format!(
+            "{what}: the flow has no entry slot (every slot is fed by a connection); name one \
+             as `routine.slot=...`"
+        )),
+        many => Err(format!(
+            "{what}: the flow has several entry slots ({}); name one as `routine.slot=...`",
+            many.iter()
+                .map(|(r, s)| format!("{r}.{s}"))
+                .collect::<Vec<_>>()
+                .join(", ")
+        )),
+    }
+}
+
+/// A source of items for the job.
+enum Feed {
+    One {
+        to: (String, String),
+        item: Item,
+    },
+    File {
+        to: (String, String),
+        path: PathBuf,
+        file: std::fs::File,
+    },
+}
+
+/// Prints routine output as it happens, around the progress line.
+struct Printer {
+    bar: ProgressBar,
+    /// Routine stdout goes to stdout, unless stdout carries the JSON summary.
+    stdout_for_output: bool,
+}
+
+impl Printer {
+    fn line(&self, line: &OutputLine) {
+        self.bar.suspend(|| {
+            // A closed pipe (`| head`) is not an error of the job.
+            if line.level == "stdout" && self.stdout_for_output {
+                let _ = writeln!(std::io::stdout().lock(), "{}", line.message);
+            } else {
+                let _ = writeln!(
+                    std::io::stderr().lock(),
+                    "[{}] {}: {}",
+                    line.routine,
+                    line.level,
+                    line.message
+                );
+            }
+        });
+    }
+}
+
+/// The summary printed with `--json`.
+#[derive(Serialize)]
+struct JsonReport<'a> {
+    #[serde(flatten)]
+    summary: &'a JobSummary,
+    timed_out: bool,
+    exit_code: u8,
+    items_posted: u64,
+    components: Vec<JsonComponent>,
+}
+
+#[derive(Serialize)]
+struct JsonComponent {
+    path: PathBuf,
+    from_cache: bool,
+}
+
+pub(crate) fn run(args: RunArgs) -> Code {
+    let started = Instant::now();
+    let engine = match WasmEngine::new(WasmConfig::default()) {
+        Ok(e) => e,
+        Err(e) => {
+            eprintln!("error: cannot start the WebAssembly engine: {e}");
+            return Code::Failed;
+        }
+    };
+    let loaded = match load(&args.flow, &engine, &args.plugins) {
+        Ok(l) => l,
+        Err(diags) => {
+            print_diagnostics(&diags);
+            return Code::Invalid;
+        }
+    };
+    print_diagnostics(&loaded.warnings);
+    if !args.quiet {
+        for (path, from_cache) in &loaded.components {
+            eprintln!(
+                "using {} ({})",
+                path.display(),
+                if *from_cache {
+                    "from the compiled cache"
+                } else {
+                    "compiled now, cached for next time"
+                }
+            );
+        }
+    }
+
+    let feeds = match feeds(&args, &loaded) {
+        Ok(f) => f,
+        Err(e) => {
+            eprintln!("error: {e}");
+            return Code::Usage;
+        }
+    };
+
+    let bar = ProgressBar::with_draw_target(None, ProgressDrawTarget::hidden());
+    let show_progress = !args.json && !args.quiet && std::io::stderr().is_terminal();
+    let printer = Arc::new(Printer {
+        bar: bar.clone(),
+        stdout_for_output: !args.json,
+    });
+    let threads = args
+        .threads
+        .or(loaded.threads)
+        .unwrap_or_else(|| std::thread::available_parallelism().map_or(2, |n| n.get()));
+    let p = printer.clone();
+    let runtime = Runtime::builder()
+        .thread_pool_size(threads)
+        // Feeding waits on backpressure for as long as the job runs; `--timeout` bounds it.
+        .post_timeout(Duration::from_secs(365 * 86_400))
+        .on_output(move |_, line| p.line(line))
+        .build();
+    if let Err(e) = runtime.register(&loaded.flow_id, &loaded.flow) {
+        eprintln!("error: {e}");
+        return Code::Invalid;
+    }
+    let job = match runtime.exec(&loaded.flow_id) {
+        Ok(j) => j,
+        Err(e) => {
+            eprintln!("error: {e}");
+            return Code::Failed;
+        }
+    };
+
+    // Check every target before feeding anything.
+    let mut inputs = Vec::new();
+    for f in &feeds {
+        let (r, s) = match f {
+            Feed::One { to, .. } | Feed::File { to, .. } => to,
+        };
+        match job.input(r, s) {
+            Ok(i) => inputs.push(i),
+            Err(e) => {
+                job.cancel();
+                eprintln!("error: {e}");
+                return Code::Usage;
+            }
+        }
+    }
+    let hold = match job.hold_open() {
+        Ok(h) => h,
+        Err(e) => {
+            eprintln!("error: {e}");
+            return Code::Failed;
+        }
+    };
+    let posted = Arc::new(AtomicU64::new(0));
+    let input_error: Arc<Mutex<Option<String>>> = Arc::default();
+    let feeder = {
+        let (job, posted, input_error) = (job.clone(), posted.clone(), input_error.clone());
+        std::thread::Builder::new()
+            .name("routilux-input".into())
+            .spawn(move || {
+                let _hold = hold;
+                for (feed, input) in feeds.into_iter().zip(inputs) {
+                    let result = match feed {
+                        Feed::One { item, .. } => input
+                            .post_item(item)
+                            .map(|()| {
+                                posted.fetch_add(1, Ordering::Relaxed);
+                            })
+                            .map_err(|_: RuntimeError| Fault::Post),
+                        Feed::File { path, file, .. } => feed_file(&path, file, &input, &posted),
+                    };
+                    match result {
+                        Ok(()) => {}
+                        // The job halted (failed or cancelled): the summary says why.
+                        Err(Fault::Post) => return,
+                        Err(Fault::Input(e)) => {
+                            *input_error.lock() = Some(e);
+                            job.cancel();
+                            return;
+                        }
+                    }
+                }
+            })
+    };
+    let feeder = match feeder {
+        Ok(f) => f,
+        Err(e) => {
+            job.cancel();
+            eprintln!("error: cannot start the input thread: {e}");
+            return Code::Failed;
+        }
+    };
+
+    let timeout = args.timeout.or(loaded.timeout);
+    let deadline = timeout.map(|t| started + t);
+    let style = ProgressStyle::with_template("{spinner} {elapsed} {msg}")
+        .unwrap_or_else(|_| ProgressStyle::default_spinner());
+    bar.set_style(style);
+    let mut timed_out = false;
+    let mut shown = false;
+    loop {
+        if job.wait(Duration::from_millis(100)) {
+            break;
+        }
+        if show_progress {
+            if !shown && started.elapsed() > Duration::from_secs(1) {
+                bar.set_draw_target(ProgressDrawTarget::stderr());
+                bar.enable_steady_tick(Duration::from_millis(200));
+                shown = true;
+            }
+            if shown {
+                bar.set_message(progress(&job, started));
+            }
+        }
+        if deadline.is_some_and(|d| Instant::now() >= d) {
+            timed_out = true;
+            job.cancel();
+            job.wait(Duration::from_secs(10));
+            break;
+        }
+    }
+    bar.finish_and_clear();
+    let _ = feeder.join();
+    let summary = job.summary();
+    let input_error = input_error.lock().take();
+    let code = if let Some(e) = &input_error {
+        eprintln!("error: {e}");
+        Code::Usage
+    } else if timed_out {
+        Code::Timeout
+    } else {
+        match summary.status {
+            JobStatus::Completed => Code::Ok,
+            _ => Code::Failed,
+        }
+    };
+    if args.json {
+        let report = JsonReport {
+            summary: &summary,
+            timed_out,
+            exit_code: code as u8,
+            items_posted: posted.load(Ordering::Relaxed),
+            components: loaded
+                .components
+                .iter()
+                .map(|(path, from_cache)| JsonComponent {
+                    path: path.clone(),
+                    from_cache: *from_cache,
+                })
+                .collect(),
+        };
+        match serde_json::to_string_pretty(&report) {
+            Ok(s) => println!("{s}"),
+            Err(e) => eprintln!("error: cannot write the summary: {e}"),
+        }
+    } else if !args.quiet || code != Code::Ok {
+        print_summary(&summary, timed_out, timeout, posted.load(Ordering::Relaxed));
+    }
+    runtime.shutdown(crate::Shutdown::Cancel);
+    code
+}
+
+/// Why feeding stopped.
+enum Fault {
+    /// The job refused input (it halted).
+    Post,
+    /// The input itself is bad.
+    Input(String),
+}
+
+fn feed_file(
+    path: &Path,
+    file: std::fs::File,
+    input: &crate::Input,
+    posted: &AtomicU64,
+) -> Result<(), Fault> {
+    for (n, line) in BufReader::new(file).lines().enumerate() {
+        let line = line.map_err(|e| Fault::Input(format!("{}: {e}", path.display())))?;
+        if line.trim().is_empty() {
+            continue;
+        }
+        let item = Item::from_json_bytes(line.into_bytes())
+            .map_err(|e| Fault::Input(format!("{}:{}: {e}", path.display(), n + 1)))?;
+        input
+            .post_item(item)
+            .map_err(|_: RuntimeError| Fault::Post)?;
+        posted.fetch_add(1, Ordering::Relaxed);
+    }
+    Ok(())
+}
+
+/// Parses `--post` and opens `--input` files, resolving their targets.
+fn feeds(args: &RunArgs, loaded: &Loaded) -> Result<Vec<Feed>, String> {
+    let mut out = Vec::new();
+    for p in &args.posts {
+        let (target, json) = split_target(p);
+        let item = Item::from_json_bytes(json.as_bytes().to_vec())
+            .map_err(|e| format!("--post `{p}`: {e}"))?;
+        let to = resolve(target, loaded, "--post")?;
+        out.push(Feed::One { to, item });
+    }
+    for i in &args.inputs {
+        let (target, file) = split_target(i);
+        let to = resolve(target, loaded, "--input")?;
+        let path = PathBuf::from(file);
+        let file =
+            std::fs::File::open(&path).map_err(|e| format!("--input {}: {e}", path.display()))?;
+        out.push(Feed::File { to, path, file });
+    }
+    if out.is_empty() {
+        for (to, items) in &loaded.input {
+            for item in items {
+                out.push(Feed::One {
+                    to: to.clone(),
+                    item: item.clone(),
+                });
+            }
+        }
+    }
+    if out.is_empty() {
+        let entries: Vec<String> = loaded
+            .entries
+            .iter()
+            .map(|(r, s)| format!("{r}.{s}"))
+            .collect();
+        return Err(format!(
+            "nothing to run: give items with --post [routine.slot=]JSON or --input \
+             [routine.slot=]FILE.jsonl, or an `input:` in the flow file (entry slots: {})",
+            if entries.is_empty() {
+                "none".to_owned()
+            } else {
+                entries.join(", ")
+            }
+        ));
+    }
+    Ok(out)
+}
+
+/// The progress line: items done and the rate.
+fn progress(job: &JobHandle, started: Instant) -> String {
+    let counters = job.counters();
+    let processed: u64 = counters.values().map(|c| c.processed).sum();
+    let activations: u64 = counters.values().map(|c| c.activations).sum();
+    let queued: u64 = counters.values().map(|c| c.queued).sum();
+    let secs = started.elapsed().as_secs_f64().max(1e-3);
+    format!(
+        "{processed} items processed ({:.0}/s), {activations} activations, {queued} queued",
+        processed as f64 / secs
+    )
+}
+
+fn print_summary(s: &JobSummary, timed_out: bool, timeout: Option<Duration>, posted: u64) {
+    let mut e = std::io::stderr().lock();
+    let status = if timed_out {
+        format!(
+            "timed out after {}",
+            humantime::format_duration(timeout.unwrap_or_default())
+        )
+    } else {
+        s.status.to_string()
+    };
+    let _ = writeln!(
+        e,
+        "\n{} of flow `{}`: {status} in {} ms ({posted} item{} posted)",
+        s.job,
+        s.flow,
+        s.wall_time_ms,
+        if posted == 1 { "" } else { "s" }
+    );
+    if let Some(f) = &s.failure {
+        let _ = writeln!(e, "  failure: {f}");
+    }
+    let width = s
+        .routines
+        .keys()
+        .map(|k| k.chars().count())
+        .max()
+        .unwrap_or(0)
+        .max("routine".len());
+    let _ = writeln!(
+        e,
+        "  {:<width$}  {:>11}  {:>8}  {:>8}  {:>6}  {:>12}",
+        "routine", "activations", "items in", "out", "errors", "dead letters"
+    );
+    for (name, c) in &s.routines {
+        let _ = writeln!(
+            e,
+            "  {:<width$}  {:>11}  {:>8}  {:>8}  {:>6}  {:>12}",
+            name, c.activations, c.items_in, c.items_out, c.errors, c.dead_lettered
+        );
+    }
+    for f in s.errors.iter().take(10) {
+        let _ = writeln!(
+            e,
+            "  error in `{}` (attempt {}, {}): {}",
+            f.routine, f.attempts, f.strategy, f.error
+        );
+    }
+    if s.errors.len() > 10 {
+        let _ = writeln!(e, "  … and {} more errors", s.errors.len() - 10);
+    }
+    if s.dead_lettered > 0 {
+        let _ = writeln!(e, "  {} items dead-lettered", s.dead_lettered);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::split_target;
+
+    #[test]
+    fn a_target_prefix_is_optional_and_json_may_hold_equals_signs() {
+        assert_eq!(
+            split_target(r#"a.b={"x":"y=z"}"#),
+            (Some(("a".into(), "b".into())), r#"{"x":"y=z"}"#)
+        );
+        assert_eq!(split_target(r#"{"x":"y=z"}"#), (None, r#"{"x":"y=z"}"#));
+        assert_eq!(split_target("in.jsonl"), (None, "in.jsonl"));
+        assert_eq!(
+            split_target("src.trigger=data/in.jsonl"),
+            (Some(("src".into(), "trigger".into())), "data/in.jsonl")
+        );
+    }
+}

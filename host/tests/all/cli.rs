@@ -1,0 +1,497 @@
+//! The `routilux` binary as a subprocess: the example flows, every bad-input case, exit codes
+//! and messages.
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+
+use serde_json::Value;
+
+use crate::plugins::{plugin, plugin_dir, repo_root};
+
+/// Exit codes, as the CLI documents them.
+const OK: i32 = 0;
+const FAILED: i32 = 1;
+const USAGE: i32 = 2;
+const INVALID: i32 = 3;
+const TIMEOUT: i32 = 4;
+
+struct Run {
+    code: i32,
+    stdout: String,
+    stderr: String,
+}
+
+impl std::fmt::Debug for Run {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "exit {}\n--- stdout\n{}--- stderr\n{}",
+            self.code, self.stdout, self.stderr
+        )
+    }
+}
+
+fn cache_dir() -> PathBuf {
+    repo_root().join("target").join("routilux-test-cache")
+}
+
+/// Runs `routilux ARGS` in the repository root, with the plugins built.
+fn routilux_with(args: &[&str], cache: &Path) -> Run {
+    plugin_dir();
+    let out: Output = Command::new(env!("CARGO_BIN_EXE_routilux"))
+        .args(args)
+        .current_dir(repo_root())
+        .env("ROUTILUX_CACHE_DIR", cache)
+        .env_remove("CARGO_TARGET_DIR")
+        .output()
+        .expect("run routilux");
+    Run {
+        code: out.status.code().unwrap_or(-1),
+        stdout: String::from_utf8_lossy(&out.stdout).into_owned(),
+        stderr: String::from_utf8_lossy(&out.stderr).into_owned(),
+    }
+}
+
+fn routilux(args: &[&str]) -> Run {
+    routilux_with(args, &cache_dir())
+}
+
+/// A scratch directory for one test.
+fn scratch() -> tempfile::TempDir {
+    let base = repo_root().join("target").join("cli-tests");
+    std::fs::create_dir_all(&base).unwrap();
+    tempfile::tempdir_in(base).unwrap()
+}
+
+/// Writes a flow file using the built plugins and returns its path.
+fn flow_file(dir: &Path, name: &str, text: &str) -> String {
+    let path = dir.join(name);
+    let text = text.replace("PLUGINS", &plugin_dir().display().to_string());
+    std::fs::write(&path, text).unwrap();
+    path.display().to_string()
+}
+
+fn lines<'a>(text: &'a str, prefix: &str) -> Vec<&'a str> {
+    text.lines().filter(|l| l.starts_with(prefix)).collect()
+}
+
+#[test]
+fn news_fanout_example_prints_each_headline_from_each_subscriber() {
+    let r = routilux(&["run", "examples/news_fanout.yaml"]);
+    assert_eq!(r.code, OK, "{r:?}");
+    let headlines = [
+        "Breaking: routilux runs its first flow",
+        "Markets rally as fan-out delivers to every subscriber",
+        "Scientists confirm: quiescent jobs complete by themselves",
+        "Local routine finishes on time, in order",
+    ];
+    for label in ["[EMAIL]", "[SMS]", "[LOG]"] {
+        let expected: Vec<String> = headlines.iter().map(|h| format!("{label} {h}")).collect();
+        assert_eq!(lines(&r.stdout, label), expected, "{r:?}");
+    }
+    assert_eq!(r.stdout.lines().count(), 12, "{r:?}");
+    assert!(
+        r.stderr.contains("of flow `news_fanout`: completed"),
+        "{r:?}"
+    );
+}
+
+#[test]
+fn priority_example_routes_each_task_and_image_example_overlaps() {
+    let r = routilux(&["run", "examples/priority_routing.yaml"]);
+    assert_eq!(r.code, OK, "{r:?}");
+    assert_eq!(
+        lines(&r.stdout, "[HIGH]"),
+        ["[HIGH] processing task 1", "[HIGH] processing task 4"]
+    );
+    assert_eq!(lines(&r.stdout, "[LOW]"), ["[LOW] processing task 2"]);
+    assert_eq!(
+        lines(&r.stdout, "[NORMAL]"),
+        ["[NORMAL] processing task 3", "[NORMAL] processing task 5"]
+    );
+
+    let r = routilux(&["run", "examples/image_pipeline.yaml", "--threads", "4"]);
+    assert_eq!(r.code, OK, "{r:?}");
+    let out: Vec<&str> = r.stdout.lines().collect();
+    for img in ["img0.png", "img1.png", "img2.png"] {
+        let at = |what: &str| {
+            out.iter()
+                .position(|l| *l == what)
+                .unwrap_or_else(|| panic!("no `{what}` in {r:?}"))
+        };
+        let starts = ["resize", "filter", "compress"].map(|k| at(&format!("{k} {img}: start")));
+        let ends = ["resize", "filter", "compress"].map(|k| at(&format!("{k} {img}: done")));
+        assert!(
+            starts.iter().max() < ends.iter().min(),
+            "{img}: the processors did not overlap: {r:?}"
+        );
+    }
+}
+
+#[test]
+fn second_run_loads_components_from_the_cache_and_json_summarises() {
+    let dir = scratch();
+    let cache = dir.path().join("cache");
+    let args = [
+        "run",
+        "examples/news_fanout.yaml",
+        "--input",
+        "examples/news_headlines.jsonl",
+        "--json",
+    ];
+    let first = routilux_with(&args, &cache);
+    let second = routilux_with(&args, &cache);
+    for (r, cached) in [(&first, false), (&second, true)] {
+        assert_eq!(r.code, OK, "{r:?}");
+        let v: Value = serde_json::from_str(&r.stdout).unwrap_or_else(|e| panic!("{e}: {r:?}"));
+        assert_eq!(v["status"], "completed");
+        assert_eq!(v["exit_code"], 0);
+        assert_eq!(v["items_posted"], 4);
+        assert_eq!(v["routines"]["email"]["items_in"], 4);
+        assert_eq!(v["routines"]["broadcaster"]["items_out"], 4);
+        assert_eq!(v["components"][0]["from_cache"], cached, "{r:?}");
+        // With --json, routine output goes to stderr, tagged with its routine.
+        assert_eq!(lines(&r.stderr, "[sms] stdout: [SMS]").len(), 4, "{r:?}");
+    }
+    assert!(first.stderr.contains("compiled now, cached for next time"));
+    assert!(second.stderr.contains("from the compiled cache"));
+}
+
+#[test]
+fn validate_reports_every_problem_with_place_and_suggestion() {
+    let dir = scratch();
+    let flow = flow_file(
+        dir.path(),
+        "bad.yaml",
+        "flow_id: bad
+plugins: PLUGINS
+routines:
+  broadcaster:
+    plugin: news
+    kind: broadcastr
+  email:
+    plugin: nwes
+    kind: email
+  sms:
+    plugin: news
+    kind: sms
+    config: {prefx: 1}
+connections:
+  - from: broadcaster.news
+    to: emial.news
+  - from: sms.nope
+    to: sms.news
+  - from: sms
+    to: sms.news
+",
+    );
+    let r = routilux(&["validate", &flow]);
+    assert_eq!(r.code, INVALID, "{r:?}");
+    for (message, place) in [
+        (
+            "plugin `news` has no kind `broadcastr` (did you mean `broadcaster`?)",
+            "bad.yaml:6:11",
+        ),
+        (
+            "unknown plugin `nwes` (did you mean `news`?)",
+            "bad.yaml:8:13",
+        ),
+        (
+            "no routine `emial` in this flow (did you mean `email`?)",
+            "bad.yaml:16:9",
+        ),
+        (
+            "routine `sms` (kind `sms`) has no event `nope`",
+            "bad.yaml:17:11",
+        ),
+        (
+            "`from: sms` must be written `routine.event`",
+            "bad.yaml:19:11",
+        ),
+        (
+            "warning: routine `sms`: config key `prefx` is not one kind `sms` declares",
+            "bad.yaml:13:14",
+        ),
+    ] {
+        let at = r
+            .stderr
+            .find(message)
+            .unwrap_or_else(|| panic!("no `{message}`: {r:?}"));
+        let next = r.stderr[at..].lines().nth(1).unwrap_or_default();
+        assert!(next.ends_with(place), "`{message}` at {next}, not {place}");
+    }
+    assert!(r.stderr.contains("5 errors found"), "{r:?}");
+
+    let good = routilux(&["validate", "examples/news_fanout.yaml"]);
+    assert_eq!(good.code, OK, "{good:?}");
+    assert!(good.stdout.contains("is valid (4 routines, 3 connections)"));
+}
+
+#[test]
+fn malformed_yaml_and_unknown_fields_name_line_and_column() {
+    let dir = scratch();
+    let flow = flow_file(
+        dir.path(),
+        "syntax.yaml",
+        "flow_id: x\nroutines:\n  a:\n    plugin: news\n    kind: \"email\n",
+    );
+    let r = routilux(&["validate", &flow]);
+    assert_eq!(r.code, INVALID, "{r:?}");
+    assert!(r.stderr.contains("syntax.yaml:5:"), "{r:?}");
+
+    let flow = flow_file(
+        dir.path(),
+        "field.yaml",
+        "flow_id: x\nplugins: PLUGINS\nroutines:\n  a:\n    plugin: news\n    kind: email\n    polcy: immediate\n",
+    );
+    let r = routilux(&["run", &flow]);
+    assert_eq!(r.code, INVALID, "{r:?}");
+    assert!(r.stderr.contains("unknown field `polcy`"), "{r:?}");
+    assert!(r.stderr.contains("field.yaml:7:5"), "{r:?}");
+
+    let flow = flow_file(
+        dir.path(),
+        "duration.yaml",
+        "flow_id: x\nplugins: PLUGINS\nroutines:\n  a: {plugin: news, kind: email}\nexecution:\n  timeout: 30\n",
+    );
+    let r = routilux(&["run", &flow]);
+    assert_eq!(r.code, INVALID, "{r:?}");
+    assert!(r.stderr.contains("`30` has no unit"), "{r:?}");
+    assert!(r.stderr.contains("duration.yaml:6:"), "{r:?}");
+}
+
+#[test]
+fn a_file_that_is_not_a_component_is_named() {
+    let dir = scratch();
+    let fake = dir.path().join("fake.wasm");
+    std::fs::write(&fake, "not wasm at all").unwrap();
+    let flow = flow_file(
+        dir.path(),
+        "f.yaml",
+        "flow_id: x\nroutines:\n  a:\n    plugin: ./fake.wasm\n    kind: k\n",
+    );
+    let r = routilux(&["run", &flow]);
+    assert_eq!(r.code, INVALID, "{r:?}");
+    assert!(r.stderr.contains("fake.wasm"), "{r:?}");
+    assert!(r.stderr.contains("not a WebAssembly"), "{r:?}");
+    assert!(r.stderr.contains("f.yaml:4:13"), "{r:?}");
+
+    let r = routilux(&["inspect", &fake.display().to_string()]);
+    assert_eq!(r.code, INVALID, "{r:?}");
+    assert!(r.stderr.contains("fake.wasm"), "{r:?}");
+}
+
+#[test]
+fn a_missing_plugin_directory_is_reported() {
+    let r = routilux(&[
+        "run",
+        "examples/news_fanout.yaml",
+        "--plugins",
+        "no/such/dir",
+    ]);
+    assert_eq!(r.code, INVALID, "{r:?}");
+    assert!(
+        r.stderr
+            .contains("plugin directory no/such/dir does not exist"),
+        "{r:?}"
+    );
+}
+
+#[test]
+fn a_cycle_is_reported_at_its_connection() {
+    let dir = scratch();
+    let flow = flow_file(
+        dir.path(),
+        "cycle.yaml",
+        "flow_id: loop
+plugins: PLUGINS
+routines:
+  a: {plugin: fixtures, kind: forward}
+  b: {plugin: fixtures, kind: forward}
+connections:
+  - {from: a.out, to: b.in}
+  - {from: b.out, to: a.in}
+",
+    );
+    let r = routilux(&["validate", &flow]);
+    assert_eq!(r.code, INVALID, "{r:?}");
+    assert!(r.stderr.contains("cycle: a -> b -> a"), "{r:?}");
+    assert!(r.stderr.contains("cycle.yaml:7:5"), "{r:?}");
+}
+
+#[test]
+fn a_routine_past_its_deadline_fails_the_job_and_a_run_past_timeout_exits_4() {
+    let dir = scratch();
+    let flow = flow_file(
+        dir.path(),
+        "spin.yaml",
+        "flow_id: spin
+plugins: PLUGINS
+routines:
+  spin:
+    plugin: fixtures
+    kind: spin
+    limits: {timeout: 300ms}
+",
+    );
+    let r = routilux(&["run", &flow, "--post", r#"{"bad": true}"#]);
+    assert_eq!(r.code, FAILED, "{r:?}");
+    assert!(r.stderr.contains("failed"), "{r:?}");
+    assert!(r.stderr.contains("error in `spin`"), "{r:?}");
+    assert!(r.stderr.contains("300ms"), "the deadline is named: {r:?}");
+
+    let flow = flow_file(
+        dir.path(),
+        "slow.yaml",
+        "flow_id: slow
+plugins: PLUGINS
+routines:
+  spin: {plugin: fixtures, kind: spin}
+",
+    );
+    let r = routilux(&[
+        "run",
+        &flow,
+        "--post",
+        r#"spin.in={"bad": true}"#,
+        "--timeout",
+        "500ms",
+    ]);
+    assert_eq!(r.code, TIMEOUT, "{r:?}");
+    assert!(r.stderr.contains("timed out after 500ms"), "{r:?}");
+}
+
+#[test]
+fn a_failing_routine_under_stop_fails_the_job_with_its_error() {
+    let dir = scratch();
+    let flow = flow_file(
+        dir.path(),
+        "fails.yaml",
+        "flow_id: fails
+plugins: PLUGINS
+routines:
+  f: {plugin: fixtures, kind: fails, on_error: stop}
+",
+    );
+    let r = routilux(&["run", &flow, "--post", r#"{"bad": true}"#, "--json"]);
+    assert_eq!(r.code, FAILED, "{r:?}");
+    let v: Value = serde_json::from_str(&r.stdout).unwrap();
+    assert_eq!(v["status"], "failed");
+    assert_eq!(v["routines"]["f"]["dead_lettered"], 1);
+    assert_eq!(v["errors"][0]["routine"], "f");
+}
+
+#[test]
+fn bad_command_line_input_exits_2_naming_the_place() {
+    let dir = scratch();
+    let input = dir.path().join("in.jsonl");
+    std::fs::write(&input, "{\"headline\": \"ok\"}\n[1, 2]\n").unwrap();
+    let input = format!("broadcaster.trigger={}", input.display());
+    let r = routilux(&["run", "examples/news_fanout.yaml", "--input", &input]);
+    assert_eq!(r.code, USAGE, "{r:?}");
+    assert!(r.stderr.contains("in.jsonl:2:"), "{r:?}");
+
+    let r = routilux(&["run", "examples/news_fanout.yaml", "--post", "{oops"]);
+    assert_eq!(r.code, USAGE, "{r:?}");
+    assert!(r.stderr.contains("--post `{oops`"), "{r:?}");
+
+    let r = routilux(&[
+        "run",
+        "examples/news_fanout.yaml",
+        "--post",
+        r#"broadcaster.triger={"headline": "x"}"#,
+    ]);
+    assert_eq!(r.code, USAGE, "{r:?}");
+    assert!(r.stderr.contains("did you mean `trigger`"), "{r:?}");
+
+    let r = routilux(&["run", "examples/news_fanout.yaml", "--threads", "0"]);
+    assert_eq!(r.code, USAGE, "{r:?}");
+}
+
+#[test]
+fn inspect_shows_kinds_slots_events_config_and_capabilities() {
+    let news = plugin("news").display().to_string();
+    let r = routilux(&["inspect", &news]);
+    assert_eq!(r.code, OK, "{r:?}");
+    for text in [
+        "broadcaster — publishes each headline",
+        "slots:   trigger (queue 1000)",
+        "events:  news {headline}",
+        "email — delivers each headline by email",
+        "routilux:plugin/host",
+        "wasi:cli/stdout",
+        "print: captured into the job's output",
+    ] {
+        assert!(r.stdout.contains(text), "no `{text}`: {r:?}");
+    }
+    let prio = plugin("priority").display().to_string();
+    let r = routilux(&["inspect", &prio, "--json"]);
+    assert_eq!(r.code, OK, "{r:?}");
+    let v: Value = serde_json::from_str(&r.stdout).unwrap();
+    let processor = v["kinds"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|k| k["name"] == "processor")
+        .unwrap();
+    assert_eq!(processor["default_config"]["level"], "normal");
+    assert_eq!(processor["slots"][0]["name"], "task");
+}
+
+#[test]
+fn new_rust_plugin_builds_and_runs_on_the_first_try() {
+    let dir = scratch();
+    let r = routilux(&[
+        "new",
+        "hello-plugin",
+        "--lang",
+        "rust",
+        "--dir",
+        &dir.path().display().to_string(),
+    ]);
+    assert_eq!(r.code, OK, "{r:?}");
+    let project = dir.path().join("hello-plugin");
+    // Share the example plugins' lock file and target directory, so the test compiles only
+    // the new crate (a user's first build fetches and compiles the SDK's dependencies).
+    std::fs::copy(
+        repo_root().join("plugins").join("Cargo.lock"),
+        project.join("Cargo.lock"),
+    )
+    .unwrap();
+    let out = Command::new(env!("CARGO_BIN_EXE_routilux"))
+        .args([
+            "run",
+            "flow.yaml",
+            "--build",
+            "--post",
+            r#"{"name": "Ada"}"#,
+        ])
+        .current_dir(&project)
+        .env("ROUTILUX_CACHE_DIR", cache_dir())
+        .env(
+            "CARGO_TARGET_DIR",
+            repo_root().join("plugins").join("target"),
+        )
+        .output()
+        .unwrap();
+    let r = Run {
+        code: out.status.code().unwrap_or(-1),
+        stdout: String::from_utf8_lossy(&out.stdout).into_owned(),
+        stderr: String::from_utf8_lossy(&out.stderr).into_owned(),
+    };
+    assert_eq!(r.code, OK, "{r:?}");
+    assert_eq!(r.stdout.trim(), "Hello, Ada!", "{r:?}");
+
+    let r = routilux(&[
+        "new",
+        "hello-plugin",
+        "--dir",
+        &dir.path().display().to_string(),
+    ]);
+    assert_eq!(
+        r.code, USAGE,
+        "an existing directory is not overwritten: {r:?}"
+    );
+    let r = routilux(&["new", "Bad Name"]);
+    assert_eq!(r.code, USAGE, "{r:?}");
+}
