@@ -1,8 +1,12 @@
 # Thin recipes over cargo. Each one is also spelled out in the README.
 
-# The fan-out demo, end to end.
+# The fan-out demo, end to end (builds the plugins, runs examples/news_fanout.yaml).
 demo:
-    cargo run --release -p routilux --example news_fanout
+    cargo run --release -p routilux -- run examples/news_fanout.yaml --build
+
+# The routilux CLI, e.g. `just cli validate examples/priority_routing.yaml`.
+cli *ARGS:
+    cargo run --release -p routilux -- {{ARGS}}
 
 # The whole test suite (what CI runs).
 test:

@@ -83,10 +83,14 @@ fn token_len(s: &str) -> usize {
         Some(q @ ('"' | '\'')) => s[1..]
             .find(q)
             .map_or(s.chars().count(), |i| s[..i + 2].chars().count()),
-        _ => s
-            .chars()
-            .take_while(|c| !c.is_whitespace() && !matches!(c, ',' | '}' | ']' | '#'))
-            .count(),
+        _ => {
+            let token: String = s
+                .chars()
+                .take_while(|c| !c.is_whitespace() && !matches!(c, ',' | '}' | ']' | '#'))
+                .collect();
+            // A mapping key: not its colon.
+            token.strip_suffix(':').unwrap_or(&token).chars().count()
+        }
     }
 }
 

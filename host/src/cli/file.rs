@@ -288,6 +288,26 @@ mod tests {
     }
 
     #[test]
+    fn the_readme_flow_file_example_has_the_documented_shape() {
+        let readme = include_str!("../../../README.md");
+        let section = &readme[readme.find("### Flow files").unwrap()..];
+        let start = section.find("```yaml\n").unwrap() + 8;
+        let end = start + section[start..].find("```").unwrap();
+        let f: FlowFile = serde_saphyr::from_str(&section[start..end]).unwrap();
+        let email = &f.routines[1].value;
+        assert!(matches!(
+            email.policy.as_ref().unwrap().value,
+            PolicyDef::BatchSize(10)
+        ));
+        assert!(matches!(
+            email.on_error.as_ref().unwrap().value,
+            OnErrorDef::Retry(_)
+        ));
+        assert_eq!(email.permissions.as_ref().unwrap().value.env, ["LANG"]);
+        assert_eq!(f.input.len(), 1);
+    }
+
+    #[test]
     fn a_duration_without_unit_is_refused_with_its_place() {
         let text = "flow_id: f\nroutines: {}\nexecution:\n  timeout: 30\n";
         let e = serde_saphyr::from_str::<FlowFile>(text).unwrap_err();

@@ -302,11 +302,12 @@ impl Builder<'_> {
             }
         }
         for (dir, at) in dirs {
-            if options.build && plugins::is_cargo_project(&dir) {
-                if let Err(e) = plugins::build_rust_plugins(&dir, None, false) {
-                    self.push(at.as_ref(), e);
-                    continue;
-                }
+            if options.build
+                && plugins::is_cargo_project(&dir)
+                && let Err(e) = plugins::build_rust_plugins(&dir, None, false)
+            {
+                self.push(at.as_ref(), e);
+                continue;
             }
             if let Err(e) = self.dirs.scan(&dir) {
                 self.push(at.as_ref(), e);

@@ -37,12 +37,17 @@ fn cache_dir() -> PathBuf {
 
 /// Runs `routilux ARGS` in the repository root, with the plugins built.
 fn routilux_with(args: &[&str], cache: &Path) -> Run {
+    routilux_env(args, cache, &[])
+}
+
+fn routilux_env(args: &[&str], cache: &Path, env: &[(&str, &str)]) -> Run {
     plugin_dir();
     let out: Output = Command::new(env!("CARGO_BIN_EXE_routilux"))
         .args(args)
         .current_dir(repo_root())
         .env("ROUTILUX_CACHE_DIR", cache)
         .env_remove("CARGO_TARGET_DIR")
+        .envs(env.iter().copied())
         .output()
         .expect("run routilux");
     Run {
@@ -359,6 +364,75 @@ routines:
     ]);
     assert_eq!(r.code, TIMEOUT, "{r:?}");
     assert!(r.stderr.contains("timed out after 500ms"), "{r:?}");
+}
+
+#[test]
+fn manifest_defaults_and_flow_permissions_reach_the_sandbox() {
+    let dir = scratch();
+    let plugins = dir.path().join("plugins");
+    std::fs::create_dir_all(&plugins).unwrap();
+    std::fs::copy(plugin("fixtures"), plugins.join("fixtures.wasm")).unwrap();
+    std::fs::write(
+        plugins.join("fixtures.yaml"),
+        "description: test fixtures\nlimits: {timeout: 250ms}\npermissions: {env: [ROUTILUX_TEST_GRANT]}\n",
+    )
+    .unwrap();
+    std::fs::create_dir_all(dir.path().join("data")).unwrap();
+    std::fs::write(dir.path().join("data").join("note.txt"), "granted").unwrap();
+    let flow = flow_file(
+        dir.path(),
+        "grants.yaml",
+        "flow_id: grants
+routines:
+  probe:
+    plugin: fixtures
+    kind: probe
+    permissions: {read_only_dirs: [{host: ./data, guest: /data}]}
+  echo: {plugin: fixtures, kind: echo}
+  nosy: {plugin: fixtures, kind: probe}
+  spin: {plugin: fixtures, kind: spin, on_error: continue}
+connections:
+  - {from: probe.out, to: echo.in}
+  - {from: nosy.out, to: echo.in}
+",
+    );
+    let post = r#"{"path": "/data/note.txt", "env": "ROUTILUX_TEST_GRANT"}"#;
+    let r = routilux_env(
+        &[
+            "run",
+            &flow,
+            "--post",
+            &format!("probe.in={post}"),
+            "--post",
+            &format!("nosy.in={post}"),
+            "--post",
+            r#"spin.in={"bad": true}"#,
+        ],
+        &cache_dir(),
+        &[("ROUTILUX_TEST_GRANT", "yes")],
+    );
+    assert_eq!(r.code, OK, "{r:?}");
+    let seen: Vec<Value> = r
+        .stdout
+        .lines()
+        .filter_map(|l| l.strip_prefix("echo passed "))
+        .map(|j| serde_json::from_str(j).unwrap())
+        .collect();
+    assert_eq!(seen.len(), 2, "{r:?}");
+    assert!(
+        seen.iter()
+            .any(|v| v["file"]["ok"] == "granted" && v["env"] == "yes"),
+        "the flow's directory grant and the manifest's env grant: {r:?}"
+    );
+    assert!(
+        seen.iter()
+            .any(|v| v["file"]["error"].is_string() && v["env"] == "yes"),
+        "a routine without the directory grant cannot read it: {r:?}"
+    );
+    assert!(
+        r.stderr.contains("exceeded its deadline of 250ms"),
+        "the manifest's timeout applies: {r:?}"
+    );
 }
 
 #[test]
