@@ -64,44 +64,13 @@ struct Cli {
 #[derive(Subcommand)]
 enum Command {
     /// Run one job of a flow: stream routine output, print a summary.
-    Run {
-        /// The flow file (YAML or JSON).
-        flow: PathBuf,
-        /// A plugin directory (repeatable; searched before the flow file's `plugins:`).
-        #[arg(long = "plugins", value_name = "DIR")]
-        plugins: Vec<PathBuf>,
-        /// Build Rust plugin projects among the plugin directories first.
-        #[arg(long)]
-        build: bool,
-        /// Post one item: `[routine.slot=]JSON` (default: the flow's only entry slot).
-        #[arg(long = "post", value_name = "[ROUTINE.SLOT=]JSON")]
-        posts: Vec<String>,
-        /// Post every line of a JSON-lines file: `[routine.slot=]FILE`.
-        #[arg(long = "input", value_name = "[ROUTINE.SLOT=]FILE")]
-        inputs: Vec<String>,
-        /// Worker threads (default: the flow's `execution.thread_pool_size`, else the CPUs).
-        #[arg(long)]
-        threads: Option<usize>,
-        /// Give up (cancel the job, exit 4) after this long, e.g. `30s`.
-        #[arg(long, value_parser = parse_duration)]
-        timeout: Option<Duration>,
-        /// Print the summary as JSON on stdout (routine output goes to stderr).
-        #[arg(long)]
-        json: bool,
-        /// No progress line, no summary unless the job fails.
-        #[arg(long, short)]
-        quiet: bool,
-    },
+    Run(RunCommand),
     /// Check a flow file and its plugins; report every problem at once.
     Validate {
         /// The flow file (YAML or JSON).
         flow: PathBuf,
-        /// A plugin directory (repeatable).
-        #[arg(long = "plugins", value_name = "DIR")]
-        plugins: Vec<PathBuf>,
-        /// Build Rust plugin projects among the plugin directories first.
-        #[arg(long)]
-        build: bool,
+        #[command(flatten)]
+        plugins: PluginArgs,
     },
     /// Show what a component provides (kinds, slots, events, config) and what it imports.
     Inspect {
@@ -133,6 +102,53 @@ enum Command {
     },
 }
 
+/// Where plugins come from (for `run` and `validate`).
+#[derive(clap::Args)]
+struct PluginArgs {
+    /// A plugin directory (repeatable; searched before the flow file's `plugins:`).
+    #[arg(long = "plugins", value_name = "DIR")]
+    plugins: Vec<PathBuf>,
+    /// Build Rust plugin projects among the plugin directories first.
+    #[arg(long)]
+    build: bool,
+}
+
+impl From<PluginArgs> for PluginOptions {
+    fn from(a: PluginArgs) -> Self {
+        PluginOptions {
+            dirs: a.plugins,
+            build: a.build,
+        }
+    }
+}
+
+/// `routilux run`.
+#[derive(clap::Args)]
+struct RunCommand {
+    /// The flow file (YAML or JSON).
+    flow: PathBuf,
+    #[command(flatten)]
+    plugins: PluginArgs,
+    /// Post one item: `[routine.slot=]JSON` (default: the flow's only entry slot).
+    #[arg(long = "post", value_name = "[ROUTINE.SLOT=]JSON")]
+    posts: Vec<String>,
+    /// Post every line of a JSON-lines file: `[routine.slot=]FILE`.
+    #[arg(long = "input", value_name = "[ROUTINE.SLOT=]FILE")]
+    inputs: Vec<String>,
+    /// Worker threads (default: the flow's `execution.thread_pool_size`, else the CPUs).
+    #[arg(long, value_parser = clap::value_parser!(u16).range(1..))]
+    threads: Option<u16>,
+    /// Give up (cancel the job, exit 4) after this long, e.g. `30s`.
+    #[arg(long, value_parser = parse_duration)]
+    timeout: Option<Duration>,
+    /// Print the summary as JSON on stdout (routine output goes to stderr).
+    #[arg(long)]
+    json: bool,
+    /// No progress line, no summary unless the job fails.
+    #[arg(long, short)]
+    quiet: bool,
+}
+
 fn parse_duration(s: &str) -> Result<Duration, String> {
     file::parse_duration(s)
 }
@@ -152,46 +168,17 @@ fn print_diagnostics(diags: &[Diagnostic]) {
 pub fn main() -> ExitCode {
     let cli = Cli::parse();
     let code = match cli.command {
-        Command::Run {
-            flow,
-            plugins,
-            build,
-            posts,
-            inputs,
-            threads,
-            timeout,
-            json,
-            quiet,
-        } => {
-            if threads == Some(0) {
-                eprintln!("error: --threads must be at least 1");
-                return ExitCode::from(Code::Usage as u8);
-            }
-            run::run(run::RunArgs {
-                flow,
-                plugins: PluginOptions {
-                    dirs: plugins,
-                    build,
-                },
-                posts,
-                inputs,
-                threads,
-                timeout,
-                json,
-                quiet,
-            })
-        }
-        Command::Validate {
-            flow,
-            plugins,
-            build,
-        } => validate(
-            flow,
-            PluginOptions {
-                dirs: plugins,
-                build,
-            },
-        ),
+        Command::Run(a) => run::run(run::RunArgs {
+            flow: a.flow,
+            plugins: a.plugins.into(),
+            posts: a.posts,
+            inputs: a.inputs,
+            threads: a.threads.map(usize::from),
+            timeout: a.timeout,
+            json: a.json,
+            quiet: a.quiet,
+        }),
+        Command::Validate { flow, plugins } => validate(flow, plugins.into()),
         Command::Inspect { path, json } => inspect::inspect(&path, json),
         Command::New {
             name,
