@@ -10,6 +10,10 @@ use crate::common::Log;
 use crate::plugins::plugin;
 
 fn probe(plugin: &routilux::wasm::Plugin, path: &str) -> Value {
+    probe_with(plugin, &json!({"path": path, "env": "PATH"}))
+}
+
+fn probe_with(plugin: &routilux::wasm::Plugin, request: &Value) -> Value {
     let seen: Log<Value> = Log::new();
     let s = seen.clone();
     let mut flow = Flow::new();
@@ -26,14 +30,7 @@ fn probe(plugin: &routilux::wasm::Plugin, path: &str) -> Value {
         .connect("probe", "out", "report", "in");
     let (rt, _) = recording_runtime(1);
     rt.register("probe", &flow).unwrap();
-    let job = rt
-        .post(
-            "probe",
-            "probe",
-            "in",
-            &json!({"path": path, "env": "PATH"}),
-        )
-        .unwrap();
+    let job = rt.post("probe", "probe", "in", request).unwrap();
     assert!(job.wait(WAIT));
     assert_eq!(job.status(), JobStatus::Completed, "{:?}", job.errors());
     seen.get()[0].clone()
@@ -65,6 +62,34 @@ fn nothing_is_granted_by_default_and_grants_are_read_only() {
     let open = probe(&granted, "/data/note.txt");
     assert_eq!(open["file"]["ok"], "granted", "{open}");
     assert_eq!(open["env"], json!(std::env::var("PATH").unwrap()));
+}
+
+#[test]
+fn sockets_are_refused_even_to_a_listening_local_port() {
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    listener.set_nonblocking(true).unwrap();
+    let addr = listener.local_addr().unwrap().to_string();
+    // Even a plugin granted a directory and the environment gets no network.
+    let granted = engine()
+        .load_with(
+            plugin("fixtures"),
+            Permissions {
+                read_only_dirs: vec![(std::env::temp_dir(), "/tmp".into())],
+                env: vec!["PATH".into()],
+            },
+        )
+        .unwrap();
+    for plugin in [load("fixtures"), granted] {
+        let seen = probe_with(&plugin, &json!({ "connect": addr }));
+        assert!(
+            seen["connect"]["error"].is_string(),
+            "the guest connected: {seen}"
+        );
+        match listener.accept() {
+            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {}
+            other => panic!("the listener saw a connection: {other:?}"),
+        }
+    }
 }
 
 #[test]
