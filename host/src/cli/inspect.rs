@@ -9,7 +9,7 @@ use serde_json::Value;
 
 use super::Code;
 use super::plugins::PluginDirs;
-use crate::wasm::{Plugin, WasmConfig, WasmEngine};
+use crate::wasm::Plugin;
 
 /// What one import lets a component do here.
 fn capability(import: &str) -> &'static str {
@@ -160,12 +160,8 @@ fn none_or(items: &[String]) -> String {
 
 /// Inspects one component, or every component of a directory.
 pub(crate) fn inspect(path: &Path, json: bool) -> Code {
-    let engine = match WasmEngine::new(WasmConfig::default()) {
-        Ok(e) => e,
-        Err(e) => {
-            eprintln!("error: cannot start the WebAssembly engine: {e}");
-            return Code::Failed;
-        }
+    let Some(engine) = super::engine() else {
+        return Code::Failed;
     };
     let files: Vec<std::path::PathBuf> = if path.is_dir() {
         let mut dirs = PluginDirs::default();

@@ -153,6 +153,14 @@ fn parse_duration(s: &str) -> Result<Duration, String> {
     file::parse_duration(s)
 }
 
+/// The WebAssembly engine every command uses (default config: the on-disk cache in
+/// `$ROUTILUX_CACHE_DIR` or the user's cache directory); says why when it cannot start.
+fn engine() -> Option<crate::wasm::WasmEngine> {
+    crate::wasm::WasmEngine::new(crate::wasm::WasmConfig::default())
+        .map_err(|e| eprintln!("error: cannot start the WebAssembly engine: {e}"))
+        .ok()
+}
+
 /// Prints diagnostics to stderr, then a count of errors.
 fn print_diagnostics(diags: &[Diagnostic]) {
     for d in diags {
@@ -201,12 +209,8 @@ pub fn main() -> ExitCode {
 }
 
 fn validate(flow: PathBuf, options: PluginOptions) -> Code {
-    let engine = match crate::wasm::WasmEngine::new(crate::wasm::WasmConfig::default()) {
-        Ok(e) => e,
-        Err(e) => {
-            eprintln!("error: cannot start the WebAssembly engine: {e}");
-            return Code::Failed;
-        }
+    let Some(engine) = engine() else {
+        return Code::Failed;
     };
     match load::load(&flow, &engine, &options) {
         Ok(l) => {

@@ -12,7 +12,6 @@ use serde::Serialize;
 
 use super::load::{Loaded, PluginOptions, load};
 use super::{Code, print_diagnostics};
-use crate::wasm::{WasmConfig, WasmEngine};
 use crate::{Item, JobHandle, JobStatus, JobSummary, OutputLine, Runtime, RuntimeError};
 
 /// What `run` was asked to do.
@@ -124,12 +123,8 @@ struct JsonComponent {
 
 pub(crate) fn run(args: RunArgs) -> Code {
     let started = Instant::now();
-    let engine = match WasmEngine::new(WasmConfig::default()) {
-        Ok(e) => e,
-        Err(e) => {
-            eprintln!("error: cannot start the WebAssembly engine: {e}");
-            return Code::Failed;
-        }
+    let Some(engine) = super::engine() else {
+        return Code::Failed;
     };
     let loaded = match load(&args.flow, &engine, &args.plugins) {
         Ok(l) => l,

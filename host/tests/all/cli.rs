@@ -41,10 +41,16 @@ fn routilux_with(args: &[&str], cache: &Path) -> Run {
 }
 
 fn routilux_env(args: &[&str], cache: &Path, env: &[(&str, &str)]) -> Run {
+    routilux_in(&repo_root(), args, cache, env)
+}
+
+/// Runs `routilux ARGS` in `dir` with the plugins built; `env` is set after
+/// `CARGO_TARGET_DIR` is removed (the example flows find `plugins/target` then).
+fn routilux_in(dir: &Path, args: &[&str], cache: &Path, env: &[(&str, &str)]) -> Run {
     plugin_dir();
     let out: Output = Command::new(env!("CARGO_BIN_EXE_routilux"))
         .args(args)
-        .current_dir(repo_root())
+        .current_dir(dir)
         .env("ROUTILUX_CACHE_DIR", cache)
         .env_remove("CARGO_TARGET_DIR")
         .envs(env.iter().copied())
@@ -532,27 +538,19 @@ fn new_rust_plugin_builds_and_runs_on_the_first_try() {
         project.join("Cargo.lock"),
     )
     .unwrap();
-    let out = Command::new(env!("CARGO_BIN_EXE_routilux"))
-        .args([
+    let target = repo_root().join("plugins").join("target");
+    let r = routilux_in(
+        &project,
+        &[
             "run",
             "flow.yaml",
             "--build",
             "--post",
             r#"{"name": "Ada"}"#,
-        ])
-        .current_dir(&project)
-        .env("ROUTILUX_CACHE_DIR", cache_dir())
-        .env(
-            "CARGO_TARGET_DIR",
-            repo_root().join("plugins").join("target"),
-        )
-        .output()
-        .unwrap();
-    let r = Run {
-        code: out.status.code().unwrap_or(-1),
-        stdout: String::from_utf8_lossy(&out.stdout).into_owned(),
-        stderr: String::from_utf8_lossy(&out.stderr).into_owned(),
-    };
+        ],
+        &cache_dir(),
+        &[("CARGO_TARGET_DIR", &target.display().to_string())],
+    );
     assert_eq!(r.code, OK, "{r:?}");
     assert_eq!(r.stdout.trim(), "Hello, Ada!", "{r:?}");
 
