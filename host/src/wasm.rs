@@ -44,6 +44,8 @@ mod instance;
 mod output;
 mod plugin;
 
+#[cfg(feature = "cli")]
+pub(crate) use cache::default_dir as default_cache_dir;
 pub use engine::{WasmConfig, WasmEngine, WasmStats};
 pub use error::LoadError;
 pub use instance::{Limits, Permissions};

@@ -22,8 +22,10 @@ use crate::{ErrorStrategy, Exhausted, Flow, Policy, RetryPolicy};
 pub(crate) struct PluginOptions {
     /// Directories given on the command line (searched before the flow file's).
     pub dirs: Vec<PathBuf>,
-    /// Build Cargo plugin projects first.
+    /// Build plugin projects (Rust, Python, JavaScript, C) first.
     pub build: bool,
+    /// The engine JavaScript projects are built with.
+    pub js_engine: super::guests::JsEngine,
 }
 
 /// A flow file turned into a flow that can run.
@@ -303,8 +305,8 @@ impl Builder<'_> {
         }
         for (dir, at) in dirs {
             if options.build
-                && plugins::is_cargo_project(&dir)
-                && let Err(e) = plugins::build_rust_plugins(&dir, None, false)
+                && plugins::is_project(&dir)
+                && let Err(e) = plugins::build_project(&dir, options.js_engine, false)
             {
                 self.push(at.as_ref(), e);
                 continue;

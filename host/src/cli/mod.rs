@@ -14,6 +14,7 @@
 
 mod diag;
 mod file;
+pub mod guests;
 mod inspect;
 mod load;
 mod new;
@@ -86,7 +87,7 @@ enum Command {
         name: String,
         /// Its language.
         #[arg(long, value_enum, default_value = "rust")]
-        lang: new::Lang,
+        lang: plugins::Lang,
         /// Where to create it (default: the current directory).
         #[arg(long, value_name = "DIR")]
         dir: Option<PathBuf>,
@@ -94,11 +95,15 @@ enum Command {
         #[arg(long, value_name = "PATH")]
         sdk: Option<PathBuf>,
     },
-    /// Build a Rust plugin project (crate or workspace) for wasm32-wasip2.
+    /// Build a plugin project: Rust (Cargo.toml), Python (plugin.py), JavaScript (plugin.js)
+    /// or C (plugin.c). Guest toolchains are installed on first use.
     Build {
         /// The project directory (default: the current directory).
         #[arg(default_value = ".")]
         dir: PathBuf,
+        /// The engine JavaScript plugins are built with.
+        #[arg(long, value_enum, default_value = "quickjs")]
+        js_engine: guests::JsEngine,
     },
 }
 
@@ -108,9 +113,12 @@ struct PluginArgs {
     /// A plugin directory (repeatable; searched before the flow file's `plugins:`).
     #[arg(long = "plugins", value_name = "DIR")]
     plugins: Vec<PathBuf>,
-    /// Build Rust plugin projects among the plugin directories first.
+    /// Build plugin projects (Rust, Python, JavaScript, C) among the plugin directories first.
     #[arg(long)]
     build: bool,
+    /// The engine JavaScript plugins are built with (with --build).
+    #[arg(long, value_enum, default_value = "quickjs")]
+    js_engine: guests::JsEngine,
 }
 
 impl From<PluginArgs> for PluginOptions {
@@ -118,6 +126,7 @@ impl From<PluginArgs> for PluginOptions {
         PluginOptions {
             dirs: a.plugins,
             build: a.build,
+            js_engine: a.js_engine,
         }
     }
 }
@@ -194,7 +203,7 @@ pub fn main() -> ExitCode {
             dir,
             sdk,
         } => new::new(&name, lang, dir.as_deref(), sdk.as_deref()),
-        Command::Build { dir } => match plugins::build_rust_plugins(&dir, None, false) {
+        Command::Build { dir, js_engine } => match plugins::build_project(&dir, js_engine, false) {
             Ok(out) => {
                 eprintln!("components in {}", out.display());
                 Code::Ok

@@ -4,12 +4,7 @@ use std::path::{Path, PathBuf};
 
 use super::Code;
 
-/// Languages `new` can scaffold.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
-pub(crate) enum Lang {
-    /// A Rust crate using `routilux-sdk`, built for wasm32-wasip2.
-    Rust,
-}
+use super::plugins::Lang;
 
 /// Where the Rust SDK is: `--sdk`, else `$ROUTILUX_SDK`, else the `guest-sdk/` this binary was
 /// built beside.
@@ -62,6 +57,7 @@ pub(crate) fn new(name: &str, lang: Lang, dir: Option<&Path>, sdk: Option<&Path>
                 return Code::Usage;
             }
         },
+        Lang::Python | Lang::Js | Lang::C => guest_files(name, lang),
     };
     for (rel, text) in &files {
         let path = root.join(rel);
@@ -76,11 +72,140 @@ pub(crate) fn new(name: &str, lang: Lang, dir: Option<&Path>, sdk: Option<&Path>
     }
     println!("created {} ({lang:?} plugin)", root.display());
     println!("  cd {}", root.display());
-    println!("  cargo test                                          # the routine, natively");
+    if lang == Lang::Rust {
+        println!("  cargo test                                          # the routine, natively");
+    }
     println!(
         "  routilux run flow.yaml --build --post '{{\"name\": \"Ada\"}}'   # build the component, run the flow"
     );
     Code::Ok
+}
+
+/// The flow every scaffold ships: the greeter alone, fed from the command line.
+fn flow_yaml(name: &str, component: &str, plugins_note: &str) -> String {
+    format!(
+        r#"# routilux run flow.yaml --build --post '{{"name": "Ada"}}'
+flow_id: {name}
+plugins: .            # {plugins_note}; `--build` builds it first
+routines:
+  greeter:
+    plugin: {component}
+    kind: greeter
+    config:
+      greeting: Hello
+execution:
+  timeout: 30s
+"#
+    )
+}
+
+const PYTHON_GREETER: &str = r#"from routilux import Routine
+
+
+class Greeter(Routine):
+    """Greets each name it is given."""
+
+    slots = ["names"]
+    events = {"greetings": ["text"]}
+    config = {"greeting": "Hello"}
+
+    def logic(self, data, message):
+        for item in data["names"]:
+            text = f"{self.get_config('greeting')}, {item['name']}!"
+            print(text)
+            self.emit("greetings", text=text)
+"#;
+
+const JS_GREETER: &str = r#"import { Routine, plugin } from "./routilux.js";
+
+class Greeter extends Routine {
+  static description = "Greets each name it is given.";
+  static slots = ["names"];
+  static events = { greetings: ["text"] };
+  static config = { greeting: "Hello" };
+
+  logic(data, message) {
+    for (const item of data.names) {
+      const text = `${this.getConfig("greeting")}, ${item.name}!`;
+      console.log(text);
+      this.emit("greetings", { text });
+    }
+  }
+}
+
+export const routine = plugin(Greeter);
+"#;
+
+const C_GREETER: &str = r#"#include <stdio.h>
+
+#include "routilux.h"
+
+/* Greets each name it is given. */
+static rx_status greeter(const rx_batch *in) {
+    char greeting[64] = "Hello", name[256], text[400];
+    rx_config_str("greeting", greeting, sizeof greeting);
+    for (size_t i = 0; i < rx_count(in, "names"); i++) {
+        if (!rx_get_str(rx_at(in, "names", i), "name", name, sizeof name))
+            return rx_fail("item %zu has no string `name`", i);
+        snprintf(text, sizeof text, "%s, %s!", greeting, name);
+        printf("%s\n", text);
+        rx_json *out = rx_object();
+        rx_put_str(out, "text", text);
+        if (!rx_emit("greetings", out)) return RX_FAILED;
+    }
+    return RX_OK;
+}
+
+RX_PLUGIN(RX_KIND("greeter", "greets each name it is given", greeter,
+                  RX_SLOTS("names"), RX_EVENTS(RX_EVENT("greetings", "text")),
+                  "{\"greeting\": \"Hello\"}"));
+"#;
+
+fn guest_files(name: &str, lang: Lang) -> Vec<(&'static str, String)> {
+    let (file, source, what, sdk) = match lang {
+        Lang::Python => (
+            "plugin.py",
+            PYTHON_GREETER,
+            "Python (built with componentize-py)",
+            "`routilux` (routilux.py)",
+        ),
+        Lang::Js => (
+            "plugin.js",
+            JS_GREETER,
+            "JavaScript (built with componentize-qjs; `--js-engine starlingmonkey` for componentize-js)",
+            "`./routilux.js`",
+        ),
+        _ => (
+            "plugin.c",
+            C_GREETER,
+            "C (built with clang for WASI and wasm-tools)",
+            "`routilux.h`",
+        ),
+    };
+    vec![
+        (file, source.to_owned()),
+        ("flow.yaml", flow_yaml(name, name, "this plugin project")),
+        (
+            "README.md",
+            format!(
+                r#"# {name}
+
+A [routilux](https://example.invalid/routilux) plugin written in {what}.
+
+The SDK ({sdk}) and the WIT are provided by `routilux build`, which stages them in
+`build/.routilux/` and installs the guest toolchain on first use.
+
+```sh
+routilux build                                           # → build/{name}.wasm
+routilux inspect build/{name}.wasm                       # what the host sees
+routilux run flow.yaml --build --post '{{"name": "Ada"}}'  # prints "Hello, Ada!"
+routilux run flow.yaml --post '{{"name": "Ada"}}' --json   # the job's summary, for tests
+```
+"#
+            ),
+        ),
+        (".gitignore", "/build\n__pycache__/\n".to_owned()),
+    ]
 }
 
 fn rust_files(name: &str, sdk: &Path) -> Vec<(&'static str, String)> {

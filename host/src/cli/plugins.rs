@@ -1,12 +1,28 @@
 //! Plugin directories: discovering components (and the manifests beside them), and building
-//! Rust plugin projects for `wasm32-wasip2`.
+//! plugin projects: Rust for `wasm32-wasip2` here, Python, JavaScript and C in
+//! [`super::guests`].
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
+use super::guests::{self, JsEngine};
+
 /// The target Rust plugins are built for.
 pub const WASM_TARGET: &str = "wasm32-wasip2";
+
+/// The languages of plugin projects.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+pub enum Lang {
+    /// A Rust crate (or workspace) using `routilux-sdk`, built for wasm32-wasip2.
+    Rust,
+    /// `plugin.py` using the `routilux` Python module, built with componentize-py.
+    Python,
+    /// `plugin.js` using `./routilux.js`, built with componentize-qjs (or componentize-js).
+    Js,
+    /// `plugin.c` (and any other `.c` files) using `routilux.h`, built with clang for WASI.
+    C,
+}
 
 /// Components found in plugin directories, by name (file name without `.wasm`).
 #[derive(Debug, Default)]
@@ -16,8 +32,8 @@ pub(crate) struct PluginDirs {
 }
 
 impl PluginDirs {
-    /// Adds every `*.wasm` file of `dir` (or, for a Cargo project, of its
-    /// `target/wasm32-wasip2/release`).
+    /// Adds every `*.wasm` file of `dir` (or, for a plugin project, of the directory its
+    /// components are built into: see [`components_dir`]).
     pub fn scan(&mut self, dir: &Path) -> Result<(), String> {
         if !dir.is_dir() {
             return Err(if dir.exists() {
@@ -31,7 +47,7 @@ impl PluginDirs {
             Ok(e) => e,
             Err(_) if components != dir => {
                 return Err(format!(
-                    "{} is a Cargo project whose components are not built (no {}): run \
+                    "{} is a plugin project whose components are not built (no {}): run \
                      `routilux build {}` or pass --build",
                     dir.display(),
                     components.display(),
@@ -48,7 +64,7 @@ impl PluginDirs {
         if found.is_empty() {
             return Err(if components != dir {
                 format!(
-                    "{} is a Cargo project with no built components in {}: run `routilux \
+                    "{} is a plugin project with no built components in {}: run `routilux \
                      build {}` or pass --build",
                     dir.display(),
                     components.display(),
@@ -74,16 +90,19 @@ impl PluginDirs {
     }
 }
 
-/// Whether `dir` is a Cargo project (plugin sources rather than components).
-pub fn is_cargo_project(dir: &Path) -> bool {
-    dir.join("Cargo.toml").is_file()
+/// Whether `dir` is a plugin project (sources rather than components).
+pub fn is_project(dir: &Path) -> bool {
+    guests::project_lang(dir).is_some()
 }
 
-/// Where the components of a plugin directory are: the directory itself, or for a Cargo
-/// project `$CARGO_TARGET_DIR` (else `DIR/target`) + `/wasm32-wasip2/release`.
+/// Where the components of a plugin directory are: the directory itself; for a Cargo project
+/// `$CARGO_TARGET_DIR` (else `DIR/target`) + `/wasm32-wasip2/release`; for a Python,
+/// JavaScript or C project `DIR/build`.
 pub fn components_dir(dir: &Path) -> PathBuf {
-    if !is_cargo_project(dir) {
-        return dir.to_owned();
+    match guests::project_lang(dir) {
+        None => return dir.to_owned(),
+        Some(Lang::Rust) => {}
+        Some(_) => return dir.join("build"),
     }
     let target = match std::env::var_os("CARGO_TARGET_DIR") {
         Some(t) if !t.is_empty() => PathBuf::from(t),
@@ -133,6 +152,19 @@ pub fn ensure_wasm_target() -> Result<(), String> {
     }
 }
 
+/// Builds the plugin project in `dir`, whatever its language (see [`Lang`]); returns the
+/// directory holding its components.
+pub fn build_project(dir: &Path, js_engine: JsEngine, quiet: bool) -> Result<PathBuf, String> {
+    match guests::project_lang(dir) {
+        Some(Lang::Rust) => build_rust_plugins(dir, None, quiet),
+        Some(lang) => guests::build_guest(dir, lang, js_engine),
+        None => Err(format!(
+            "{} is not a plugin project: it has no Cargo.toml, plugin.py, plugin.js or plugin.c",
+            dir.display()
+        )),
+    }
+}
+
 /// Builds the Rust plugin project (crate or workspace) in `dir` for `wasm32-wasip2` in release
 /// mode, installing the target if needed, into `target_dir` (default: as
 /// [`components_dir`] says). Returns the directory holding the components.
@@ -141,9 +173,9 @@ pub fn build_rust_plugins(
     target_dir: Option<&Path>,
     quiet: bool,
 ) -> Result<PathBuf, String> {
-    if !is_cargo_project(dir) {
+    if !dir.join("Cargo.toml").is_file() {
         return Err(format!(
-            "{} has no Cargo.toml: only Rust plugin projects can be built",
+            "{} has no Cargo.toml: it is not a Rust plugin project",
             dir.display()
         ));
     }

@@ -1,0 +1,28 @@
+/* The news fan-out's subscriber in C, and an echo routine for the benchmarks. */
+#include <stdio.h>
+
+#include "routilux.h"
+
+/* Prints each headline as `[C] headline`. */
+static rx_status subscriber(const rx_batch *in) {
+    char label[32] = "C", headline[1024];
+    rx_config_str("label", label, sizeof label);
+    for (size_t i = 0; i < rx_count(in, "news"); i++) {
+        if (!rx_get_str(rx_at(in, "news", i), "headline", headline, sizeof headline))
+            return rx_fail("item %zu has no string `headline` (under 1 KiB)", i);
+        printf("[%s] %s\n", label, headline);
+    }
+    return RX_OK;
+}
+
+/* Emits each item it is given on `out`, unchanged. */
+static rx_status echo(const rx_batch *in) {
+    for (size_t i = 0; i < rx_count(in, "in"); i++)
+        if (!rx_emit_item("out", rx_at(in, "in", i))) return RX_FAILED;
+    return RX_OK;
+}
+
+RX_PLUGIN(RX_KIND("subscriber", "Prints each headline as `[C] headline`.", subscriber,
+                  RX_SLOTS("news"), RX_EVENTS(), "{\"label\": \"C\"}"),
+          RX_KIND("echo", "Emits each item it is given on `out`, unchanged.", echo,
+                  RX_SLOTS("in"), RX_EVENTS(RX_EVENT("out")), NULL));

@@ -1,0 +1,237 @@
+// Write routilux routines in JavaScript.
+//
+// A routine kind is a class: its slots, events and default config as static fields, and a
+// `logic` method that receives every slot's items of one activation (`slot -> array of
+// objects`) and the activation policy's message. The module exports `routine`, made by
+// `plugin(...)` from the kinds it provides:
+//
+//     import { Routine, plugin } from "./routilux.js";
+//
+//     class Shout extends Routine {
+//       static slots = ["input"];
+//       static events = { output: ["text"] };
+//       static config = { suffix: "!" };
+//       logic(data, message) {
+//         for (const item of data.input) {
+//           const text = item.text.toUpperCase() + this.getConfig("suffix");
+//           console.log(text);
+//           this.emit("output", { text });
+//         }
+//       }
+//     }
+//
+//     export const routine = plugin(Shout);
+//
+// `routilux.js` is put beside the plugin's files when it is built; do not copy it in.
+// A kind's name is its static `kind` if set, else the class name in snake_case (`Shout` ->
+// `shout`); its description is the static `description`. Build with `routilux build DIR`
+// (QuickJS by default, `--js-engine starlingmonkey` for SpiderMonkey); this module is the only
+// one that touches the generated bindings.
+//
+// `console.log` goes to the job's output. An exception escaping `logic` fails the activation
+// (not retryable; throw `new RoutineError(message, { retryable: true })` when a retry can
+// help) and the routine's error strategy decides what happens to its items. Instances are
+// pooled and recycled by the host: keep what must last across activations of a job in worker
+// state (`getState` / `setState` / `addState`), not in fields.
+
+import * as hostModule from "routilux:plugin/host@0.1.0";
+
+// QuickJS exposes an import as the default export's members, StarlingMonkey as named exports.
+const host = hostModule.default ?? hostModule;
+
+// UTF-8 without TextEncoder/TextDecoder (QuickJS has neither).
+export const utf8Encode =
+  typeof TextEncoder === "function"
+    ? ((e) => (s) => e.encode(s))(new TextEncoder())
+    : (s) => {
+        const out = [];
+        for (let i = 0; i < s.length; i++) {
+          let c = s.charCodeAt(i);
+          if (c >= 0xd800 && c < 0xdc00 && i + 1 < s.length) {
+            const d = s.charCodeAt(i + 1);
+            if (d >= 0xdc00 && d < 0xe000) {
+              c = 0x10000 + ((c - 0xd800) << 10) + (d - 0xdc00);
+              i++;
+            }
+          }
+          if (c < 0x80) out.push(c);
+          else if (c < 0x800) out.push(0xc0 | (c >> 6), 0x80 | (c & 63));
+          else if (c < 0x10000)
+            out.push(0xe0 | (c >> 12), 0x80 | ((c >> 6) & 63), 0x80 | (c & 63));
+          else
+            out.push(
+              0xf0 | (c >> 18),
+              0x80 | ((c >> 12) & 63),
+              0x80 | ((c >> 6) & 63),
+              0x80 | (c & 63),
+            );
+        }
+        return new Uint8Array(out);
+      };
+
+export const utf8Decode =
+  typeof TextDecoder === "function"
+    ? ((d) => (b) => d.decode(b))(new TextDecoder())
+    : (b) => {
+        let s = "";
+        for (let i = 0; i < b.length; ) {
+          const c = b[i++];
+          let cp;
+          if (c < 0x80) cp = c;
+          else if (c < 0xe0) cp = ((c & 31) << 6) | (b[i++] & 63);
+          else if (c < 0xf0) cp = ((c & 15) << 12) | ((b[i++] & 63) << 6) | (b[i++] & 63);
+          else
+            cp =
+              ((c & 7) << 18) |
+              ((b[i++] & 63) << 12) |
+              ((b[i++] & 63) << 6) |
+              (b[i++] & 63);
+          s += String.fromCodePoint(cp);
+        }
+        return s;
+      };
+
+const LEVELS = ["trace", "debug", "info", "warn", "error"];
+
+/** Fails the activation with `message`; `retryable` says whether a retry can help. */
+export class RoutineError extends Error {
+  constructor(message, { retryable = false } = {}) {
+    super(message);
+    this.name = "RoutineError";
+    this.retryable = retryable;
+  }
+}
+
+function hostError(what, e) {
+  const detail = e && typeof e === "object" && "payload" in e ? e.payload : e;
+  return new RoutineError(`${what}: ${detail}`);
+}
+
+/** Base class of a routine kind. */
+export class Routine {
+  /** One activation: `data` maps each slot to its items, oldest first. */
+  logic(_data, _message) {
+    throw new Error(`routine kind \`${this.constructor.kindName}\` has no logic method`);
+  }
+
+  /** Routes an item (an object) to every slot connected to `event`. */
+  emit(event, item = {}) {
+    if (item === null || typeof item !== "object" || Array.isArray(item)) {
+      throw new TypeError(`emit \`${event}\`: an item is an object`);
+    }
+    try {
+      host.emit(event, utf8Encode(JSON.stringify(item)));
+    } catch (e) {
+      throw hostError(`emit \`${event}\``, e);
+    }
+  }
+
+  /** The config value under `key` (the kind's default with the flow's overrides). */
+  getConfig(key, fallback = undefined) {
+    const text = host.config(key);
+    return text == null ? fallback : JSON.parse(text);
+  }
+
+  /** This routine's worker state under `key` in the current job. */
+  getState(key, fallback = undefined) {
+    const text = host.stateGet(key);
+    return text == null ? fallback : JSON.parse(text);
+  }
+
+  /** Sets worker state `key` to `value` (anything JSON can hold). */
+  setState(key, value) {
+    try {
+      host.stateSet(key, JSON.stringify(value));
+    } catch (e) {
+      throw hostError(`state \`${key}\``, e);
+    }
+  }
+
+  /** Atomically adds `delta` to the integer under `key`; returns the new value. */
+  addState(key, delta = 1) {
+    try {
+      return Number(host.stateAdd(key, BigInt.asIntN ? delta : delta));
+    } catch (e) {
+      throw hostError(`state \`${key}\``, e);
+    }
+  }
+
+  /** Atomically sets `key` to `value` if it holds `expected` (`null`: absent). */
+  compareAndSwapState(key, expected, value) {
+    try {
+      return host.stateCompareAndSwap(
+        key,
+        expected == null ? null : JSON.stringify(expected),
+        JSON.stringify(value),
+      );
+    } catch (e) {
+      throw hostError(`state \`${key}\``, e);
+    }
+  }
+
+  /** A structured log line (level: trace, debug, info, warn or error). */
+  log(level, message) {
+    if (!LEVELS.includes(level)) throw new Error(`unknown log level \`${level}\``);
+    host.log(level, String(message));
+  }
+
+  /** The id of the job this activation belongs to. */
+  get jobId() {
+    return host.jobId();
+  }
+
+  static get kindName() {
+    if (Object.hasOwn(this, "kind")) return this.kind;
+    return this.name.replace(/([a-z0-9])([A-Z])/g, "$1_$2").toLowerCase();
+  }
+}
+
+function specOf(cls) {
+  const slots = cls.slots ?? [];
+  const events = cls.events ?? [];
+  return {
+    name: cls.kindName,
+    description: cls.description ?? "",
+    slots: Array.isArray(slots)
+      ? slots.map((name) => ({ name, maxQueueLength: null }))
+      : Object.entries(slots).map(([name, n]) => ({ name, maxQueueLength: n ?? null })),
+    events: Array.isArray(events)
+      ? events.map((name) => ({ name, fields: [] }))
+      : Object.entries(events).map(([name, fields]) => ({ name, fields: [...fields] })),
+    defaultConfig: JSON.stringify(cls.config ?? {}),
+  };
+}
+
+/** The component's `routine` export, providing the given routine kinds. */
+export function plugin(...kinds) {
+  const byName = new Map();
+  for (const cls of kinds) {
+    if (!(cls.prototype instanceof Routine)) {
+      throw new TypeError(`plugin(...): ${cls.name ?? cls} does not extend Routine`);
+    }
+    if (byName.has(cls.kindName)) {
+      throw new TypeError(`routine kind \`${cls.kindName}\` is defined twice`);
+    }
+    byName.set(cls.kindName, { cls, instance: null });
+  }
+  return {
+    describe() {
+      return [...byName.values()].map(({ cls }) => specOf(cls));
+    },
+    activate(kind, batches, message) {
+      const entry = byName.get(kind);
+      if (!entry) throw { message: `unknown routine kind \`${kind}\``, retryable: false };
+      entry.instance ??= new entry.cls();
+      try {
+        const data = {};
+        for (const b of batches) data[b.slot] = b.items.map((i) => JSON.parse(utf8Decode(i)));
+        entry.instance.logic(data, message == null ? null : JSON.parse(message));
+      } catch (e) {
+        if (e instanceof RoutineError) throw { message: e.message, retryable: e.retryable };
+        const where = e && e.stack ? `\n${e.stack}` : "";
+        console.error(`${e && e.name ? e.name : "Error"}: ${e && e.message}${where}`);
+        throw { message: `${e && e.name ? e.name : "Error"}: ${e && e.message}`, retryable: false };
+      }
+    },
+  };
+}
