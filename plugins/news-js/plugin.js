@@ -8,7 +8,7 @@ class Subscriber extends Routine {
 
   logic(data) {
     const label = this.getConfig("label");
-    for (const item of data.news) console.log(`[${label}] ${item.headline}`);
+    for (const item of data.news) console.log(`[${label}] ${item.headline.trim()}`);
   }
 }
 

@@ -206,7 +206,7 @@ class Routine(exports.Routine):
             raise Err(types.ActivationError(e.message, e.retryable)) from None
         except Exception as e:
             tb = traceback.extract_tb(e.__traceback__)
-            where = f" ({tb[-1].filename}:{tb[-1].lineno})" if tb else ""
+            where = f" ({tb[-1].filename.rsplit('/', 1)[-1]}:{tb[-1].lineno})" if tb else ""
             traceback.print_exc(file=sys.stderr)
             raise Err(
                 types.ActivationError(f"{type(e).__name__}: {e}{where}", False)

@@ -9,16 +9,16 @@ use serde_json::Value;
 use crate::plugins::{plugin, plugin_dir, repo_root};
 
 /// Exit codes, as the CLI documents them.
-const OK: i32 = 0;
-const FAILED: i32 = 1;
-const USAGE: i32 = 2;
-const INVALID: i32 = 3;
-const TIMEOUT: i32 = 4;
+pub(crate) const OK: i32 = 0;
+pub(crate) const FAILED: i32 = 1;
+pub(crate) const USAGE: i32 = 2;
+pub(crate) const INVALID: i32 = 3;
+pub(crate) const TIMEOUT: i32 = 4;
 
-struct Run {
-    code: i32,
-    stdout: String,
-    stderr: String,
+pub(crate) struct Run {
+    pub code: i32,
+    pub stdout: String,
+    pub stderr: String,
 }
 
 impl std::fmt::Debug for Run {
@@ -31,7 +31,7 @@ impl std::fmt::Debug for Run {
     }
 }
 
-fn cache_dir() -> PathBuf {
+pub(crate) fn cache_dir() -> PathBuf {
     repo_root().join("target").join("routilux-test-cache")
 }
 
@@ -46,12 +46,17 @@ fn routilux_env(args: &[&str], cache: &Path, env: &[(&str, &str)]) -> Run {
 
 /// Runs `routilux ARGS` in `dir` with the plugins built; `env` is set after
 /// `CARGO_TARGET_DIR` is removed (the example flows find `plugins/target` then).
-fn routilux_in(dir: &Path, args: &[&str], cache: &Path, env: &[(&str, &str)]) -> Run {
+pub(crate) fn routilux_in(dir: &Path, args: &[&str], cache: &Path, env: &[(&str, &str)]) -> Run {
     plugin_dir();
     let out: Output = Command::new(env!("CARGO_BIN_EXE_routilux"))
         .args(args)
         .current_dir(dir)
         .env("ROUTILUX_CACHE_DIR", cache)
+        // Guest toolchains where the in-process builds of the tests put them.
+        .env(
+            "ROUTILUX_TOOLS_DIR",
+            routilux::cli::guests::tools::dir().expect("a tools directory"),
+        )
         .env_remove("CARGO_TARGET_DIR")
         .envs(env.iter().copied())
         .output()
@@ -63,12 +68,12 @@ fn routilux_in(dir: &Path, args: &[&str], cache: &Path, env: &[(&str, &str)]) ->
     }
 }
 
-fn routilux(args: &[&str]) -> Run {
+pub(crate) fn routilux(args: &[&str]) -> Run {
     routilux_with(args, &cache_dir())
 }
 
 /// A scratch directory for one test.
-fn scratch() -> tempfile::TempDir {
+pub(crate) fn scratch() -> tempfile::TempDir {
     let base = repo_root().join("target").join("cli-tests");
     std::fs::create_dir_all(&base).unwrap();
     tempfile::tempdir_in(base).unwrap()
@@ -82,7 +87,7 @@ fn flow_file(dir: &Path, name: &str, text: &str) -> String {
     path.display().to_string()
 }
 
-fn lines<'a>(text: &'a str, prefix: &str) -> Vec<&'a str> {
+pub(crate) fn lines<'a>(text: &'a str, prefix: &str) -> Vec<&'a str> {
     text.lines().filter(|l| l.starts_with(prefix)).collect()
 }
 

@@ -8,6 +8,7 @@ mod common;
 mod errors;
 mod examples;
 mod policies;
+mod polyglot;
 mod property;
 mod runtime;
 mod state;

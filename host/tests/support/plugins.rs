@@ -30,3 +30,23 @@ fn build() -> Result<PathBuf, String> {
     let plugins = repo_root().join("plugins");
     routilux::cli::plugins::build_rust_plugins(&plugins, Some(&plugins.join("target")), true)
 }
+
+/// The component of the Python, JavaScript or C plugin project `plugins/<name>`, built once per
+/// process (through the CLI's builder, which installs the guest toolchains on first use).
+#[allow(dead_code)]
+pub fn guest_plugin(name: &str) -> PathBuf {
+    use routilux::cli::guests::JsEngine;
+    use std::collections::HashMap;
+    use std::sync::Mutex;
+    static BUILT: OnceLock<Mutex<HashMap<String, Result<PathBuf, String>>>> = OnceLock::new();
+    let dir = repo_root().join("plugins").join(name);
+    let mut built = BUILT.get_or_init(Default::default).lock().unwrap();
+    let result = built.entry(name.to_owned()).or_insert_with(|| {
+        routilux::cli::plugins::build_project(&dir, JsEngine::Quickjs, true)
+            .map(|out| out.join(format!("{name}.wasm")))
+    });
+    match result {
+        Ok(path) => path.clone(),
+        Err(e) => panic!("building plugins/{name}: {e}"),
+    }
+}

@@ -50,4 +50,23 @@ subscriber!(Email, "email", "EMAIL");
 subscriber!(Sms, "sms", "SMS");
 subscriber!(Log, "log", "LOG");
 
-routilux_sdk::export!(Broadcaster, Email, Sms, Log);
+/// Emits each item it is given on `out`, unchanged (the same kind as the Python, JavaScript
+/// and C plugins' `echo`; the benchmarks compare them).
+pub struct Echo;
+
+impl Routine for Echo {
+    const NAME: &'static str = "echo";
+    fn spec() -> Spec {
+        Spec::new("Emits each item it is given on `out`, unchanged.")
+            .slot("in")
+            .event("out", [] as [&str; 0])
+    }
+    fn activate(ctx: &Context, batch: &Batch) -> Result<(), Error> {
+        for item in batch.slot("in") {
+            ctx.emit_item("out", item)?;
+        }
+        Ok(())
+    }
+}
+
+routilux_sdk::export!(Broadcaster, Email, Sms, Log, Echo);

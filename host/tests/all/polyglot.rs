@@ -1,0 +1,281 @@
+//! Routines in Python, JavaScript and C next to Rust ones: the same WIT, the same sandbox, the
+//! same behaviour, through the real CLI. The guest toolchains are installed by the builder on
+//! first use (componentize-py from PyPI, componentize-qjs from npm; C needs clang and
+//! wasi-libc, which `.ci/run` installs).
+
+use serde_json::Value;
+
+use crate::cli::{FAILED, OK, cache_dir, lines, routilux, routilux_in, scratch};
+use crate::plugins::{guest_plugin, plugin_dir, repo_root};
+
+const HEADLINES: [&str; 3] = [
+    "Breaking: four languages, one host",
+    "Python, JavaScript and C subscribers each get every headline",
+    "Sandboxes hold: a trap stays in its routine",
+];
+
+fn build_all() {
+    plugin_dir();
+    for name in ["news-py", "news-js", "news-c"] {
+        guest_plugin(name);
+    }
+}
+
+#[test]
+fn four_languages_fan_out_and_each_subscriber_prints_every_headline() {
+    build_all();
+    let r = routilux(&["run", "examples/polyglot_fanout.yaml", "--json"]);
+    assert_eq!(r.code, OK, "{r:?}");
+    // --json: routine output goes to stderr, tagged with the routine.
+    for (routine, label) in [
+        ("rust", "[EMAIL]"),
+        ("python", "[PY]"),
+        ("javascript", "[JS]"),
+        ("c", "[C]"),
+    ] {
+        let prefix = format!("[{routine}] stdout: {label} ");
+        let got: Vec<&str> = lines(&r.stderr, &prefix)
+            .into_iter()
+            .map(|l| &l[prefix.len()..])
+            .collect();
+        assert_eq!(got, HEADLINES, "{routine}: {r:?}");
+    }
+    let report: Value = serde_json::from_str(&r.stdout).unwrap();
+    assert_eq!(report["status"], "completed", "{r:?}");
+    for routine in ["rust", "python", "javascript", "c"] {
+        assert_eq!(
+            report["routines"][routine]["items_in"], 3,
+            "{routine}: {r:?}"
+        );
+        assert_eq!(report["routines"][routine]["errors"], 0, "{routine}: {r:?}");
+    }
+}
+
+#[test]
+fn a_trap_in_the_python_subscriber_leaves_the_others_running() {
+    build_all();
+    let dir = scratch();
+    let text = std::fs::read_to_string(repo_root().join("examples/polyglot_fanout.yaml"))
+        .unwrap()
+        .replace(
+            "../plugins",
+            &repo_root().join("plugins").display().to_string(),
+        )
+        .replace(
+            "    plugin: news-py\n    kind: subscriber\n",
+            "    plugin: news-py\n    kind: subscriber\n    config: {trap_on: \"TRAP\"}\n    \
+             policy: {batch_size: 1}\n",
+        );
+    let flow = dir.path().join("flow.yaml");
+    std::fs::write(&flow, text).unwrap();
+    let post = r#"{"headlines": ["one", "TRAP two", "three"]}"#;
+    let r = routilux(&["run", &flow.display().to_string(), "--post", post, "--json"]);
+    assert_eq!(r.code, OK, "on_error: continue keeps the job going: {r:?}");
+    for (routine, label, expected) in [
+        ("rust", "[EMAIL]", vec!["one", "TRAP two", "three"]),
+        ("javascript", "[JS]", vec!["one", "TRAP two", "three"]),
+        ("c", "[C]", vec!["one", "TRAP two", "three"]),
+        // The trapped instance is dropped; a fresh one serves the next headline.
+        ("python", "[PY]", vec!["one", "three"]),
+    ] {
+        let prefix = format!("[{routine}] stdout: {label} ");
+        let got: Vec<&str> = lines(&r.stderr, &prefix)
+            .into_iter()
+            .map(|l| &l[prefix.len()..])
+            .collect();
+        assert_eq!(got, expected, "{routine}: {r:?}");
+    }
+    let report: Value = serde_json::from_str(&r.stdout).unwrap();
+    let python = &report["routines"]["python"];
+    assert_eq!(python["errors"], 1, "{r:?}");
+    assert_eq!(python["dead_lettered"], 1, "{r:?}");
+    let error = report["errors"][0]["error"].as_str().unwrap_or_default();
+    assert!(
+        error.contains("news-py.wasm") && error.contains("unreachable"),
+        "{r:?}"
+    );
+    for routine in ["rust", "javascript", "c"] {
+        assert_eq!(report["routines"][routine]["errors"], 0, "{routine}: {r:?}");
+    }
+}
+
+#[test]
+fn an_exception_in_python_or_javascript_fails_the_activation_with_its_message() {
+    build_all();
+    let dir = scratch();
+    let flow = dir.path().join("flow.yaml");
+    let plugins = repo_root().join("plugins");
+    std::fs::write(
+        &flow,
+        format!(
+            "flow_id: exceptions\nplugins: [{0}/news-py, {0}/news-js, {0}/news-c]\nroutines:\n  \
+             py: {{plugin: news-py, kind: subscriber, on_error: continue}}\n  \
+             js: {{plugin: news-js, kind: subscriber, on_error: continue}}\n  \
+             c: {{plugin: news-c, kind: subscriber, on_error: continue}}\n",
+            plugins.display()
+        ),
+    )
+    .unwrap();
+    // No `headline` field: each language reports it in its own way, none crashes the host.
+    let r = routilux(&[
+        "run",
+        &flow.display().to_string(),
+        "--post",
+        "py.news={\"title\": 1}",
+        "--post",
+        "js.news={\"title\": 1}",
+        "--post",
+        "c.news={\"title\": 1}",
+        "--json",
+    ]);
+    assert_eq!(r.code, OK, "{r:?}");
+    let report: Value = serde_json::from_str(&r.stdout).unwrap();
+    let messages: Vec<String> = report["errors"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|e| format!("{}: {}", e["routine"], e["error"]))
+        .collect();
+    assert_eq!(messages.len(), 3, "{r:?}");
+    let of = |routine: &str| {
+        messages
+            .iter()
+            .find(|m| m.starts_with(&format!("\"{routine}\"")))
+            .cloned()
+            .unwrap_or_default()
+    };
+    assert!(
+        of("py").contains("KeyError: 'headline' (plugin.py:"),
+        "{messages:?}"
+    );
+    assert!(of("js").contains("undefined"), "{messages:?}");
+    assert!(of("c").contains("has no string `headline`"), "{messages:?}");
+    // The Python traceback reaches the job's output.
+    assert!(r.stderr.contains("[py] stderr: Traceback"), "{r:?}");
+}
+
+#[test]
+fn inspect_shows_the_same_kind_whatever_the_language() {
+    build_all();
+    let mut echoes = Vec::new();
+    for component in [
+        plugin_dir().join("news.wasm"),
+        guest_plugin("news-py"),
+        guest_plugin("news-js"),
+        guest_plugin("news-c"),
+    ] {
+        let r = routilux(&["inspect", &component.display().to_string(), "--json"]);
+        assert_eq!(r.code, OK, "{r:?}");
+        let report: Value = serde_json::from_str(&r.stdout).unwrap();
+        let echo = report["kinds"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|k| k["name"] == "echo")
+            .cloned();
+        echoes.push((component, echo.expect("an echo kind")));
+    }
+    for (component, echo) in &echoes[1..] {
+        assert_eq!(
+            echo,
+            &echoes[0].1,
+            "{} differs from news.wasm",
+            component.display()
+        );
+    }
+}
+
+/// `routilux new NAME --lang L` then `routilux run flow.yaml --build`: builds and runs first try.
+fn new_plugin_runs(lang: &str) {
+    let dir = scratch();
+    let name = format!("hello-{lang}");
+    let r = routilux(&[
+        "new",
+        &name,
+        "--lang",
+        lang,
+        "--dir",
+        &dir.path().display().to_string(),
+    ]);
+    assert_eq!(r.code, OK, "{r:?}");
+    let project = dir.path().join(&name);
+    let r = routilux_in(
+        &project,
+        &[
+            "run",
+            "flow.yaml",
+            "--build",
+            "--post",
+            r#"{"name": "Ada"}"#,
+        ],
+        &cache_dir(),
+        &[],
+    );
+    assert_eq!(r.code, OK, "{r:?}");
+    assert_eq!(r.stdout.trim(), "Hello, Ada!", "{r:?}");
+    // And what it emitted is what `inspect` says it emits.
+    let r = routilux_in(
+        &project,
+        &["inspect", &format!("build/{name}.wasm"), "--json"],
+        &cache_dir(),
+        &[],
+    );
+    let report: Value = serde_json::from_str(&r.stdout).unwrap();
+    assert_eq!(report["kinds"][0]["name"], "greeter", "{r:?}");
+    assert_eq!(report["kinds"][0]["slots"][0]["name"], "names", "{r:?}");
+    assert_eq!(
+        report["kinds"][0]["events"][0]["name"], "greetings",
+        "{r:?}"
+    );
+    assert_eq!(
+        report["kinds"][0]["events"][0]["fields"][0], "text",
+        "{r:?}"
+    );
+    assert_eq!(
+        report["kinds"][0]["default_config"]["greeting"], "Hello",
+        "{r:?}"
+    );
+}
+
+#[test]
+fn new_python_plugin_builds_and_runs_on_the_first_try() {
+    new_plugin_runs("python");
+}
+
+#[test]
+fn new_js_plugin_builds_and_runs_on_the_first_try() {
+    new_plugin_runs("js");
+}
+
+#[test]
+fn new_c_plugin_builds_and_runs_on_the_first_try() {
+    new_plugin_runs("c");
+}
+
+#[test]
+fn a_project_that_does_not_compile_names_the_tool_and_the_error() {
+    let dir = scratch();
+    let project = dir.path().join("broken-c");
+    std::fs::create_dir_all(&project).unwrap();
+    std::fs::write(
+        project.join("plugin.c"),
+        "#include \"routilux.h\"\nstatic rx_status f(const rx_batch *in) { return nope; }\n",
+    )
+    .unwrap();
+    let r = routilux(&["build", &project.display().to_string()]);
+    assert_eq!(r.code, FAILED, "{r:?}");
+    assert!(r.stderr.contains("compiling the C plugin"), "{r:?}");
+    assert!(r.stderr.contains("plugin.c:2"), "{r:?}");
+
+    let project = dir.path().join("broken-py");
+    std::fs::create_dir_all(&project).unwrap();
+    std::fs::write(
+        project.join("plugin.py"),
+        "from routilux import Routine\nclass A(Routine:\n",
+    )
+    .unwrap();
+    let r = routilux(&["build", &project.display().to_string()]);
+    assert_eq!(r.code, FAILED, "{r:?}");
+    assert!(r.stderr.contains("componentize-py"), "{r:?}");
+    assert!(r.stderr.contains("plugin.py"), "{r:?}");
+}
