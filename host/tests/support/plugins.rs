@@ -40,7 +40,10 @@ pub fn guest_plugin(name: &str) -> PathBuf {
     use std::sync::Mutex;
     static BUILT: OnceLock<Mutex<HashMap<String, Result<PathBuf, String>>>> = OnceLock::new();
     let dir = repo_root().join("plugins").join(name);
-    let mut built = BUILT.get_or_init(Default::default).lock().unwrap();
+    let mut built = BUILT
+        .get_or_init(Default::default)
+        .lock()
+        .expect("no build panicked");
     let result = built.entry(name.to_owned()).or_insert_with(|| {
         routilux::cli::plugins::build_project(&dir, JsEngine::Quickjs, true)
             .map(|out| out.join(format!("{name}.wasm")))
