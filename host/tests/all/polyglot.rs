@@ -279,3 +279,42 @@ fn a_project_that_does_not_compile_names_the_tool_and_the_error() {
     assert!(r.stderr.contains("componentize-py"), "{r:?}");
     assert!(r.stderr.contains("plugin.py"), "{r:?}");
 }
+
+#[test]
+fn non_ascii_text_crosses_every_language_unchanged() {
+    build_all();
+    let dir = scratch();
+    let flow = dir.path().join("flow.yaml");
+    let plugins = repo_root().join("plugins");
+    // JavaScript (QuickJS has no TextDecoder: the SDK's own UTF-8) and Python echo it on;
+    // Python, JavaScript and C print it.
+    std::fs::write(
+        &flow,
+        format!(
+            "flow_id: unicode\nplugins: [{0}/news-py, {0}/news-js, {0}/news-c]\nroutines:\n  \
+             js_echo: {{plugin: news-js, kind: echo}}\n  py_echo: {{plugin: news-py, kind: echo}}\n  \
+             py: {{plugin: news-py, kind: subscriber}}\n  js: {{plugin: news-js, kind: subscriber}}\n  \
+             c: {{plugin: news-c, kind: subscriber}}\nconnections:\n  \
+             - {{from: js_echo.out, to: py_echo.in}}\n  - {{from: py_echo.out, to: py.news}}\n  \
+             - {{from: py_echo.out, to: js.news}}\n  - {{from: py_echo.out, to: c.news}}\n",
+            plugins.display()
+        ),
+    )
+    .unwrap();
+    let headline = "Grüße, € and 😀 — \\\"quoted\\\" \\u00e9";
+    let r = routilux(&[
+        "run",
+        &flow.display().to_string(),
+        "--post",
+        &format!("js_echo.in={{\"headline\": \"{headline}\"}}"),
+    ]);
+    assert_eq!(r.code, OK, "{r:?}");
+    let expected = "Grüße, € and 😀 — \"quoted\" é";
+    for label in ["[PY]", "[JS]", "[C]"] {
+        assert_eq!(
+            lines(&r.stdout, label),
+            vec![format!("{label} {expected}")],
+            "{r:?}"
+        );
+    }
+}
