@@ -21,6 +21,14 @@ lint:
 bench *ARGS:
     cargo bench -p routilux --bench engine -- {{ARGS}}
 
+# The four-language fan-out (Rust, Python, JavaScript and C subscribers).
+polyglot:
+    cargo run --release -p routilux -- run examples/polyglot_fanout.yaml --build
+
+# Guest languages side by side (Rust, C, Python, QuickJS, StarlingMonkey); e.g. `--reps 3`.
+bench-languages *ARGS:
+    cargo bench -p routilux --bench languages -- {{ARGS}}
+
 # Build the example plugins and fixtures for wasm32-wasip2.
 plugins:
     rustup target add wasm32-wasip2
