@@ -20,7 +20,7 @@ fn a_component_describes_its_kinds() {
     let news = load("news");
     assert_eq!(
         news.kind_names(),
-        vec!["broadcaster", "email", "sms", "log"]
+        vec!["broadcaster", "email", "sms", "log", "echo"]
     );
     let b = news.kind("broadcaster").unwrap();
     assert_eq!(b.slots[0].name.as_ref(), "trigger");
@@ -156,7 +156,7 @@ fn an_unknown_kind_is_named_with_a_suggestion() {
     let e = news.routine("emial").unwrap_err();
     assert!(
         e.to_string().ends_with(
-            "no routine kind `emial` (it provides: broadcaster, email, sms, log) (did you mean `email`?)"
+            "no routine kind `emial` (it provides: broadcaster, email, sms, log, echo) (did you mean `email`?)"
         ),
         "{e}"
     );
