@@ -133,11 +133,11 @@ impl From<serde_json::Error> for Error {
     }
 }
 
-/// One item: a JSON object. It arrives as bytes and is parsed on first use, so a routine
+/// One item: a JSON object. It arrives as JSON text and is parsed on first use, so a routine
 /// that only forwards or counts items never parses them.
 #[derive(Clone)]
 pub struct Item {
-    bytes: Vec<u8>,
+    text: String,
     value: std::cell::OnceCell<Value>,
 }
 
@@ -154,31 +154,36 @@ impl PartialEq for Item {
 }
 
 impl Item {
-    pub(crate) fn from_bytes(bytes: Vec<u8>) -> Self {
+    pub(crate) fn from_text(text: String) -> Self {
         Self {
-            bytes,
+            text,
             value: std::cell::OnceCell::new(),
         }
     }
 
     pub(crate) fn from_value(value: Value) -> Self {
-        let bytes = serde_json::to_vec(&value).unwrap_or_else(|_| b"{}".to_vec());
+        let text = serde_json::to_string(&value).unwrap_or_else(|_| "{}".to_owned());
         let cell = std::cell::OnceCell::new();
         let _ = cell.set(value);
-        Self { bytes, value: cell }
+        Self { text, value: cell }
     }
 
     /// The item as JSON.
     pub fn value(&self) -> &Value {
         self.value.get_or_init(|| {
             // The host sends only valid JSON objects.
-            serde_json::from_slice(&self.bytes).unwrap_or(Value::Object(Map::new()))
+            serde_json::from_str(&self.text).unwrap_or(Value::Object(Map::new()))
         })
     }
 
     /// The item's JSON text, as it arrived.
+    pub fn as_str(&self) -> &str {
+        &self.text
+    }
+
+    /// The item's JSON text as bytes.
     pub fn as_bytes(&self) -> &[u8] {
-        &self.bytes
+        self.text.as_bytes()
     }
 
     /// A field, deserialised; an error names the missing or mistyped field.
@@ -264,7 +269,7 @@ pub enum Level {
 
 /// What the host provides; the wasm host or a [`testing::TestHost`].
 pub(crate) trait Backend {
-    fn emit(&self, event: &str, payload: Vec<u8>) -> Result<(), String>;
+    fn emit(&self, event: &str, payload: &str) -> Result<(), String>;
     fn log(&self, level: Level, message: &str);
     fn config(&self, key: &str) -> Option<String>;
     fn state_get(&self, key: &str) -> Option<String>;
@@ -283,14 +288,14 @@ impl Context<'_> {
     /// Emits a value (it must serialise to a JSON object) on `event`. Returns once every
     /// connected slot has taken it (a full slot makes this wait).
     pub fn emit<T: Serialize + ?Sized>(&self, event: &str, value: &T) -> Result<(), Error> {
-        let bytes = serde_json::to_vec(value)?;
-        self.backend.emit(event, bytes).map_err(Error::fatal)
+        let text = serde_json::to_string(value)?;
+        self.backend.emit(event, &text).map_err(Error::fatal)
     }
 
     /// Emits an item as it is, without parsing or serialising it again (forwarding).
     pub fn emit_item(&self, event: &str, item: &Item) -> Result<(), Error> {
         self.backend
-            .emit(event, item.as_bytes().to_vec())
+            .emit(event, item.as_str())
             .map_err(Error::fatal)
     }
 
@@ -392,8 +397,8 @@ pub mod __private {
     struct WasmHost;
 
     impl Backend for WasmHost {
-        fn emit(&self, event: &str, payload: Vec<u8>) -> Result<(), String> {
-            crate::bindings::routilux::plugin::host::emit(event, &payload)
+        fn emit(&self, event: &str, payload: &str) -> Result<(), String> {
+            crate::bindings::routilux::plugin::host::emit(event, payload)
         }
         fn log(&self, level: Level, message: &str) {
             use crate::bindings::routilux::plugin::types::Level as L;
@@ -482,7 +487,7 @@ pub mod __private {
         let slots: Vec<(String, Vec<Item>)> = batches
             .into_iter()
             .map(|b| {
-                let items = b.items.into_iter().map(Item::from_bytes).collect();
+                let items = b.items.into_iter().map(Item::from_text).collect();
                 (b.slot, items)
             })
             .collect();

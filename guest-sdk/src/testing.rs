@@ -126,14 +126,14 @@ fn parse(text: &str) -> Result<Value, String> {
 }
 
 impl Backend for TestHost {
-    fn emit(&self, event: &str, payload: Vec<u8>) -> Result<(), String> {
+    fn emit(&self, event: &str, payload: &str) -> Result<(), String> {
         if !self.events.borrow().iter().any(|e| e == event) {
             return Err(format!(
                 "emitted on undeclared event `{event}` (declared: {})",
                 self.events.borrow().join(", ")
             ));
         }
-        let value: Value = serde_json::from_slice(&payload).map_err(|e| e.to_string())?;
+        let value: Value = serde_json::from_str(payload).map_err(|e| e.to_string())?;
         if !value.is_object() {
             return Err(format!("an item must be a JSON object, got {value}"));
         }

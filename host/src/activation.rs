@@ -373,6 +373,11 @@ impl Batch {
         self.message.as_deref()
     }
 
+    /// The policy's message, shared (the same `Arc` for every batch of a built-in policy).
+    pub(crate) fn message_arc(&self) -> Option<&Arc<Value>> {
+        self.message.as_ref()
+    }
+
     pub(crate) fn into_parts(self) -> (Arc<[Arc<str>]>, Vec<Vec<Item>>) {
         (self.names, self.data)
     }

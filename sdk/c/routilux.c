@@ -61,7 +61,7 @@ rx_status rx_retry(const char *fmt, ...) {
 
 /* ---- batches ------------------------------------------------------------------------- */
 
-static const plugin_list_list_u8_t *rx_slot(const rx_batch *in, const char *slot) {
+static const plugin_list_string_t *rx_slot(const rx_batch *in, const char *slot) {
     size_t n = strlen(slot);
     for (size_t i = 0; i < in->batches->len; i++) {
         const plugin_string_t *s = &in->batches->ptr[i].slot;
@@ -71,12 +71,12 @@ static const plugin_list_list_u8_t *rx_slot(const rx_batch *in, const char *slot
 }
 
 size_t rx_count(const rx_batch *in, const char *slot) {
-    const plugin_list_list_u8_t *items = rx_slot(in, slot);
+    const plugin_list_string_t *items = rx_slot(in, slot);
     return items ? items->len : 0;
 }
 
 rx_item rx_at(const rx_batch *in, const char *slot, size_t i) {
-    const plugin_list_list_u8_t *items = rx_slot(in, slot);
+    const plugin_list_string_t *items = rx_slot(in, slot);
     if (!items || i >= items->len) return (rx_item){"{}", 2};
     return (rx_item){(const char *)items->ptr[i].ptr, items->ptr[i].len};
 }
@@ -392,7 +392,7 @@ static plugin_string_t rx_str(const char *s) {
 
 bool rx_emit_item(const char *event, rx_item item) {
     plugin_string_t ev = rx_str(event), err;
-    plugin_list_u8_t payload = {(uint8_t *)item.json, item.len};
+    plugin_string_t payload = {(uint8_t *)item.json, item.len};
     if (routilux_plugin_host_emit(&ev, &payload, &err)) return true;
     rx_host_error("emit", event, &err);
     return false;

@@ -34,13 +34,13 @@
 // pooled and recycled by the host: keep what must last across activations of a job in worker
 // state (`getState` / `setState` / `addState`), not in fields.
 
-import * as hostModule from "routilux:plugin/host@0.1.0";
+import * as hostModule from "routilux:plugin/host@0.2.0";
 
 // QuickJS exposes an import as the default export's members, StarlingMonkey as named exports.
 const host = hostModule.default ?? hostModule;
 
-// UTF-8 without TextEncoder/TextDecoder (QuickJS has neither). Items are mostly ASCII, so
-// both directions take a fast path for it: one typed-array fill, one fromCharCode per chunk.
+// UTF-8 for the QuickJS console's WASI writes (QuickJS has no TextEncoder). Items need none:
+// the WIT passes them as strings.
 export const utf8Encode =
   typeof TextEncoder === "function"
     ? ((e) => (s) => e.encode(s))(new TextEncoder())
@@ -83,22 +83,6 @@ export const utf8Encode =
         return at === out.length ? out : out.subarray(0, at);
       };
 
-const CHUNK = 4096;
-
-// Bytes to a string with built-ins only (QuickJS runs element loops in its interpreter at
-// ~0.3 µs per element): bytes as Latin-1 characters, then `escape` + `decodeURIComponent`
-// read them as UTF-8.
-export const utf8Decode =
-  typeof TextDecoder === "function"
-    ? ((d) => (b) => d.decode(b instanceof Uint8Array ? b : Uint8Array.from(b)))(new TextDecoder())
-    : (b) => {
-        let latin1 = "";
-        for (let at = 0; at < b.length; at += CHUNK) {
-          latin1 += String.fromCharCode.apply(null, b.subarray ? b.subarray(at, at + CHUNK) : b.slice(at, at + CHUNK));
-        }
-        return decodeURIComponent(escape(latin1));
-      };
-
 const LEVELS = ["trace", "debug", "info", "warn", "error"];
 
 /** Fails the activation with `message`; `retryable` says whether a retry can help. */
@@ -128,7 +112,7 @@ export class Routine {
       throw new TypeError(`emit \`${event}\`: an item is an object`);
     }
     try {
-      host.emit(event, utf8Encode(JSON.stringify(item)));
+      host.emit(event, JSON.stringify(item));
     } catch (e) {
       throw hostError(`emit \`${event}\``, e);
     }
@@ -232,7 +216,7 @@ export function plugin(...kinds) {
       entry.instance ??= new entry.cls();
       try {
         const data = {};
-        for (const b of batches) data[b.slot] = b.items.map((i) => JSON.parse(utf8Decode(i)));
+        for (const b of batches) data[b.slot] = b.items.map((i) => JSON.parse(i));
         entry.instance.logic(data, message == null ? null : JSON.parse(message));
       } catch (e) {
         if (e instanceof RoutineError) throw { message: e.message, retryable: e.retryable };

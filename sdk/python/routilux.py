@@ -120,7 +120,7 @@ class Routine(exports.Routine):
         if not isinstance(item, dict):
             raise TypeError(f"emit `{event}`: an item is a dict, not {type(item).__name__}")
         try:
-            host.emit(event, _dumps(item).encode())
+            host.emit(event, _dumps(item))
         except Err as e:
             raise RoutineError(f"emit `{event}`: {e.value}") from None
 

@@ -166,10 +166,8 @@ impl StoreData {
     /// Starts serving an activation: its context, deadline, and output.
     fn begin(&mut self, ctx: &Context, timeout: Duration) {
         // Nothing of an earlier activation (another job, perhaps) may leak into this one.
-        self.stdout.reset();
-        self.stderr.reset();
-        self.stdout.attach(Some(ctx.handle()));
-        self.stderr.attach(Some(ctx.handle()));
+        self.stdout.begin(ctx.handle());
+        self.stderr.begin(ctx.handle());
         self.call = Some(Call {
             ctx: ctx.handle(),
             started: Instant::now(),
@@ -181,10 +179,8 @@ impl StoreData {
 
     /// Ends the activation: forwards the rest of its output and returns its record.
     fn end(&mut self) -> Option<Call> {
-        for c in [&self.stdout, &self.stderr] {
-            c.drain(true);
-            c.attach(None);
-        }
+        self.stdout.finish();
+        self.stderr.finish();
         self.call.take()
     }
 }
@@ -241,12 +237,12 @@ fn no_call() -> String {
 impl bindings::routilux::plugin::types::Host for StoreData {}
 
 impl bindings::Host for StoreData {
-    fn emit(&mut self, event: String, payload: Vec<u8>) -> Result<(), String> {
+    fn emit(&mut self, event: String, payload: String) -> Result<(), String> {
         let call = self.call.as_mut().ok_or_else(no_call)?;
         if call.ctx.job_halted() {
             return Err(format!("job {} has halted", call.ctx.job_id()));
         }
-        let item = Item::from_json_bytes(payload).map_err(|e| e.to_string())?;
+        let item = Item::from_json_bytes(payload.into_bytes()).map_err(|e| e.to_string())?;
         let waited = Instant::now();
         let result = call.ctx.emit_item(&event, item).map_err(|e| e.to_string());
         call.host_time += waited.elapsed();
@@ -384,6 +380,9 @@ struct Instance {
     store: Store<StoreData>,
     bindings: bindings::Plugin,
     activations: u64,
+    /// The last policy message and its JSON text: a routine's built-in policy hands the same
+    /// `Arc` to every activation, so it is serialised once per instance, not per activation.
+    message: Option<(Arc<Value>, String)>,
 }
 
 /// The logic of a routine whose kind comes from a plugin.
@@ -453,6 +452,7 @@ impl WasmLogic {
             store,
             bindings,
             activations: 0,
+            message: None,
         })
     }
 
@@ -542,11 +542,27 @@ impl Logic for WasmLogic {
             .slots()
             .map(|(slot, items)| bindings::SlotBatch {
                 slot: slot.to_owned(),
-                items: items.iter().map(|i| i.json_bytes().to_vec()).collect(),
+                // Items hold JSON that serde_json wrote or validated: always UTF-8.
+                items: items
+                    .iter()
+                    .map(|i| String::from_utf8_lossy(i.json_bytes()).into_owned())
+                    .collect(),
             })
             .collect();
-        let message = batch.message().map(Value::to_string);
         let inst = checked.get();
+        let message = match batch.message_arc() {
+            None => None,
+            Some(m) => {
+                if !inst
+                    .message
+                    .as_ref()
+                    .is_some_and(|(cached, _)| Arc::ptr_eq(cached, m))
+                {
+                    inst.message = Some((m.clone(), m.to_string()));
+                }
+                inst.message.as_ref().map(|(_, text)| text.as_str())
+            }
+        };
         inst.store.data_mut().begin(ctx, self.limits.timeout);
         inst.store.set_epoch_deadline(1);
         if let Some(fuel) = self.limits.fuel
@@ -558,7 +574,7 @@ impl Logic for WasmLogic {
             &mut inst.store,
             &self.kind,
             &batches,
-            message.as_deref(),
+            message,
         );
         inst.activations += 1;
         let call = inst.store.data_mut().end().expect("the call began above");

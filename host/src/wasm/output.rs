@@ -68,12 +68,31 @@ impl Capture {
         b.suppressed = 0;
     }
 
-    /// Forgets whatever an earlier activation left (its unfinished line, its tail).
-    pub(crate) fn reset(&self) {
+    /// Starts an activation's output: forgets what an earlier activation left (its pending
+    /// bytes and its tail) and sends new lines to `ctx`. One lock.
+    pub(crate) fn begin(&self, ctx: Context) {
         let mut b = self.buf.lock();
         b.bytes.clear();
         b.dropped = 0;
         b.tail.clear();
+        b.sink = Some(ctx);
+        b.sent = 0;
+        b.suppressed = 0;
+    }
+
+    /// Ends an activation's output: forwards what is left (a last line without a newline,
+    /// notes of dropped output) and detaches. The common case, nothing left, takes one lock.
+    pub(crate) fn finish(&self) {
+        {
+            let mut b = self.buf.lock();
+            if b.bytes.is_empty() && b.dropped == 0 && b.suppressed == 0 {
+                b.sink = None;
+                b.sent = 0;
+                return;
+            }
+        }
+        self.drain(true);
+        self.attach(None);
     }
 
     fn append(&self, data: &[u8]) {

@@ -1,9 +1,9 @@
-//! A component of another version of the WIT package (`routilux:plugin@0.2.0`, with a
+//! A component of another version of the WIT package (`routilux:plugin@0.9.0`, with a
 //! different `describe`): the host must refuse it, naming the mismatch.
 
 wit_bindgen::generate!({
     inline: r#"
-        package routilux:plugin@0.2.0;
+        package routilux:plugin@0.9.0;
         interface routine {
             describe: func() -> string;
         }

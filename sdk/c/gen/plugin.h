@@ -64,22 +64,12 @@ typedef struct routilux_plugin_types_routine_kind_t {
   plugin_string_t   default_config;
 } routilux_plugin_types_routine_kind_t;
 
-typedef struct {
-  uint8_t *ptr;
-  size_t len;
-} plugin_list_u8_t;
-
-typedef struct {
-  plugin_list_u8_t *ptr;
-  size_t len;
-} plugin_list_list_u8_t;
-
 // The items one slot released in an activation, oldest first.
 typedef struct routilux_plugin_types_slot_batch_t {
   // The slot.
   plugin_string_t   slot;
-  // Each item is a JSON object as UTF-8 bytes.
-  plugin_list_list_u8_t   items;
+  // Each item is a JSON object, as JSON text.
+  plugin_list_string_t   items;
 } routilux_plugin_types_slot_batch_t;
 
 // Why an activation failed.
@@ -153,12 +143,12 @@ typedef struct {
   } val;
 } exports_routilux_plugin_routine_result_void_activation_error_t;
 
-// Imported Functions from `routilux:plugin/host@0.1.0`
-// Routes an item (a JSON object, UTF-8 bytes) to every slot connected to `event`, at once:
+// Imported Functions from `routilux:plugin/host@0.2.0`
+// Routes an item (a JSON object, as JSON text) to every slot connected to `event`, at once:
 // a subscriber may start before this activation ends. Waits while a receiving slot is
 // full (backpressure). Fails for an undeclared event, a payload that is not a JSON object,
 // or a job that has halted.
-extern bool routilux_plugin_host_emit(plugin_string_t *event, plugin_list_u8_t *payload, plugin_string_t *err);
+extern bool routilux_plugin_host_emit(plugin_string_t *event, plugin_string_t *payload, plugin_string_t *err);
 // Writes a structured line to the job's output.
 extern void routilux_plugin_host_log(routilux_plugin_host_level_t level, plugin_string_t *message);
 // One config value of this routine (its kind's default config with the flow's overrides),
@@ -177,7 +167,7 @@ extern bool routilux_plugin_host_state_compare_and_swap(plugin_string_t *key, pl
 // The id of the job this activation belongs to.
 extern void routilux_plugin_host_job_id(plugin_string_t *ret);
 
-// Exported Functions from `routilux:plugin/routine@0.1.0`
+// Exported Functions from `routilux:plugin/routine@0.2.0`
 void exports_routilux_plugin_routine_describe(exports_routilux_plugin_routine_list_routine_kind_t *ret);
 bool exports_routilux_plugin_routine_activate(plugin_string_t *kind, exports_routilux_plugin_routine_list_slot_batch_t *batches, plugin_string_t *maybe_message, exports_routilux_plugin_routine_activation_error_t *err);
 
@@ -196,10 +186,6 @@ void routilux_plugin_types_list_slot_spec_free(routilux_plugin_types_list_slot_s
 void routilux_plugin_types_list_event_spec_free(routilux_plugin_types_list_event_spec_t *ptr);
 
 void routilux_plugin_types_routine_kind_free(routilux_plugin_types_routine_kind_t *ptr);
-
-void plugin_list_u8_free(plugin_list_u8_t *ptr);
-
-void plugin_list_list_u8_free(plugin_list_list_u8_t *ptr);
 
 void routilux_plugin_types_slot_batch_free(routilux_plugin_types_slot_batch_t *ptr);
 
