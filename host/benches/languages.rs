@@ -247,6 +247,16 @@ fn main() {
             "compile" => child_compile(&path.unwrap()),
             "activate" => child_activate(&path.unwrap(), o.messages),
             "native" => child_native(o.messages),
+            // A fresh instance every activation only (for profiling).
+            "fresh" => {
+                let p = load(&path.unwrap());
+                let limits = Limits {
+                    recycle_after: 1,
+                    ..Limits::default()
+                };
+                let routine = p.routine_with("echo", limits).unwrap();
+                format!("{}", per_activation(routine, o.messages))
+            }
             // Warm activations only (for profiling: `perf record … --child warm PATH`).
             "warm" => {
                 let p = load(&path.unwrap());

@@ -15,6 +15,20 @@ static rx_status subscriber(const rx_batch *in) {
     return RX_OK;
 }
 
+/* Adds `step` to the job's `count` for each item; prints and emits the new count. */
+static rx_status tally(const rx_batch *in) {
+    int64_t step = 1, n;
+    rx_config_int("step", &step);
+    for (size_t i = 0; i < rx_count(in, "in"); i++) {
+        if (!rx_state_add("count", step, &n)) return RX_FAILED;
+        printf("[C] %lld\n", (long long)n);
+        rx_json *out = rx_object();
+        rx_put_int(out, "n", n);
+        if (!rx_emit("counted", out)) return RX_FAILED;
+    }
+    return RX_OK;
+}
+
 /* Emits each item it is given on `out`, unchanged. */
 static rx_status echo(const rx_batch *in) {
     for (size_t i = 0; i < rx_count(in, "in"); i++)
@@ -24,5 +38,8 @@ static rx_status echo(const rx_batch *in) {
 
 RX_PLUGIN(RX_KIND("subscriber", "Prints each headline as `[C] headline`.", subscriber,
                   RX_SLOTS("news"), RX_EVENTS(), "{\"label\": \"C\"}"),
+          RX_KIND("tally",
+                  "Adds `step` to the job's `count` for each item; prints and emits the new count.",
+                  tally, RX_SLOTS("in"), RX_EVENTS(RX_EVENT("counted", "n")), "{\"step\": 1}"),
           RX_KIND("echo", "Emits each item it is given on `out`, unchanged.", echo,
                   RX_SLOTS("in"), RX_EVENTS(RX_EVENT("out")), NULL));

@@ -12,6 +12,21 @@ class Subscriber extends Routine {
   }
 }
 
+class Tally extends Routine {
+  static description = "Adds `step` to the job's `count` for each item; prints and emits the new count.";
+  static slots = ["in"];
+  static events = { counted: ["n"] };
+  static config = { step: 1 };
+
+  logic(data) {
+    for (const _ of data.in) {
+      const n = this.addState("count", this.getConfig("step"));
+      console.log(`[JS] ${n}`);
+      this.emit("counted", { n });
+    }
+  }
+}
+
 class Echo extends Routine {
   static description = "Emits each item it is given on `out`, unchanged.";
   static slots = ["in"];
@@ -22,4 +37,4 @@ class Echo extends Routine {
   }
 }
 
-export const routine = plugin(Subscriber, Echo);
+export const routine = plugin(Subscriber, Tally, Echo);

@@ -20,6 +20,20 @@ class Subscriber(Routine):
             print(f"[{self.get_config('label')}] {headline}")
 
 
+class Tally(Routine):
+    """Adds `step` to the job's `count` for each item; prints and emits the new count."""
+
+    slots = ["in"]
+    events = {"counted": ["n"]}
+    config = {"step": 1}
+
+    def logic(self, data, message):
+        for _ in data["in"]:
+            n = self.add_state("count", self.get_config("step"))
+            print(f"[PY] {n}")
+            self.emit("counted", n=n)
+
+
 class Echo(Routine):
     """Emits each item it is given on `out`, unchanged."""
 

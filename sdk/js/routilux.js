@@ -141,11 +141,19 @@ export class Routine {
 
   /** Atomically adds `delta` to the integer under `key`; returns the new value. */
   addState(key, delta = 1) {
+    let result;
     try {
-      return Number(host.stateAdd(key, BigInt.asIntN ? delta : delta));
+      // An s64: a number in QuickJS's bindings, a BigInt in StarlingMonkey's.
+      try {
+        result = host.stateAdd(key, delta);
+      } catch (e) {
+        if (!(e instanceof TypeError)) throw e;
+        result = host.stateAdd(key, BigInt(delta));
+      }
     } catch (e) {
       throw hostError(`state \`${key}\``, e);
     }
+    return Number(result);
   }
 
   /** Atomically sets `key` to `value` if it holds `expected` (`null`: absent). */

@@ -318,3 +318,54 @@ fn non_ascii_text_crosses_every_language_unchanged() {
         );
     }
 }
+
+#[test]
+fn worker_state_and_config_behave_the_same_in_python_javascript_and_c() {
+    build_all();
+    let dir = scratch();
+    let flow = dir.path().join("flow.yaml");
+    let plugins = repo_root().join("plugins");
+    // Each routine has its own worker state; the flow's config overrides the default step.
+    std::fs::write(
+        &flow,
+        format!(
+            "flow_id: tally\nplugins: [{0}/news-py, {0}/news-js, {0}/news-c]\nroutines:\n  \
+             py: {{plugin: news-py, kind: tally, config: {{step: 2}}}}\n  \
+             js: {{plugin: news-js, kind: tally, config: {{step: 2}}}}\n  \
+             c: {{plugin: news-c, kind: tally, config: {{step: 2}}}}\n",
+            plugins.display()
+        ),
+    )
+    .unwrap();
+    let mut args = vec![
+        "run".to_owned(),
+        flow.display().to_string(),
+        "--json".into(),
+    ];
+    for routine in ["py", "js", "c"] {
+        for i in 0..3 {
+            args.push("--post".into());
+            args.push(format!("{routine}.in={{\"i\": {i}}}"));
+        }
+    }
+    let args: Vec<&str> = args.iter().map(String::as_str).collect();
+    let r = routilux(&args);
+    assert_eq!(r.code, OK, "{r:?}");
+    for (routine, label) in [("py", "[PY]"), ("js", "[JS]"), ("c", "[C]")] {
+        let prefix = format!("[{routine}] stdout: {label} ");
+        let mut counts: Vec<i64> = lines(&r.stderr, &prefix)
+            .into_iter()
+            .map(|l| l[prefix.len()..].parse().unwrap())
+            .collect();
+        counts.sort_unstable();
+        assert_eq!(counts, vec![2, 4, 6], "{routine}: {r:?}");
+    }
+    let report: Value = serde_json::from_str(&r.stdout).unwrap();
+    for routine in ["py", "js", "c"] {
+        assert_eq!(
+            report["routines"][routine]["items_out"], 3,
+            "{routine}: {r:?}"
+        );
+        assert_eq!(report["routines"][routine]["errors"], 0, "{routine}: {r:?}");
+    }
+}
