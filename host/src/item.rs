@@ -27,6 +27,9 @@ pub enum ItemError {
     /// The value could not be serialised to JSON, or the bytes are not JSON.
     #[error("invalid JSON item: {0}")]
     Json(#[from] serde_json::Error),
+    /// The bytes are not UTF-8.
+    #[error("invalid JSON item: not UTF-8: {0}")]
+    NotUtf8(#[from] std::string::FromUtf8Error),
 }
 
 /// One JSON object flowing through a flow. Cheap to clone.
@@ -35,7 +38,8 @@ pub struct Item(Arc<Inner>);
 
 struct Inner {
     value: OnceLock<Value>,
-    bytes: OnceLock<Box<[u8]>>,
+    /// The compact JSON text (UTF-8, checked when the item was made).
+    text: OnceLock<Box<str>>,
 }
 
 pub(crate) fn kind_of(value: &Value) -> &'static str {
@@ -77,16 +81,18 @@ impl Item {
         let bytes = bytes.into();
         // Validate without building a value (no allocation per field).
         serde_json::from_slice::<serde::de::IgnoredAny>(&bytes)?;
+        let text = String::from_utf8(bytes.into_vec())?.into_boxed_str();
+        let bytes = text.as_bytes();
         let first = bytes.iter().find(|b| !b.is_ascii_whitespace()).copied();
         if first != Some(b'{') {
-            let value: Value = serde_json::from_slice(&bytes)?;
+            let value: Value = serde_json::from_slice(bytes)?;
             return Err(ItemError::NotAnObject {
                 kind: kind_of(&value),
             });
         }
         let inner = Inner {
             value: OnceLock::new(),
-            bytes: OnceLock::from(bytes),
+            text: OnceLock::from(text),
         };
         Ok(Self(Arc::new(inner)))
     }
@@ -94,7 +100,7 @@ impl Item {
     fn from_value_unchecked(value: Value) -> Self {
         Self(Arc::new(Inner {
             value: OnceLock::from(value),
-            bytes: OnceLock::new(),
+            text: OnceLock::new(),
         }))
     }
 
@@ -103,8 +109,8 @@ impl Item {
     pub fn value(&self) -> &Value {
         self.0.value.get_or_init(|| {
             // Bytes were validated as a JSON object when the item was made.
-            let bytes = self.0.bytes.get().map(|b| &b[..]).unwrap_or(b"{}");
-            serde_json::from_slice(bytes).unwrap_or(Value::Object(Map::new()))
+            let text = self.0.text.get().map(|t| &t[..]).unwrap_or("{}");
+            serde_json::from_str(text).unwrap_or(Value::Object(Map::new()))
         })
     }
 
@@ -119,10 +125,15 @@ impl Item {
 
     /// The item as compact UTF-8 JSON, serialised on first use and then shared.
     pub fn json_bytes(&self) -> &[u8] {
-        self.0.bytes.get_or_init(|| {
-            serde_json::to_vec(self.value())
-                .unwrap_or_else(|_| b"{}".to_vec())
-                .into_boxed_slice()
+        self.json_str().as_bytes()
+    }
+
+    /// The item as compact JSON text, serialised on first use and then shared.
+    pub fn json_str(&self) -> &str {
+        self.0.text.get_or_init(|| {
+            serde_json::to_string(self.value())
+                .unwrap_or_else(|_| "{}".to_owned())
+                .into_boxed_str()
         })
     }
 
@@ -192,6 +203,8 @@ mod tests {
         assert_eq!(err.to_string(), "an item must be a JSON object, got array");
         assert!(Item::from_json_bytes(&b"42"[..]).is_err());
         assert!(Item::from_json_bytes(&b"{nope"[..]).is_err());
+        // Not UTF-8 inside a string: refused, whichever check catches it first.
+        assert!(Item::from_json_bytes(&b"{\"a\": \"\xff\"}"[..]).is_err());
     }
 
     #[test]

@@ -3,6 +3,10 @@
 wasmtime::component::bindgen!({
     path: "../wit",
     world: "plugin",
+    // Parameters of calls into guests borrow their strings and lists (no per-item copy).
+    ownership: Borrowing {
+        duplicate_if_necessary: true
+    },
 });
 
 pub(crate) use self::exports::routilux::plugin::routine::{

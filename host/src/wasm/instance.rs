@@ -538,16 +538,15 @@ impl WasmLogic {
 impl Logic for WasmLogic {
     fn activate(&self, ctx: &Context, batch: &Batch) -> Result<(), RoutineError> {
         let mut checked = self.checkout()?;
-        let batches: Vec<bindings::SlotBatch> = batch
+        // The batch is lent to the call: slot names and item texts are not copied here.
+        let texts: Vec<Vec<&str>> = batch
             .slots()
-            .map(|(slot, items)| bindings::SlotBatch {
-                slot: slot.to_owned(),
-                // Items hold JSON that serde_json wrote or validated: always UTF-8.
-                items: items
-                    .iter()
-                    .map(|i| String::from_utf8_lossy(i.json_bytes()).into_owned())
-                    .collect(),
-            })
+            .map(|(_, items)| items.iter().map(Item::json_str).collect())
+            .collect();
+        let batches: Vec<bindings::SlotBatch<'_>> = batch
+            .slots()
+            .zip(&texts)
+            .map(|((slot, _), items)| bindings::SlotBatch { slot, items })
             .collect();
         let inst = checked.get();
         let message = match batch.message_arc() {
