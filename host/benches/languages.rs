@@ -38,6 +38,7 @@ fn engine(cache: Option<PathBuf>) -> WasmEngine {
     WasmEngine::new(WasmConfig {
         cache: cache.is_some(),
         cache_dir: cache,
+        pooling: std::env::var_os("ROUTILUX_BENCH_POOLING").is_some(),
         ..WasmConfig::default()
     })
     .unwrap()

@@ -14,7 +14,15 @@ use crate::common::forwarder;
 
 /// Runs items 1, 2 (bad), 3 through `src → {bad: kind, sibling: echo}`; returns the job.
 fn contain(kind: &str, limits: Limits, threads: usize) -> routilux::JobHandle {
-    let fixtures = load("fixtures");
+    contain_in(&load("fixtures"), kind, limits, threads)
+}
+
+fn contain_in(
+    fixtures: &routilux::wasm::Plugin,
+    kind: &str,
+    limits: Limits,
+    threads: usize,
+) -> routilux::JobHandle {
     let mut flow = Flow::new();
     flow.add_routine(forwarder(), "src")
         .add_routine(
@@ -42,7 +50,10 @@ fn contain(kind: &str, limits: Limits, threads: usize) -> routilux::JobHandle {
 
 /// Checks the containment promises and returns the reported error.
 fn contained(kind: &str, limits: Limits) -> String {
-    let job = contain(kind, limits, 2);
+    check_contained(contain(kind, limits, 2), kind)
+}
+
+fn check_contained(job: routilux::JobHandle, kind: &str) -> String {
     assert_eq!(job.status(), JobStatus::Completed, "{kind}");
     let c = job.counters();
     assert_eq!(
@@ -262,4 +273,55 @@ fn a_guest_printing_in_a_loop_is_capped_per_activation() {
         out[10_000].message,
         "[2345 more lines dropped: over the 10000-line budget of one activation]"
     );
+}
+
+#[test]
+fn the_pooling_allocator_reuses_slots_and_still_contains_traps() {
+    use routilux::wasm::{WasmConfig, WasmEngine};
+    let engine = WasmEngine::new(WasmConfig {
+        pooling: true,
+        cache_dir: Some(
+            crate::plugins::repo_root()
+                .join("target")
+                .join("routilux-test-cache"),
+        ),
+        ..WasmConfig::default()
+    })
+    .unwrap();
+    let fixtures = engine.load(crate::plugins::plugin("fixtures")).unwrap();
+    // A fresh instance for every activation: slots are taken and given back hundreds of times.
+    let fresh = Limits {
+        recycle_after: 1,
+        ..Limits::default()
+    };
+    let mut flow = Flow::new();
+    flow.add_routine(forwarder(), "src")
+        .add_routine(
+            fixtures
+                .routine_with("echo", fresh.clone())
+                .unwrap()
+                .policy(Policy::batch_size(1)),
+            "echo",
+        )
+        .connect("src", "out", "echo", "in");
+    let (rt, _) = recording_runtime(2);
+    rt.register("pooled", &flow).unwrap();
+    let job = rt.exec("pooled").unwrap();
+    let input = job.input("src", "in").unwrap();
+    for id in 0..500 {
+        input.post(&json!({ "id": id })).unwrap();
+    }
+    drop(input);
+    assert!(job.wait(WAIT));
+    assert_eq!(job.status(), JobStatus::Completed);
+    assert_eq!(job.counters()["echo"].processed, 500);
+    // A panic and a memory bomb in pooled instances: contained as with the default allocator.
+    let e = check_contained(contain_in(&fixtures, "panic", fresh.clone(), 2), "panic");
+    assert!(e.contains("unreachable code"), "{e}");
+    let capped = Limits {
+        memory: 32 << 20,
+        ..fresh
+    };
+    let e = check_contained(contain_in(&fixtures, "membomb", capped, 2), "membomb");
+    assert!(e.contains("exceeded its memory limit of 32 MiB"), "{e}");
 }
