@@ -20,7 +20,6 @@
 #[global_allocator]
 static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
-use std::process::Command;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
@@ -31,6 +30,9 @@ use serde_json::json;
 
 #[path = "../tests/support/plugins.rs"]
 mod plugins;
+mod support;
+
+use support::status_kib;
 
 #[derive(Clone, Copy, Debug, PartialEq)]
 enum Shape {
@@ -346,19 +348,6 @@ fn run_channels(shape: Shape, n: usize, clock: &Arc<Clock>) -> Duration {
     start.elapsed()
 }
 
-/// A `kB` field of `/proc/self/status` (`VmHWM`: peak resident, `VmRSS`: resident now).
-fn status_kib(field: &str) -> f64 {
-    std::fs::read_to_string("/proc/self/status")
-        .ok()
-        .and_then(|s| {
-            s.lines()
-                .find(|l| l.starts_with(field))
-                .and_then(|l| l.split_whitespace().nth(1))
-                .and_then(|v| v.parse().ok())
-        })
-        .unwrap_or(0.0)
-}
-
 #[derive(Clone)]
 struct Opts {
     reps: usize,
@@ -397,42 +386,17 @@ fn parse_args() -> Opts {
     o
 }
 
-fn median(mut v: Vec<f64>) -> f64 {
-    v.sort_by(f64::total_cmp);
-    v[v.len() / 2]
-}
-
 /// Runs `--child <what>` `reps` times; returns the medians of the numbers each run prints.
 fn run_children(o: &Opts, what: &str) -> Vec<f64> {
-    let exe = std::env::current_exe().unwrap();
-    let mut runs: Vec<Vec<f64>> = Vec::new();
-    for _ in 0..o.reps {
-        let out = Command::new(&exe)
-            .args([
-                "--child",
-                what,
-                "--messages",
-                &o.messages.to_string(),
-                "--threads",
-                &o.threads.to_string(),
-            ])
-            .output()
-            .unwrap();
-        assert!(
-            out.status.success(),
-            "{what}: {}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-        let text = String::from_utf8_lossy(&out.stdout);
-        runs.push(
-            text.split_whitespace()
-                .map(|x| x.parse().unwrap())
-                .collect(),
-        );
-    }
-    (0..runs[0].len())
-        .map(|k| median(runs.iter().map(|r| r[k]).collect()))
-        .collect()
+    let args = [
+        "--child",
+        what,
+        "--messages",
+        &o.messages.to_string(),
+        "--threads",
+        &o.threads.to_string(),
+    ];
+    support::children(o.reps, &args.map(String::from))
 }
 
 /// Per-activation time through the runtime: one routine, `batch_size(1)`, each activation

@@ -18,7 +18,6 @@
 static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
 use std::path::{Path, PathBuf};
-use std::process::Command;
 use std::time::{Duration, Instant};
 
 use routilux::cli::guests::JsEngine;
@@ -28,6 +27,9 @@ use serde_json::json;
 
 #[path = "../tests/support/plugins.rs"]
 mod plugins;
+mod support;
+
+use support::status_kib;
 
 /// The shared compiled-component cache of the children (so only `compile` compiles).
 fn cache_dir() -> PathBuf {
@@ -152,23 +154,6 @@ fn child_rss(path: &Path, count: usize) -> String {
     format!("{}", (after - before) / count as f64)
 }
 
-fn status_kib(field: &str) -> f64 {
-    std::fs::read_to_string("/proc/self/status")
-        .ok()
-        .and_then(|s| {
-            s.lines()
-                .find(|l| l.starts_with(field))
-                .and_then(|l| l.split_whitespace().nth(1))
-                .and_then(|v| v.parse().ok())
-        })
-        .unwrap_or(0.0)
-}
-
-fn median(mut v: Vec<f64>) -> f64 {
-    v.sort_by(f64::total_cmp);
-    v[v.len() / 2]
-}
-
 struct Opts {
     reps: usize,
     messages: usize,
@@ -177,31 +162,15 @@ struct Opts {
 
 /// Runs this bench as a child `reps` times; the medians of the numbers it prints.
 fn children(o: &Opts, args: &[&str]) -> Vec<f64> {
-    let exe = std::env::current_exe().unwrap();
-    let mut runs: Vec<Vec<f64>> = Vec::new();
-    for _ in 0..o.reps {
-        let out = Command::new(&exe)
-            .arg("--child")
-            .args(args)
-            .args(["--messages", &o.messages.to_string()])
-            .args(["--instances", &o.instances.to_string()])
-            .output()
-            .unwrap();
-        assert!(
-            out.status.success(),
-            "{args:?}: {}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-        let text = String::from_utf8_lossy(&out.stdout);
-        runs.push(
-            text.split_whitespace()
-                .map(|x| x.parse().unwrap())
-                .collect(),
-        );
-    }
-    (0..runs[0].len())
-        .map(|k| median(runs.iter().map(|r| r[k]).collect()))
-        .collect()
+    let mut all: Vec<String> = vec!["--child".into()];
+    all.extend(args.iter().map(|a| a.to_string()));
+    all.extend([
+        "--messages".into(),
+        o.messages.to_string(),
+        "--instances".into(),
+        o.instances.to_string(),
+    ]);
+    support::children(o.reps, &all)
 }
 
 /// The echo component of each language (built if needed).

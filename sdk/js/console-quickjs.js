@@ -4,7 +4,46 @@
 // the plugin's own modules.
 import stdoutModule from "wasi:cli/stdout@0.2.12";
 import stderrModule from "wasi:cli/stderr@0.2.12";
-import { utf8Encode as encode } from "./routilux.js";
+
+// UTF-8 for the WASI writes (QuickJS has no TextEncoder; items need none: they are strings).
+function encode(s) {
+  const n = s.length;
+  let out = new Uint8Array(n);
+  let at = 0;
+  for (let i = 0; i < n; i++) {
+    let c = s.charCodeAt(i);
+    if (c < 0x80) {
+      out[at++] = c;
+      continue;
+    }
+    if (at + 4 * (n - i) > out.length) {
+      const bigger = new Uint8Array(at + 4 * (n - i));
+      bigger.set(out.subarray(0, at));
+      out = bigger;
+    }
+    if (c >= 0xd800 && c < 0xdc00 && i + 1 < n) {
+      const d = s.charCodeAt(i + 1);
+      if (d >= 0xdc00 && d < 0xe000) {
+        c = 0x10000 + ((c - 0xd800) << 10) + (d - 0xdc00);
+        i++;
+      }
+    }
+    if (c < 0x800) {
+      out[at++] = 0xc0 | (c >> 6);
+      out[at++] = 0x80 | (c & 63);
+    } else if (c < 0x10000) {
+      out[at++] = 0xe0 | (c >> 12);
+      out[at++] = 0x80 | ((c >> 6) & 63);
+      out[at++] = 0x80 | (c & 63);
+    } else {
+      out[at++] = 0xf0 | (c >> 18);
+      out[at++] = 0x80 | ((c >> 12) & 63);
+      out[at++] = 0x80 | ((c >> 6) & 63);
+      out[at++] = 0x80 | (c & 63);
+    }
+  }
+  return at === out.length ? out : out.subarray(0, at);
+}
 
 function show(value) {
   if (typeof value === "string") return value;

@@ -39,51 +39,11 @@ import * as hostModule from "routilux:plugin/host@0.2.0";
 // QuickJS exposes an import as the default export's members, StarlingMonkey as named exports.
 const host = hostModule.default ?? hostModule;
 
-// UTF-8 for the QuickJS console's WASI writes (QuickJS has no TextEncoder). Items need none:
-// the WIT passes them as strings.
-export const utf8Encode =
-  typeof TextEncoder === "function"
-    ? ((e) => (s) => e.encode(s))(new TextEncoder())
-    : (s) => {
-        const n = s.length;
-        let out = new Uint8Array(n);
-        let at = 0;
-        for (let i = 0; i < n; i++) {
-          let c = s.charCodeAt(i);
-          if (c < 0x80) {
-            out[at++] = c;
-            continue;
-          }
-          if (at + 4 * (n - i) > out.length) {
-            const bigger = new Uint8Array(at + 4 * (n - i));
-            bigger.set(out.subarray(0, at));
-            out = bigger;
-          }
-          if (c >= 0xd800 && c < 0xdc00 && i + 1 < n) {
-            const d = s.charCodeAt(i + 1);
-            if (d >= 0xdc00 && d < 0xe000) {
-              c = 0x10000 + ((c - 0xd800) << 10) + (d - 0xdc00);
-              i++;
-            }
-          }
-          if (c < 0x800) {
-            out[at++] = 0xc0 | (c >> 6);
-            out[at++] = 0x80 | (c & 63);
-          } else if (c < 0x10000) {
-            out[at++] = 0xe0 | (c >> 12);
-            out[at++] = 0x80 | ((c >> 6) & 63);
-            out[at++] = 0x80 | (c & 63);
-          } else {
-            out[at++] = 0xf0 | (c >> 18);
-            out[at++] = 0x80 | ((c >> 12) & 63);
-            out[at++] = 0x80 | ((c >> 6) & 63);
-            out[at++] = 0x80 | (c & 63);
-          }
-        }
-        return at === out.length ? out : out.subarray(0, at);
-      };
-
 const LEVELS = ["trace", "debug", "info", "warn", "error"];
+
+// A WIT s64 is a number in QuickJS's bindings and a BigInt in StarlingMonkey's (which has
+// TextEncoder; QuickJS has not).
+const s64 = typeof TextEncoder === "function" ? BigInt : Number;
 
 /** Fails the activation with `message`; `retryable` says whether a retry can help. */
 export class RoutineError extends Error {
@@ -141,19 +101,11 @@ export class Routine {
 
   /** Atomically adds `delta` to the integer under `key`; returns the new value. */
   addState(key, delta = 1) {
-    let result;
     try {
-      // An s64: a number in QuickJS's bindings, a BigInt in StarlingMonkey's.
-      try {
-        result = host.stateAdd(key, delta);
-      } catch (e) {
-        if (!(e instanceof TypeError)) throw e;
-        result = host.stateAdd(key, BigInt(delta));
-      }
+      return Number(host.stateAdd(key, s64(delta)));
     } catch (e) {
       throw hostError(`state \`${key}\``, e);
     }
-    return Number(result);
   }
 
   /** Atomically sets `key` to `value` if it holds `expected` (`null`: absent). */

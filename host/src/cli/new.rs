@@ -286,20 +286,7 @@ mod tests {
         ),
         (
             "flow.yaml",
-            format!(
-                r#"# routilux run flow.yaml --build --post '{{"name": "Ada"}}'
-flow_id: {name}
-plugins: .            # this Cargo project; `--build` builds it first
-routines:
-  greeter:
-    plugin: {component}
-    kind: greeter
-    config:
-      greeting: Hello
-execution:
-  timeout: 30s
-"#
-            ),
+            flow_yaml(name, &component, "this Cargo project"),
         ),
         ("README.md", format!(
             r#"# {name}

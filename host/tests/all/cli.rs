@@ -525,39 +525,21 @@ fn inspect_shows_kinds_slots_events_config_and_capabilities() {
 
 #[test]
 fn new_rust_plugin_builds_and_runs_on_the_first_try() {
-    let dir = scratch();
-    let r = routilux(&[
-        "new",
-        "hello-plugin",
-        "--lang",
-        "rust",
-        "--dir",
-        &dir.path().display().to_string(),
-    ]);
-    assert_eq!(r.code, OK, "{r:?}");
-    let project = dir.path().join("hello-plugin");
     // Share the example plugins' lock file and target directory, so the test compiles only
     // the new crate (a user's first build fetches and compiles the SDK's dependencies).
-    std::fs::copy(
-        repo_root().join("plugins").join("Cargo.lock"),
-        project.join("Cargo.lock"),
-    )
-    .unwrap();
     let target = repo_root().join("plugins").join("target");
-    let r = routilux_in(
-        &project,
-        &[
-            "run",
-            "flow.yaml",
-            "--build",
-            "--post",
-            r#"{"name": "Ada"}"#,
-        ],
-        &cache_dir(),
+    let (dir, _project) = crate::polyglot::new_plugin_builds_and_runs(
+        "rust",
+        "hello-plugin",
+        |project| {
+            std::fs::copy(
+                repo_root().join("plugins").join("Cargo.lock"),
+                project.join("Cargo.lock"),
+            )
+            .unwrap();
+        },
         &[("CARGO_TARGET_DIR", &target.display().to_string())],
     );
-    assert_eq!(r.code, OK, "{r:?}");
-    assert_eq!(r.stdout.trim(), "Hello, Ada!", "{r:?}");
 
     let r = routilux(&[
         "new",

@@ -3,6 +3,8 @@
 //! first use (componentize-py from PyPI, componentize-qjs from npm; C needs clang and
 //! wasi-libc, which `.ci/run` installs).
 
+use std::path::{Path, PathBuf};
+
 use serde_json::Value;
 
 use crate::cli::{FAILED, OK, cache_dir, lines, routilux, routilux_in, scratch};
@@ -13,6 +15,28 @@ const HEADLINES: [&str; 3] = [
     "Python, JavaScript and C subscribers each get every headline",
     "Sandboxes hold: a trap stays in its routine",
 ];
+
+/// Writes `flow.yaml` in `dir` with the Python, JavaScript and C plugin projects as its plugin
+/// directories; `body` is the rest of the flow (routines, connections). Returns its path.
+fn guest_flow(dir: &Path, flow_id: &str, body: &str) -> String {
+    let plugins = repo_root().join("plugins");
+    let path = dir.join("flow.yaml");
+    let head = format!(
+        "flow_id: {flow_id}\nplugins: [{0}/news-py, {0}/news-js, {0}/news-c]\n",
+        plugins.display()
+    );
+    std::fs::write(&path, head + body).unwrap();
+    path.display().to_string()
+}
+
+/// What `routine` printed after `label` (with `--json`, routine output is on stderr).
+fn printed<'a>(stderr: &'a str, routine: &str, label: &str) -> Vec<&'a str> {
+    let prefix = format!("[{routine}] stdout: {label} ");
+    lines(stderr, &prefix)
+        .into_iter()
+        .map(|l| &l[prefix.len()..])
+        .collect()
+}
 
 fn build_all() {
     plugin_dir();
@@ -33,12 +57,11 @@ fn four_languages_fan_out_and_each_subscriber_prints_every_headline() {
         ("javascript", "[JS]"),
         ("c", "[C]"),
     ] {
-        let prefix = format!("[{routine}] stdout: {label} ");
-        let got: Vec<&str> = lines(&r.stderr, &prefix)
-            .into_iter()
-            .map(|l| &l[prefix.len()..])
-            .collect();
-        assert_eq!(got, HEADLINES, "{routine}: {r:?}");
+        assert_eq!(
+            printed(&r.stderr, routine, label),
+            HEADLINES,
+            "{routine}: {r:?}"
+        );
     }
     let report: Value = serde_json::from_str(&r.stdout).unwrap();
     assert_eq!(report["status"], "completed", "{r:?}");
@@ -78,12 +101,11 @@ fn a_trap_in_the_python_subscriber_leaves_the_others_running() {
         // The trapped instance is dropped; a fresh one serves the next headline.
         ("python", "[PY]", vec!["one", "three"]),
     ] {
-        let prefix = format!("[{routine}] stdout: {label} ");
-        let got: Vec<&str> = lines(&r.stderr, &prefix)
-            .into_iter()
-            .map(|l| &l[prefix.len()..])
-            .collect();
-        assert_eq!(got, expected, "{routine}: {r:?}");
+        assert_eq!(
+            printed(&r.stderr, routine, label),
+            expected,
+            "{routine}: {r:?}"
+        );
     }
     let report: Value = serde_json::from_str(&r.stdout).unwrap();
     let python = &report["routines"]["python"];
@@ -103,23 +125,18 @@ fn a_trap_in_the_python_subscriber_leaves_the_others_running() {
 fn an_exception_in_python_or_javascript_fails_the_activation_with_its_message() {
     build_all();
     let dir = scratch();
-    let flow = dir.path().join("flow.yaml");
-    let plugins = repo_root().join("plugins");
-    std::fs::write(
-        &flow,
-        format!(
-            "flow_id: exceptions\nplugins: [{0}/news-py, {0}/news-js, {0}/news-c]\nroutines:\n  \
-             py: {{plugin: news-py, kind: subscriber, on_error: continue}}\n  \
-             js: {{plugin: news-js, kind: subscriber, on_error: continue}}\n  \
-             c: {{plugin: news-c, kind: subscriber, on_error: continue}}\n",
-            plugins.display()
-        ),
-    )
-    .unwrap();
+    let flow = guest_flow(
+        dir.path(),
+        "exceptions",
+        "routines:\n  \
+         py: {plugin: news-py, kind: subscriber, on_error: continue}\n  \
+         js: {plugin: news-js, kind: subscriber, on_error: continue}\n  \
+         c: {plugin: news-c, kind: subscriber, on_error: continue}\n",
+    );
     // No `headline` field: each language reports it in its own way, none crashes the host.
     let r = routilux(&[
         "run",
-        &flow.display().to_string(),
+        &flow,
         "--post",
         "py.news={\"title\": 1}",
         "--post",
@@ -185,20 +202,27 @@ fn inspect_shows_the_same_kind_whatever_the_language() {
     }
 }
 
-/// `routilux new NAME --lang L` then `routilux run flow.yaml --build`: builds and runs first try.
-fn new_plugin_runs(lang: &str) {
+/// `routilux new NAME --lang L` in a scratch directory, `prepare(project)`, then `routilux run
+/// flow.yaml --build --post '{"name": "Ada"}'` in it with `env`: it must print "Hello, Ada!".
+/// Returns the scratch directory and the project.
+pub(crate) fn new_plugin_builds_and_runs(
+    lang: &str,
+    name: &str,
+    prepare: impl FnOnce(&Path),
+    env: &[(&str, &str)],
+) -> (tempfile::TempDir, PathBuf) {
     let dir = scratch();
-    let name = format!("hello-{lang}");
     let r = routilux(&[
         "new",
-        &name,
+        name,
         "--lang",
         lang,
         "--dir",
         &dir.path().display().to_string(),
     ]);
     assert_eq!(r.code, OK, "{r:?}");
-    let project = dir.path().join(&name);
+    let project = dir.path().join(name);
+    prepare(&project);
     let r = routilux_in(
         &project,
         &[
@@ -209,10 +233,17 @@ fn new_plugin_runs(lang: &str) {
             r#"{"name": "Ada"}"#,
         ],
         &cache_dir(),
-        &[],
+        env,
     );
     assert_eq!(r.code, OK, "{r:?}");
     assert_eq!(r.stdout.trim(), "Hello, Ada!", "{r:?}");
+    (dir, project)
+}
+
+/// A Python, JavaScript or C scaffold runs first try, and `inspect` shows what it declares.
+fn new_plugin_runs(lang: &str) {
+    let name = format!("hello-{lang}");
+    let (_dir, project) = new_plugin_builds_and_runs(lang, &name, |_| {}, &[]);
     // And what it emitted is what `inspect` says it emits.
     let r = routilux_in(
         &project,
@@ -284,27 +315,21 @@ fn a_project_that_does_not_compile_names_the_tool_and_the_error() {
 fn non_ascii_text_crosses_every_language_unchanged() {
     build_all();
     let dir = scratch();
-    let flow = dir.path().join("flow.yaml");
-    let plugins = repo_root().join("plugins");
-    // JavaScript (QuickJS has no TextDecoder: the SDK's own UTF-8) and Python echo it on;
-    // Python, JavaScript and C print it.
-    std::fs::write(
-        &flow,
-        format!(
-            "flow_id: unicode\nplugins: [{0}/news-py, {0}/news-js, {0}/news-c]\nroutines:\n  \
-             js_echo: {{plugin: news-js, kind: echo}}\n  py_echo: {{plugin: news-py, kind: echo}}\n  \
-             py: {{plugin: news-py, kind: subscriber}}\n  js: {{plugin: news-js, kind: subscriber}}\n  \
-             c: {{plugin: news-c, kind: subscriber}}\nconnections:\n  \
-             - {{from: js_echo.out, to: py_echo.in}}\n  - {{from: py_echo.out, to: py.news}}\n  \
-             - {{from: py_echo.out, to: js.news}}\n  - {{from: py_echo.out, to: c.news}}\n",
-            plugins.display()
-        ),
-    )
-    .unwrap();
+    // JavaScript and Python echo it on; Python, JavaScript and C print it.
+    let flow = guest_flow(
+        dir.path(),
+        "unicode",
+        "routines:\n  \
+         js_echo: {plugin: news-js, kind: echo}\n  py_echo: {plugin: news-py, kind: echo}\n  \
+         py: {plugin: news-py, kind: subscriber}\n  js: {plugin: news-js, kind: subscriber}\n  \
+         c: {plugin: news-c, kind: subscriber}\nconnections:\n  \
+         - {from: js_echo.out, to: py_echo.in}\n  - {from: py_echo.out, to: py.news}\n  \
+         - {from: py_echo.out, to: js.news}\n  - {from: py_echo.out, to: c.news}\n",
+    );
     let headline = "Grüße, € and 😀 — \\\"quoted\\\" \\u00e9";
     let r = routilux(&[
         "run",
-        &flow.display().to_string(),
+        &flow,
         "--post",
         &format!("js_echo.in={{\"headline\": \"{headline}\"}}"),
     ]);
@@ -323,25 +348,16 @@ fn non_ascii_text_crosses_every_language_unchanged() {
 fn worker_state_and_config_behave_the_same_in_python_javascript_and_c() {
     build_all();
     let dir = scratch();
-    let flow = dir.path().join("flow.yaml");
-    let plugins = repo_root().join("plugins");
     // Each routine has its own worker state; the flow's config overrides the default step.
-    std::fs::write(
-        &flow,
-        format!(
-            "flow_id: tally\nplugins: [{0}/news-py, {0}/news-js, {0}/news-c]\nroutines:\n  \
-             py: {{plugin: news-py, kind: tally, config: {{step: 2}}}}\n  \
-             js: {{plugin: news-js, kind: tally, config: {{step: 2}}}}\n  \
-             c: {{plugin: news-c, kind: tally, config: {{step: 2}}}}\n",
-            plugins.display()
-        ),
-    )
-    .unwrap();
-    let mut args = vec![
-        "run".to_owned(),
-        flow.display().to_string(),
-        "--json".into(),
-    ];
+    let flow = guest_flow(
+        dir.path(),
+        "tally",
+        "routines:\n  \
+         py: {plugin: news-py, kind: tally, config: {step: 2}}\n  \
+         js: {plugin: news-js, kind: tally, config: {step: 2}}\n  \
+         c: {plugin: news-c, kind: tally, config: {step: 2}}\n",
+    );
+    let mut args = vec!["run".to_owned(), flow, "--json".into()];
     for routine in ["py", "js", "c"] {
         for i in 0..3 {
             args.push("--post".into());
@@ -352,10 +368,9 @@ fn worker_state_and_config_behave_the_same_in_python_javascript_and_c() {
     let r = routilux(&args);
     assert_eq!(r.code, OK, "{r:?}");
     for (routine, label) in [("py", "[PY]"), ("js", "[JS]"), ("c", "[C]")] {
-        let prefix = format!("[{routine}] stdout: {label} ");
-        let mut counts: Vec<i64> = lines(&r.stderr, &prefix)
+        let mut counts: Vec<i64> = printed(&r.stderr, routine, label)
             .into_iter()
-            .map(|l| l[prefix.len()..].parse().unwrap())
+            .map(|n| n.parse().unwrap())
             .collect();
         counts.sort_unstable();
         assert_eq!(counts, vec![2, 4, 6], "{routine}: {r:?}");
