@@ -10,7 +10,7 @@ cli *ARGS:
 
 # The whole test suite (what CI runs).
 test:
-    cargo test --workspace
+    scripts/guest-toolchains && cargo test --workspace
 
 # Format check and lints, as CI runs them.
 lint:

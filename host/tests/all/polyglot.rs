@@ -72,6 +72,16 @@ fn four_languages_fan_out_and_each_subscriber_prints_every_headline() {
         );
         assert_eq!(report["routines"][routine]["errors"], 0, "{routine}: {r:?}");
     }
+    // A second start takes all four components, Python's and JavaScript's too, from the
+    // compiled cache.
+    let r = routilux(&["run", "examples/polyglot_fanout.yaml", "--json"]);
+    assert_eq!(r.code, OK, "{r:?}");
+    let report: Value = serde_json::from_str(&r.stdout).unwrap();
+    let components = report["components"].as_array().unwrap();
+    assert_eq!(components.len(), 4, "{r:?}");
+    for c in components {
+        assert_eq!(c["from_cache"], true, "{c}: {r:?}");
+    }
 }
 
 #[test]
