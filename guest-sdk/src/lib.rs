@@ -214,7 +214,8 @@ impl Item {
 #[derive(Clone, Debug, Default)]
 pub struct Batch {
     pub(crate) slots: Vec<(String, Vec<Item>)>,
-    pub(crate) message: Option<Value>,
+    /// Parsed on first use, like items: most routines never read it.
+    pub(crate) message: Option<Item>,
 }
 
 impl Batch {
@@ -248,7 +249,7 @@ impl Batch {
 
     /// The activation policy's message.
     pub fn message(&self) -> Option<&Value> {
-        self.message.as_ref()
+        self.message.as_ref().map(Item::value)
     }
 }
 
@@ -464,10 +465,7 @@ pub mod __private {
         batches: Vec<SlotBatch>,
         message: Option<String>,
     ) -> Result<(), ActivationError> {
-        let batch = decode(batches, message).map_err(|e| ActivationError {
-            message: e.message,
-            retryable: false,
-        })?;
+        let batch = decode(batches, message);
         let ctx = Context { backend: &WasmHost };
         R::activate(&ctx, &batch).map_err(|e| ActivationError {
             message: e.message,
@@ -483,7 +481,7 @@ pub mod __private {
         })
     }
 
-    fn decode(batches: Vec<SlotBatch>, message: Option<String>) -> Result<Batch, Error> {
+    fn decode(batches: Vec<SlotBatch>, message: Option<String>) -> Batch {
         let slots: Vec<(String, Vec<Item>)> = batches
             .into_iter()
             .map(|b| {
@@ -491,8 +489,10 @@ pub mod __private {
                 (b.slot, items)
             })
             .collect();
-        let message = message.map(|m| serde_json::from_str(&m)).transpose()?;
-        Ok(Batch { slots, message })
+        Batch {
+            slots,
+            message: message.map(Item::from_text),
+        }
     }
 
     pub(crate) fn context(backend: &dyn Backend) -> Context<'_> {

@@ -48,7 +48,7 @@ where
     S: Into<String>,
 {
     Batch {
-        message: Some(message),
+        message: Some(__private::item(message)),
         ..batch(slots)
     }
 }

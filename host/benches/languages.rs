@@ -50,7 +50,7 @@ fn engine(cache: Option<PathBuf>) -> WasmEngine {
 /// text, parsed only if native logic reads it.
 fn item() -> Item {
     let text = json!({"id": 1, "payload": "x".repeat(64)}).to_string();
-    Item::from_json_bytes(text.into_bytes()).unwrap()
+    Item::from_json_text(text).unwrap()
 }
 
 fn forward(ctx: &Context, batch: &Batch) -> Result<(), RoutineError> {

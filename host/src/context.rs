@@ -6,7 +6,7 @@
 //! docs — so a fast producer is slowed, and no item is dropped.
 
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use serde::Serialize;
 use serde_json::{Map, Value};
@@ -146,6 +146,12 @@ impl Context {
 
     /// Emits an existing item on `event` without copying it (forwarding).
     pub fn emit_item(&self, event: &str, item: Item) -> Result<(), EmitError> {
+        self.emit_item_waiting(event, item).map(|_| ())
+    }
+
+    /// [`Context::emit_item`], returning how long it waited for room in full slots (zero,
+    /// without reading the clock, when every slot had room).
+    pub(crate) fn emit_item_waiting(&self, event: &str, item: Item) -> Result<Duration, EmitError> {
         let r = &self.job.flow.routines[self.node];
         let Some(ev) = r.event_index(event) else {
             return Err(EmitError::UnknownEvent {
@@ -156,28 +162,47 @@ impl Context {
         };
         self.job.count_emit(self.node);
         let routes = &r.routes[ev];
+        let mut waited = Duration::ZERO;
         if let Some((last, rest)) = routes.split_last() {
             for &(node, slot) in rest {
-                self.deliver(node, slot, item.clone())?;
+                waited += self.deliver(node, slot, item.clone())?;
             }
-            self.deliver(last.0, last.1, item)?;
+            waited += self.deliver(last.0, last.1, item)?;
         }
-        Ok(())
+        Ok(waited)
     }
 
     /// Pushes into one slot. When it is full: runs the slot's routine here if it is idle
     /// (or other work, if that routine is starved), else waits for room; only if the whole
     /// pool stays stalled does it overrun the bound by this one item (counted).
-    fn deliver(&self, node: usize, slot: usize, item: Item) -> Result<(), EmitError> {
+    fn deliver(&self, node: usize, slot: usize, item: Item) -> Result<Duration, EmitError> {
         let job = &self.job;
         let Some(worker) = current_worker(&job.shared) else {
-            return self.deliver_from_outside(node, slot, item);
+            let started = Instant::now();
+            return self
+                .deliver_from_outside(node, slot, item)
+                .map(|()| started.elapsed());
         };
         let worker = &*worker;
-        let mut item = match job.push(node, slot, item, false, worker.sched()) {
-            Ok(()) => return Ok(()),
-            Err(item) => item,
-        };
+        match job.push(node, slot, item, false, worker.sched()) {
+            Ok(()) => Ok(Duration::ZERO),
+            Err(item) => {
+                let started = Instant::now();
+                self.deliver_when_full(worker, node, slot, item)
+                    .map(|()| started.elapsed())
+            }
+        }
+    }
+
+    /// [`Context::deliver`] into a full slot.
+    fn deliver_when_full(
+        &self,
+        worker: &WorkerLocal,
+        node: usize,
+        slot: usize,
+        mut item: Item,
+    ) -> Result<(), EmitError> {
+        let job = &self.job;
         let shared = &job.shared;
         // The epoch seen when the pool was first found stalled; overrun only if the pool is
         // still stalled after a grace wait and no batch moved anywhere meanwhile.

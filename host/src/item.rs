@@ -74,18 +74,23 @@ impl Item {
         Self::from_value_unchecked(Value::Object(map))
     }
 
-    /// Takes UTF-8 JSON bytes (as a WebAssembly guest produces them) after checking that they
-    /// hold one JSON object. The bytes are kept, so the item reaches other guests without
-    /// being serialised again, and the value is parsed only if native logic asks for it.
+    /// Takes UTF-8 JSON bytes after checking that they hold one JSON object; see
+    /// [`Item::from_json_text`].
     pub fn from_json_bytes(bytes: impl Into<Box<[u8]>>) -> Result<Self, ItemError> {
-        let bytes = bytes.into();
+        let text = String::from_utf8(bytes.into().into_vec())?;
+        Self::from_json_text(text)
+    }
+
+    /// Takes JSON text (a line of input, a WebAssembly guest's `emit`) after checking that it
+    /// holds one JSON object. The text is kept, so the item reaches other guests without
+    /// being serialised again, and the value is parsed only if native logic asks for it.
+    pub fn from_json_text(text: impl Into<Box<str>>) -> Result<Self, ItemError> {
+        let text = text.into();
         // Validate without building a value (no allocation per field).
-        serde_json::from_slice::<serde::de::IgnoredAny>(&bytes)?;
-        let text = String::from_utf8(bytes.into_vec())?.into_boxed_str();
-        let bytes = text.as_bytes();
-        let first = bytes.iter().find(|b| !b.is_ascii_whitespace()).copied();
+        serde_json::from_str::<serde::de::IgnoredAny>(&text)?;
+        let first = text.bytes().find(|b| !b.is_ascii_whitespace());
         if first != Some(b'{') {
-            let value: Value = serde_json::from_slice(bytes)?;
+            let value: Value = serde_json::from_str(&text)?;
             return Err(ItemError::NotAnObject {
                 kind: kind_of(&value),
             });

@@ -335,7 +335,7 @@ fn feed_file(
         if line.trim().is_empty() {
             continue;
         }
-        let item = Item::from_json_bytes(line.into_bytes())
+        let item = Item::from_json_text(line)
             .map_err(|e| Fault::Input(format!("{}:{}: {e}", path.display(), n + 1)))?;
         input
             .post_item(item)
@@ -350,8 +350,7 @@ fn feeds(args: &RunArgs, loaded: &Loaded) -> Result<Vec<Feed>, String> {
     let mut out = Vec::new();
     for p in &args.posts {
         let (target, json) = split_target(p);
-        let item = Item::from_json_bytes(json.as_bytes().to_vec())
-            .map_err(|e| format!("--post `{p}`: {e}"))?;
+        let item = Item::from_json_text(json).map_err(|e| format!("--post `{p}`: {e}"))?;
         let to = resolve(target, loaded, "--post")?;
         out.push(Feed::One { to, item });
     }

@@ -242,11 +242,12 @@ impl bindings::Host for StoreData {
         if call.ctx.job_halted() {
             return Err(format!("job {} has halted", call.ctx.job_id()));
         }
-        let item = Item::from_json_bytes(payload.into_bytes()).map_err(|e| e.to_string())?;
-        let waited = Instant::now();
-        let result = call.ctx.emit_item(&event, item).map_err(|e| e.to_string());
-        call.host_time += waited.elapsed();
-        result
+        let item = Item::from_json_text(payload).map_err(|e| e.to_string())?;
+        call.host_time += call
+            .ctx
+            .emit_item_waiting(&event, item)
+            .map_err(|e| e.to_string())?;
+        Ok(())
     }
 
     fn log(&mut self, level: Level, message: String) {
