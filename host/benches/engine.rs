@@ -455,15 +455,19 @@ fn run_round_trip(imp: &str, n: usize) -> f64 {
     elapsed.as_secs_f64() * 1e6 / n as f64
 }
 
-/// Resident memory added per live instance (each called once), in KiB.
-fn run_rss(n: usize) -> f64 {
+/// Resident memory added per live instance (each called once), in KiB: all of it (RSS), its
+/// private part (`RssAnon`: the host's structures and the guest's written pages), and the
+/// pages of the component's memory image it maps (`RssShmem`), which RSS counts once per
+/// instance although every instance shares the same physical pages.
+fn run_rss(n: usize) -> [f64; 3] {
     let p = fixtures();
     let warm: Vec<_> = (0..8).map(|_| p.instantiate().unwrap()).collect();
-    let before = status_kib("VmRSS:");
+    let fields = ["VmRSS:", "RssAnon:", "RssShmem:"];
+    let before = fields.map(status_kib);
     let live: Vec<_> = (0..n).map(|_| p.instantiate().unwrap()).collect();
-    let after = status_kib("VmRSS:");
+    let after = fields.map(status_kib);
     drop((warm, live));
-    (after - before) / n as f64
+    [0, 1, 2].map(|i| (after[i] - before[i]) / n as f64)
 }
 
 fn main() {
@@ -471,7 +475,10 @@ fn main() {
     if let Some((what, imp)) = &o.child {
         match what.as_str() {
             "roundtrip" => println!("{}", run_round_trip(imp, o.messages.min(50_000))),
-            "rss" => println!("{}", run_rss(imp.parse().unwrap())),
+            "rss" => {
+                let [rss, private, shared] = run_rss(imp.parse().unwrap());
+                println!("{rss} {private} {shared}");
+            }
             shape => {
                 let shape = Shape::from_key(shape).unwrap();
                 let clock = Clock::new(o.messages, shape.sinks());
@@ -554,7 +561,7 @@ fn main() {
         "  wasm, a fresh instance each     {fresh:>8.2} µs/activation   fresh instance: {:.2} µs",
         fresh - wasm
     );
-    println!("\nresident memory per live instance (fixtures plugin, each called once):");
+    println!("\nresident memory per live instance (fixtures plugin, each called once), KiB each:");
     for count in [1_000, 10_000] {
         let kib = run_children(
             &Opts {
@@ -562,7 +569,10 @@ fn main() {
                 ..o.clone()
             },
             &format!("rss:{count}"),
-        )[0];
-        println!("  {count:>6} instances: {kib:>8.1} KiB each");
+        );
+        println!(
+            "  {count:>6} instances: RSS {:>6.1} = private {:>6.1} + shared image pages {:>6.1}",
+            kib[0], kib[1], kib[2]
+        );
     }
 }

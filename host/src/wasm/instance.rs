@@ -110,6 +110,37 @@ struct Call {
     host_time: Duration,
     timeout: Duration,
     timed_out: bool,
+    inputs: Inputs,
+}
+
+/// How far past the last forwarded input an emit is compared (a filter that drops a few
+/// items in a row still forwards without copies).
+const FORWARD_LOOKAHEAD: usize = 4;
+
+/// An activation's input items in order (every slot), and where the guest's forwarding has
+/// got to.
+#[derive(Default)]
+struct Inputs {
+    items: Vec<Item>,
+    next: usize,
+}
+
+impl Inputs {
+    fn new(items: Vec<Item>) -> Self {
+        Self { items, next: 0 }
+    }
+
+    /// The input item whose text `payload` is, if the guest is forwarding one unchanged: the
+    /// emitted text is compared with the next few inputs (a constant amount of work per
+    /// emit), and an identical one is sent on as the same item, neither validated nor copied
+    /// again.
+    fn forwarded(&mut self, payload: &str) -> Option<Item> {
+        let from = self.next.min(self.items.len());
+        let to = (from + FORWARD_LOOKAHEAD).min(self.items.len());
+        let i = (from..to).find(|&i| self.items[i].json_str() == payload)?;
+        self.next = i + 1;
+        Some(self.items[i].clone())
+    }
 }
 
 /// The data of every Store: WASI, limits, captured output, and the activation it serves.
@@ -163,8 +194,8 @@ impl StoreData {
         })
     }
 
-    /// Starts serving an activation: its context, deadline, and output.
-    fn begin(&mut self, ctx: &Context, timeout: Duration) {
+    /// Starts serving an activation: its context, deadline, input items, and output.
+    fn begin(&mut self, ctx: &Context, timeout: Duration, inputs: Vec<Item>) {
         // Nothing of an earlier activation (another job, perhaps) may leak into this one.
         self.stdout.begin(ctx.handle());
         self.stderr.begin(ctx.handle());
@@ -174,6 +205,7 @@ impl StoreData {
             host_time: Duration::ZERO,
             timeout,
             timed_out: false,
+            inputs: Inputs::new(inputs),
         });
     }
 
@@ -242,7 +274,10 @@ impl bindings::Host for StoreData {
         if call.ctx.job_halted() {
             return Err(format!("job {} has halted", call.ctx.job_id()));
         }
-        let item = Item::from_json_text(payload).map_err(|e| e.to_string())?;
+        let item = match call.inputs.forwarded(&payload) {
+            Some(item) => item,
+            None => Item::from_json_text(payload).map_err(|e| e.to_string())?,
+        };
         call.host_time += call
             .ctx
             .emit_item_waiting(&event, item)
@@ -563,7 +598,10 @@ impl Logic for WasmLogic {
                 inst.message.as_ref().map(|(_, text)| text.as_str())
             }
         };
-        inst.store.data_mut().begin(ctx, self.limits.timeout);
+        let inputs = batch.slots().flat_map(|(_, items)| items.iter().cloned());
+        inst.store
+            .data_mut()
+            .begin(ctx, self.limits.timeout, inputs.collect());
         inst.store.set_epoch_deadline(1);
         if let Some(fuel) = self.limits.fuel
             && self.plugin.engine.fuel_enabled()
@@ -594,5 +632,48 @@ impl Logic for WasmLogic {
                 Err(self.trap_error(&err, &call, &tail))
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn item(text: &str) -> Item {
+        Item::from_json_text(text).expect("valid")
+    }
+
+    #[test]
+    fn forwarding_finds_inputs_in_order_within_the_lookahead() {
+        let texts: Vec<String> = (0..8).map(|i| format!("{{\"id\":{i}}}")).collect();
+        let mut inputs = Inputs::new(texts.iter().map(|t| item(t)).collect());
+        // In order, then skipping two (a filter), then a text that is no input.
+        assert_eq!(
+            inputs.forwarded(&texts[0]).map(|i| i.json_str().to_owned()),
+            Some(texts[0].clone())
+        );
+        assert_eq!(
+            inputs.forwarded(&texts[3]).map(|i| i.json_str().to_owned()),
+            Some(texts[3].clone())
+        );
+        assert!(inputs.forwarded(r#"{"id":99}"#).is_none());
+        // An earlier input again (emitted twice) is behind the cursor: validated as new.
+        assert!(inputs.forwarded(&texts[1]).is_none());
+        // Past the lookahead from the cursor (at 4): 4..8 is the window, so 7 is found...
+        assert!(inputs.forwarded(&texts[7]).is_some());
+        // ...and nothing is left after it.
+        assert!(inputs.forwarded(&texts[5]).is_none());
+        // Same JSON, other spelling: not the same text, so not forwarded.
+        let mut inputs = Inputs::new(vec![item(r#"{"a": 1}"#)]);
+        assert!(inputs.forwarded(r#"{"a":1}"#).is_none());
+        assert!(inputs.forwarded(r#"{"a": 1}"#).is_some());
+    }
+
+    #[test]
+    fn forwarding_looks_no_further_than_the_lookahead() {
+        let texts: Vec<String> = (0..10).map(|i| format!("{{\"id\":{i}}}")).collect();
+        let mut inputs = Inputs::new(texts.iter().map(|t| item(t)).collect());
+        assert!(inputs.forwarded(&texts[FORWARD_LOOKAHEAD]).is_none());
+        assert!(inputs.forwarded(&texts[FORWARD_LOOKAHEAD - 1]).is_some());
     }
 }
