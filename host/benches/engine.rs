@@ -199,16 +199,23 @@ fn forwarder(imp: &Imp) -> Routine {
 }
 
 fn fixtures() -> Plugin {
+    load_plugin("fixtures")
+}
+
+/// A plugin of `plugins/` in an engine of the bench's configuration.
+fn load_plugin(name: &str) -> Plugin {
     let engine = WasmEngine::new(WasmConfig {
         cache_dir: Some(
             plugins::repo_root()
                 .join("target")
                 .join("routilux-bench-cache"),
         ),
+        // `ROUTILUX_BENCH_POOLING=1`: the pooling instance allocator (as the languages bench).
+        pooling: std::env::var_os("ROUTILUX_BENCH_POOLING").is_some(),
         ..WasmConfig::default()
     })
     .unwrap();
-    engine.load(plugins::plugin("fixtures")).unwrap()
+    engine.load(plugins::plugin(name)).unwrap()
 }
 
 /// Runs one scenario on routilux; returns elapsed time.
@@ -459,8 +466,7 @@ fn run_round_trip(imp: &str, n: usize) -> f64 {
 /// private part (`RssAnon`: the host's structures and the guest's written pages), and the
 /// pages of the component's memory image it maps (`RssShmem`), which RSS counts once per
 /// instance although every instance shares the same physical pages.
-fn run_rss(n: usize) -> [f64; 3] {
-    let p = fixtures();
+fn run_rss(p: &Plugin, n: usize) -> [f64; 3] {
     let warm: Vec<_> = (0..8).map(|_| p.instantiate().unwrap()).collect();
     let fields = ["VmRSS:", "RssAnon:", "RssShmem:"];
     let before = fields.map(status_kib);
@@ -474,9 +480,15 @@ fn main() {
     let o = parse_args();
     if let Some((what, imp)) = &o.child {
         match what.as_str() {
+            "phases" => {
+                let [store, instantiate, drop] =
+                    load_plugin(imp).instantiation_phases(5_000).unwrap();
+                println!("{store} {instantiate} {drop}");
+            }
             "roundtrip" => println!("{}", run_round_trip(imp, o.messages.min(50_000))),
             "rss" => {
-                let [rss, private, shared] = run_rss(imp.parse().unwrap());
+                let (plugin, count) = imp.split_once('@').unwrap();
+                let [rss, private, shared] = run_rss(&load_plugin(plugin), count.parse().unwrap());
                 println!("{rss} {private} {shared}");
             }
             shape => {
@@ -552,6 +564,12 @@ fn main() {
     let native = run_children(&o, "roundtrip:native")[0];
     let wasm = run_children(&o, "roundtrip:wasm")[0];
     let fresh = run_children(&o, "roundtrip:fresh")[0];
+    let phases = |plugin: &str| match run_children(&o, &format!("phases:{plugin}"))[..] {
+        [store, instantiate, drop] => {
+            format!("Store {store:.1} µs, instantiate {instantiate:.1} µs, drop {drop:.1} µs")
+        }
+        _ => unreachable!("three figures"),
+    };
     println!("  native logic                    {native:>8.2} µs/activation");
     println!(
         "  wasm logic (Rust guest)         {wasm:>8.2} µs/activation   wasm round trip: {:.2} µs",
@@ -561,18 +579,27 @@ fn main() {
         "  wasm, a fresh instance each     {fresh:>8.2} µs/activation   fresh instance: {:.2} µs",
         fresh - wasm
     );
-    println!("\nresident memory per live instance (fixtures plugin, each called once), KiB each:");
-    for count in [1_000, 10_000] {
-        let kib = run_children(
-            &Opts {
-                reps: 1,
-                ..o.clone()
-            },
-            &format!("rss:{count}"),
-        );
+    println!(
+        "  the stages that run no guest code (5,000 instances):\n    fixtures plugin: {}\n    news plugin:     {}",
+        phases("fixtures"),
+        phases("news")
+    );
+    for plugin in ["fixtures", "news"] {
         println!(
-            "  {count:>6} instances: RSS {:>6.1} = private {:>6.1} + shared image pages {:>6.1}",
-            kib[0], kib[1], kib[2]
+            "\nresident memory per live instance of the {plugin} plugin (each called once), KiB each:"
         );
+        for count in [1_000, 10_000] {
+            let kib = run_children(
+                &Opts {
+                    reps: 1,
+                    ..o.clone()
+                },
+                &format!("rss:{plugin}@{count}"),
+            );
+            println!(
+                "  {count:>6} instances: RSS {:>6.1} = private {:>6.1} + shared image pages {:>6.1}",
+                kib[0], kib[1], kib[2]
+            );
+        }
     }
 }
