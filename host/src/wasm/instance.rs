@@ -151,6 +151,8 @@ pub(crate) struct StoreData {
     stdout: Capture,
     stderr: Capture,
     call: Option<Call>,
+    /// The last activation's (emptied) list of inputs, reused by the next.
+    spare_inputs: Vec<Item>,
 }
 
 impl WasiView for StoreData {
@@ -191,21 +193,24 @@ impl StoreData {
             stdout,
             stderr,
             call: None,
+            spare_inputs: Vec::new(),
         })
     }
 
     /// Starts serving an activation: its context, deadline, input items, and output.
-    fn begin(&mut self, ctx: &Context, timeout: Duration, inputs: Vec<Item>) {
+    fn begin(&mut self, ctx: &Context, timeout: Duration, inputs: impl Iterator<Item = Item>) {
         // Nothing of an earlier activation (another job, perhaps) may leak into this one.
         self.stdout.begin(ctx.handle());
         self.stderr.begin(ctx.handle());
+        let mut items = std::mem::take(&mut self.spare_inputs);
+        items.extend(inputs);
         self.call = Some(Call {
             ctx: ctx.handle(),
             started: Instant::now(),
             host_time: Duration::ZERO,
             timeout,
             timed_out: false,
-            inputs: Inputs::new(inputs),
+            inputs: Inputs::new(items),
         });
     }
 
@@ -213,7 +218,12 @@ impl StoreData {
     fn end(&mut self) -> Option<Call> {
         self.stdout.finish();
         self.stderr.finish();
-        self.call.take()
+        let mut call = self.call.take()?;
+        // The items are let go now; the list's memory serves the next activation.
+        let mut items = std::mem::take(&mut call.inputs.items);
+        items.clear();
+        self.spare_inputs = items;
+        Some(call)
     }
 }
 
@@ -575,14 +585,18 @@ impl Logic for WasmLogic {
     fn activate(&self, ctx: &Context, batch: &Batch) -> Result<(), RoutineError> {
         let mut checked = self.checkout()?;
         // The batch is lent to the call: slot names and item texts are not copied here.
-        let texts: Vec<Vec<&str>> = batch
+        let texts: Vec<&str> = batch
             .slots()
-            .map(|(_, items)| items.iter().map(Item::json_str).collect())
+            .flat_map(|(_, items)| items.iter().map(Item::json_str))
             .collect();
+        let mut rest = texts.as_slice();
         let batches: Vec<bindings::SlotBatch<'_>> = batch
             .slots()
-            .zip(&texts)
-            .map(|((slot, _), items)| bindings::SlotBatch { slot, items })
+            .map(|(slot, items)| {
+                let (these, after) = rest.split_at(items.len());
+                rest = after;
+                bindings::SlotBatch { slot, items: these }
+            })
             .collect();
         let inst = checked.get();
         let message = match batch.message_arc() {
@@ -601,7 +615,7 @@ impl Logic for WasmLogic {
         let inputs = batch.slots().flat_map(|(_, items)| items.iter().cloned());
         inst.store
             .data_mut()
-            .begin(ctx, self.limits.timeout, inputs.collect());
+            .begin(ctx, self.limits.timeout, inputs);
         inst.store.set_epoch_deadline(1);
         if let Some(fuel) = self.limits.fuel
             && self.plugin.engine.fuel_enabled()
