@@ -1,5 +1,6 @@
 """The news fan-out's subscriber in Python, and an echo routine for the benchmarks."""
 
+import json
 import os
 
 from routilux import Routine
@@ -43,3 +44,14 @@ class Echo(Routine):
     def logic(self, data, message):
         for item in data["in"]:
             self.emit("out", item)
+
+
+class Policy(Routine):
+    """Prints the policy's message, then changes its own copy (the next activation must not
+    see the change)."""
+
+    slots = ["in"]
+
+    def logic(self, data, message):
+        print(f"[PY] {json.dumps(message, sort_keys=True)}")
+        message["changed"] = True

@@ -72,6 +72,25 @@ def _snake(name):
 _dumps = json.JSONEncoder(separators=(",", ":"), ensure_ascii=False).encode
 
 
+# The last policy message: its text, its parsed value, and whether that value is flat (an
+# object of plain values). A routine's policy sends the same message with every activation,
+# so a flat one is copied rather than parsed again; each activation still gets its own dict.
+_last_message = [None, None, False]
+
+
+def _message(text):
+    if text is None:
+        return None
+    last = _last_message
+    if text != last[0]:
+        value = json.loads(text)
+        flat = isinstance(value, dict) and not any(
+            isinstance(v, (dict, list)) for v in value.values()
+        )
+        last[:] = [text, value, flat]
+    return dict(last[1]) if last[2] else json.loads(text)
+
+
 def kinds():
     """The routine kinds defined so far, by name."""
     return dict(_KINDS)
@@ -201,7 +220,7 @@ class Routine(exports.Routine):
             routine = _INSTANCES[kind] = cls()
         try:
             data = {b.slot: [json.loads(i) for i in b.items] for b in batches}
-            routine.logic(data, None if message is None else json.loads(message))
+            routine.logic(data, _message(message))
         except RoutineError as e:
             raise Err(types.ActivationError(e.message, e.retryable)) from None
         except Exception as e:

@@ -394,3 +394,34 @@ fn worker_state_and_config_behave_the_same_in_python_javascript_and_c() {
         assert_eq!(report["routines"][routine]["errors"], 0, "{routine}: {r:?}");
     }
 }
+
+#[test]
+fn every_python_activation_gets_its_own_policy_message() {
+    build_all();
+    let dir = scratch();
+    // The SDK parses a routine's (unchanging) message once and hands each activation a copy:
+    // what one activation does to its copy must not reach the next.
+    let flow = guest_flow(
+        dir.path(),
+        "policy",
+        "routines:\n  \
+         py: {plugin: news-py, kind: policy, policy: {batch_size: 1}}\n",
+    );
+    let r = routilux(&[
+        "run",
+        &flow,
+        "--json",
+        "--post",
+        "py.in={\"i\": 0}",
+        "--post",
+        "py.in={\"i\": 1}",
+        "--post",
+        "py.in={\"i\": 2}",
+    ]);
+    assert_eq!(r.code, OK, "{r:?}");
+    assert_eq!(
+        printed(&r.stderr, "py", "[PY]"),
+        vec![r#"{"n": 1, "policy": "batch_size"}"#; 3],
+        "{r:?}"
+    );
+}
