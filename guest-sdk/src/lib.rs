@@ -214,8 +214,38 @@ impl Item {
 #[derive(Clone, Debug, Default)]
 pub struct Batch {
     pub(crate) slots: Vec<(String, Vec<Item>)>,
-    /// Parsed on first use, like items: most routines never read it.
-    pub(crate) message: Option<Item>,
+    pub(crate) message: Option<Message>,
+}
+
+/// The policy's message as it arrived, parsed on first use, like items: most routines never
+/// read it.
+#[derive(Clone, Debug, Default)]
+pub(crate) struct Message {
+    text: String,
+    value: std::cell::OnceCell<Value>,
+}
+
+impl Message {
+    pub(crate) fn from_text(text: String) -> Self {
+        Self {
+            text,
+            value: std::cell::OnceCell::new(),
+        }
+    }
+
+    pub(crate) fn from_value(value: Value) -> Self {
+        Self {
+            text: value.to_string(),
+            value: std::cell::OnceCell::from(value),
+        }
+    }
+
+    fn value(&self) -> &Value {
+        // Any JSON value the host sent; only one nested deeper than serde_json's 128 levels
+        // fails to parse here.
+        self.value
+            .get_or_init(|| serde_json::from_str(&self.text).unwrap_or(Value::Null))
+    }
 }
 
 impl Batch {
@@ -247,9 +277,10 @@ impl Batch {
         self.len() == 0
     }
 
-    /// The activation policy's message.
+    /// The activation policy's message (`null` in the rare case that its text cannot be
+    /// parsed: a value nested deeper than 128 levels).
     pub fn message(&self) -> Option<&Value> {
-        self.message.as_ref().map(Item::value)
+        self.message.as_ref().map(Message::value)
     }
 }
 
@@ -491,7 +522,7 @@ pub mod __private {
             .collect();
         Batch {
             slots,
-            message: message.map(Item::from_text),
+            message: message.map(Message::from_text),
         }
     }
 

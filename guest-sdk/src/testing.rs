@@ -48,7 +48,7 @@ where
     S: Into<String>,
 {
     Batch {
-        message: Some(__private::item(message)),
+        message: Some(crate::Message::from_value(message)),
         ..batch(slots)
     }
 }

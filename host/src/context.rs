@@ -146,12 +146,18 @@ impl Context {
 
     /// Emits an existing item on `event` without copying it (forwarding).
     pub fn emit_item(&self, event: &str, item: Item) -> Result<(), EmitError> {
-        self.emit_item_waiting(event, item).map(|_| ())
+        let mut waited = Duration::ZERO;
+        self.emit_item_waiting(event, item, &mut waited)
     }
 
-    /// [`Context::emit_item`], returning how long it waited for room in full slots (zero,
-    /// without reading the clock, when every slot had room).
-    pub(crate) fn emit_item_waiting(&self, event: &str, item: Item) -> Result<Duration, EmitError> {
+    /// [`Context::emit_item`], adding to `waited` how long it waited for room in full slots
+    /// (whether or not it then succeeded; the clock is read only when a slot was full).
+    pub(crate) fn emit_item_waiting(
+        &self,
+        event: &str,
+        item: Item,
+        waited: &mut Duration,
+    ) -> Result<(), EmitError> {
         let r = &self.job.flow.routines[self.node];
         let Some(ev) = r.event_index(event) else {
             return Err(EmitError::UnknownEvent {
@@ -162,34 +168,40 @@ impl Context {
         };
         self.job.count_emit(self.node);
         let routes = &r.routes[ev];
-        let mut waited = Duration::ZERO;
         if let Some((last, rest)) = routes.split_last() {
             for &(node, slot) in rest {
-                waited += self.deliver(node, slot, item.clone())?;
+                self.deliver(node, slot, item.clone(), waited)?;
             }
-            waited += self.deliver(last.0, last.1, item)?;
+            self.deliver(last.0, last.1, item, waited)?;
         }
-        Ok(waited)
+        Ok(())
     }
 
     /// Pushes into one slot. When it is full: runs the slot's routine here if it is idle
     /// (or other work, if that routine is starved), else waits for room; only if the whole
     /// pool stays stalled does it overrun the bound by this one item (counted).
-    fn deliver(&self, node: usize, slot: usize, item: Item) -> Result<Duration, EmitError> {
+    fn deliver(
+        &self,
+        node: usize,
+        slot: usize,
+        item: Item,
+        waited: &mut Duration,
+    ) -> Result<(), EmitError> {
         let job = &self.job;
         let Some(worker) = current_worker(&job.shared) else {
             let started = Instant::now();
-            return self
-                .deliver_from_outside(node, slot, item)
-                .map(|()| started.elapsed());
+            let result = self.deliver_from_outside(node, slot, item);
+            *waited += started.elapsed();
+            return result;
         };
         let worker = &*worker;
         match job.push(node, slot, item, false, worker.sched()) {
-            Ok(()) => Ok(Duration::ZERO),
+            Ok(()) => Ok(()),
             Err(item) => {
                 let started = Instant::now();
-                self.deliver_when_full(worker, node, slot, item)
-                    .map(|()| started.elapsed())
+                let result = self.deliver_when_full(worker, node, slot, item);
+                *waited += started.elapsed();
+                result
             }
         }
     }

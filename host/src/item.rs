@@ -87,7 +87,7 @@ impl Item {
     pub fn from_json_text(text: impl Into<Box<str>>) -> Result<Self, ItemError> {
         let text = text.into();
         // Validate without building a value (no allocation per field).
-        serde_json::from_str::<serde::de::IgnoredAny>(&text)?;
+        serde_json::from_str::<Valid>(&text)?;
         let first = text.bytes().find(|b| !b.is_ascii_whitespace());
         if first != Some(b'{') {
             let value: Value = serde_json::from_str(&text)?;
@@ -158,6 +158,54 @@ impl Item {
     }
 }
 
+/// Checks JSON text without building a value, like `serde::de::IgnoredAny`, except that
+/// strings and numbers are decoded: text whose value could not be parsed later (a `\u`
+/// escape that is no character, such as a lone surrogate, or a number out of range) is
+/// refused when the item is made instead of becoming an empty object when it is read.
+struct Valid;
+
+impl<'de> Deserialize<'de> for Valid {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        d.deserialize_any(Valid)
+    }
+}
+
+impl<'de> serde::de::Visitor<'de> for Valid {
+    type Value = Valid;
+
+    fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("a JSON value")
+    }
+    fn visit_bool<E>(self, _: bool) -> Result<Valid, E> {
+        Ok(Valid)
+    }
+    fn visit_i64<E>(self, _: i64) -> Result<Valid, E> {
+        Ok(Valid)
+    }
+    fn visit_u64<E>(self, _: u64) -> Result<Valid, E> {
+        Ok(Valid)
+    }
+    fn visit_f64<E>(self, _: f64) -> Result<Valid, E> {
+        Ok(Valid)
+    }
+    fn visit_str<E>(self, _: &str) -> Result<Valid, E> {
+        Ok(Valid)
+    }
+    fn visit_unit<E>(self) -> Result<Valid, E> {
+        Ok(Valid)
+    }
+    fn visit_seq<A: serde::de::SeqAccess<'de>>(self, mut seq: A) -> Result<Valid, A::Error> {
+        while seq.next_element::<Valid>()?.is_some() {}
+        Ok(Valid)
+    }
+    fn visit_map<A: serde::de::MapAccess<'de>>(self, mut map: A) -> Result<Valid, A::Error> {
+        while map.next_key::<Valid>()?.is_some() {
+            map.next_value::<Valid>()?;
+        }
+        Ok(Valid)
+    }
+}
+
 impl TryFrom<Value> for Item {
     type Error = ItemError;
     fn try_from(value: Value) -> Result<Self, Self::Error> {
@@ -210,6 +258,13 @@ mod tests {
         assert!(Item::from_json_bytes(&b"{nope"[..]).is_err());
         // Not UTF-8 inside a string: refused, whichever check catches it first.
         assert!(Item::from_json_bytes(&b"{\"a\": \"\xff\"}"[..]).is_err());
+        // Text whose value could not be parsed later is refused now.
+        assert!(Item::from_json_text(r#"{"a": "\ud800"}"#).is_err());
+        assert!(Item::from_json_text(r#"{"\udc00": 1}"#).is_err());
+        assert!(Item::from_json_text(r#"{"a": [1e400]}"#).is_err());
+        let ok = Item::from_json_text(r#"{"a": "\ud83d\ude00 \n", "b": [1, -2, 3.5, null, true]}"#)
+            .unwrap();
+        assert_eq!(ok.value()["a"], "😀 \n");
     }
 
     #[test]

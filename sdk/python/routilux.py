@@ -72,23 +72,24 @@ def _snake(name):
 _dumps = json.JSONEncoder(separators=(",", ":"), ensure_ascii=False).encode
 
 
-# The last policy message: its text, its parsed value, and whether that value is flat (an
-# object of plain values). A routine's policy sends the same message with every activation,
-# so a flat one is copied rather than parsed again; each activation still gets its own dict.
-_last_message = [None, None, False]
+# The last flat policy message (an object of plain values): its text and its value. A
+# routine's policy sends the same message with every activation, so a flat one is copied
+# rather than parsed again; each activation still gets its own dict. Any other message is
+# parsed every time.
+_last_message = [None, None]
 
 
 def _message(text):
     if text is None:
         return None
     last = _last_message
-    if text != last[0]:
-        value = json.loads(text)
-        flat = isinstance(value, dict) and not any(
-            isinstance(v, (dict, list)) for v in value.values()
-        )
-        last[:] = [text, value, flat]
-    return dict(last[1]) if last[2] else json.loads(text)
+    if text == last[0]:
+        return dict(last[1])
+    value = json.loads(text)
+    if isinstance(value, dict) and not any(isinstance(v, (dict, list)) for v in value.values()):
+        last[:] = [text, value]
+        return dict(value)
+    return value
 
 
 def kinds():

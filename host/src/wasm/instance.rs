@@ -113,6 +113,9 @@ struct Call {
     inputs: Inputs,
 }
 
+/// The largest list of inputs an instance keeps between activations.
+const MAX_SPARE_INPUTS: usize = 1024;
+
 /// How far past the last forwarded input an emit is compared (a filter that drops a few
 /// items in a row still forwards without copies).
 const FORWARD_LOOKAHEAD: usize = 4;
@@ -219,10 +222,13 @@ impl StoreData {
         self.stdout.finish();
         self.stderr.finish();
         let mut call = self.call.take()?;
-        // The items are let go now; the list's memory serves the next activation.
+        // The items are let go now; the list's memory serves the next activation unless a
+        // huge batch made it large.
         let mut items = std::mem::take(&mut call.inputs.items);
         items.clear();
-        self.spare_inputs = items;
+        if items.capacity() <= MAX_SPARE_INPUTS {
+            self.spare_inputs = items;
+        }
         Some(call)
     }
 }
@@ -288,11 +294,10 @@ impl bindings::Host for StoreData {
             Some(item) => item,
             None => Item::from_json_text(payload).map_err(|e| e.to_string())?,
         };
-        call.host_time += call
-            .ctx
-            .emit_item_waiting(&event, item)
-            .map_err(|e| e.to_string())?;
-        Ok(())
+        // Time spent waiting for room is not the guest's, even when the emit then fails.
+        call.ctx
+            .emit_item_waiting(&event, item, &mut call.host_time)
+            .map_err(|e| e.to_string())
     }
 
     fn log(&mut self, level: Level, message: String) {

@@ -1,6 +1,7 @@
 //! WebAssembly routines through real components in real wasmtime instances.
 
 mod containment;
+mod emit;
 mod examples;
 mod loading;
 mod sandbox;
