@@ -1,6 +1,7 @@
 #![doc = include_str!("../README.md")]
 
 use std::fmt;
+use std::sync::Arc;
 
 use serde::Serialize;
 use serde::de::DeserializeOwned;
@@ -137,7 +138,9 @@ impl From<serde_json::Error> for Error {
 /// that only forwards or counts items never parses them.
 #[derive(Clone)]
 pub struct Item {
-    text: String,
+    /// The text this item's JSON is part of (a whole batch, as the host sends it), and where.
+    text: Arc<String>,
+    span: std::ops::Range<usize>,
     value: std::cell::OnceCell<Value>,
 }
 
@@ -154,36 +157,40 @@ impl PartialEq for Item {
 }
 
 impl Item {
-    pub(crate) fn from_text(text: String) -> Self {
+    /// The item whose text is `text[span]`.
+    pub(crate) fn in_text(text: &Arc<String>, span: std::ops::Range<usize>) -> Self {
         Self {
-            text,
+            text: text.clone(),
+            span,
             value: std::cell::OnceCell::new(),
         }
     }
 
     pub(crate) fn from_value(value: Value) -> Self {
         let text = serde_json::to_string(&value).unwrap_or_else(|_| "{}".to_owned());
-        let cell = std::cell::OnceCell::new();
-        let _ = cell.set(value);
-        Self { text, value: cell }
+        Self {
+            span: 0..text.len(),
+            text: Arc::new(text),
+            value: std::cell::OnceCell::from(value),
+        }
     }
 
     /// The item as JSON.
     pub fn value(&self) -> &Value {
         self.value.get_or_init(|| {
             // The host sends only valid JSON objects.
-            serde_json::from_str(&self.text).unwrap_or(Value::Object(Map::new()))
+            serde_json::from_str(self.as_str()).unwrap_or(Value::Object(Map::new()))
         })
     }
 
     /// The item's JSON text, as it arrived.
     pub fn as_str(&self) -> &str {
-        &self.text
+        self.text.get(self.span.clone()).unwrap_or("{}")
     }
 
     /// The item's JSON text as bytes.
     pub fn as_bytes(&self) -> &[u8] {
-        self.text.as_bytes()
+        self.as_str().as_bytes()
     }
 
     /// A field, deserialised; an error names the missing or mistyped field.
@@ -516,7 +523,18 @@ pub mod __private {
         let slots: Vec<(String, Vec<Item>)> = batches
             .into_iter()
             .map(|b| {
-                let items = b.items.into_iter().map(Item::from_text).collect();
+                let text = Arc::new(b.items);
+                let mut start = 1;
+                let items = b
+                    .ends
+                    .iter()
+                    .map(|&end| {
+                        let end = end as usize;
+                        let item = Item::in_text(&text, start..end);
+                        start = end + 1;
+                        item
+                    })
+                    .collect();
                 (b.slot, items)
             })
             .collect();

@@ -1,4 +1,4 @@
-//! WebAssembly routines: components of the `routilux:plugin@0.2.0` world as routine logic.
+//! WebAssembly routines: components of the `routilux:plugin@0.3.0` world as routine logic.
 //!
 //! ```text
 //! WasmEngine ── one wasmtime Engine (epoch interruption on), one Linker (WASI + host imports),

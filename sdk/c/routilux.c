@@ -61,24 +61,29 @@ rx_status rx_retry(const char *fmt, ...) {
 
 /* ---- batches ------------------------------------------------------------------------- */
 
-static const plugin_list_string_t *rx_slot(const rx_batch *in, const char *slot) {
+static const routilux_plugin_types_slot_batch_t *rx_slot(const rx_batch *in, const char *slot) {
     size_t n = strlen(slot);
     for (size_t i = 0; i < in->batches->len; i++) {
         const plugin_string_t *s = &in->batches->ptr[i].slot;
-        if (s->len == n && memcmp(s->ptr, slot, n) == 0) return &in->batches->ptr[i].items;
+        if (s->len == n && memcmp(s->ptr, slot, n) == 0) return &in->batches->ptr[i];
     }
     return NULL;
 }
 
 size_t rx_count(const rx_batch *in, const char *slot) {
-    const plugin_list_string_t *items = rx_slot(in, slot);
-    return items ? items->len : 0;
+    const routilux_plugin_types_slot_batch_t *b = rx_slot(in, slot);
+    return b ? b->ends.len : 0;
 }
 
+/* A slot's items are one JSON array text; item i spans from one byte after the previous
+   item's end (or after the `[`) to ends[i]. */
 rx_item rx_at(const rx_batch *in, const char *slot, size_t i) {
-    const plugin_list_string_t *items = rx_slot(in, slot);
-    if (!items || i >= items->len) return (rx_item){"{}", 2};
-    return (rx_item){(const char *)items->ptr[i].ptr, items->ptr[i].len};
+    const routilux_plugin_types_slot_batch_t *b = rx_slot(in, slot);
+    if (!b || i >= b->ends.len) return (rx_item){"{}", 2};
+    size_t start = i == 0 ? 1 : (size_t)b->ends.ptr[i - 1] + 1;
+    size_t end = b->ends.ptr[i];
+    if (end > b->items.len || start > end) return (rx_item){"{}", 2};
+    return (rx_item){(const char *)b->items.ptr + start, end - start};
 }
 
 rx_item rx_message(const rx_batch *in) {

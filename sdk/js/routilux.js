@@ -34,7 +34,7 @@
 // pooled and recycled by the host: keep what must last across activations of a job in worker
 // state (`getState` / `setState` / `addState`), not in fields.
 
-import * as hostModule from "routilux:plugin/host@0.2.0";
+import * as hostModule from "routilux:plugin/host@0.3.0";
 
 // QuickJS exposes an import as the default export's members, StarlingMonkey as named exports.
 const host = hostModule.default ?? hostModule;
@@ -176,7 +176,8 @@ export function plugin(...kinds) {
       entry.instance ??= new entry.cls();
       try {
         const data = {};
-        for (const b of batches) data[b.slot] = b.items.map((i) => JSON.parse(i));
+        // Each slot's items come as one JSON array: one parse for the whole batch.
+        for (const b of batches) data[b.slot] = JSON.parse(b.items);
         entry.instance.logic(data, message == null ? null : JSON.parse(message));
       } catch (e) {
         if (e instanceof RoutineError) throw { message: e.message, retryable: e.retryable };

@@ -220,7 +220,8 @@ class Routine(exports.Routine):
                 raise Err(types.ActivationError(f"unknown routine kind `{kind}`", False))
             routine = _INSTANCES[kind] = cls()
         try:
-            data = {b.slot: [json.loads(i) for i in b.items] for b in batches}
+            # Each slot's items come as one JSON array: one parse for the whole batch.
+            data = {b.slot: json.loads(b.items) for b in batches}
             routine.logic(data, _message(message))
         except RoutineError as e:
             raise Err(types.ActivationError(e.message, e.retryable)) from None

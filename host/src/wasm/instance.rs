@@ -374,6 +374,25 @@ impl bindings::Host for StoreData {
     }
 }
 
+/// A slot's items as one JSON array text, and where each item's text ends in it; `None` if
+/// the text would be longer than a guest can address (4 GiB).
+fn item_array(items: &[Item]) -> Option<(String, Vec<u32>)> {
+    let len = items.iter().map(|i| i.json_str().len() + 1).sum::<usize>() + 1;
+    u32::try_from(len).ok()?;
+    let mut text = String::with_capacity(len.max(2));
+    let mut ends = Vec::with_capacity(items.len());
+    text.push('[');
+    for (n, item) in items.iter().enumerate() {
+        if n > 0 {
+            text.push(',');
+        }
+        text.push_str(item.json_str());
+        ends.push(u32::try_from(text.len()).ok()?);
+    }
+    text.push(']');
+    Some((text, ends))
+}
+
 /// Idle instances kept per routine; more are dropped when they come back.
 const MAX_IDLE: usize = 8;
 
@@ -588,21 +607,27 @@ impl WasmLogic {
 
 impl Logic for WasmLogic {
     fn activate(&self, ctx: &Context, batch: &Batch) -> Result<(), RoutineError> {
-        let mut checked = self.checkout()?;
-        // The batch is lent to the call: slot names and item texts are not copied here.
-        let texts: Vec<&str> = batch
-            .slots()
-            .flat_map(|(_, items)| items.iter().map(Item::json_str))
-            .collect();
-        let mut rest = texts.as_slice();
-        let batches: Vec<bindings::SlotBatch<'_>> = batch
+        // Each slot's items go to the guest as one JSON array text and the ends of the items
+        // in it: one copy into the guest per slot, not one per item.
+        let arrays = batch
             .slots()
             .map(|(slot, items)| {
-                let (these, after) = rest.split_at(items.len());
-                rest = after;
-                bindings::SlotBatch { slot, items: these }
+                item_array(items).ok_or_else(|| {
+                    RoutineError::fatal(format!(
+                        "wasm routine `{}`: the {} items of slot `{slot}` are more JSON than a \
+                         guest can address (4 GiB)",
+                        self.kind,
+                        items.len()
+                    ))
+                })
             })
+            .collect::<Result<Vec<_>, _>>()?;
+        let batches: Vec<bindings::SlotBatch<'_>> = batch
+            .slots()
+            .zip(&arrays)
+            .map(|((slot, _), (items, ends))| bindings::SlotBatch { slot, items, ends })
             .collect();
+        let mut checked = self.checkout()?;
         let inst = checked.get();
         let message = match batch.message_arc() {
             None => None,

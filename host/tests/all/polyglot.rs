@@ -325,32 +325,37 @@ fn a_project_that_does_not_compile_names_the_tool_and_the_error() {
 fn non_ascii_text_crosses_every_language_unchanged() {
     build_all();
     let dir = scratch();
-    // JavaScript and Python echo it on; Python, JavaScript and C print it.
+    // JavaScript and Python echo it on; Python, JavaScript and C print it. Every routine takes
+    // three items at a time, so each guest gets a batch of several items in one array.
     let flow = guest_flow(
         dir.path(),
         "unicode",
         "routines:\n  \
-         js_echo: {plugin: news-js, kind: echo}\n  py_echo: {plugin: news-py, kind: echo}\n  \
-         py: {plugin: news-py, kind: subscriber}\n  js: {plugin: news-js, kind: subscriber}\n  \
-         c: {plugin: news-c, kind: subscriber}\nconnections:\n  \
+         js_echo: {plugin: news-js, kind: echo, policy: {batch_size: 3}}\n  \
+         py_echo: {plugin: news-py, kind: echo, policy: {batch_size: 3}}\n  \
+         py: {plugin: news-py, kind: subscriber, policy: {batch_size: 3}}\n  \
+         js: {plugin: news-js, kind: subscriber, policy: {batch_size: 3}}\n  \
+         c: {plugin: news-c, kind: subscriber, policy: {batch_size: 3}}\nconnections:\n  \
          - {from: js_echo.out, to: py_echo.in}\n  - {from: py_echo.out, to: py.news}\n  \
          - {from: py_echo.out, to: js.news}\n  - {from: py_echo.out, to: c.news}\n",
     );
-    let headline = "Grüße, € and 😀 — \\\"quoted\\\" \\u00e9";
-    let r = routilux(&[
-        "run",
-        &flow,
-        "--post",
-        &format!("js_echo.in={{\"headline\": \"{headline}\"}}"),
-    ]);
+    let headlines = [
+        "Grüße, € and 😀 — \\\"quoted\\\" \\u00e9",
+        "[a, b], {\\\"c\\\": 1}",
+        "plain",
+    ];
+    let mut args = vec!["run".to_owned(), flow];
+    for h in headlines {
+        args.push("--post".into());
+        args.push(format!("js_echo.in={{\"headline\": \"{h}\"}}"));
+    }
+    let args: Vec<&str> = args.iter().map(String::as_str).collect();
+    let r = routilux(&args);
     assert_eq!(r.code, OK, "{r:?}");
-    let expected = "Grüße, € and 😀 — \"quoted\" é";
+    let expected = ["Grüße, € and 😀 — \"quoted\" é", "[a, b], {\"c\": 1}", "plain"];
     for label in ["[PY]", "[JS]", "[C]"] {
-        assert_eq!(
-            lines(&r.stdout, label),
-            vec![format!("{label} {expected}")],
-            "{r:?}"
-        );
+        let want: Vec<String> = expected.iter().map(|e| format!("{label} {e}")).collect();
+        assert_eq!(lines(&r.stdout, label), want, "{r:?}");
     }
 }
 

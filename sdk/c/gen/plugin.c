@@ -3,35 +3,35 @@
 #include <stdlib.h>
 #include <string.h>
 
-// Imported Functions from `routilux:plugin/host@0.2.0`
+// Imported Functions from `routilux:plugin/host@0.3.0`
 
-__attribute__((__import_module__("routilux:plugin/host@0.2.0"), __import_name__("emit")))
+__attribute__((__import_module__("routilux:plugin/host@0.3.0"), __import_name__("emit")))
 extern void __wasm_import_routilux_plugin_host_emit(uint8_t *, size_t, uint8_t *, size_t, uint8_t *);
 
-__attribute__((__import_module__("routilux:plugin/host@0.2.0"), __import_name__("log")))
+__attribute__((__import_module__("routilux:plugin/host@0.3.0"), __import_name__("log")))
 extern void __wasm_import_routilux_plugin_host_log(int32_t, uint8_t *, size_t);
 
-__attribute__((__import_module__("routilux:plugin/host@0.2.0"), __import_name__("config")))
+__attribute__((__import_module__("routilux:plugin/host@0.3.0"), __import_name__("config")))
 extern void __wasm_import_routilux_plugin_host_config(uint8_t *, size_t, uint8_t *);
 
-__attribute__((__import_module__("routilux:plugin/host@0.2.0"), __import_name__("state-get")))
+__attribute__((__import_module__("routilux:plugin/host@0.3.0"), __import_name__("state-get")))
 extern void __wasm_import_routilux_plugin_host_state_get(uint8_t *, size_t, uint8_t *);
 
-__attribute__((__import_module__("routilux:plugin/host@0.2.0"), __import_name__("state-set")))
+__attribute__((__import_module__("routilux:plugin/host@0.3.0"), __import_name__("state-set")))
 extern void __wasm_import_routilux_plugin_host_state_set(uint8_t *, size_t, uint8_t *, size_t, uint8_t *);
 
-__attribute__((__import_module__("routilux:plugin/host@0.2.0"), __import_name__("state-add")))
+__attribute__((__import_module__("routilux:plugin/host@0.3.0"), __import_name__("state-add")))
 extern void __wasm_import_routilux_plugin_host_state_add(uint8_t *, size_t, int64_t, uint8_t *);
 
-__attribute__((__import_module__("routilux:plugin/host@0.2.0"), __import_name__("state-compare-and-swap")))
+__attribute__((__import_module__("routilux:plugin/host@0.3.0"), __import_name__("state-compare-and-swap")))
 extern void __wasm_import_routilux_plugin_host_state_compare_and_swap(uint8_t *, size_t, int32_t, uint8_t *, size_t, uint8_t *, size_t, uint8_t *);
 
-__attribute__((__import_module__("routilux:plugin/host@0.2.0"), __import_name__("job-id")))
+__attribute__((__import_module__("routilux:plugin/host@0.3.0"), __import_name__("job-id")))
 extern void __wasm_import_routilux_plugin_host_job_id(uint8_t *);
 
-// Exported Functions from `routilux:plugin/routine@0.2.0`
+// Exported Functions from `routilux:plugin/routine@0.3.0`
 
-__attribute__((__weak__, __export_name__("cabi_post_routilux:plugin/routine@0.2.0#describe")))
+__attribute__((__weak__, __export_name__("cabi_post_routilux:plugin/routine@0.3.0#describe")))
 void __wasm_export_exports_routilux_plugin_routine_describe_post_return(uint8_t * arg0) {
   size_t len6 = *((size_t*) (arg0 + sizeof(void*)));
   if (len6 > 0) {
@@ -89,7 +89,7 @@ void __wasm_export_exports_routilux_plugin_routine_describe_post_return(uint8_t 
   }
 }
 
-__attribute__((__weak__, __export_name__("cabi_post_routilux:plugin/routine@0.2.0#activate")))
+__attribute__((__weak__, __export_name__("cabi_post_routilux:plugin/routine@0.3.0#activate")))
 void __wasm_export_exports_routilux_plugin_routine_activate_post_return(uint8_t * arg0) {
   switch ((int32_t) (int32_t) *((uint8_t*) (arg0 + 0))) {
     case 0: {
@@ -176,9 +176,20 @@ void routilux_plugin_types_routine_kind_free(routilux_plugin_types_routine_kind_
   plugin_string_free(&ptr->default_config);
 }
 
+void plugin_list_u32_free(plugin_list_u32_t *ptr) {
+  size_t list_len = ptr->len;
+  if (list_len > 0) {
+    uint32_t *list_ptr = ptr->ptr;
+    for (size_t i = 0; i < list_len; i++) {
+    }
+    free(list_ptr);
+  }
+}
+
 void routilux_plugin_types_slot_batch_free(routilux_plugin_types_slot_batch_t *ptr) {
   plugin_string_free(&ptr->slot);
-  plugin_list_string_free(&ptr->items);
+  plugin_string_free(&ptr->items);
+  plugin_list_u32_free(&ptr->ends);
 }
 
 void routilux_plugin_types_activation_error_free(routilux_plugin_types_activation_error_t *ptr) {
@@ -455,7 +466,7 @@ void routilux_plugin_host_job_id(plugin_string_t *ret) {
   *ret = (plugin_string_t) { (uint8_t*)(*((uint8_t **) (ptr + 0))), (*((size_t*) (ptr + sizeof(void*)))) };
 }
 
-__attribute__((__export_name__("routilux:plugin/routine@0.2.0#describe")))
+__attribute__((__export_name__("routilux:plugin/routine@0.3.0#describe")))
 uint8_t * __wasm_export_exports_routilux_plugin_routine_describe(void) {
   exports_routilux_plugin_routine_list_routine_kind_t ret;
   exports_routilux_plugin_routine_describe(&ret);
@@ -465,7 +476,7 @@ uint8_t * __wasm_export_exports_routilux_plugin_routine_describe(void) {
   return ptr;
 }
 
-__attribute__((__export_name__("routilux:plugin/routine@0.2.0#activate")))
+__attribute__((__export_name__("routilux:plugin/routine@0.3.0#activate")))
 uint8_t * __wasm_export_exports_routilux_plugin_routine_activate(uint8_t * arg, size_t arg0, uint8_t * arg1, size_t arg2, int32_t arg3, uint8_t * arg4, size_t arg5) {
   plugin_option_string_t option;
   switch (arg3) {

@@ -64,12 +64,22 @@ typedef struct routilux_plugin_types_routine_kind_t {
   plugin_string_t   default_config;
 } routilux_plugin_types_routine_kind_t;
 
+typedef struct {
+  uint32_t *ptr;
+  size_t len;
+} plugin_list_u32_t;
+
 // The items one slot released in an activation, oldest first.
 typedef struct routilux_plugin_types_slot_batch_t {
   // The slot.
   plugin_string_t   slot;
-  // Each item is a JSON object, as JSON text.
-  plugin_list_string_t   items;
+  // The items as one JSON array, `[item,item,...]`, each item's JSON text exactly as
+  // the host holds it (a JSON object). One string for the whole batch: it is copied
+  // into the guest at once, not item by item.
+  plugin_string_t   items;
+  // Where each item's text ends in `items` (a byte offset, exclusive). Item 0 starts at
+  // byte 1 (after `[`); item i > 0 starts one byte after `ends[i - 1]` (after `,`).
+  plugin_list_u32_t   ends;
 } routilux_plugin_types_slot_batch_t;
 
 // Why an activation failed.
@@ -143,7 +153,7 @@ typedef struct {
   } val;
 } exports_routilux_plugin_routine_result_void_activation_error_t;
 
-// Imported Functions from `routilux:plugin/host@0.2.0`
+// Imported Functions from `routilux:plugin/host@0.3.0`
 // Routes an item (a JSON object, as JSON text) to every slot connected to `event`, at once:
 // a subscriber may start before this activation ends. Waits while a receiving slot is
 // full (backpressure). Fails for an undeclared event, a payload that is not a JSON object,
@@ -167,7 +177,7 @@ extern bool routilux_plugin_host_state_compare_and_swap(plugin_string_t *key, pl
 // The id of the job this activation belongs to.
 extern void routilux_plugin_host_job_id(plugin_string_t *ret);
 
-// Exported Functions from `routilux:plugin/routine@0.2.0`
+// Exported Functions from `routilux:plugin/routine@0.3.0`
 void exports_routilux_plugin_routine_describe(exports_routilux_plugin_routine_list_routine_kind_t *ret);
 bool exports_routilux_plugin_routine_activate(plugin_string_t *kind, exports_routilux_plugin_routine_list_slot_batch_t *batches, plugin_string_t *maybe_message, exports_routilux_plugin_routine_activation_error_t *err);
 
@@ -186,6 +196,8 @@ void routilux_plugin_types_list_slot_spec_free(routilux_plugin_types_list_slot_s
 void routilux_plugin_types_list_event_spec_free(routilux_plugin_types_list_event_spec_t *ptr);
 
 void routilux_plugin_types_routine_kind_free(routilux_plugin_types_routine_kind_t *ptr);
+
+void plugin_list_u32_free(plugin_list_u32_t *ptr);
 
 void routilux_plugin_types_slot_batch_free(routilux_plugin_types_slot_batch_t *ptr);
 

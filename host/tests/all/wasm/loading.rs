@@ -33,7 +33,7 @@ fn a_component_describes_its_kinds() {
     assert!(
         news.imports()
             .iter()
-            .any(|i| i == "routilux:plugin/host@0.2.0"),
+            .any(|i| i == "routilux:plugin/host@0.3.0"),
         "{:?}",
         news.imports()
     );
@@ -117,7 +117,7 @@ fn a_component_of_another_world_or_version_is_refused() {
     let text = e.to_string();
     assert!(text.contains("wrong_world.wasm"), "{text}");
     assert!(
-        text.contains("not a routilux:plugin@0.2.0 plugin"),
+        text.contains("not a routilux:plugin@0.3.0 plugin"),
         "{text}"
     );
 }
