@@ -374,13 +374,44 @@ impl bindings::Host for StoreData {
     }
 }
 
-/// A slot's items as one JSON array text, and where each item's text ends in it; `None` if
-/// the text would be longer than a guest can address (4 GiB).
-fn item_array(items: &[Item]) -> Option<(String, Vec<u32>)> {
+/// A slot's items as one JSON array text and the ends of the items in it.
+type ItemArray = (String, Vec<u32>);
+
+/// Array buffers kept per thread, at most this many and this large, so building the arrays
+/// of an activation rarely allocates (activations nest on a thread while an emit waits, so
+/// it is a pool, not one buffer).
+const SPARE_ARRAYS: usize = 2;
+const SPARE_ARRAY_BYTES: usize = 1 << 20;
+
+thread_local! {
+    static ARRAYS: RefCell<Vec<ItemArray>> = const { RefCell::new(Vec::new()) };
+}
+
+/// Buffers back to this thread's pool (emptied; the largest are let go).
+fn return_arrays(arrays: Vec<ItemArray>) {
+    ARRAYS.with(|pool| {
+        let mut pool = pool.borrow_mut();
+        for (mut text, mut ends) in arrays {
+            if pool.len() < SPARE_ARRAYS && text.capacity() <= SPARE_ARRAY_BYTES {
+                text.clear();
+                ends.clear();
+                pool.push((text, ends));
+            }
+        }
+    });
+}
+
+/// `items` as one JSON array text, and where each item's text ends in it, built in a buffer
+/// of this thread's pool; `None` if the text would be longer than a guest can address
+/// (4 GiB).
+fn item_array(items: &[Item]) -> Option<ItemArray> {
     let len = items.iter().map(|i| i.json_str().len() + 1).sum::<usize>() + 1;
     u32::try_from(len).ok()?;
-    let mut text = String::with_capacity(len.max(2));
-    let mut ends = Vec::with_capacity(items.len());
+    let (mut text, mut ends) = ARRAYS
+        .with(|pool| pool.borrow_mut().pop())
+        .unwrap_or_default();
+    text.reserve(len.max(2));
+    ends.reserve(items.len());
     text.push('[');
     for (n, item) in items.iter().enumerate() {
         if n > 0 {
@@ -627,7 +658,14 @@ impl Logic for WasmLogic {
             .zip(&arrays)
             .map(|((slot, _), (items, ends))| bindings::SlotBatch { slot, items, ends })
             .collect();
-        let mut checked = self.checkout()?;
+        let mut checked = match self.checkout() {
+            Ok(checked) => checked,
+            Err(e) => {
+                drop(batches);
+                return_arrays(arrays);
+                return Err(e);
+            }
+        };
         let inst = checked.get();
         let message = match batch.message_arc() {
             None => None,
@@ -658,6 +696,8 @@ impl Logic for WasmLogic {
             &batches,
             message,
         );
+        drop(batches);
+        return_arrays(arrays);
         inst.activations += 1;
         let call = inst.store.data_mut().end().expect("the call began above");
         match result {

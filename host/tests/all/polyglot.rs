@@ -352,7 +352,11 @@ fn non_ascii_text_crosses_every_language_unchanged() {
     let args: Vec<&str> = args.iter().map(String::as_str).collect();
     let r = routilux(&args);
     assert_eq!(r.code, OK, "{r:?}");
-    let expected = ["Grüße, € and 😀 — \"quoted\" é", "[a, b], {\"c\": 1}", "plain"];
+    let expected = [
+        "Grüße, € and 😀 — \"quoted\" é",
+        "[a, b], {\"c\": 1}",
+        "plain",
+    ];
     for label in ["[PY]", "[JS]", "[C]"] {
         let want: Vec<String> = expected.iter().map(|e| format!("{label} {e}")).collect();
         assert_eq!(lines(&r.stdout, label), want, "{r:?}");
