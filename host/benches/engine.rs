@@ -24,7 +24,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
-use routilux::wasm::{Limits, Plugin, WasmConfig, WasmEngine};
+use routilux::wasm::{Limits, Plugin};
 use routilux::{Batch, Context, Flow, Item, Logic, Policy, Routine, RoutineError, Runtime};
 use serde_json::json;
 
@@ -32,7 +32,7 @@ use serde_json::json;
 mod plugins;
 mod support;
 
-use support::status_kib;
+use support::{engine, forward, per_activation, status_kib};
 
 #[derive(Clone, Copy, Debug, PartialEq)]
 enum Shape {
@@ -136,13 +136,6 @@ fn messages(n: usize) -> Vec<Item> {
         .collect()
 }
 
-fn forward(ctx: &Context, batch: &Batch) -> Result<(), RoutineError> {
-    for item in batch.items() {
-        ctx.emit_item("out", item.clone())?;
-    }
-    Ok(())
-}
-
 /// Native routines, or routines of the `fixtures` plugin (`forward`, `sink`).
 #[derive(Clone)]
 enum Imp {
@@ -204,18 +197,10 @@ fn fixtures() -> Plugin {
 
 /// A plugin of `plugins/` in an engine of the bench's configuration.
 fn load_plugin(name: &str) -> Plugin {
-    let engine = WasmEngine::new(WasmConfig {
-        cache_dir: Some(
-            plugins::repo_root()
-                .join("target")
-                .join("routilux-bench-cache"),
-        ),
-        // `ROUTILUX_BENCH_POOLING=1`: the pooling instance allocator (as the languages bench).
-        pooling: std::env::var_os("ROUTILUX_BENCH_POOLING").is_some(),
-        ..WasmConfig::default()
-    })
-    .unwrap();
-    engine.load(plugins::plugin(name)).unwrap()
+    let cache = plugins::repo_root()
+        .join("target")
+        .join("routilux-bench-cache");
+    engine(Some(cache)).load(plugins::plugin(name)).unwrap()
 }
 
 /// Runs one scenario on routilux; returns elapsed time.
@@ -417,9 +402,8 @@ fn run_children(o: &Opts, what: &str) -> Vec<f64> {
     support::children(o.reps, &args.map(String::from))
 }
 
-/// Per-activation time through the runtime: one routine, `batch_size(1)`, each activation
-/// emitting its item once (to no connection); items are posted into a slot large enough to
-/// hold them all. `fresh`: a new wasm instance every activation.
+/// Per-activation time through the runtime (`support::per_activation`); `fresh`: a new wasm
+/// instance every activation.
 fn run_round_trip(imp: &str, n: usize) -> f64 {
     let routine = match imp {
         "native" => Routine::new()
@@ -434,32 +418,10 @@ fn run_round_trip(imp: &str, n: usize) -> f64 {
             fixtures().routine_with("forward", limits).unwrap()
         }
     };
-    let mut flow = Flow::new();
-    // A slot that holds every item: the poster never waits, so the figure is the routine's.
-    flow.add_routine(
-        routine
-            .policy(Policy::batch_size(1))
-            .max_queue_length("in", n + 1),
-        "r",
-    );
-    let rt = Runtime::builder().thread_pool_size(1).build();
-    rt.register("rt", &flow).unwrap();
     let item = messages(1).remove(0);
-    // Warm up (compiles nothing, but makes the first instance).
-    let job = rt.exec("rt").unwrap();
-    job.post_item("r", "in", item.clone()).unwrap();
-    assert!(job.wait(Duration::from_secs(60)));
-    let job = rt.exec("rt").unwrap();
-    let input = job.input("r", "in").unwrap();
-    let start = Instant::now();
-    for _ in 0..n {
-        input.post_item(item.clone()).unwrap();
-    }
-    drop(input);
-    assert!(job.wait(Duration::from_secs(600)));
-    let elapsed = start.elapsed();
-    assert_eq!(job.counters()["r"].activations, n as u64);
-    elapsed.as_secs_f64() * 1e6 / n as f64
+    per_activation(routine, n, || {
+        Item::from_json_text(item.json_str()).unwrap()
+    })
 }
 
 /// Resident memory added per live instance (each called once), in KiB: all of it (RSS), its

@@ -18,32 +18,22 @@
 static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
 use std::path::{Path, PathBuf};
-use std::time::{Duration, Instant};
+use std::time::Instant;
 
 use routilux::cli::guests::JsEngine;
-use routilux::wasm::{Limits, Plugin, WasmConfig, WasmEngine};
-use routilux::{Batch, Context, Flow, Item, Policy, Routine, RoutineError, Runtime};
+use routilux::wasm::{Limits, Plugin};
+use routilux::{Item, Routine};
 use serde_json::json;
 
 #[path = "../tests/support/plugins.rs"]
 mod plugins;
 mod support;
 
-use support::status_kib;
+use support::{engine, forward, per_activation, status_kib};
 
 /// The shared compiled-component cache of the children (so only `compile` compiles).
 fn cache_dir() -> PathBuf {
     plugins::repo_root().join("target").join("bench-cache")
-}
-
-fn engine(cache: Option<PathBuf>) -> WasmEngine {
-    WasmEngine::new(WasmConfig {
-        cache: cache.is_some(),
-        cache_dir: cache,
-        pooling: std::env::var_os("ROUTILUX_BENCH_POOLING").is_some(),
-        ..WasmConfig::default()
-    })
-    .unwrap()
 }
 
 /// An item as it comes from a guest's emit or a JSON line of `routilux run --input`: JSON
@@ -51,45 +41,6 @@ fn engine(cache: Option<PathBuf>) -> WasmEngine {
 fn item() -> Item {
     let text = json!({"id": 1, "payload": "x".repeat(64)}).to_string();
     Item::from_json_text(text).unwrap()
-}
-
-fn forward(ctx: &Context, batch: &Batch) -> Result<(), RoutineError> {
-    for item in batch.items() {
-        ctx.emit_item("out", item.clone())?;
-    }
-    Ok(())
-}
-
-/// µs per activation through the runtime: one routine, `batch_size(1)`, one worker, each
-/// activation emitting its item once (to no connection).
-fn per_activation(routine: Routine, n: usize) -> f64 {
-    let mut flow = Flow::new();
-    flow.add_routine(
-        routine
-            .policy(Policy::batch_size(1))
-            .max_queue_length("in", n + 1),
-        "r",
-    );
-    let rt = Runtime::builder().thread_pool_size(1).build();
-    rt.register("rt", &flow).unwrap();
-    let job = rt.exec("rt").unwrap();
-    job.post_item("r", "in", item()).unwrap();
-    assert!(job.wait(Duration::from_secs(120)));
-    assert_eq!(job.counters()["r"].errors, 0, "the warm-up failed");
-    // Items are made before the clock starts: the figure is the routine's, not the poster's.
-    let items: Vec<Item> = (0..n).map(|_| item()).collect();
-    let job = rt.exec("rt").unwrap();
-    let input = job.input("r", "in").unwrap();
-    let start = Instant::now();
-    for item in items {
-        input.post_item(item).unwrap();
-    }
-    drop(input);
-    assert!(job.wait(Duration::from_secs(1200)));
-    let elapsed = start.elapsed();
-    let c = &job.counters()["r"];
-    assert_eq!((c.activations, c.errors), (n as u64, 0));
-    elapsed.as_secs_f64() * 1e6 / n as f64
 }
 
 fn load(path: &Path) -> Plugin {
@@ -114,7 +65,7 @@ fn child_compile(path: &Path) -> String {
 /// call's latency on a new instance (instantiate + first activation, measured alone).
 fn child_activate(path: &Path, n: usize) -> String {
     let p = load(path);
-    let warm = per_activation(p.routine_with("echo", Limits::default()).unwrap(), n);
+    let warm = per_activation(p.routine_with("echo", Limits::default()).unwrap(), n, item);
     let fresh_n = (n / 10).clamp(100, 2_000);
     let fresh = per_activation(
         p.routine_with(
@@ -126,6 +77,7 @@ fn child_activate(path: &Path, n: usize) -> String {
         )
         .unwrap(),
         fresh_n,
+        item,
     );
     let started = Instant::now();
     let live = p.instantiate().unwrap();
@@ -140,7 +92,7 @@ fn child_native(n: usize) -> String {
         .slot("in")
         .event("out", ["id"])
         .logic(forward);
-    format!("{}", per_activation(routine, n))
+    format!("{}", per_activation(routine, n, item))
 }
 
 /// `rss`: KiB resident per live instance (each instantiated, which calls `describe`).
@@ -225,13 +177,13 @@ fn main() {
                     ..Limits::default()
                 };
                 let routine = p.routine_with("echo", limits).unwrap();
-                format!("{}", per_activation(routine, o.messages))
+                format!("{}", per_activation(routine, o.messages, item))
             }
             // Warm activations only (for profiling: `perf record … --child warm PATH`).
             "warm" => {
                 let p = load(&path.unwrap());
                 let routine = p.routine_with("echo", Limits::default()).unwrap();
-                format!("{}", per_activation(routine, o.messages))
+                format!("{}", per_activation(routine, o.messages, item))
             }
             "rss" => child_rss(&path.unwrap(), o.instances),
             other => panic!("unknown child {other}"),
