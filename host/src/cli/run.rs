@@ -12,6 +12,7 @@ use serde::Serialize;
 
 use super::load::{Loaded, PluginOptions, load};
 use super::{Code, print_diagnostics};
+use crate::term::escape;
 use crate::{Item, JobHandle, JobStatus, JobSummary, OutputLine, Runtime, RuntimeError};
 
 /// What `run` was asked to do.
@@ -24,6 +25,7 @@ pub(crate) struct RunArgs {
     pub timeout: Option<Duration>,
     pub json: bool,
     pub quiet: bool,
+    pub raw: bool,
 }
 
 /// `routine.slot`, or `None` for the flow's entry slot.
@@ -83,21 +85,29 @@ struct Printer {
     bar: ProgressBar,
     /// Routine stdout goes to stdout, unless stdout carries the JSON summary.
     stdout_for_output: bool,
+    /// Routine stdout unchanged (`--raw`), for pipes.
+    raw: bool,
 }
 
 impl Printer {
     fn line(&self, line: &OutputLine) {
         self.bar.suspend(|| {
-            // A closed pipe (`| head`) is not an error of the job.
+            // A closed pipe (`| head`) is not an error of the job. Guest text is escaped for
+            // the terminal unless `--raw` asked for routine stdout unchanged.
             if line.level == "stdout" && self.stdout_for_output {
-                let _ = writeln!(std::io::stdout().lock(), "{}", line.message);
+                let mut out = std::io::stdout().lock();
+                let _ = if self.raw {
+                    writeln!(out, "{}", line.message)
+                } else {
+                    writeln!(out, "{}", escape(&line.message))
+                };
             } else {
                 let _ = writeln!(
                     std::io::stderr().lock(),
                     "[{}] {}: {}",
-                    line.routine,
+                    escape(&line.routine),
                     line.level,
-                    line.message
+                    escape(&line.message)
                 );
             }
         });
@@ -135,8 +145,11 @@ pub(crate) fn run(args: RunArgs) -> Code {
     };
     print_diagnostics(&loaded.warnings);
     if !args.quiet {
+        for line in super::grant_lines(&loaded.grants) {
+            errln!("{line}");
+        }
         for (path, from_cache) in &loaded.components {
-            eprintln!(
+            errln!(
                 "using {} ({})",
                 path.display(),
                 if *from_cache {
@@ -151,7 +164,7 @@ pub(crate) fn run(args: RunArgs) -> Code {
     let feeds = match feeds(&args, &loaded) {
         Ok(f) => f,
         Err(e) => {
-            eprintln!("error: {e}");
+            errln!("error: {e}");
             return Code::Usage;
         }
     };
@@ -161,6 +174,7 @@ pub(crate) fn run(args: RunArgs) -> Code {
     let printer = Arc::new(Printer {
         bar: bar.clone(),
         stdout_for_output: !args.json,
+        raw: args.raw,
     });
     let threads = args
         .threads
@@ -174,13 +188,13 @@ pub(crate) fn run(args: RunArgs) -> Code {
         .on_output(move |_, line| p.line(line))
         .build();
     if let Err(e) = runtime.register(&loaded.flow_id, &loaded.flow) {
-        eprintln!("error: {e}");
+        errln!("error: {e}");
         return Code::Invalid;
     }
     let job = match runtime.exec(&loaded.flow_id) {
         Ok(j) => j,
         Err(e) => {
-            eprintln!("error: {e}");
+            errln!("error: {e}");
             return Code::Failed;
         }
     };
@@ -195,7 +209,7 @@ pub(crate) fn run(args: RunArgs) -> Code {
             Ok(i) => inputs.push(i),
             Err(e) => {
                 job.cancel();
-                eprintln!("error: {e}");
+                errln!("error: {e}");
                 return Code::Usage;
             }
         }
@@ -203,7 +217,7 @@ pub(crate) fn run(args: RunArgs) -> Code {
     let hold = match job.hold_open() {
         Ok(h) => h,
         Err(e) => {
-            eprintln!("error: {e}");
+            errln!("error: {e}");
             return Code::Failed;
         }
     };
@@ -242,7 +256,7 @@ pub(crate) fn run(args: RunArgs) -> Code {
         Ok(f) => f,
         Err(e) => {
             job.cancel();
-            eprintln!("error: cannot start the input thread: {e}");
+            errln!("error: cannot start the input thread: {e}");
             return Code::Failed;
         }
     };
@@ -280,7 +294,7 @@ pub(crate) fn run(args: RunArgs) -> Code {
     let summary = job.summary();
     let input_error = input_error.lock().take();
     let code = if let Some(e) = &input_error {
-        eprintln!("error: {e}");
+        errln!("error: {e}");
         Code::Usage
     } else if timed_out {
         Code::Timeout
@@ -306,8 +320,8 @@ pub(crate) fn run(args: RunArgs) -> Code {
                 .collect(),
         };
         match serde_json::to_string_pretty(&report) {
-            Ok(s) => println!("{s}"),
-            Err(e) => eprintln!("error: cannot write the summary: {e}"),
+            Ok(s) => outln!("{s}"),
+            Err(e) => errln!("error: cannot write the summary: {e}"),
         }
     } else if !args.quiet || code != Code::Ok {
         print_summary(&summary, timed_out, timeout, posted.load(Ordering::Relaxed));
@@ -418,17 +432,17 @@ fn print_summary(s: &JobSummary, timed_out: bool, timeout: Option<Duration>, pos
         e,
         "\n{} of flow `{}`: {status} in {} ms ({posted} item{} posted)",
         s.job,
-        s.flow,
+        escape(&s.flow),
         s.wall_time_ms,
         if posted == 1 { "" } else { "s" }
     );
     if let Some(f) = &s.failure {
-        let _ = writeln!(e, "  failure: {f}");
+        let _ = writeln!(e, "  failure: {}", escape(f));
     }
     let width = s
         .routines
         .keys()
-        .map(|k| k.chars().count())
+        .map(|k| escape(k).chars().count())
         .max()
         .unwrap_or(0)
         .max("routine".len());
@@ -441,14 +455,22 @@ fn print_summary(s: &JobSummary, timed_out: bool, timeout: Option<Duration>, pos
         let _ = writeln!(
             e,
             "  {:<width$}  {:>11}  {:>8}  {:>8}  {:>6}  {:>12}",
-            name, c.activations, c.items_in, c.items_out, c.errors, c.dead_lettered
+            escape(name),
+            c.activations,
+            c.items_in,
+            c.items_out,
+            c.errors,
+            c.dead_lettered
         );
     }
     for f in s.errors.iter().take(10) {
         let _ = writeln!(
             e,
             "  error in `{}` (attempt {}, {}): {}",
-            f.routine, f.attempts, f.strategy, f.error
+            escape(&f.routine),
+            f.attempts,
+            f.strategy,
+            escape(&f.error)
         );
     }
     if s.errors.len() > 10 {

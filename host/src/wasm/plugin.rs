@@ -108,6 +108,42 @@ pub(crate) fn open(
     })
 }
 
+/// Most kinds one component may describe, slots or events per kind, and fields per event.
+const MAX_KINDS: usize = 1_000;
+const MAX_PORTS: usize = 256;
+/// Longest name (kind, slot, event, field) and description, in bytes.
+const MAX_NAME_BYTES: usize = 128;
+const MAX_DESCRIPTION_BYTES: usize = 4 << 10;
+/// Largest default config (JSON text) of a kind.
+const MAX_CONFIG_BYTES: usize = 64 << 10;
+/// Largest queue bound a component may ask for (a flow file may set more).
+const MAX_DESCRIBED_QUEUE: u32 = 1_000_000;
+
+/// Why `name` cannot name a kind, slot, event or field, if it cannot: names are what flow
+/// files, diagnostics and terminals show, so they are short words of letters, digits, `_` and
+/// `-` (never control characters, spaces or dots).
+fn bad_name(name: &str) -> Option<String> {
+    if name.is_empty() {
+        return Some("is empty".to_owned());
+    }
+    if name.len() > MAX_NAME_BYTES {
+        return Some(format!(
+            "is {} bytes long (at most {MAX_NAME_BYTES})",
+            name.len()
+        ));
+    }
+    if let Some(c) = name
+        .chars()
+        .find(|&c| !(c.is_alphanumeric() || c == '_' || c == '-'))
+    {
+        return Some(format!(
+            "holds `{}`: names are letters, digits, `_` and `-`",
+            c.escape_debug()
+        ));
+    }
+    None
+}
+
 fn check(path: &Path, kinds: Vec<RoutineKind>) -> Result<Vec<KindInfo>, LoadError> {
     let mut problems = Vec::new();
     let mut names = HashSet::new();
@@ -115,55 +151,104 @@ fn check(path: &Path, kinds: Vec<RoutineKind>) -> Result<Vec<KindInfo>, LoadErro
     if kinds.is_empty() {
         problems.push("it provides no routine kind".to_owned());
     }
+    if kinds.len() > MAX_KINDS {
+        problems.push(format!(
+            "it describes {} kinds (at most {MAX_KINDS})",
+            kinds.len()
+        ));
+        return Err(LoadError::BadDescription {
+            path: path.to_owned(),
+            problems,
+        });
+    }
+    // Guest text in a message is escaped: it may reach a terminal.
+    let show = |s: &str| {
+        let mut t: String = s.chars().take(MAX_NAME_BYTES).collect();
+        if t.len() < s.len() {
+            t.push('…');
+        }
+        crate::term::escape(&t).into_owned()
+    };
     for k in kinds {
-        let name = k.name.trim().to_owned();
-        if name.is_empty() || name != k.name {
-            problems.push(format!(
-                "kind name `{}` is empty or has surrounding spaces",
-                k.name
-            ));
+        let kn = show(&k.name);
+        if let Some(why) = bad_name(&k.name) {
+            problems.push(format!("kind name `{kn}` {why}"));
         }
         if !names.insert(k.name.clone()) {
-            problems.push(format!("kind `{}` is described twice", k.name));
+            problems.push(format!("kind `{kn}` is described twice"));
+        }
+        if k.description.len() > MAX_DESCRIPTION_BYTES {
+            problems.push(format!(
+                "kind `{kn}`: its description is {} bytes (at most {MAX_DESCRIPTION_BYTES})",
+                k.description.len()
+            ));
+        }
+        if k.default_config.len() > MAX_CONFIG_BYTES {
+            problems.push(format!(
+                "kind `{kn}`: its default config is {} bytes (at most {MAX_CONFIG_BYTES})",
+                k.default_config.len()
+            ));
+        }
+        if k.slots.len() > MAX_PORTS || k.events.len() > MAX_PORTS {
+            problems.push(format!(
+                "kind `{kn}`: {} slots and {} events (at most {MAX_PORTS} of each)",
+                k.slots.len(),
+                k.events.len()
+            ));
         }
         let mut seen = HashSet::new();
         for s in &k.slots {
-            if s.name.is_empty() || !seen.insert(&s.name) {
-                problems.push(format!(
-                    "kind `{}`: slot name `{}` is empty or repeated",
-                    k.name, s.name
-                ));
+            let sn = show(&s.name);
+            if let Some(why) = bad_name(&s.name) {
+                problems.push(format!("kind `{kn}`: slot name `{sn}` {why}"));
+            } else if !seen.insert(&s.name) {
+                problems.push(format!("kind `{kn}`: slot name `{sn}` is repeated"));
             }
             if s.max_queue_length == Some(0) {
+                problems.push(format!("kind `{kn}`: slot `{sn}` holds no item"));
+            }
+            if s.max_queue_length.is_some_and(|n| n > MAX_DESCRIBED_QUEUE) {
                 problems.push(format!(
-                    "kind `{}`: slot `{}` holds no item",
-                    k.name, s.name
+                    "kind `{kn}`: slot `{sn}` asks for a queue of {} items (a component may ask \
+                     for at most {MAX_DESCRIBED_QUEUE}; a flow file may set more)",
+                    s.max_queue_length.unwrap_or(0)
                 ));
             }
         }
         let mut seen = HashSet::new();
         for ev in &k.events {
-            if ev.name.is_empty() || !seen.insert(&ev.name) {
+            let en = show(&ev.name);
+            if let Some(why) = bad_name(&ev.name) {
+                problems.push(format!("kind `{kn}`: event name `{en}` {why}"));
+            } else if !seen.insert(&ev.name) {
+                problems.push(format!("kind `{kn}`: event name `{en}` is repeated"));
+            }
+            if ev.fields.len() > MAX_PORTS {
                 problems.push(format!(
-                    "kind `{}`: event name `{}` is empty or repeated",
-                    k.name, ev.name
+                    "kind `{kn}`: event `{en}` has {} fields (at most {MAX_PORTS})",
+                    ev.fields.len()
                 ));
+            }
+            for f in &ev.fields {
+                if let Some(why) = bad_name(f) {
+                    problems.push(format!(
+                        "kind `{kn}`: event `{en}`: field name `{}` {why}",
+                        show(f)
+                    ));
+                }
             }
         }
         let config = match serde_json::from_str::<Value>(&k.default_config) {
             Ok(Value::Object(map)) => map,
             Ok(other) => {
                 problems.push(format!(
-                    "kind `{}`: default config must be a JSON object, got `{other}`",
-                    k.name
+                    "kind `{kn}`: default config must be a JSON object, got {}",
+                    crate::item::kind_of(&other)
                 ));
                 Map::new()
             }
             Err(e) => {
-                problems.push(format!(
-                    "kind `{}`: default config is not JSON: {e}",
-                    k.name
-                ));
+                problems.push(format!("kind `{kn}`: default config is not JSON: {e}"));
                 Map::new()
             }
         };

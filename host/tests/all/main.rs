@@ -3,17 +3,15 @@
 #![allow(clippy::unwrap_used, missing_docs)]
 
 mod backpressure;
-mod cli;
 mod common;
 mod errors;
 mod examples;
 mod policies;
-mod polyglot;
 mod property;
 mod runtime;
 mod state;
 mod validation;
 mod wasm;
 
-#[path = "../support/plugins.rs"]
+#[path = "../../../tests/support/plugins.rs"]
 mod plugins;

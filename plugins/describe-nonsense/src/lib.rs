@@ -1,5 +1,6 @@
 //! A plugin whose `describe` returns nonsense: the same kind twice, a repeated slot, a slot
-//! that holds nothing, and a default config that is not a JSON object.
+//! that holds nothing, a default config that is not a JSON object, and names that would
+//! reach a terminal as escape sequences or break `routine.slot` (a name with a dot).
 
 use routilux_sdk::bindings::exports::routilux::plugin::routine::{
     ActivationError, Guest, RoutineKind, SlotBatch,
@@ -32,7 +33,12 @@ fn kind(config: &str) -> RoutineKind {
 
 impl Guest for Nonsense {
     fn describe() -> Vec<RoutineKind> {
-        vec![kind("{}"), kind("[1, 2]")]
+        let mut hostile = kind("{}");
+        hostile.name = "\x1b[2Jclear".into();
+        hostile.slots.truncate(1);
+        hostile.slots[0].name = "a.b".into();
+        hostile.events[0].fields = vec!["line\nbreak".into()];
+        vec![kind("{}"), kind("[1, 2]"), hostile]
     }
     fn activate(_: String, _: Vec<SlotBatch>, _: Option<String>) -> Result<(), ActivationError> {
         Ok(())

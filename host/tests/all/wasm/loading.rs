@@ -138,10 +138,19 @@ fn a_describe_that_traps_or_talks_nonsense_is_refused() {
     };
     let text = e.to_string();
     assert!(text.contains("kind `twice` is described twice"), "{text}");
+    assert!(text.contains("slot name `in` is repeated"), "{text}");
+    // Names are words: an escape sequence, a dot or a newline is refused, and the message
+    // shows them escaped.
     assert!(
-        text.contains("slot name `in` is empty or repeated"),
+        text.contains(r"kind name `\x1b[2Jclear` holds `\u{1b}`"),
         "{text}"
     );
+    assert!(text.contains("slot name `a.b` holds `.`"), "{text}");
+    assert!(
+        text.contains(r"field name `line\nbreak` holds `\n`"),
+        "{text}"
+    );
+    assert!(!text.contains('\x1b'), "{text}");
     assert!(text.contains("slot `in` holds no item"), "{text}");
     assert!(
         text.contains("default config must be a JSON object"),
