@@ -6,13 +6,16 @@
 //! docs — so a fast producer is slowed, and no item is dropped.
 
 use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 use serde::Serialize;
 use serde_json::{Map, Value};
 
+use crate::budget::bytes;
 use crate::item::{Item, ItemError};
 use crate::job::{Help, Job, JobId};
+use crate::routine::RoutineError;
 use crate::scheduler::{Sched, WorkerLocal, current_worker};
 use crate::state::StateRef;
 
@@ -39,6 +42,54 @@ pub enum EmitError {
         /// What is wrong with the payload.
         source: ItemError,
     },
+    /// The item is larger than the routine's item budget.
+    #[error(
+        "routine `{routine}` emitted an item of {} on `{event}`, over its item budget of {}",
+        bytes(*size), bytes(*budget)
+    )]
+    TooLarge {
+        /// The emitting routine.
+        routine: String,
+        /// The event.
+        event: String,
+        /// The item's size in bytes.
+        size: u64,
+        /// The budget.
+        budget: u64,
+    },
+    /// The item is larger than a receiving slot's whole byte budget: it could never be queued
+    /// there. Nothing was delivered to any slot.
+    #[error(
+        "routine `{routine}` emitted an item of {} on `{event}`, larger than the byte budget of \
+         slot `{to}` ({})",
+        bytes(*size), bytes(*budget)
+    )]
+    TooLargeForSlot {
+        /// The emitting routine.
+        routine: String,
+        /// The event.
+        event: String,
+        /// The receiving `routine.slot`.
+        to: String,
+        /// The item's size in bytes.
+        size: u64,
+        /// The slot's byte budget.
+        budget: u64,
+    },
+    /// A full slot could be passed only by overrunning its bounds (a cycle, or a stalled
+    /// pool), and it is already over them by as much again: the emit fails rather than grow
+    /// the queue without end.
+    #[error(
+        "routine `{routine}` cannot deliver to `{to}`: the slot is full, cannot drain before \
+         the emit returns (a cycle or a stalled pool) and is already past its bounds by as much \
+         again"
+    )]
+    Overrun {
+        /// The emitting routine.
+        routine: String,
+        /// The receiving `routine.slot`.
+        to: String,
+    },
     /// The job failed or was cancelled while the emit waited for queue space; the item was
     /// kept as a dead letter of the receiving routine.
     #[error("job {job} halted while `{routine}` waited to deliver an item")]
@@ -58,11 +109,24 @@ pub enum EmitError {
 pub struct Context {
     job: Arc<Job>,
     node: usize,
+    output: Arc<OutputBudget>,
+}
+
+/// What one activation has printed and logged, against its routine's output budget.
+#[derive(Default)]
+struct OutputBudget {
+    used: AtomicU64,
+    /// Bytes not kept because the budget was spent.
+    over: AtomicU64,
 }
 
 impl Context {
     pub(crate) fn new(job: Arc<Job>, node: usize) -> Self {
-        Self { job, node }
+        Self {
+            job,
+            node,
+            output: Arc::default(),
+        }
     }
 
     /// A second handle on the same activation (for logic that must keep one in a `'static`
@@ -71,7 +135,51 @@ impl Context {
         Context {
             job: self.job.clone(),
             node: self.node,
+            output: self.output.clone(),
         }
+    }
+
+    /// The job's memory meter (what its guests' memories are charged to).
+    pub(crate) fn job_meter(&self) -> &Arc<crate::budget::Meter> {
+        &self.job.meter
+    }
+
+    /// This routine's byte budgets.
+    pub(crate) fn budgets(&self) -> &crate::RoutineBudgets {
+        &self.job.flow.routines[self.node].budgets
+    }
+
+    /// The largest item this routine may emit, in bytes.
+    pub(crate) fn item_budget(&self) -> u64 {
+        self.job.flow.routines[self.node].budgets.item_bytes
+    }
+
+    /// Whether `len` more bytes of output fit this activation's budget (counting them).
+    fn output_fits(&self, len: usize) -> bool {
+        let budget = self.job.flow.routines[self.node].budgets.output_bytes;
+        let len = len as u64;
+        let before = self.output.used.fetch_add(len, Ordering::Relaxed);
+        if before.saturating_add(len) <= budget {
+            true
+        } else {
+            self.output.over.fetch_add(len, Ordering::Relaxed);
+            false
+        }
+    }
+
+    /// The error of an activation whose output passed its budget (that output was not kept).
+    pub(crate) fn output_overflow(&self) -> Option<RoutineError> {
+        let over = self.output.over.load(Ordering::Relaxed);
+        (over > 0).then(|| {
+            let budget = self.job.flow.routines[self.node].budgets.output_bytes;
+            RoutineError::fatal(format!(
+                "routine `{}` printed or logged more than its output budget of {} in one \
+                 activation ({} more not kept)",
+                self.routine_id(),
+                bytes(budget),
+                bytes(over)
+            ))
+        })
     }
 
     /// The job this activation belongs to.
@@ -101,12 +209,22 @@ impl Context {
 
     /// This routine's WorkerState in this job (see [`StateRef`]).
     pub fn state(&self) -> StateRef<'_> {
-        StateRef::new(&self.job.nodes[self.node].state)
+        let r = &self.job.flow.routines[self.node];
+        StateRef::new(
+            &self.job.nodes[self.node].state,
+            &r.id,
+            r.budgets,
+            &self.job.meter,
+        )
     }
 
-    /// Logs a line to the job's output (and to `tracing`).
+    /// Logs a line to the job's output (and to `tracing`). Past the activation's output
+    /// budget the line is not kept, and the activation fails when it ends.
     pub fn log(&self, level: tracing::Level, message: impl Into<String>) {
         let message = message.into();
+        if !self.output_fits(message.len()) {
+            return;
+        }
         let routine = self.routine_id();
         match level {
             tracing::Level::ERROR => tracing::error!(job = %self.job.id, routine, "{message}"),
@@ -119,9 +237,10 @@ impl Context {
         self.job.log(self.node, &level, message);
     }
 
-    /// Writes a line to the job's output as if printed by the routine (`stdout`).
+    /// Writes a line to the job's output as if printed by the routine (`stdout`), within the
+    /// activation's output budget (as [`Context::log`]).
     pub fn print(&self, message: impl Into<String>) {
-        self.job.log(self.node, "stdout", message.into());
+        self.output("stdout", message.into());
     }
 
     /// Whether the job has failed or been cancelled (a running guest should stop).
@@ -129,9 +248,12 @@ impl Context {
         self.job.halted()
     }
 
-    /// Writes a line of a guest's `stdout` or `stderr` to the job's output.
+    /// Writes a line of a guest's `stdout` or `stderr` to the job's output, within the
+    /// activation's output budget.
     pub(crate) fn output(&self, stream: &str, line: String) {
-        self.job.log(self.node, stream, line);
+        if self.output_fits(line.len()) {
+            self.job.log(self.node, stream, line);
+        }
     }
 
     /// Emits a value (serialised to a JSON object) on `event`.
@@ -166,8 +288,30 @@ impl Context {
                 declared: r.events.iter().map(|e| e.name.to_string()).collect(),
             });
         };
-        self.job.count_emit(self.node);
+        let size = item.byte_len() as u64;
+        if size > r.budgets.item_bytes {
+            return Err(EmitError::TooLarge {
+                routine: r.id.to_string(),
+                event: event.to_owned(),
+                size,
+                budget: r.budgets.item_bytes,
+            });
+        }
         let routes = &r.routes[ev];
+        // An item no receiving slot could ever hold fails the emit before any slot gets it.
+        for &(node, slot) in routes {
+            if let Some(budget) = self.job.too_large_for(node, slot, size) {
+                let to = &self.job.flow.routines[node];
+                return Err(EmitError::TooLargeForSlot {
+                    routine: r.id.to_string(),
+                    event: event.to_owned(),
+                    to: format!("{}.{}", to.id, to.slot_names[slot]),
+                    size,
+                    budget,
+                });
+            }
+        }
+        self.job.count_emit(self.node);
         if let Some((last, rest)) = routes.split_last() {
             for &(node, slot) in rest {
                 self.deliver(node, slot, item.clone(), waited)?;
@@ -223,19 +367,19 @@ impl Context {
             if job.halted() {
                 return Err(self.halted_while_waiting(node, slot, item));
             }
-            let (helped, may_overrun) = match job.help_consumer(node, slot, worker) {
+            let len = item.byte_len() as u64;
+            let (helped, may_overrun) = match job.help_consumer(node, slot, len, worker) {
                 Help::Ran => (true, false),
                 // Suspended under us on this stack (a cycle): it cannot drain the slot before
                 // we return, so waiting would be forever. Overrun now.
                 Help::Busy if worker.runs_here(job, node) => {
-                    self.overrun(
+                    return self.overrun(
                         worker,
                         node,
                         slot,
                         item,
                         "its routine is suspended under the emitter",
                     );
-                    return Ok(());
                 }
                 // Running on another worker: it drains the slot by itself. In an acyclic flow
                 // it can never be waiting on us, so this wait always ends.
@@ -258,8 +402,7 @@ impl Context {
                     let epoch = shared.pool.epoch();
                     if stalled_at == Some(epoch) {
                         shared.pool.leave_blocked();
-                        self.overrun(worker, node, slot, item, "the whole pool is stalled");
-                        return Ok(());
+                        return self.overrun(worker, node, slot, item, "the whole pool is stalled");
                     }
                     stalled_at = Some(epoch);
                 } else {
@@ -287,8 +430,15 @@ impl Context {
     }
 
     /// Pushes past the slot's bound (counted as `overflowed`) to break a wait that could
-    /// never end.
-    fn overrun(&self, worker: &WorkerLocal, node: usize, slot: usize, item: Item, why: &str) {
+    /// never end; refused once the slot is past its bounds by as much again.
+    fn overrun(
+        &self,
+        worker: &WorkerLocal,
+        node: usize,
+        slot: usize,
+        item: Item,
+        why: &str,
+    ) -> Result<(), EmitError> {
         let job = &self.job;
         let r = &job.flow.routines[node];
         tracing::debug!(
@@ -298,7 +448,11 @@ impl Context {
             emitter = self.routine_id(),
             "overrunning a full slot by one item: {why}"
         );
-        let _ = job.push(node, slot, item, true, worker.sched());
+        job.push(node, slot, item, true, worker.sched())
+            .map_err(|_| EmitError::Overrun {
+                routine: self.routine_id().to_owned(),
+                to: format!("{}.{}", r.id, r.slot_names[slot]),
+            })
     }
 
     /// The job halted while an emit waited: the item becomes a dead letter of the receiving

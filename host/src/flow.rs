@@ -19,6 +19,7 @@ use indexmap::IndexMap;
 use serde_json::{Map, Value};
 
 use crate::activation::Policy;
+use crate::budget::{Budgets, RoutineBudgets};
 use crate::routine::{ErrorStrategy, EventSpec, Logic, Routine};
 
 /// A connection from one routine's event to another routine's slot.
@@ -54,6 +55,7 @@ pub struct Flow {
     connections: Vec<Connection>,
     on_error: ErrorStrategy,
     allow_cycles: bool,
+    budgets: Budgets,
 }
 
 impl Default for Flow {
@@ -95,7 +97,8 @@ pub enum Problem {
     },
     /// A slot that can hold nothing.
     #[error(
-        "routine `{routine}`: slot `{slot}` has max_queue_length 0 and could never hold an item"
+        "routine `{routine}`: slot `{slot}` has a bound of 0 (items or bytes) and could never \
+         hold an item"
     )]
     ZeroCapacity {
         /// The routine.
@@ -251,6 +254,7 @@ impl Flow {
             connections: Vec::new(),
             on_error: ErrorStrategy::Stop,
             allow_cycles: false,
+            budgets: Budgets::default(),
         }
     }
 
@@ -278,6 +282,12 @@ impl Flow {
     /// The error strategy of routines that set none (default `stop`).
     pub fn on_error(&mut self, strategy: ErrorStrategy) -> &mut Self {
         self.on_error = strategy;
+        self
+    }
+
+    /// Sets the byte budgets of each job of this flow (see [`Budgets`]).
+    pub fn budgets(&mut self, budgets: Budgets) -> &mut Self {
+        self.budgets = budgets;
         self
     }
 
@@ -423,6 +433,8 @@ impl Flow {
                     id: id.as_str().into(),
                     slot_names: r.slots.iter().map(|s| s.name.clone()).collect(),
                     capacities: r.slots.iter().map(|s| s.max_queue_length).collect(),
+                    queue_bytes: r.slots.iter().map(|s| s.max_queue_bytes).collect(),
+                    budgets: r.budgets,
                     routes: vec![Vec::new(); r.events.len()],
                     events: r.events.clone(),
                     config: r.config.clone(),
@@ -455,6 +467,7 @@ impl Flow {
                 routines,
                 index,
                 cyclic,
+                budgets: self.budgets.clone(),
             },
             warnings,
         ))
@@ -481,7 +494,7 @@ fn check_routine(id: &str, r: &Routine, default: &ErrorStrategy, problems: &mut 
                 name: s.name.to_string(),
             });
         }
-        if s.max_queue_length == 0 {
+        if s.max_queue_length == 0 || s.max_queue_bytes == 0 {
             problems.push(Problem::ZeroCapacity {
                 routine: routine(),
                 slot: s.name.to_string(),
@@ -580,12 +593,16 @@ pub(crate) struct CompiledFlow {
     pub(crate) index: HashMap<String, usize>,
     /// Whether some routines feed each other in a loop (only with `allow_cycles`).
     pub(crate) cyclic: bool,
+    pub(crate) budgets: Budgets,
 }
 
 pub(crate) struct CompiledRoutine {
     pub(crate) id: Arc<str>,
     pub(crate) slot_names: Arc<[Arc<str>]>,
     pub(crate) capacities: Vec<usize>,
+    /// Byte budget of each slot.
+    pub(crate) queue_bytes: Vec<u64>,
+    pub(crate) budgets: RoutineBudgets,
     pub(crate) events: Vec<EventSpec>,
     /// `routes[event] = [(routine, slot)]`.
     pub(crate) routes: Vec<Vec<(usize, usize)>>,

@@ -40,6 +40,9 @@ struct Inner {
     value: OnceLock<Value>,
     /// The compact JSON text (UTF-8, checked when the item was made).
     text: OnceLock<Box<str>>,
+    /// The length of the compact JSON text, for an item made from a value (counted without
+    /// keeping the text).
+    len: OnceLock<usize>,
 }
 
 pub(crate) fn kind_of(value: &Value) -> &'static str {
@@ -98,6 +101,7 @@ impl Item {
         let inner = Inner {
             value: OnceLock::new(),
             text: OnceLock::from(text),
+            len: OnceLock::new(),
         };
         Ok(Self(Arc::new(inner)))
     }
@@ -106,6 +110,7 @@ impl Item {
         Self(Arc::new(Inner {
             value: OnceLock::from(value),
             text: OnceLock::new(),
+            len: OnceLock::new(),
         }))
     }
 
@@ -142,6 +147,19 @@ impl Item {
         })
     }
 
+    /// The size of the item in bytes: the length of its compact JSON text (what byte budgets
+    /// count). For an item made from a value, counted once without keeping the text.
+    pub fn byte_len(&self) -> usize {
+        if let Some(text) = self.0.text.get() {
+            return text.len();
+        }
+        *self.0.len.get_or_init(|| {
+            let mut n = Counter(0);
+            let _ = serde_json::to_writer(&mut n, self.value());
+            n.0
+        })
+    }
+
     /// One field, deserialised into `T`. `None` when the field is absent.
     pub fn get<T: DeserializeOwned>(&self, field: &str) -> Option<Result<T, serde_json::Error>> {
         self.fields().get(field).map(|v| T::deserialize(v))
@@ -155,6 +173,25 @@ impl Item {
     /// Whether two handles point at the same shared payload (no copy was made).
     pub fn ptr_eq(a: &Item, b: &Item) -> bool {
         Arc::ptr_eq(&a.0, &b.0)
+    }
+}
+
+/// Checks that `text` is JSON whose every string and number can be read back, without
+/// building a value.
+pub(crate) fn validate_json(text: &str) -> Result<(), serde_json::Error> {
+    serde_json::from_str::<Valid>(text).map(|_| ())
+}
+
+/// Counts the bytes written to it.
+struct Counter(usize);
+
+impl std::io::Write for Counter {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        self.0 += buf.len();
+        Ok(buf.len())
+    }
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
     }
 }
 
@@ -274,6 +311,8 @@ mod tests {
         assert!(Item::ptr_eq(&item, &copy));
         let bytes = item.json_bytes().to_vec();
         assert_eq!(copy.json_bytes().as_ptr(), item.json_bytes().as_ptr());
+        let counted = Item::new(json!({"id": 7, "s": "x"})).unwrap();
+        assert_eq!(counted.byte_len(), bytes.len());
         let back = Item::from_json_bytes(bytes).unwrap();
         assert_eq!(back, item);
         assert_eq!(back.get::<u32>("id").unwrap().unwrap(), 7);

@@ -35,15 +35,21 @@ use std::time::{Duration, Instant, SystemTime};
 
 use parking_lot::{Condvar, Mutex};
 use serde::{Deserialize, Serialize};
-use serde_json::{Map, Value};
 
 use crate::activation::{Batch, Decision};
+use crate::budget::{Meter, Reservation, bytes, cut};
 use crate::context::Context;
 use crate::flow::CompiledFlow;
 use crate::item::Item;
 use crate::routine::{ErrorStrategy, Exhausted, RoutineError};
 use crate::runtime::Shared;
 use crate::scheduler::{Sched, Task, WorkerLocal};
+use crate::state::State;
+
+/// How far past its bound (in items) a slot may be overrun to break a wait that could never
+/// end (a cycle, a stalled pool), when the bound itself is smaller: enough for the nesting of
+/// blocked emitters, not for a routine that multiplies items in a loop.
+pub(crate) const OVERRUN_ITEMS: usize = 1024;
 
 /// How many activations a check runs back to back before yielding its worker.
 const MAX_ROUNDS: u32 = 64;
@@ -192,6 +198,8 @@ fn add(c: &AtomicU64, n: u64) {
 
 struct Queues {
     slots: Vec<VecDeque<Item>>,
+    /// Bytes (of items' JSON text) queued in each slot.
+    bytes: Vec<u64>,
     /// Items ever pushed (kept under the lock: one atomic less per delivery).
     items_in: u64,
     running: usize,
@@ -203,7 +211,7 @@ struct Queues {
 pub(crate) struct Node {
     queues: Mutex<Queues>,
     counters: Counters,
-    pub(crate) state: Mutex<Map<String, Value>>,
+    pub(crate) state: Mutex<State>,
 }
 
 struct Lifecycle {
@@ -253,9 +261,41 @@ pub(crate) struct Job {
     lifecycle: Mutex<Lifecycle>,
     done: Condvar,
     failures: Mutex<Vec<ActivationFailure>>,
-    dead_letters: Mutex<Vec<DeadLetter>>,
-    output: Mutex<Vec<OutputLine>>,
+    dead_letters: Mutex<DeadLetters>,
+    output: Mutex<OutputRing>,
+    /// Bytes the job holds against its memory budget (guests, queues, retention).
+    pub(crate) meter: Arc<Meter>,
     pub(crate) started: Instant,
+}
+
+/// The dead letters a job keeps, within its budgets; the rest are counted.
+#[derive(Default)]
+struct DeadLetters {
+    kept: Vec<DeadLetter>,
+    /// Bytes of items the kept letters hold.
+    bytes: u64,
+    /// Letters (and their items) past the budget: counted, not kept.
+    dropped: u64,
+    dropped_items: u64,
+}
+
+/// The output a job keeps: the latest lines, within its budgets (the rest streamed only).
+#[derive(Default)]
+struct OutputRing {
+    lines: VecDeque<OutputLine>,
+    bytes: u64,
+    /// Lines no longer kept (the oldest go first).
+    dropped: u64,
+}
+
+/// What a job kept and what its budgets made it let go (for its summary).
+#[derive(Clone, Copy, Debug, Default)]
+pub(crate) struct Retention {
+    pub(crate) dead_letters_kept: u64,
+    pub(crate) dead_letters_dropped: u64,
+    pub(crate) dead_letter_items_dropped: u64,
+    pub(crate) output_lines_dropped: u64,
+    pub(crate) peak_memory: u64,
 }
 
 impl Job {
@@ -271,6 +311,7 @@ impl Job {
             .map(|r| Node {
                 queues: Mutex::new(Queues {
                     slots: r.capacities.iter().map(|_| VecDeque::new()).collect(),
+                    bytes: vec![0; r.capacities.len()],
                     items_in: 0,
                     running: 0,
                     scheduled: false,
@@ -278,9 +319,10 @@ impl Job {
                     last_fire: None,
                 }),
                 counters: Counters::default(),
-                state: Mutex::new(Map::new()),
+                state: Mutex::new(State::default()),
             })
             .collect();
+        let meter = Arc::new(Meter::new(flow.budgets.memory));
         Self {
             id,
             flow_name: flow_name.into(),
@@ -297,8 +339,9 @@ impl Job {
             }),
             done: Condvar::new(),
             failures: Mutex::new(Vec::new()),
-            dead_letters: Mutex::new(Vec::new()),
-            output: Mutex::new(Vec::new()),
+            dead_letters: Mutex::new(DeadLetters::default()),
+            output: Mutex::new(OutputRing::default()),
+            meter,
             started: Instant::now(),
         }
     }
@@ -381,6 +424,9 @@ impl Job {
         };
         tracing::debug!(job = %self.id, status = %lc.status, "job finished");
         drop(lc);
+        for r in &self.flow.routines {
+            r.logic.job_finished(self.id);
+        }
         self.done.notify_all();
         self.shared.job_finished();
     }
@@ -443,7 +489,18 @@ impl Job {
 
     // ---- data path -------------------------------------------------------------------------
 
-    /// Queues `item` into `node.slot`. A full slot gives the item back, unless `overrun`.
+    /// The byte budget of `node.slot` if an item of `len` bytes is larger than all of it
+    /// (so it could never be queued there, however long one waits).
+    pub(crate) fn too_large_for(&self, node: usize, slot: usize, len: u64) -> Option<u64> {
+        let budget = self.flow.routines[node].queue_bytes[slot];
+        (len > budget).then_some(budget)
+    }
+
+    /// Queues `item` into `node.slot`. A full slot (by count, by bytes, or with the job's
+    /// memory budget spent) gives the item back, unless `overrun`; an overrun goes past the
+    /// bounds only so far (by the slot's bound again or [`OVERRUN_ITEMS`], whichever is more,
+    /// and by its byte budget again) and then gives the item back too. Never takes an item larger than the slot's whole byte budget
+    /// (callers check [`Job::too_large_for`] first).
     pub(crate) fn push(
         self: &Arc<Self>,
         node: usize,
@@ -454,15 +511,28 @@ impl Job {
     ) -> Result<(), Item> {
         let r = &self.flow.routines[node];
         let n = &self.nodes[node];
+        let len = item.byte_len() as u64;
         let schedule = {
             let mut q = n.queues.lock();
-            if q.slots[slot].len() >= r.capacities[slot] {
-                if !overrun {
-                    return Err(item);
-                }
+            let (cap, budget) = (r.capacities[slot], r.queue_bytes[slot]);
+            let (count, held) = (q.slots[slot].len(), q.bytes[slot]);
+            if len > budget {
+                return Err(item);
+            }
+            let full = count >= cap || held + len > budget;
+            if !full && self.meter.reserve(len) {
+                // Within every bound.
+            } else if !overrun
+                || count >= cap.saturating_add(cap.max(OVERRUN_ITEMS))
+                || held + len > budget.saturating_mul(2)
+            {
+                return Err(item);
+            } else {
                 add(&n.counters.overflowed, 1);
+                self.meter.force(len);
             }
             q.slots[slot].push_back(item);
+            q.bytes[slot] += len;
             q.items_in += 1;
             let s = !q.scheduled
                 && !q.timer_armed
@@ -482,6 +552,15 @@ impl Job {
             });
         }
         Ok(())
+    }
+
+    /// Whether an item of `len` bytes would find room in `node.slot` now (within the slot's
+    /// bounds and the job's memory budget).
+    fn has_room(&self, q: &Queues, node: usize, slot: usize, len: u64) -> bool {
+        let r = &self.flow.routines[node];
+        q.slots[slot].len() < r.capacities[slot]
+            && q.bytes[slot] + len <= r.queue_bytes[slot]
+            && self.meter.used().saturating_add(len) <= self.meter.limit()
     }
 
     /// Waits up to `timeout` for room in `node.slot` and queues the item in `pending` there;
@@ -611,15 +690,25 @@ impl Job {
                         q.running += 1;
                         holding = true;
                         q.last_fire = Some(now);
-                        // A producer can only be waiting on a slot that was full.
-                        freed_full = counts
-                            .iter()
-                            .zip(q.slots.iter().zip(&r.capacities))
-                            .any(|(&k, (s, &cap))| k > 0 && s.len() >= cap);
+                        // A producer can only be waiting on a slot that was full: at its
+                        // count, or within one largest item of its byte budget.
+                        freed_full = counts.iter().enumerate().any(|(i, &k)| {
+                            k > 0
+                                && (q.slots[i].len() >= r.capacities[i]
+                                    || q.bytes[i]
+                                        >= r.queue_bytes[i].saturating_sub(r.budgets.item_bytes))
+                        });
+                        let mut taken = 0;
                         let data: Vec<Vec<Item>> = counts
                             .iter()
-                            .zip(q.slots.iter_mut())
-                            .map(|(&k, s)| s.drain(..k).collect())
+                            .enumerate()
+                            .map(|(i, &k)| {
+                                let items: Vec<Item> = q.slots[i].drain(..k).collect();
+                                let b: u64 = items.iter().map(|it| it.byte_len() as u64).sum();
+                                q.bytes[i] -= b;
+                                taken += b;
+                                items
+                            })
                             .collect();
                         // Room for a parallel activation and more to release: let another
                         // worker take it.
@@ -635,11 +724,14 @@ impl Job {
                                 node,
                             });
                         }
+                        // The items leave the slot's bounds but stay on the job's budget
+                        // until the activation is done with them.
                         Batch::new(
                             r.slot_names.clone(),
                             data,
                             message.or_else(|| r.message.clone()),
                         )
+                        .holding(Reservation::held(&self.meter, taken))
                     }
                 }
             };
@@ -660,6 +752,7 @@ impl Job {
         self: &Arc<Self>,
         node: usize,
         slot: usize,
+        len: u64,
         w: &WorkerLocal,
     ) -> Help {
         let r = &self.flow.routines[node];
@@ -677,7 +770,7 @@ impl Job {
         // It did not run: someone else drained the slot meanwhile, it started elsewhere, or
         // its policy really releases nothing.
         let q = self.nodes[node].queues.lock();
-        if q.slots[slot].len() < r.capacities[slot] {
+        if self.has_room(&q, node, slot, len) {
             Help::Ran
         } else if q.running >= r.concurrency {
             Help::Busy
@@ -717,6 +810,15 @@ impl Job {
                     "logic panicked: {}",
                     panic_message(payload.as_ref())
                 )))
+            });
+            // Output past the activation's budget was not kept: the activation fails.
+            let result = match (result, ctx.output_overflow()) {
+                (Ok(()), Some(e)) => Err(e),
+                (r, _) => r,
+            };
+            let result = result.map_err(|mut e| {
+                e.message = cut(e.message, self.flow.budgets.error_bytes);
+                e
             });
             add(&c.busy_ns, started.elapsed().as_nanos() as u64);
             add(&c.activations, 1);
@@ -832,10 +934,13 @@ impl Job {
         self.fail(format!("routine `{}`: {reason}", r.id));
     }
 
+    /// Keeps `batch` as a dead letter: handed to the runtime's dead-letter sink (if any),
+    /// and kept on the job within its dead-letter budgets (taking over the batch's bytes on
+    /// the job's budget); past them, counted and not kept.
     pub(crate) fn dead_letter(&self, node: usize, batch: Batch, error: String, attempts: u32) {
         let r = &self.flow.routines[node];
         let n = batch.len() as u64;
-        let (names, data) = batch.into_parts();
+        let (names, data, reservation) = batch.into_parts();
         let items = names
             .iter()
             .zip(data)
@@ -843,13 +948,36 @@ impl Job {
             .map(|(s, d)| (s.to_string(), d))
             .collect();
         add(&self.nodes[node].counters.dead_lettered, n);
-        self.dead_letters.lock().push(DeadLetter {
+        let letter = DeadLetter {
             routine: r.id.to_string(),
             items,
-            error,
+            error: cut(error, self.flow.budgets.error_bytes),
             attempts,
             at: SystemTime::now(),
-        });
+        };
+        if let Some(sink) = &self.shared.on_dead_letter {
+            sink(self.id, &letter);
+        }
+        let budgets = &self.flow.budgets;
+        let size = reservation.bytes();
+        let mut store = self.dead_letters.lock();
+        if store.kept.len() < budgets.dead_letters
+            && store.bytes + size <= budgets.dead_letter_bytes
+        {
+            store.bytes += reservation.keep();
+            store.kept.push(letter);
+        } else {
+            store.dropped += 1;
+            store.dropped_items += n;
+            if store.dropped == 1 {
+                tracing::warn!(
+                    job = %self.id,
+                    "dead letters past the job's budget ({} letters, {}) are counted, not kept",
+                    budgets.dead_letters,
+                    bytes(budgets.dead_letter_bytes)
+                );
+            }
+        }
     }
 
     /// An emitted item that could not be delivered because the job halted while it waited.
@@ -862,7 +990,10 @@ impl Job {
     ) {
         let r = &self.flow.routines[node];
         self.nodes[node].queues.lock().items_in += 1;
-        let batch = Batch::from_slots([(&*r.slot_names[slot], vec![item])], None);
+        let len = item.byte_len() as u64;
+        self.meter.force(len);
+        let batch = Batch::from_slots([(&*r.slot_names[slot], vec![item])], None)
+            .holding(Reservation::held(&self.meter, len));
         self.dead_letter(node, batch, error, 0);
     }
 
@@ -879,7 +1010,19 @@ impl Job {
         if let Some(f) = &self.shared.on_output {
             f(self.id, &line);
         }
-        self.output.lock().push(line);
+        // Streamed already: only the latest lines are kept, within the job's budgets.
+        let budgets = &self.flow.budgets;
+        let size = line_bytes(&line);
+        let mut ring = self.output.lock();
+        ring.lines.push_back(line);
+        ring.bytes += size;
+        while ring.lines.len() > budgets.output_lines || ring.bytes > budgets.output_bytes {
+            let Some(old) = ring.lines.pop_front() else {
+                break;
+            };
+            ring.bytes -= line_bytes(&old);
+            ring.dropped += 1;
+        }
     }
 
     // ---- reports ---------------------------------------------------------------------------
@@ -922,11 +1065,25 @@ impl Job {
     }
 
     pub(crate) fn dead_letters(&self) -> Vec<DeadLetter> {
-        self.dead_letters.lock().clone()
+        self.dead_letters.lock().kept.clone()
     }
 
     pub(crate) fn output(&self) -> Vec<OutputLine> {
-        self.output.lock().clone()
+        self.output.lock().lines.iter().cloned().collect()
+    }
+
+    pub(crate) fn retention(&self) -> Retention {
+        let (kept, dropped, dropped_items) = {
+            let d = self.dead_letters.lock();
+            (d.kept.len() as u64, d.dropped, d.dropped_items)
+        };
+        Retention {
+            dead_letters_kept: kept,
+            dead_letters_dropped: dropped,
+            dead_letter_items_dropped: dropped_items,
+            output_lines_dropped: self.output.lock().dropped,
+            peak_memory: self.meter.peak(),
+        }
     }
 
     pub(crate) fn queued_items(&self, node: usize) -> BTreeMap<String, Vec<Item>> {
@@ -938,6 +1095,11 @@ impl Job {
             .map(|(s, d)| (s.to_string(), d.iter().cloned().collect()))
             .collect()
     }
+}
+
+/// What a kept output line costs the job's output budget.
+fn line_bytes(line: &OutputLine) -> u64 {
+    (line.routine.len() + line.level.len() + line.message.len() + 64) as u64
 }
 
 pub(crate) fn panic_message(payload: &(dyn std::any::Any + Send)) -> String {

@@ -24,6 +24,7 @@
 //! | `cli` | the `routilux` tool: flow files, plugin directories, run / validate / inspect |
 
 mod activation;
+mod budget;
 #[cfg(feature = "cli")]
 pub mod cli;
 mod context;
@@ -41,20 +42,21 @@ mod timer;
 pub mod wasm;
 
 pub use activation::{Batch, CustomPolicy, Policy, PolicyView, Take};
+pub use budget::{Budgets, RoutineBudgets};
 pub use context::{Context, EmitError};
 pub use flow::{Connection, Flow, FlowError, Problem, Warning};
 pub use item::{Item, ItemError};
 pub use job::{ActivationFailure, DeadLetter, JobId, JobStatus, OutputLine, RoutineCounters};
 pub use registry::FlowRegistry;
 pub use routine::{
-    DEFAULT_MAX_QUEUE_LENGTH, ErrorStrategy, EventSpec, Exhausted, Logic, RetryPolicy, Routine,
-    RoutineError, SlotSpec,
+    DEFAULT_MAX_QUEUE_BYTES, DEFAULT_MAX_QUEUE_LENGTH, ErrorStrategy, EventSpec, Exhausted, Logic,
+    RetryPolicy, Routine, RoutineError, SlotSpec,
 };
 pub use runtime::{
-    Input, InputHold, JobHandle, JobSummary, OutputFn, Runtime, RuntimeBuilder, RuntimeError,
-    Shutdown,
+    DeadLetterFn, Input, InputHold, JobHandle, JobSummary, OutputFn, Runtime, RuntimeBuilder,
+    RuntimeError, Shutdown,
 };
-pub use state::StateRef;
+pub use state::{MAX_STATE_KEY_BYTES, StateError, StateRef};
 
 /// The README's example, compiled and run as a doctest so it cannot rot.
 #[cfg(doctest)]

@@ -16,32 +16,46 @@ use std::time::Duration;
 use serde_json::{Map, Value};
 
 use crate::activation::{Batch, Policy};
+use crate::budget::RoutineBudgets;
 use crate::context::Context;
 
 /// Queue bound of a slot when none is given (the reference library's default).
 pub const DEFAULT_MAX_QUEUE_LENGTH: usize = 1000;
 
-/// An input slot: a named, bounded FIFO queue.
+/// Byte budget of a slot when none is given.
+pub const DEFAULT_MAX_QUEUE_BYTES: u64 = 64 << 20;
+
+/// An input slot: a named FIFO queue, bounded in items and in bytes.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct SlotSpec {
     /// Slot name, unique within the routine.
     pub name: Arc<str>,
     /// The most items the slot holds; a producer into a full slot waits (backpressure).
     pub max_queue_length: usize,
+    /// The most bytes (of items' JSON text) the slot holds: a slot at its byte budget is full
+    /// just as one at its count. An item larger than the whole budget can never be queued.
+    pub max_queue_bytes: u64,
 }
 
 impl SlotSpec {
-    /// A slot with the default bound.
+    /// A slot with the default bounds.
     pub fn new(name: &str) -> Self {
         Self {
             name: name.into(),
             max_queue_length: DEFAULT_MAX_QUEUE_LENGTH,
+            max_queue_bytes: DEFAULT_MAX_QUEUE_BYTES,
         }
     }
 
     /// Sets the queue bound.
     pub fn max_queue_length(mut self, n: usize) -> Self {
         self.max_queue_length = n;
+        self
+    }
+
+    /// Sets the byte budget.
+    pub fn max_queue_bytes(mut self, n: u64) -> Self {
+        self.max_queue_bytes = n;
         self
     }
 }
@@ -139,6 +153,10 @@ impl From<crate::EmitError> for RoutineError {
 pub trait Logic: Send + Sync + 'static {
     /// Runs one activation.
     fn activate(&self, ctx: &Context, batch: &Batch) -> Result<(), RoutineError>;
+
+    /// The job has finished: nothing of it will run again, so whatever the logic keeps for
+    /// that job (a WebAssembly routine's instances) can go.
+    fn job_finished(&self, _job: crate::JobId) {}
 }
 
 struct FnLogic<F>(F);
@@ -241,6 +259,7 @@ pub struct Routine {
     pub(crate) concurrency: usize,
     pub(crate) logic: Option<Arc<dyn Logic>>,
     pub(crate) description: String,
+    pub(crate) budgets: RoutineBudgets,
 }
 
 impl Default for Routine {
@@ -261,6 +280,7 @@ impl Routine {
             concurrency: 1,
             logic: None,
             description: String::new(),
+            budgets: RoutineBudgets::default(),
         }
     }
 
@@ -281,6 +301,20 @@ impl Routine {
         if let Some(s) = self.slots.iter_mut().find(|s| &*s.name == slot) {
             s.max_queue_length = n;
         }
+        self
+    }
+
+    /// Changes the byte budget of an existing slot (as [`Routine::max_queue_length`]).
+    pub fn max_queue_bytes(mut self, slot: &str, n: u64) -> Self {
+        if let Some(s) = self.slots.iter_mut().find(|s| &*s.name == slot) {
+            s.max_queue_bytes = n;
+        }
+        self
+    }
+
+    /// Sets the byte budgets of what this routine hands the host (see [`RoutineBudgets`]).
+    pub fn budgets(mut self, budgets: RoutineBudgets) -> Self {
+        self.budgets = budgets;
         self
     }
 
@@ -383,6 +417,7 @@ impl fmt::Debug for Routine {
             .field("on_error", &self.on_error)
             .field("concurrency", &self.concurrency)
             .field("has_logic", &self.logic.is_some())
+            .field("budgets", &self.budgets)
             .finish()
     }
 }

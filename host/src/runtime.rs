@@ -28,11 +28,16 @@ use crate::timer::Timer;
 /// A callback receiving each line of job output as it is produced.
 pub type OutputFn = Arc<dyn Fn(JobId, &OutputLine) + Send + Sync>;
 
+/// A callback receiving each dead letter as it is made (before the job's budgets decide
+/// whether it is also kept).
+pub type DeadLetterFn = Arc<dyn Fn(JobId, &DeadLetter) + Send + Sync>;
+
 /// What the pool, the timer and every job share.
 pub(crate) struct Shared {
     pub(crate) pool: Pool,
     pub(crate) timer: Timer,
     pub(crate) on_output: Option<OutputFn>,
+    pub(crate) on_dead_letter: Option<DeadLetterFn>,
     /// Set when shutdown begins: no new jobs, no new input.
     pub(crate) closed: AtomicBool,
     finished_gen: Mutex<u64>,
@@ -84,7 +89,8 @@ pub enum RuntimeError {
     },
     /// The slot stayed full until the post's deadline.
     #[error(
-        "slot `{routine}.{slot}` of {job} is full ({capacity} items) and stayed full for {waited:?}"
+        "slot `{routine}.{slot}` of {job} is full (at {capacity} items or its byte budget) and \
+         stayed full for {waited:?}"
     )]
     QueueFull {
         /// The job.
@@ -113,6 +119,21 @@ pub enum RuntimeError {
         /// Its status.
         status: JobStatus,
     },
+    /// The item is larger than the slot's whole byte budget: it could never be queued.
+    #[error(
+        "an item of {} is larger than the byte budget of slot `{routine}.{slot}` ({})",
+        crate::budget::bytes(*size), crate::budget::bytes(*budget)
+    )]
+    ItemTooLarge {
+        /// The routine.
+        routine: String,
+        /// The slot.
+        slot: String,
+        /// The item's size in bytes.
+        size: u64,
+        /// The slot's byte budget.
+        budget: u64,
+    },
     /// The posted value is not a JSON object.
     #[error("invalid item: {0}")]
     Item(#[from] ItemError),
@@ -138,6 +159,7 @@ pub struct RuntimeBuilder {
     post_timeout: Duration,
     registry: Option<FlowRegistry>,
     on_output: Option<OutputFn>,
+    on_dead_letter: Option<DeadLetterFn>,
 }
 
 impl RuntimeBuilder {
@@ -174,6 +196,17 @@ impl RuntimeBuilder {
         self
     }
 
+    /// Hands every dead letter of every job to `f` as it is made: a job keeps dead letters
+    /// only within its budgets ([`Budgets`](crate::Budgets)), so a sink is how every one of
+    /// them is kept (the CLI's `--dead-letters FILE.jsonl`).
+    pub fn on_dead_letter(
+        mut self,
+        f: impl Fn(JobId, &DeadLetter) + Send + Sync + 'static,
+    ) -> Self {
+        self.on_dead_letter = Some(Arc::new(f));
+        self
+    }
+
     /// Starts the worker threads and the timer.
     pub fn build(self) -> Runtime {
         let (pool, locals) = Pool::new(self.threads);
@@ -181,6 +214,7 @@ impl RuntimeBuilder {
             pool,
             timer: Timer::default(),
             on_output: self.on_output,
+            on_dead_letter: self.on_dead_letter,
             closed: AtomicBool::new(false),
             finished_gen: Mutex::new(0),
             finished_cv: Condvar::new(),
@@ -269,6 +303,7 @@ impl Runtime {
             post_timeout: Duration::from_secs(30),
             registry: None,
             on_output: None,
+            on_dead_letter: None,
         }
     }
 
@@ -442,6 +477,16 @@ fn post_resolved(
     timeout: Duration,
 ) -> Result<(), RuntimeError> {
     let started = Instant::now();
+    let size = item.byte_len() as u64;
+    if let Some(budget) = job.too_large_for(node, slot, size) {
+        let r = &job.flow.routines[node];
+        return Err(RuntimeError::ItemTooLarge {
+            routine: r.id.to_string(),
+            slot: r.slot_names[slot].to_string(),
+            size,
+            budget,
+        });
+    }
     // A timeout too long to represent means "no deadline".
     let deadline = started.checked_add(timeout);
     let mut item = item;
@@ -534,6 +579,17 @@ pub struct JobSummary {
     pub errors: Vec<ActivationFailure>,
     /// Items kept as dead letters.
     pub dead_lettered: u64,
+    /// Dead letters the job keeps ([`JobHandle::dead_letters`]).
+    pub dead_letters_kept: u64,
+    /// Dead letters past the job's budgets: counted (and handed to a dead-letter sink, if
+    /// any), not kept; and the items they held.
+    pub dead_letters_dropped: u64,
+    /// Items of the dead letters not kept.
+    pub dead_letter_items_dropped: u64,
+    /// Output lines streamed but no longer kept (the job keeps the latest within budget).
+    pub output_lines_dropped: u64,
+    /// The most bytes the job held at once against its memory budget.
+    pub peak_memory_bytes: u64,
     /// Wall time from start to finish (or until now).
     pub wall_time_ms: u64,
 }
@@ -695,7 +751,7 @@ impl JobHandle {
         routine: &str,
     ) -> Option<serde_json::Map<String, serde_json::Value>> {
         let node = self.job.flow.routine_index(routine)?;
-        Some(self.job.nodes[node].state.lock().clone())
+        Some(self.job.nodes[node].state.lock().snapshot())
     }
 
     /// Items still queued in a routine's slots.
@@ -707,7 +763,13 @@ impl JobHandle {
     /// A summary for people and scripts.
     pub fn summary(&self) -> JobSummary {
         let routines = self.counters();
+        let kept = self.job.retention();
         JobSummary {
+            dead_letters_kept: kept.dead_letters_kept,
+            dead_letters_dropped: kept.dead_letters_dropped,
+            dead_letter_items_dropped: kept.dead_letter_items_dropped,
+            output_lines_dropped: kept.output_lines_dropped,
+            peak_memory_bytes: kept.peak_memory,
             job: self.job.id,
             flow: self.job.flow_name.to_string(),
             status: self.status(),

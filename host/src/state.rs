@@ -2,97 +2,410 @@
 //!
 //! State lives in the job, not in the logic, so it survives the logic being replaced (a
 //! WebAssembly instance recycled after a trap) and can be inspected or checkpointed. Each
-//! routine's state is a JSON object behind a lock; [`StateRef::update`] is a read-modify-write
-//! under that lock, so concurrent activations (fan-out with `concurrency > 1`) lose no update.
+//! routine's state is a map of keys to JSON values behind a lock; [`StateRef::update`] is a
+//! read-modify-write under that lock, so concurrent activations (fan-out with
+//! `concurrency > 1`) lose no update.
+//!
+//! Values are kept as their JSON text, not as parsed values: what a guest sets is measured
+//! and checked against the routine's budgets ([`RoutineBudgets`]) *before* anything is
+//! parsed, and a value that parses into many small nodes (`[0,0,0,…]`, thirty times its text
+//! in `serde_json::Value`) never does on the host's side unless native logic reads it. Every
+//! byte (keys and values) is also charged to the job's memory budget.
+
+use std::collections::BTreeMap;
 
 use parking_lot::Mutex;
 use serde::Serialize;
 use serde::de::DeserializeOwned;
 use serde_json::{Map, Value};
 
+use crate::budget::{Meter, RoutineBudgets, bytes};
+
+/// Longest WorkerState key, in bytes.
+pub const MAX_STATE_KEY_BYTES: usize = 1024;
+
+/// Why a WorkerState operation failed. Nothing changed.
+#[derive(Debug, thiserror::Error)]
+pub enum StateError {
+    /// The value is not JSON (or could not be serialised to JSON).
+    #[error("routine `{routine}`: state `{key}`: not JSON: {source}")]
+    Json {
+        /// The routine.
+        routine: String,
+        /// The key.
+        key: String,
+        /// What is wrong.
+        source: serde_json::Error,
+    },
+    /// One value over the per-value budget.
+    #[error(
+        "routine `{routine}`: state `{key}`: a value of {} is over the budget of {} per value",
+        bytes(*size), bytes(*budget)
+    )]
+    ValueTooLarge {
+        /// The routine.
+        routine: String,
+        /// The key.
+        key: String,
+        /// The value's size (JSON text).
+        size: u64,
+        /// The per-value budget.
+        budget: u64,
+    },
+    /// The routine's whole state would pass its budget (or the job's memory budget).
+    #[error(
+        "routine `{routine}`: state `{key}`: the state would hold {}, over {}",
+        bytes(*total), what
+    )]
+    Full {
+        /// The routine.
+        routine: String,
+        /// The key being written.
+        key: String,
+        /// What the state would hold.
+        total: u64,
+        /// Which budget (and how large).
+        what: String,
+    },
+    /// A key longer than [`MAX_STATE_KEY_BYTES`].
+    #[error(
+        "routine `{routine}`: a state key of {size} bytes is over the {MAX_STATE_KEY_BYTES}-byte limit"
+    )]
+    KeyTooLong {
+        /// The routine.
+        routine: String,
+        /// The key's length.
+        size: usize,
+    },
+    /// `add` on a value that is not an integer.
+    #[error("routine `{routine}`: state `{key}` is not an integer: {value}")]
+    NotAnInteger {
+        /// The routine.
+        routine: String,
+        /// The key.
+        key: String,
+        /// The value there (cut to 64 bytes).
+        value: String,
+    },
+}
+
+impl From<StateError> for crate::RoutineError {
+    fn from(e: StateError) -> Self {
+        crate::RoutineError::fatal(e.to_string())
+    }
+}
+
+/// One routine's state in one job: keys to JSON text.
+#[derive(Default)]
+pub(crate) struct State {
+    values: BTreeMap<String, Box<str>>,
+    /// Bytes of keys and values held.
+    bytes: u64,
+}
+
+impl State {
+    /// Every value, parsed.
+    pub(crate) fn snapshot(&self) -> Map<String, Value> {
+        self.values
+            .iter()
+            .map(|(k, v)| (k.clone(), parse(v)))
+            .collect()
+    }
+}
+
+/// Stored text is valid JSON (checked when set); a value that cannot be read back is `null`.
+fn parse(text: &str) -> Value {
+    serde_json::from_str(text).unwrap_or(Value::Null)
+}
+
+fn cost(key: &str, text: &str) -> u64 {
+    (key.len() + text.len()) as u64
+}
+
 /// A routine's state within one job (from [`Context::state`](crate::Context::state)).
 pub struct StateRef<'a> {
-    map: &'a Mutex<Map<String, Value>>,
+    state: &'a Mutex<State>,
+    routine: &'a str,
+    budgets: RoutineBudgets,
+    meter: &'a Meter,
 }
 
 impl<'a> StateRef<'a> {
-    pub(crate) fn new(map: &'a Mutex<Map<String, Value>>) -> Self {
-        Self { map }
+    pub(crate) fn new(
+        state: &'a Mutex<State>,
+        routine: &'a str,
+        budgets: RoutineBudgets,
+        meter: &'a Meter,
+    ) -> Self {
+        Self {
+            state,
+            routine,
+            budgets,
+            meter,
+        }
     }
 
     /// A copy of the value under `key`.
     pub fn get(&self, key: &str) -> Option<Value> {
-        self.map.lock().get(key).cloned()
+        self.state.lock().values.get(key).map(|t| parse(t))
+    }
+
+    /// The JSON text under `key` (as it was set; nothing is parsed).
+    pub fn get_text(&self, key: &str) -> Option<String> {
+        self.state.lock().values.get(key).map(|t| t.to_string())
     }
 
     /// The value under `key`, deserialised; `None` if absent.
     pub fn get_as<T: DeserializeOwned>(&self, key: &str) -> Option<Result<T, serde_json::Error>> {
-        self.get(key).map(serde_json::from_value)
+        self.state
+            .lock()
+            .values
+            .get(key)
+            .map(|t| serde_json::from_str(t))
     }
 
-    /// Sets `key`; returns the previous value.
-    pub fn set(
-        &self,
-        key: &str,
-        value: impl Serialize,
-    ) -> Result<Option<Value>, serde_json::Error> {
-        let value = serde_json::to_value(value)?;
-        Ok(self.map.lock().insert(key.to_owned(), value))
+    /// Sets `key` to a serialisable value; returns the previous value.
+    pub fn set(&self, key: &str, value: impl Serialize) -> Result<Option<Value>, StateError> {
+        let text = serde_json::to_string(&value).map_err(|source| self.json(key, source))?;
+        self.set_checked(key, text)
+            .map(|old| old.map(|t| parse(&t)))
+    }
+
+    /// Sets `key` to JSON text (a guest's): its size is checked against the budgets first,
+    /// then that it is JSON (without building a value).
+    pub fn set_text(&self, key: &str, text: String) -> Result<(), StateError> {
+        self.check_sizes(key, text.len())?;
+        crate::item::validate_json(&text).map_err(|source| self.json(key, source))?;
+        self.set_checked(key, text).map(|_| ())
     }
 
     /// Atomically replaces the value under `key` with `f(old)`; returns the new value.
-    pub fn update(&self, key: &str, f: impl FnOnce(Option<&Value>) -> Value) -> Value {
-        let mut map = self.map.lock();
-        let new = f(map.get(key));
-        map.insert(key.to_owned(), new.clone());
-        new
+    pub fn update(
+        &self,
+        key: &str,
+        f: impl FnOnce(Option<&Value>) -> Value,
+    ) -> Result<Value, StateError> {
+        let mut state = self.state.lock();
+        let old = state.values.get(key).map(|t| parse(t));
+        let new = f(old.as_ref());
+        let text = serde_json::to_string(&new).map_err(|source| self.json(key, source))?;
+        self.put(&mut state, key, text)?;
+        Ok(new)
     }
 
-    /// Atomically adds `delta` to the integer under `key` (absent counts as 0); returns the sum.
-    pub fn increment(&self, key: &str, delta: i64) -> i64 {
+    /// Atomically adds `delta` to the integer under `key` (absent or not an integer counts
+    /// as 0); returns the sum.
+    pub fn increment(&self, key: &str, delta: i64) -> Result<i64, StateError> {
         let v = self.update(key, |old| {
             Value::from(
                 old.and_then(Value::as_i64)
                     .unwrap_or(0)
                     .saturating_add(delta),
             )
-        });
-        v.as_i64().unwrap_or(0)
+        })?;
+        Ok(v.as_i64().unwrap_or(0))
     }
 
-    /// Atomically adds `delta` to the integer under `key` (absent counts as 0); fails, changing
-    /// nothing, if the value there is not an integer.
-    pub fn add(&self, key: &str, delta: i64) -> Result<i64, String> {
-        let mut map = self.map.lock();
-        let old = match map.get(key) {
+    /// Atomically adds `delta` to the integer under `key` (absent counts as 0); fails,
+    /// changing nothing, if the value there is not an integer.
+    pub fn add(&self, key: &str, delta: i64) -> Result<i64, StateError> {
+        let mut state = self.state.lock();
+        let old = match state.values.get(key) {
             None => 0,
-            Some(v) => v
-                .as_i64()
-                .ok_or_else(|| format!("state `{key}` is not an integer: {v}"))?,
+            Some(t) => parse(t).as_i64().ok_or_else(|| StateError::NotAnInteger {
+                routine: self.routine.to_owned(),
+                key: key.to_owned(),
+                value: crate::budget::cut(t.to_string(), 64),
+            })?,
         };
         let new = old.saturating_add(delta);
-        map.insert(key.to_owned(), Value::from(new));
+        self.put(&mut state, key, new.to_string())?;
         Ok(new)
     }
 
     /// Atomically sets `key` to `value` if it still holds `expected` (`None`: if absent);
     /// returns whether it did.
-    pub fn compare_and_swap(&self, key: &str, expected: Option<&Value>, value: Value) -> bool {
-        let mut map = self.map.lock();
-        if map.get(key) != expected {
-            return false;
+    pub fn compare_and_swap(
+        &self,
+        key: &str,
+        expected: Option<&Value>,
+        value: Value,
+    ) -> Result<bool, StateError> {
+        let text = serde_json::to_string(&value).map_err(|source| self.json(key, source))?;
+        self.compare_and_swap_text(key, expected, text)
+    }
+
+    /// [`StateRef::compare_and_swap`] with the new value as JSON text (checked as
+    /// [`StateRef::set_text`] checks it).
+    pub fn compare_and_swap_text(
+        &self,
+        key: &str,
+        expected: Option<&Value>,
+        text: String,
+    ) -> Result<bool, StateError> {
+        self.check_sizes(key, text.len())?;
+        crate::item::validate_json(&text).map_err(|source| self.json(key, source))?;
+        let mut state = self.state.lock();
+        let current = state.values.get(key).map(|t| parse(t));
+        if current.as_ref() != expected {
+            return Ok(false);
         }
-        map.insert(key.to_owned(), value);
-        true
+        self.put(&mut state, key, text)?;
+        Ok(true)
     }
 
     /// Removes `key`; returns its value.
     pub fn remove(&self, key: &str) -> Option<Value> {
-        self.map.lock().remove(key)
+        let mut state = self.state.lock();
+        let old = state.values.remove(key)?;
+        let freed = cost(key, &old);
+        state.bytes -= freed;
+        self.meter.release(freed);
+        Some(parse(&old))
     }
 
     /// A copy of the whole state.
     pub fn snapshot(&self) -> Map<String, Value> {
-        self.map.lock().clone()
+        self.state.lock().snapshot()
+    }
+
+    /// The largest value this state takes (JSON text, in bytes).
+    pub(crate) fn budget_of_value(&self) -> u64 {
+        self.budgets.state_value_bytes
+    }
+
+    fn json(&self, key: &str, source: serde_json::Error) -> StateError {
+        StateError::Json {
+            routine: self.routine.to_owned(),
+            key: crate::budget::cut(key.to_owned(), 128),
+            source,
+        }
+    }
+
+    fn check_sizes(&self, key: &str, len: usize) -> Result<(), StateError> {
+        if key.len() > MAX_STATE_KEY_BYTES {
+            return Err(StateError::KeyTooLong {
+                routine: self.routine.to_owned(),
+                size: key.len(),
+            });
+        }
+        if len as u64 > self.budgets.state_value_bytes {
+            return Err(StateError::ValueTooLarge {
+                routine: self.routine.to_owned(),
+                key: key.to_owned(),
+                size: len as u64,
+                budget: self.budgets.state_value_bytes,
+            });
+        }
+        Ok(())
+    }
+
+    fn set_checked(&self, key: &str, text: String) -> Result<Option<Box<str>>, StateError> {
+        let mut state = self.state.lock();
+        self.put(&mut state, key, text)
+    }
+
+    /// Stores `text` under `key` if the routine's and the job's budgets allow; returns the
+    /// text it replaced.
+    fn put(
+        &self,
+        state: &mut State,
+        key: &str,
+        text: String,
+    ) -> Result<Option<Box<str>>, StateError> {
+        self.check_sizes(key, text.len())?;
+        let old = state.values.get(key).map_or(0, |t| cost(key, t));
+        let new = cost(key, &text);
+        let total = state.bytes - old + new;
+        if total > self.budgets.state_bytes {
+            return Err(StateError::Full {
+                routine: self.routine.to_owned(),
+                key: key.to_owned(),
+                total,
+                what: format!(
+                    "the routine's state budget of {}",
+                    bytes(self.budgets.state_bytes)
+                ),
+            });
+        }
+        if new > old && !self.meter.reserve(new - old) {
+            return Err(StateError::Full {
+                routine: self.routine.to_owned(),
+                key: key.to_owned(),
+                total,
+                what: format!(
+                    "what is left of the job's memory budget of {}",
+                    bytes(self.meter.limit())
+                ),
+            });
+        }
+        if old > new {
+            self.meter.release(old - new);
+        }
+        state.bytes = total;
+        Ok(state.values.insert(key.to_owned(), text.into_boxed_str()))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn budgets(state: u64, value: u64) -> RoutineBudgets {
+        RoutineBudgets {
+            state_bytes: state,
+            state_value_bytes: value,
+            ..RoutineBudgets::default()
+        }
+    }
+
+    #[test]
+    fn budgets_are_checked_on_the_text_before_parsing_and_nothing_changes_on_failure() {
+        let state = Mutex::new(State::default());
+        let meter = Meter::new(1 << 20);
+        let s = StateRef::new(&state, "r", budgets(80, 40), &meter);
+        s.set("a", "short").unwrap();
+        // Over the per-value budget: refused without parsing (not JSON either).
+        let e = s.set_text("b", "x".repeat(41)).unwrap_err();
+        assert!(
+            matches!(e, StateError::ValueTooLarge { size: 41, .. }),
+            "{e}"
+        );
+        assert!(e.to_string().contains("state `b`"), "{e}");
+        // Within it, but not JSON.
+        assert!(matches!(
+            s.set_text("b", "{nope".into()),
+            Err(StateError::Json { .. })
+        ));
+        // The total: a + "short" is 8 bytes, b and c 41 each: past 80.
+        s.set_text("b", format!("\"{}\"", "y".repeat(38))).unwrap();
+        let e = s
+            .set_text("c", format!("\"{}\"", "z".repeat(38)))
+            .unwrap_err();
+        assert!(matches!(e, StateError::Full { .. }), "{e}");
+        assert_eq!(s.get("c"), None);
+        assert_eq!(meter.used(), (1 + 7 + 1 + 40) as u64);
+        // Replacing a value charges only the difference; removing gives it back.
+        s.set("b", 1).unwrap();
+        assert_eq!(s.increment("b", 2).unwrap(), 3);
+        assert_eq!(s.remove("a"), Some(Value::from("short")));
+        assert_eq!(meter.used(), 2);
+        assert!(matches!(
+            s.add("nope", 1)
+                .and_then(|_| s.set("s", "t"))
+                .and_then(|_| s.add("s", 1)),
+            Err(StateError::NotAnInteger { .. })
+        ));
+    }
+
+    #[test]
+    fn the_job_budget_bounds_every_routine_state_together() {
+        let (a, b) = (Mutex::new(State::default()), Mutex::new(State::default()));
+        let meter = Meter::new(30);
+        let sa = StateRef::new(&a, "a", budgets(100, 100), &meter);
+        let sb = StateRef::new(&b, "b", budgets(100, 100), &meter);
+        sa.set_text("k", "\"0123456789012345678\"".into()).unwrap();
+        let e = sb.set_text("k", "\"0123456789\"".into()).unwrap_err();
+        assert!(e.to_string().contains("job's memory budget"), "{e}");
     }
 }

@@ -38,6 +38,7 @@
 
 mod bindings;
 mod cache;
+mod deadline;
 mod engine;
 mod error;
 mod instance;

@@ -40,6 +40,8 @@ pub(crate) struct FlowFile {
     /// Whether routines may feed each other in a loop.
     #[serde(default)]
     pub allow_cycles: bool,
+    #[serde(default)]
+    pub budgets: Option<Spanned<BudgetsDef>>,
 }
 
 /// A string or a list of strings.
@@ -146,6 +148,36 @@ pub(crate) struct LimitsDef {
     pub max_instances: Option<usize>,
     #[serde(default)]
     pub recycle_after: Option<u64>,
+    #[serde(default)]
+    pub reuse_across_jobs: Option<bool>,
+    #[serde(default)]
+    pub item_bytes: Option<Size>,
+    #[serde(default)]
+    pub queue_bytes: Option<Size>,
+    #[serde(default)]
+    pub state_bytes: Option<Size>,
+    #[serde(default)]
+    pub state_value_bytes: Option<Size>,
+    #[serde(default)]
+    pub output_bytes: Option<Size>,
+}
+
+/// A flow's `budgets:` (per job).
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(crate) struct BudgetsDef {
+    #[serde(default)]
+    pub memory: Option<Size>,
+    #[serde(default)]
+    pub dead_letters: Option<usize>,
+    #[serde(default)]
+    pub dead_letter_bytes: Option<Size>,
+    #[serde(default)]
+    pub output_lines: Option<usize>,
+    #[serde(default)]
+    pub output_bytes: Option<Size>,
+    #[serde(default)]
+    pub error_bytes: Option<Size>,
 }
 
 /// Granted capabilities.

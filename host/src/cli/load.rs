@@ -10,13 +10,13 @@ use serde_saphyr::{Location, Spanned};
 
 use super::diag::{Diagnostic, Source};
 use super::file::{
-    FlowFile, LimitsDef, ManifestFile, OnErrorDef, PermissionsDef, PolicyDef, ThenDef,
+    BudgetsDef, FlowFile, LimitsDef, ManifestFile, OnErrorDef, PermissionsDef, PolicyDef, ThenDef,
 };
 use super::grants::{self, Protected};
 use super::plugins::{self, PluginDirs};
 use crate::flow::{Problem, suggest};
 use crate::wasm::{Limits, LoadError, Permissions, Plugin, WasmEngine};
-use crate::{ErrorStrategy, Exhausted, Flow, Policy, RetryPolicy};
+use crate::{Budgets, ErrorStrategy, Exhausted, Flow, Policy, RetryPolicy, RoutineBudgets};
 
 /// How to find plugins.
 #[derive(Clone, Debug, Default)]
@@ -46,7 +46,7 @@ pub(crate) struct RoutineGrants {
 struct Manifest {
     /// The limits that apply: the defaults, lowered by the manifest (and raised where it
     /// requested more and requests are accepted).
-    limits: Limits,
+    limits: AllLimits,
     /// What it requests (directories resolved when they could be).
     requested: Permissions,
     /// What of it is granted (only with `--grant-requests`).
@@ -98,6 +98,14 @@ pub(crate) fn load(
     flow.allow_cycles(file.allow_cycles);
     if let Some(s) = &file.on_error {
         flow.on_error(strategy(&s.value));
+    }
+    if let Some(bd) = &file.budgets {
+        match flow_budgets(&bd.value) {
+            Ok(budgets) => {
+                flow.budgets(budgets);
+            }
+            Err(e) => b.diags.push(src.error(&bd.referenced, e)),
+        }
     }
     if file.routines.is_empty() {
         b.diags
@@ -258,11 +266,39 @@ fn strategy(def: &OnErrorDef) -> ErrorStrategy {
     }
 }
 
+/// Everything a routine's `limits:` sets: its sandbox and its byte budgets.
+#[derive(Clone, Debug, PartialEq)]
+pub(crate) struct AllLimits {
+    pub wasm: Limits,
+    pub budgets: RoutineBudgets,
+    /// The byte budget of each of its slots.
+    pub queue_bytes: u64,
+}
+
+impl Default for AllLimits {
+    fn default() -> Self {
+        Self {
+            wasm: Limits::default(),
+            budgets: RoutineBudgets::default(),
+            queue_bytes: crate::DEFAULT_MAX_QUEUE_BYTES,
+        }
+    }
+}
+
+fn nonzero(what: &str, n: u64) -> Result<u64, String> {
+    if n == 0 {
+        Err(format!("{what} must be more than zero"))
+    } else {
+        Ok(n)
+    }
+}
+
 /// `limits` over `base`.
-fn apply_limits(base: &mut Limits, def: &LimitsDef) -> Result<(), String> {
+fn apply_limits(base: &mut AllLimits, def: &LimitsDef) -> Result<(), String> {
+    let w = &mut base.wasm;
     if let Some(m) = def.memory {
-        base.memory = usize::try_from(m.0).map_err(|_| format!("memory {} is too large", m.0))?;
-        if base.memory < 64 << 10 {
+        w.memory = usize::try_from(m.0).map_err(|_| format!("memory {} is too large", m.0))?;
+        if w.memory < 64 << 10 {
             return Err(format!(
                 "memory {} is below one WebAssembly page (64KiB)",
                 m.0
@@ -270,67 +306,140 @@ fn apply_limits(base: &mut Limits, def: &LimitsDef) -> Result<(), String> {
         }
     }
     if let Some(t) = def.timeout {
-        base.timeout = t.0;
+        w.timeout = t.0;
     }
     if let Some(f) = def.fuel {
-        base.fuel = Some(f);
+        w.fuel = Some(f);
     }
     if let Some(n) = def.max_instances {
-        base.max_instances = n;
+        w.max_instances = n;
     }
     if let Some(n) = def.recycle_after {
-        base.recycle_after = n;
+        w.recycle_after = n;
+    }
+    if let Some(r) = def.reuse_across_jobs {
+        w.reuse_across_jobs = r;
+    }
+    let b = &mut base.budgets;
+    if let Some(n) = def.item_bytes {
+        b.item_bytes = nonzero("item_bytes", n.0)?;
+    }
+    if let Some(n) = def.state_bytes {
+        b.state_bytes = n.0;
+    }
+    if let Some(n) = def.state_value_bytes {
+        b.state_value_bytes = n.0;
+    }
+    if let Some(n) = def.output_bytes {
+        b.output_bytes = n.0;
+    }
+    if let Some(n) = def.queue_bytes {
+        base.queue_bytes = nonzero("queue_bytes", n.0)?;
     }
     Ok(())
 }
 
 /// The limits of `asked` that are looser than `base` (each as `name value`): what a manifest
 /// may only request.
-fn raised(base: &Limits, asked: &Limits) -> Vec<String> {
+fn raised(base: &AllLimits, asked: &AllLimits) -> Vec<String> {
     let mut out = Vec::new();
-    if asked.memory > base.memory {
-        out.push(format!(
-            "memory {}",
-            bytesize::ByteSize(asked.memory as u64)
-        ));
+    let size = |n: u64| crate::budget::bytes(n);
+    let (bw, aw) = (&base.wasm, &asked.wasm);
+    if aw.memory > bw.memory {
+        out.push(format!("memory {}", size(aw.memory as u64)));
     }
-    if asked.timeout > base.timeout {
+    if aw.timeout > bw.timeout {
         out.push(format!(
             "timeout {}",
-            humantime::format_duration(asked.timeout)
+            humantime::format_duration(aw.timeout)
         ));
     }
-    let fuel_looser = match (base.fuel, asked.fuel) {
+    let fuel_looser = match (bw.fuel, aw.fuel) {
         (Some(_), None) => true,
         (Some(b), Some(a)) => a > b,
         _ => false,
     };
     if fuel_looser {
-        out.push(format!("fuel {:?}", asked.fuel));
+        out.push(format!("fuel {:?}", aw.fuel));
     }
-    if asked.max_instances > base.max_instances {
-        out.push(format!("max_instances {}", asked.max_instances));
+    if aw.max_instances > bw.max_instances {
+        out.push(format!("max_instances {}", aw.max_instances));
     }
-    if asked.recycle_after > base.recycle_after {
-        out.push(format!("recycle_after {}", asked.recycle_after));
+    if aw.recycle_after > bw.recycle_after {
+        out.push(format!("recycle_after {}", aw.recycle_after));
+    }
+    if aw.reuse_across_jobs && !bw.reuse_across_jobs {
+        out.push("reuse_across_jobs".to_owned());
+    }
+    let (bb, ab) = (&base.budgets, &asked.budgets);
+    for (name, b, a) in [
+        ("item_bytes", bb.item_bytes, ab.item_bytes),
+        ("state_bytes", bb.state_bytes, ab.state_bytes),
+        (
+            "state_value_bytes",
+            bb.state_value_bytes,
+            ab.state_value_bytes,
+        ),
+        ("output_bytes", bb.output_bytes, ab.output_bytes),
+        ("queue_bytes", base.queue_bytes, asked.queue_bytes),
+    ] {
+        if a > b {
+            out.push(format!("{name} {}", size(a)));
+        }
     }
     out
 }
 
 /// `base` with the looser limits of `asked` put back to `base`'s: the manifest's lowerings
 /// apply, its requests do not.
-fn lowered_only(base: &Limits, asked: &Limits) -> Limits {
-    Limits {
-        memory: asked.memory.min(base.memory),
-        timeout: asked.timeout.min(base.timeout),
-        fuel: match (base.fuel, asked.fuel) {
-            (Some(b), Some(a)) => Some(a.min(b)),
-            (None, a) => a,
-            (b, None) => b,
+fn lowered_only(base: &AllLimits, asked: &AllLimits) -> AllLimits {
+    let (bw, aw) = (&base.wasm, &asked.wasm);
+    let (bb, ab) = (&base.budgets, &asked.budgets);
+    AllLimits {
+        wasm: Limits {
+            memory: aw.memory.min(bw.memory),
+            timeout: aw.timeout.min(bw.timeout),
+            fuel: match (bw.fuel, aw.fuel) {
+                (Some(b), Some(a)) => Some(a.min(b)),
+                (None, a) => a,
+                (b, None) => b,
+            },
+            max_instances: aw.max_instances.min(bw.max_instances),
+            recycle_after: aw.recycle_after.min(bw.recycle_after),
+            reuse_across_jobs: bw.reuse_across_jobs,
         },
-        max_instances: asked.max_instances.min(base.max_instances),
-        recycle_after: asked.recycle_after.min(base.recycle_after),
+        budgets: RoutineBudgets {
+            item_bytes: ab.item_bytes.min(bb.item_bytes),
+            state_bytes: ab.state_bytes.min(bb.state_bytes),
+            state_value_bytes: ab.state_value_bytes.min(bb.state_value_bytes),
+            output_bytes: ab.output_bytes.min(bb.output_bytes),
+        },
+        queue_bytes: asked.queue_bytes.min(base.queue_bytes),
     }
+}
+
+/// A flow's `budgets:` over the defaults.
+fn flow_budgets(def: &BudgetsDef) -> Result<Budgets, String> {
+    let mut b = Budgets::default();
+    if let Some(n) = def.memory {
+        b.memory = nonzero("memory", n.0)?;
+    }
+    if let Some(n) = def.dead_letters {
+        b.dead_letters = n;
+    }
+    if let Some(n) = def.dead_letter_bytes {
+        b.dead_letter_bytes = n.0;
+    }
+    if let Some(n) = def.output_lines {
+        b.output_lines = n;
+    }
+    if let Some(n) = def.output_bytes {
+        b.output_bytes = n.0;
+    }
+    if let Some(n) = def.error_bytes {
+        b.error_bytes = usize::try_from(n.0).unwrap_or(usize::MAX).max(64);
+    }
+    Ok(b)
 }
 
 /// What the manifest beside `component` requests beyond the defaults (directories,
@@ -341,7 +450,7 @@ pub(crate) fn manifest_requests(component: &Path) -> Option<Result<(PathBuf, Str
         let s = Source::read(&path)?;
         let m: ManifestFile = s.parse()?;
         let dir = path.parent().unwrap_or(Path::new("."));
-        let base = Limits::default();
+        let base = AllLimits::default();
         let mut asked = base.clone();
         if let Some(l) = &m.limits {
             apply_limits(&mut asked, &l.value).map_err(|e| s.error(&l.referenced, e))?;
@@ -516,7 +625,7 @@ impl Builder<'_> {
         if let Some(m) = self.manifests.get(component) {
             return m.clone();
         }
-        let base = Limits::default();
+        let base = AllLimits::default();
         let result = match plugins::manifest_of(component) {
             None => Some(Manifest {
                 limits: base,
@@ -541,7 +650,7 @@ impl Builder<'_> {
     }
 
     /// Reads the manifest in `s` (at `path`) against the default limits `base`.
-    fn judge(&mut self, s: &Source, path: &Path, base: &Limits) -> Result<Manifest, Diagnostic> {
+    fn judge(&mut self, s: &Source, path: &Path, base: &AllLimits) -> Result<Manifest, Diagnostic> {
         let m: ManifestFile = s.parse()?;
         let dir = path.parent().unwrap_or(Path::new("."));
         let mut asked = base.clone();
@@ -664,7 +773,7 @@ impl Builder<'_> {
         } else {
             plugin.with_permissions(permissions)
         };
-        let mut routine = match plugin.routine_with(&kind.name, limits) {
+        let mut routine = match plugin.routine_with(&kind.name, limits.wasm.clone()) {
             Ok(r) => r,
             Err(e) => {
                 let at = def
@@ -676,6 +785,10 @@ impl Builder<'_> {
                 return Some((kind, None));
             }
         };
+        routine = routine.budgets(limits.budgets);
+        for slot in &kind.slots {
+            routine = routine.max_queue_bytes(&slot.name, limits.queue_bytes);
+        }
         if let Some(config) = &def.config {
             for (key, value) in config {
                 let (at, key) = (&key.referenced, &key.value);

@@ -194,6 +194,10 @@ struct RunCommand {
     /// text is escaped for the terminal.
     #[arg(long)]
     raw: bool,
+    /// Write every dead letter to this file as it is made, one JSON object per line (the job
+    /// itself keeps them only within its dead-letter budget).
+    #[arg(long, value_name = "FILE.jsonl")]
+    dead_letters: Option<PathBuf>,
 }
 
 fn parse_duration(s: &str) -> Result<Duration, String> {
@@ -233,6 +237,7 @@ pub fn main() -> ExitCode {
             json: a.json,
             quiet: a.quiet,
             raw: a.raw,
+            dead_letters: a.dead_letters,
         }),
         Command::Validate { flow, plugins } => validate(flow, plugins.into()),
         Command::Inspect { path, json } => inspect::inspect(&path, json),

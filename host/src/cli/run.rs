@@ -26,6 +26,7 @@ pub(crate) struct RunArgs {
     pub json: bool,
     pub quiet: bool,
     pub raw: bool,
+    pub dead_letters: Option<PathBuf>,
 }
 
 /// `routine.slot`, or `None` for the flow's entry slot.
@@ -123,6 +124,52 @@ struct JsonReport<'a> {
     exit_code: u8,
     items_posted: u64,
     components: Vec<JsonComponent>,
+    /// The process's peak resident memory (Linux `VmHWM`), if known.
+    peak_rss_bytes: Option<u64>,
+    /// Where every dead letter was written (`--dead-letters`).
+    dead_letters_file: Option<PathBuf>,
+}
+
+/// The peak resident set of this process, from `/proc/self/status` (Linux).
+pub(crate) fn peak_rss_bytes() -> Option<u64> {
+    let status = std::fs::read_to_string("/proc/self/status").ok()?;
+    let line = status.lines().find(|l| l.starts_with("VmHWM:"))?;
+    let kib: u64 = line.split_whitespace().nth(1)?.parse().ok()?;
+    Some(kib * 1024)
+}
+
+/// Every dead letter, one JSON object per line, written as it is made.
+struct DeadLetterFile {
+    path: PathBuf,
+    out: Mutex<std::io::BufWriter<std::fs::File>>,
+    failed: std::sync::atomic::AtomicBool,
+}
+
+impl DeadLetterFile {
+    fn create(path: &Path) -> Result<Self, String> {
+        let file = std::fs::File::create(path)
+            .map_err(|e| format!("--dead-letters {}: {e}", path.display()))?;
+        Ok(Self {
+            path: path.to_owned(),
+            out: Mutex::new(std::io::BufWriter::new(file)),
+            failed: Default::default(),
+        })
+    }
+
+    fn write(&self, job: crate::JobId, letter: &crate::DeadLetter) {
+        let line = serde_json::json!({"job": job.to_string(), "dead_letter": letter});
+        let mut out = self.out.lock();
+        if writeln!(out, "{line}").is_err() && !self.failed.swap(true, Ordering::Relaxed) {
+            errln!(
+                "error: cannot write dead letters to {}",
+                self.path.display()
+            );
+        }
+    }
+
+    fn finish(&self) -> bool {
+        self.out.lock().flush().is_ok() && !self.failed.load(Ordering::Relaxed)
+    }
 }
 
 #[derive(Serialize)]
@@ -181,12 +228,24 @@ pub(crate) fn run(args: RunArgs) -> Code {
         .or(loaded.threads)
         .unwrap_or_else(|| std::thread::available_parallelism().map_or(2, |n| n.get()));
     let p = printer.clone();
-    let runtime = Runtime::builder()
+    let dead_file = match args.dead_letters.as_deref().map(DeadLetterFile::create) {
+        None => None,
+        Some(Ok(f)) => Some(Arc::new(f)),
+        Some(Err(e)) => {
+            errln!("error: {e}");
+            return Code::Usage;
+        }
+    };
+    let mut builder = Runtime::builder()
         .thread_pool_size(threads)
         // Feeding waits on backpressure for as long as the job runs; `--timeout` bounds it.
         .post_timeout(Duration::from_secs(365 * 86_400))
-        .on_output(move |_, line| p.line(line))
-        .build();
+        .on_output(move |_, line| p.line(line));
+    if let Some(f) = &dead_file {
+        let f = f.clone();
+        builder = builder.on_dead_letter(move |job, letter| f.write(job, letter));
+    }
+    let runtime = builder.build();
     if let Err(e) = runtime.register(&loaded.flow_id, &loaded.flow) {
         errln!("error: {e}");
         return Code::Invalid;
@@ -292,6 +351,11 @@ pub(crate) fn run(args: RunArgs) -> Code {
     bar.finish_and_clear();
     let _ = feeder.join();
     let summary = job.summary();
+    if let Some(f) = &dead_file
+        && !f.finish()
+    {
+        errln!("error: cannot write dead letters to {}", f.path.display());
+    }
     let input_error = input_error.lock().take();
     let code = if let Some(e) = &input_error {
         errln!("error: {e}");
@@ -318,13 +382,21 @@ pub(crate) fn run(args: RunArgs) -> Code {
                     from_cache: *from_cache,
                 })
                 .collect(),
+            peak_rss_bytes: peak_rss_bytes(),
+            dead_letters_file: args.dead_letters.clone(),
         };
         match serde_json::to_string_pretty(&report) {
             Ok(s) => outln!("{s}"),
             Err(e) => errln!("error: cannot write the summary: {e}"),
         }
     } else if !args.quiet || code != Code::Ok {
-        print_summary(&summary, timed_out, timeout, posted.load(Ordering::Relaxed));
+        print_summary(
+            &summary,
+            timed_out,
+            timeout,
+            posted.load(Ordering::Relaxed),
+            args.dead_letters.as_deref(),
+        );
     }
     runtime.shutdown(crate::Shutdown::Cancel);
     code
@@ -418,7 +490,13 @@ fn progress(job: &JobHandle, started: Instant) -> String {
     )
 }
 
-fn print_summary(s: &JobSummary, timed_out: bool, timeout: Option<Duration>, posted: u64) {
+fn print_summary(
+    s: &JobSummary,
+    timed_out: bool,
+    timeout: Option<Duration>,
+    posted: u64,
+    dead_letters: Option<&Path>,
+) {
     let mut e = std::io::stderr().lock();
     let status = if timed_out {
         format!(
@@ -478,6 +556,27 @@ fn print_summary(s: &JobSummary, timed_out: bool, timeout: Option<Duration>, pos
     }
     if s.dead_lettered > 0 {
         let _ = writeln!(e, "  {} items dead-lettered", s.dead_lettered);
+        match dead_letters {
+            Some(path) => {
+                let _ = writeln!(e, "  every dead letter is in {}", path.display());
+            }
+            None if s.dead_letters_dropped > 0 => {
+                let _ = writeln!(
+                    e,
+                    "  {} dead letters ({} items) were past the job's dead-letter budget: \
+                     counted, not kept (--dead-letters FILE.jsonl keeps every one)",
+                    s.dead_letters_dropped, s.dead_letter_items_dropped
+                );
+            }
+            None => {}
+        }
+    }
+    if s.output_lines_dropped > 0 {
+        let _ = writeln!(
+            e,
+            "  ({} earlier output lines were streamed and not kept)",
+            s.output_lines_dropped
+        );
     }
 }
 

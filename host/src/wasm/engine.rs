@@ -3,7 +3,7 @@
 
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
@@ -13,6 +13,7 @@ use wasmtime::{Config, Engine, OptLevel};
 
 use super::bindings;
 use super::cache;
+use super::deadline::HasGuardedPoll;
 use super::error::LoadError;
 use super::instance::{Limits, Permissions, StoreData};
 use super::plugin::{self, Plugin};
@@ -37,6 +38,9 @@ pub struct WasmConfig {
     /// cost of a fresh Rust or C instance here (BENCHMARKS.md); caps one engine at 2,000 live
     /// component instances and 4,000 memories. Off by default.
     pub pooling: bool,
+    /// Most live instances in the engine, of every routine and job together (each routine
+    /// also has its own `max_instances` per job). Default 10,000 (2,000 with `pooling`).
+    pub max_instances: usize,
 }
 
 impl Default for WasmConfig {
@@ -51,6 +55,7 @@ impl Default for WasmConfig {
             default_limits: Limits::default(),
             tick: Duration::from_millis(10),
             pooling: false,
+            max_instances: 10_000,
         }
     }
 }
@@ -73,9 +78,33 @@ pub(crate) struct EngineInner {
     cache_hits: AtomicU64,
     stop: Arc<AtomicBool>,
     ticker: Mutex<Option<JoinHandle<()>>>,
+    /// Live instances, against `max_instances`.
+    instances: AtomicUsize,
+    max_instances: usize,
 }
 
 impl EngineInner {
+    /// Counts a new instance; false (nothing counted) when the engine has its most.
+    pub(crate) fn instance_created(&self) -> bool {
+        self.instances
+            .fetch_update(Ordering::AcqRel, Ordering::Relaxed, |n| {
+                (n < self.max_instances).then_some(n + 1)
+            })
+            .is_ok()
+    }
+
+    pub(crate) fn instance_dropped(&self) {
+        let _ = self
+            .instances
+            .fetch_update(Ordering::AcqRel, Ordering::Relaxed, |n| {
+                Some(n.saturating_sub(1))
+            });
+    }
+
+    pub(crate) fn max_instances(&self) -> usize {
+        self.max_instances
+    }
+
     pub(crate) fn engine(&self) -> &Engine {
         &self.engine
     }
@@ -145,6 +174,15 @@ impl WasmEngine {
         let engine = Engine::new(&c).map_err(engine_err)?;
         let mut linker = Linker::new(&engine);
         wasmtime_wasi::p2::add_to_linker_sync(&mut linker).map_err(engine_err)?;
+        // `wasi:io/poll` again, with every wait bounded by the activation's deadline and
+        // ended when its job halts (see `deadline`).
+        linker.allow_shadowing(true);
+        wasmtime_wasi::p2::bindings::sync::io::poll::add_to_linker::<_, HasGuardedPoll>(
+            &mut linker,
+            StoreData::guarded_poll,
+        )
+        .map_err(engine_err)?;
+        linker.allow_shadowing(false);
         bindings::Plugin::add_to_linker::<_, HasSelf<_>>(&mut linker, |s| s).map_err(engine_err)?;
 
         let stop = Arc::new(AtomicBool::new(false));
@@ -166,6 +204,11 @@ impl WasmEngine {
             .then(|| config.cache_dir.clone().or_else(cache::default_dir))
             .flatten()
             .filter(|dir| cache::prepare(dir));
+        let max_instances = if config.pooling {
+            config.max_instances.min(2_000)
+        } else {
+            config.max_instances
+        };
         Ok(Self {
             inner: Arc::new(EngineInner {
                 engine,
@@ -176,6 +219,8 @@ impl WasmEngine {
                 cache_hits: AtomicU64::new(0),
                 stop,
                 ticker: Mutex::new(Some(ticker)),
+                instances: AtomicUsize::new(0),
+                max_instances,
             }),
         })
     }

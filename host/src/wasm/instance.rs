@@ -3,9 +3,10 @@
 //! docs](super) for what ends an instance's life).
 
 use std::cell::RefCell;
+use std::collections::HashMap;
 use std::path::PathBuf;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 use parking_lot::{Condvar, Mutex};
@@ -18,8 +19,10 @@ use super::bindings::{self, ActivationError, Level};
 use super::output::Capture;
 use super::plugin::PluginInner;
 use crate::activation::Batch;
-use crate::context::Context;
+use crate::budget::Meter;
+use crate::context::{Context, EmitError};
 use crate::item::Item;
+use crate::job::JobId;
 use crate::routine::{Logic, RoutineError};
 
 /// Resource limits of one routine's instances.
@@ -36,6 +39,11 @@ pub struct Limits {
     pub max_instances: usize,
     /// Activations after which an instance is replaced by a fresh one. Default 10,000.
     pub recycle_after: u64,
+    /// Let an instance serve activations of several jobs (of the same routine) in turn:
+    /// cheaper for expensive guests (Python, JavaScript), but a guest's memory then carries
+    /// from one job to the next. Off by default: each job gets its own instances, dropped when
+    /// it ends. An operator's choice (a manifest cannot set it); never across tenants.
+    pub reuse_across_jobs: bool,
 }
 
 impl Default for Limits {
@@ -46,6 +54,7 @@ impl Default for Limits {
             fuel: None,
             max_instances: 64,
             recycle_after: 10_000,
+            reuse_across_jobs: false,
         }
     }
 }
@@ -60,14 +69,62 @@ pub struct Permissions {
 }
 
 /// The memory cap of one instance: the sum of all its linear memories (a component can have
-/// several core instances, each with its own memory). Growing past it traps.
-struct MemoryCap {
+/// several core instances, each with its own memory). Growing past it traps. Every byte is
+/// also charged to the memory budget of the job the instance serves (its `meter`), so the
+/// guests of a job together cannot pass that budget either.
+pub(crate) struct MemoryCap {
     cap: usize,
     total: usize,
+    meter: Option<Arc<Meter>>,
+}
+
+impl MemoryCap {
+    /// Moves the instance's memory from the job it served to the one behind `meter`; false
+    /// (nothing moved) if that job's budget has no room for it.
+    fn move_to(&mut self, meter: &Arc<Meter>) -> bool {
+        if self.meter.as_ref().is_some_and(|m| Arc::ptr_eq(m, meter)) {
+            return true;
+        }
+        if !meter.reserve(self.total as u64) {
+            return false;
+        }
+        if let Some(old) = self.meter.replace(meter.clone()) {
+            old.release(self.total as u64);
+        }
+        true
+    }
+}
+
+impl Drop for MemoryCap {
+    fn drop(&mut self) {
+        if let Some(m) = &self.meter {
+            m.release(self.total as u64);
+        }
+    }
 }
 
 /// Most table elements per table (a guard against table bombs).
 const MAX_TABLE_ELEMENTS: usize = 1 << 20;
+
+/// Most live resources (pollables, streams, descriptors) per instance: wasmtime's default is a
+/// million, which a guest can fill with timers the host keeps alive. Real guests hold a few.
+const MAX_RESOURCES: usize = 16 * 1024;
+
+/// Most random bytes one `get-random-bytes` call may ask for (wasmtime's default is 64 MiB
+/// per call, allocated by the host).
+const MAX_RANDOM_BYTES: u64 = 1 << 20;
+
+/// What one host call may copy out of a guest beyond the largest value a budget allows
+/// (names, keys, framing).
+const HOSTCALL_SLACK: usize = 64 << 10;
+
+/// The hostcall fuel (bytes one host call may copy out of the guest) under `b`.
+fn hostcall_fuel(b: &crate::RoutineBudgets) -> usize {
+    let largest = b.item_bytes.max(b.state_value_bytes).max(b.output_bytes);
+    usize::try_from(largest)
+        .unwrap_or(usize::MAX)
+        .saturating_add(HOSTCALL_SLACK)
+}
 
 impl ResourceLimiter for MemoryCap {
     fn memory_growing(
@@ -82,6 +139,22 @@ impl ResourceLimiter for MemoryCap {
                 "memory limit: growing memory to {total} bytes in all, over the cap of {}",
                 self.cap
             ));
+        }
+        if let Some(m) = &self.meter
+            && total > self.total
+            && !m.reserve((total - self.total) as u64)
+        {
+            return Err(wasmtime::format_err!(
+                "job memory budget: growing memory to {total} bytes would take the job past its \
+                 budget of {} ({} in use)",
+                crate::budget::bytes(m.limit()),
+                crate::budget::bytes(m.used())
+            ));
+        }
+        if let Some(m) = &self.meter
+            && total < self.total
+        {
+            m.release((self.total - total) as u64);
         }
         self.total = total;
         Ok(true)
@@ -103,14 +176,54 @@ impl ResourceLimiter for MemoryCap {
 }
 
 /// What one activation in progress needs from the Store's point of view.
-struct Call {
+pub(crate) struct Call {
     ctx: Context,
     started: Instant,
     /// Time spent in host imports that wait (emit): not charged to the deadline.
     host_time: Duration,
+    /// Time the host spent blocked handing this activation's output on (a slow terminal):
+    /// not charged either (shared with the Store's output captures, in nanoseconds).
+    output_wait: Arc<AtomicU64>,
     timeout: Duration,
-    timed_out: bool,
+    pub(crate) timed_out: bool,
     inputs: Inputs,
+    /// A budget the guest went over in a host call: the activation fails with it even if
+    /// the guest carries on (or catches the error it was handed).
+    failure: Option<RoutineError>,
+    /// The most one host call may copy out of the guest.
+    hostcall_fuel: usize,
+}
+
+impl Call {
+    /// Records `e` as the activation's failure (the first one stands) and returns the message
+    /// the guest is handed.
+    fn fail_with(&mut self, e: RoutineError) -> String {
+        let message = e.message.clone();
+        self.failure.get_or_insert(e);
+        message
+    }
+
+    /// Time not charged to the guest so far.
+    fn uncharged(&self) -> Duration {
+        self.host_time + Duration::from_nanos(self.output_wait.load(Ordering::Relaxed))
+    }
+
+    /// How much of its budget the activation has used.
+    fn spent(&self) -> Duration {
+        self.started.elapsed().saturating_sub(self.uncharged())
+    }
+
+    /// When the activation's budget runs out if nothing more is uncharged (`None`: too far
+    /// to represent).
+    pub(crate) fn deadline(&self) -> Option<Instant> {
+        self.started
+            .checked_add(self.uncharged().checked_add(self.timeout)?)
+    }
+
+    /// The activation's context.
+    pub(crate) fn context(&self) -> &Context {
+        &self.ctx
+    }
 }
 
 /// The largest list of inputs an instance keeps between activations.
@@ -156,6 +269,10 @@ pub(crate) struct StoreData {
     call: Option<Call>,
     /// The last activation's (emptied) list of inputs, reused by the next.
     spare_inputs: Vec<Item>,
+    /// Nanoseconds the host spent blocked forwarding the current activation's output.
+    output_wait: Arc<AtomicU64>,
+    /// When a blocking wait outside any activation (instantiation, `describe`) must end.
+    fallback_deadline: Option<Instant>,
 }
 
 impl WasiView for StoreData {
@@ -168,15 +285,21 @@ impl WasiView for StoreData {
 }
 
 impl StoreData {
-    pub(crate) fn new(limits: &Limits, permissions: &Permissions) -> wasmtime::Result<Self> {
-        let stdout = Capture::new("stdout");
-        let stderr = Capture::new("stderr");
+    pub(crate) fn new(
+        limits: &Limits,
+        permissions: &Permissions,
+        meter: Option<Arc<Meter>>,
+    ) -> wasmtime::Result<Self> {
+        let output_wait = Arc::new(AtomicU64::new(0));
+        let stdout = Capture::new("stdout", output_wait.clone());
+        let stderr = Capture::new("stderr", output_wait.clone());
         let mut wasi = WasiCtxBuilder::new();
         wasi.stdout(stdout.clone())
             .stderr(stderr.clone())
             .allow_tcp(false)
             .allow_udp(false)
-            .allow_ip_name_lookup(false);
+            .allow_ip_name_lookup(false)
+            .max_random_size(MAX_RANDOM_BYTES);
         for (host, guest) in &permissions.read_only_dirs {
             wasi.preopened_dir(host, guest, FsPerms::ReadOnly)
                 .map_err(|e| wasmtime::format_err!("cannot grant `{}`: {e}", host.display()))?;
@@ -186,18 +309,30 @@ impl StoreData {
                 wasi.env(name, value);
             }
         }
+        let mut table = ResourceTable::new();
+        table.set_max_capacity(MAX_RESOURCES);
         Ok(Self {
             wasi: wasi.build(),
-            table: ResourceTable::new(),
+            table,
             limits: MemoryCap {
                 cap: limits.memory,
                 total: 0,
+                meter,
             },
             stdout,
             stderr,
             call: None,
             spare_inputs: Vec::new(),
+            output_wait,
+            fallback_deadline: Instant::now().checked_add(limits.timeout),
         })
+    }
+
+    /// The parts `wasi:io/poll` needs (see [`super::deadline`]).
+    pub(crate) fn poll_parts(
+        &mut self,
+    ) -> (&mut ResourceTable, Option<&mut Call>, Option<Instant>) {
+        (&mut self.table, self.call.as_mut(), self.fallback_deadline)
     }
 
     /// Starts serving an activation: its context, deadline, input items, and output.
@@ -207,13 +342,17 @@ impl StoreData {
         self.stderr.begin(ctx.handle());
         let mut items = std::mem::take(&mut self.spare_inputs);
         items.extend(inputs);
+        self.output_wait.store(0, Ordering::Relaxed);
         self.call = Some(Call {
             ctx: ctx.handle(),
             started: Instant::now(),
             host_time: Duration::ZERO,
+            output_wait: self.output_wait.clone(),
             timeout,
             timed_out: false,
             inputs: Inputs::new(items),
+            failure: None,
+            hostcall_fuel: hostcall_fuel(ctx.budgets()),
         });
     }
 
@@ -237,8 +376,9 @@ impl StoreData {
 pub(crate) fn new_store(
     inner: &PluginInner,
     limits: &Limits,
+    meter: Option<Arc<Meter>>,
 ) -> wasmtime::Result<Store<StoreData>> {
-    let data = StoreData::new(limits, &inner.permissions)?;
+    let data = StoreData::new(limits, &inner.permissions, meter)?;
     let mut store = Store::new(inner.engine.engine(), data);
     store.limiter(|d| &mut d.limits);
     // Each epoch tick checks the activation's budget; time spent waiting in `emit` is not
@@ -248,11 +388,7 @@ pub(crate) fn new_store(
     store.epoch_deadline_callback(move |mut ctx| {
         let data = ctx.data_mut();
         let (spent, budget, halted) = match &data.call {
-            Some(c) => (
-                c.started.elapsed().saturating_sub(c.host_time),
-                c.timeout,
-                c.ctx.job_halted(),
-            ),
+            Some(c) => (c.spent(), c.timeout, c.ctx.job_halted()),
             None => (created.elapsed(), fallback, false),
         };
         if halted {
@@ -292,12 +428,35 @@ impl bindings::Host for StoreData {
         }
         let item = match call.inputs.forwarded(&payload) {
             Some(item) => item,
-            None => Item::from_json_text(payload).map_err(|e| e.to_string())?,
+            None => {
+                // Measured before it is even validated.
+                let budget = call.ctx.item_budget();
+                if payload.len() as u64 > budget {
+                    let e = EmitError::TooLarge {
+                        routine: call.ctx.routine_id().to_owned(),
+                        event: crate::budget::cut(event, 128),
+                        size: payload.len() as u64,
+                        budget,
+                    };
+                    return Err(call.fail_with(e.into()));
+                }
+                Item::from_json_text(payload).map_err(|e| e.to_string())?
+            }
         };
         // Time spent waiting for room is not the guest's, even when the emit then fails.
-        call.ctx
-            .emit_item_waiting(&event, item, &mut call.host_time)
-            .map_err(|e| e.to_string())
+        let result = call
+            .ctx
+            .emit_item_waiting(&event, item, &mut call.host_time);
+        match result {
+            Ok(()) => Ok(()),
+            // Over a budget: the activation fails, whatever the guest does with the error.
+            Err(
+                e @ (EmitError::TooLarge { .. }
+                | EmitError::TooLargeForSlot { .. }
+                | EmitError::Overrun { .. }),
+            ) => Err(call.fail_with(e.into())),
+            Err(e) => Err(e.to_string()),
+        }
     }
 
     fn log(&mut self, level: Level, message: String) {
@@ -318,7 +477,13 @@ impl bindings::Host for StoreData {
                 message.truncate(end);
                 message.push_str(" [truncated]");
             }
+            // Time spent handing the line on (a slow terminal) is not the guest's.
+            let started = Instant::now();
             call.ctx.log(level, message);
+            let waited = started.elapsed();
+            if let Some(call) = &mut self.call {
+                call.host_time += waited;
+            }
         }
     }
 
@@ -329,23 +494,19 @@ impl bindings::Host for StoreData {
 
     fn state_get(&mut self, key: String) -> Option<String> {
         let call = self.call.as_ref()?;
-        call.ctx.state().get(&key).map(|v| v.to_string())
+        call.ctx.state().get_text(&key)
     }
 
     fn state_set(&mut self, key: String, value: String) -> Result<(), String> {
-        let call = self.call.as_ref().ok_or_else(no_call)?;
-        let value: Value =
-            serde_json::from_str(&value).map_err(|e| format!("state `{key}`: not JSON: {e}"))?;
-        call.ctx
-            .state()
-            .set(&key, value)
-            .map(|_| ())
-            .map_err(|e| e.to_string())
+        let call = self.call.as_mut().ok_or_else(no_call)?;
+        let result = call.ctx.state().set_text(&key, value);
+        result.map_err(|e| call.fail_with(e.into()))
     }
 
     fn state_add(&mut self, key: String, delta: i64) -> Result<i64, String> {
-        let call = self.call.as_ref().ok_or_else(no_call)?;
-        call.ctx.state().add(&key, delta)
+        let call = self.call.as_mut().ok_or_else(no_call)?;
+        let result = call.ctx.state().add(&key, delta);
+        result.map_err(|e| call.fail_with(e.into()))
     }
 
     fn state_compare_and_swap(
@@ -354,16 +515,25 @@ impl bindings::Host for StoreData {
         expected: Option<String>,
         value: String,
     ) -> Result<bool, String> {
-        let call = self.call.as_ref().ok_or_else(no_call)?;
-        let parse = |t: &str| {
-            serde_json::from_str::<Value>(t).map_err(|e| format!("state `{key}`: not JSON: {e}"))
+        let call = self.call.as_mut().ok_or_else(no_call)?;
+        let result = {
+            let state = call.ctx.state();
+            match expected {
+                // Nothing larger than a value's budget can be stored, so nothing stored
+                // equals it: no need to parse it.
+                Some(t) if t.len() as u64 > state.budget_of_value() => Ok(false),
+                Some(t) => match serde_json::from_str::<Value>(&t) {
+                    Ok(v) => state.compare_and_swap_text(&key, Some(&v), value),
+                    Err(e) => {
+                        return Err(format!(
+                            "state `{key}`: the expected value is not JSON: {e}"
+                        ));
+                    }
+                },
+                None => state.compare_and_swap_text(&key, None, value),
+            }
         };
-        let expected = expected.as_deref().map(parse).transpose()?;
-        let value = parse(&value)?;
-        Ok(call
-            .ctx
-            .state()
-            .compare_and_swap(&key, expected.as_ref(), value))
+        result.map_err(|e| call.fail_with(e.into()))
     }
 
     fn job_id(&mut self) -> String {
@@ -424,7 +594,7 @@ fn item_array(items: &[Item]) -> Option<ItemArray> {
     Some((text, ends))
 }
 
-/// Idle instances kept per routine; more are dropped when they come back.
+/// Idle instances kept per routine and job; more are dropped when they come back.
 const MAX_IDLE: usize = 8;
 
 thread_local! {
@@ -437,14 +607,16 @@ thread_local! {
 /// not explicitly returned is discarded.
 struct Checked<'a> {
     logic: &'a WasmLogic,
+    pool: JobId,
     inst: Option<Instance>,
 }
 
 impl<'a> Checked<'a> {
-    fn new(logic: &'a WasmLogic, inst: Instance) -> Self {
+    fn new(logic: &'a WasmLogic, pool: JobId, inst: Instance) -> Self {
         HELD.with(|h| h.borrow_mut().push(logic.key()));
         Self {
             logic,
+            pool,
             inst: Some(inst),
         }
     }
@@ -456,7 +628,7 @@ impl<'a> Checked<'a> {
     /// Back to the pool, healthy.
     fn checkin(mut self) {
         if let Some(inst) = self.inst.take() {
-            self.logic.checkin(inst);
+            self.logic.checkin(self.pool, inst);
         }
     }
 }
@@ -471,7 +643,7 @@ impl Drop for Checked<'_> {
             }
         });
         if let Some(inst) = self.inst.take() {
-            self.logic.discard(inst);
+            self.logic.discard(self.pool, inst);
         }
     }
 }
@@ -486,14 +658,26 @@ struct Instance {
     message: Option<(Arc<Value>, String)>,
 }
 
+/// The instances of one routine serving one job (or, with `reuse_across_jobs`, every job).
+#[derive(Default)]
+struct Pool {
+    idle: Vec<Instance>,
+    /// Instances of this pool alive (idle or checked out).
+    live: usize,
+}
+
+/// The pool that serves every job when instances are reused across jobs.
+const SHARED_POOL: JobId = JobId(0);
+
 /// The logic of a routine whose kind comes from a plugin.
 pub(crate) struct WasmLogic {
     plugin: Arc<PluginInner>,
     kind: String,
     limits: Limits,
-    idle: Mutex<Vec<Instance>>,
+    /// Instances by the job they serve: guest memory never carries from one job to the next
+    /// (unless `reuse_across_jobs`), and a job's instances are dropped when it ends.
+    pools: Mutex<HashMap<JobId, Pool>>,
     returned: Condvar,
-    live: AtomicUsize,
 }
 
 impl WasmLogic {
@@ -502,35 +686,58 @@ impl WasmLogic {
             plugin,
             kind: kind.to_owned(),
             limits,
-            idle: Mutex::new(Vec::new()),
+            pools: Mutex::new(HashMap::new()),
             returned: Condvar::new(),
-            live: AtomicUsize::new(0),
         }
     }
 
-    fn checkout(&self) -> Result<Checked<'_>, RoutineError> {
+    fn pool_of(&self, job: JobId) -> JobId {
+        if self.limits.reuse_across_jobs {
+            SHARED_POOL
+        } else {
+            job
+        }
+    }
+
+    fn checkout(&self, ctx: &Context) -> Result<Checked<'_>, RoutineError> {
         let deadline = Instant::now() + self.limits.timeout.min(Duration::from_secs(3600));
+        let key = self.pool_of(ctx.job_id());
+        let meter = ctx.job_meter();
         // An activation of this routine suspended lower on this thread's stack (a blocked emit
         // running other work) holds an instance that cannot come back before we return:
         // never wait for the pool then, go past the cap by this nesting instead.
         let nested = HELD.with(|h| h.borrow().contains(&self.key()));
-        let mut idle = self.idle.lock();
+        let mut pools = self.pools.lock();
         loop {
-            if let Some(inst) = idle.pop() {
-                return Ok(Checked::new(self, inst));
+            let pool = pools.entry(key).or_default();
+            while let Some(mut inst) = pool.idle.pop() {
+                // A shared instance moves its memory onto the job it now serves.
+                if inst.store.data_mut().limits.move_to(meter) {
+                    return Ok(Checked::new(self, key, inst));
+                }
+                pool.live -= 1;
+                self.plugin.engine.instance_dropped();
             }
-            if nested || self.live.load(Ordering::SeqCst) < self.limits.max_instances {
-                self.live.fetch_add(1, Ordering::SeqCst);
-                drop(idle);
-                return match self.instantiate() {
-                    Ok(inst) => Ok(Checked::new(self, inst)),
+            if nested || pool.live < self.limits.max_instances {
+                if !self.plugin.engine.instance_created() {
+                    drop(pools);
+                    return Err(RoutineError::retryable(format!(
+                        "wasm routine `{}`: the engine runs its most instances ({}) already",
+                        self.kind,
+                        self.plugin.engine.max_instances()
+                    )));
+                }
+                pool.live += 1;
+                drop(pools);
+                return match self.instantiate(meter) {
+                    Ok(inst) => Ok(Checked::new(self, key, inst)),
                     Err(e) => {
-                        self.release_slot();
+                        self.release_slot(key);
                         Err(e)
                     }
                 };
             }
-            if self.returned.wait_until(&mut idle, deadline).timed_out() {
+            if self.returned.wait_until(&mut pools, deadline).timed_out() {
                 return Err(RoutineError::retryable(format!(
                     "wasm routine `{}`: all {} instances stayed busy for {:?}",
                     self.kind, self.limits.max_instances, self.limits.timeout
@@ -539,15 +746,21 @@ impl WasmLogic {
         }
     }
 
-    fn instantiate(&self) -> Result<Instance, RoutineError> {
+    fn instantiate(&self, meter: &Arc<Meter>) -> Result<Instance, RoutineError> {
         let fail = |e: wasmtime::Error| {
-            RoutineError::retryable(format!(
-                "wasm routine `{}` ({}): cannot instantiate: {e:#}",
+            let text = format!("{e:#}");
+            let why = if text.contains("job memory budget") {
+                RoutineError::fatal
+            } else {
+                RoutineError::retryable
+            };
+            why(format!(
+                "wasm routine `{}` ({}): cannot instantiate: {text}",
                 self.kind,
                 self.plugin.path.display()
             ))
         };
-        let mut store = new_store(&self.plugin, &self.limits).map_err(fail)?;
+        let mut store = new_store(&self.plugin, &self.limits, Some(meter.clone())).map_err(fail)?;
         let bindings = self.plugin.pre.instantiate(&mut store).map_err(fail)?;
         Ok(Instance {
             store,
@@ -561,33 +774,38 @@ impl WasmLogic {
         self as *const Self as usize
     }
 
-    /// Returns a healthy instance to the pool (or drops it when it is old or surplus).
-    fn checkin(&self, inst: Instance) {
+    /// Returns a healthy instance to its pool (or drops it when it is old or surplus).
+    fn checkin(&self, pool: JobId, inst: Instance) {
         if inst.activations >= self.limits.recycle_after {
-            self.discard(inst);
+            self.discard(pool, inst);
             return;
         }
-        let mut idle = self.idle.lock();
-        if idle.len() >= MAX_IDLE {
-            drop(idle);
-            self.discard(inst);
-            return;
+        let mut pools = self.pools.lock();
+        match pools.get_mut(&pool) {
+            Some(p) if p.idle.len() < MAX_IDLE => p.idle.push(inst),
+            _ => {
+                drop(pools);
+                self.discard(pool, inst);
+                return;
+            }
         }
-        idle.push(inst);
-        drop(idle);
+        drop(pools);
         self.returned.notify_one();
     }
 
-    fn discard(&self, inst: Instance) {
+    fn discard(&self, pool: JobId, inst: Instance) {
         drop(inst);
-        self.release_slot();
+        self.release_slot(pool);
     }
 
     /// One live instance fewer; decremented under the pool lock so a waiter cannot miss it.
-    fn release_slot(&self) {
-        let idle = self.idle.lock();
-        self.live.fetch_sub(1, Ordering::SeqCst);
-        drop(idle);
+    fn release_slot(&self, pool: JobId) {
+        let mut pools = self.pools.lock();
+        if let Some(p) = pools.get_mut(&pool) {
+            p.live = p.live.saturating_sub(1);
+        }
+        drop(pools);
+        self.plugin.engine.instance_dropped();
         self.returned.notify_one();
     }
 
@@ -621,6 +839,37 @@ impl WasmLogic {
                             ),
                             false,
                         )
+                    } else if let Some(i) = text.find("job memory budget: ") {
+                        (
+                            format!("was stopped by its {}", &text[i + "job ".len()..]),
+                            false,
+                        )
+                    } else if text.contains("fuel allocated for hostcalls") {
+                        (
+                            format!(
+                                "handed the host more than {} in one call (more than any of \
+                                 its budgets lets one value be: item_bytes, \
+                                 state_value_bytes, output_bytes)",
+                                crate::budget::bytes(call.hostcall_fuel as u64)
+                            ),
+                            false,
+                        )
+                    } else if text.contains("resource table has no free keys") {
+                        (
+                            format!(
+                                "holds more than {MAX_RESOURCES} live resources (pollables, \
+                                 streams, files): the most an instance may"
+                            ),
+                            false,
+                        )
+                    } else if text.contains("requested len") && text.contains("exceeds limit") {
+                        (
+                            format!(
+                                "asked for more than {} random bytes in one call",
+                                crate::budget::bytes(MAX_RANDOM_BYTES)
+                            ),
+                            false,
+                        )
                     } else {
                         (format!("failed: {text}"), false)
                     }
@@ -637,6 +886,20 @@ impl WasmLogic {
 }
 
 impl Logic for WasmLogic {
+    /// Drops the job's instances: its guests' memory goes with it.
+    fn job_finished(&self, job: JobId) {
+        if self.limits.reuse_across_jobs {
+            return;
+        }
+        let pool = self.pools.lock().remove(&job);
+        if let Some(pool) = pool {
+            for _ in 0..pool.idle.len() {
+                self.plugin.engine.instance_dropped();
+            }
+            drop(pool);
+        }
+    }
+
     fn activate(&self, ctx: &Context, batch: &Batch) -> Result<(), RoutineError> {
         // Each slot's items go to the guest as one JSON array text and the ends of the items
         // in it: one copy into the guest per slot, not one per item.
@@ -658,7 +921,7 @@ impl Logic for WasmLogic {
             .zip(&arrays)
             .map(|((slot, _), (items, ends))| bindings::SlotBatch { slot, items, ends })
             .collect();
-        let mut checked = match self.checkout() {
+        let mut checked = match self.checkout(ctx) {
             Ok(checked) => checked,
             Err(e) => {
                 drop(batches);
@@ -685,6 +948,9 @@ impl Logic for WasmLogic {
             .data_mut()
             .begin(ctx, self.limits.timeout, inputs);
         inst.store.set_epoch_deadline(1);
+        // No host call may copy more out of the guest than the largest value a budget lets
+        // it hand over (wasmtime's default would let one call take 128 MiB of host memory).
+        inst.store.set_hostcall_fuel(hostcall_fuel(ctx.budgets()));
         if let Some(fuel) = self.limits.fuel
             && self.plugin.engine.fuel_enabled()
         {
@@ -699,15 +965,19 @@ impl Logic for WasmLogic {
         drop(batches);
         return_arrays(arrays);
         inst.activations += 1;
-        let call = inst.store.data_mut().end().expect("the call began above");
+        let mut call = inst.store.data_mut().end().expect("the call began above");
         match result {
             Ok(Ok(())) => {
                 checked.checkin();
-                Ok(())
+                call.failure.take().map_or(Ok(()), Err)
             }
             Ok(Err(ActivationError { message, retryable })) => {
                 checked.checkin();
-                Err(RoutineError { message, retryable })
+                // A budget the guest went over is the reason, whatever it reported.
+                Err(call
+                    .failure
+                    .take()
+                    .unwrap_or(RoutineError { message, retryable }))
             }
             Err(err) => {
                 // A trap poisons the whole Store: this instance is done (dropping `checked`

@@ -2,15 +2,19 @@
 //! the output of the job and routine an instance is serving.
 //!
 //! While an activation runs, every complete line is forwarded as soon as it is written (so
-//! output streams as it happens, in order with the routine's emits). A guest that floods its
-//! output cannot grow host memory without bound: past [`MAX_PENDING`] bytes of an unfinished
-//! line, further bytes are dropped and counted, and the next drain says how many.
+//! output streams as it happens, in order with the routine's emits), within the activation's
+//! output budget (see [`Context::output`]: past it, lines are not kept and the activation
+//! fails). A guest that floods its output cannot grow host memory without bound: past
+//! [`MAX_PENDING`] bytes of an unfinished line, further bytes are dropped and counted, and the
+//! next drain says how many.
 
 use std::collections::VecDeque;
 use std::io;
 use std::pin::Pin;
 use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::task::Poll;
+use std::time::Instant;
 
 use bytes::Bytes;
 use parking_lot::Mutex;
@@ -28,10 +32,6 @@ pub(crate) const MAX_PENDING: usize = 1 << 20;
 /// How many recent lines a capture remembers (to explain a trap: a Rust panic message).
 const TAIL: usize = 8;
 
-/// Lines one activation may send to its job; more are counted and dropped, so a guest
-/// printing in a loop cannot fill the host's memory through the job's output.
-pub(crate) const MAX_LINES_PER_ACTIVATION: usize = 10_000;
-
 #[derive(Default)]
 struct Buffer {
     bytes: Vec<u8>,
@@ -39,9 +39,6 @@ struct Buffer {
     /// Where complete lines go as soon as they are written: the activation being served.
     sink: Option<Context>,
     tail: VecDeque<String>,
-    /// Lines sent to the current activation, and lines over the budget since.
-    sent: usize,
-    suppressed: usize,
 }
 
 /// One captured stream (clones share the buffer).
@@ -49,23 +46,25 @@ struct Buffer {
 pub(crate) struct Capture {
     stream: &'static str,
     buf: Arc<Mutex<Buffer>>,
+    /// Nanoseconds spent handing lines on (to a terminal that may be slow or paused): the
+    /// Store does not charge them to the guest's deadline.
+    waited: Arc<AtomicU64>,
 }
 
 impl Capture {
-    /// A capture of the guest's `stream` (`stdout` or `stderr`).
-    pub(crate) fn new(stream: &'static str) -> Self {
+    /// A capture of the guest's `stream` (`stdout` or `stderr`), adding the time it spends
+    /// forwarding lines to `waited`.
+    pub(crate) fn new(stream: &'static str, waited: Arc<AtomicU64>) -> Self {
         Self {
             stream,
             buf: Arc::default(),
+            waited,
         }
     }
 
     /// Sends lines to `ctx`'s job from now on (`None`: keep them until the next drain).
     pub(crate) fn attach(&self, ctx: Option<Context>) {
-        let mut b = self.buf.lock();
-        b.sink = ctx;
-        b.sent = 0;
-        b.suppressed = 0;
+        self.buf.lock().sink = ctx;
     }
 
     /// Starts an activation's output: forgets what an earlier activation left (its pending
@@ -76,8 +75,6 @@ impl Capture {
         b.dropped = 0;
         b.tail.clear();
         b.sink = Some(ctx);
-        b.sent = 0;
-        b.suppressed = 0;
     }
 
     /// Ends an activation's output: forwards what is left (a last line without a newline,
@@ -85,9 +82,8 @@ impl Capture {
     pub(crate) fn finish(&self) {
         {
             let mut b = self.buf.lock();
-            if b.bytes.is_empty() && b.dropped == 0 && b.suppressed == 0 {
+            if b.bytes.is_empty() && b.dropped == 0 {
                 b.sink = None;
-                b.sent = 0;
                 return;
             }
         }
@@ -123,21 +119,9 @@ impl Capture {
         let Some(ctx) = b.sink.as_ref().map(Context::handle) else {
             return;
         };
-        let room = MAX_LINES_PER_ACTIVATION.saturating_sub(b.sent);
-        let (send, over) = if lines.len() > room {
-            (room, lines.len() - room)
-        } else {
-            (lines.len(), 0)
-        };
-        b.sent += send;
-        b.suppressed += over;
-        let suppressed = if all {
-            std::mem::take(&mut b.suppressed)
-        } else {
-            0
-        };
         drop(b);
-        for line in lines.into_iter().take(send) {
+        let started = Instant::now();
+        for line in lines {
             ctx.output(self.stream, line);
         }
         if dropped > 0 {
@@ -146,15 +130,8 @@ impl Capture {
                 format!("[{dropped} bytes of output dropped: a line too long to keep]"),
             );
         }
-        if suppressed > 0 {
-            ctx.output(
-                self.stream,
-                format!(
-                    "[{suppressed} more lines dropped: over the {MAX_LINES_PER_ACTIVATION}-line \
-                     budget of one activation]"
-                ),
-            );
-        }
+        let waited = u64::try_from(started.elapsed().as_nanos()).unwrap_or(u64::MAX);
+        self.waited.fetch_add(waited, Ordering::Relaxed);
     }
 
     /// The last lines written (most recent last), and forgets them.
@@ -247,7 +224,7 @@ mod tests {
 
     #[test]
     fn lines_are_split_and_floods_are_capped() {
-        let c = Capture::new("stdout");
+        let c = Capture::new("stdout", Arc::default());
         c.append(b"one\ntwo\r\nthr");
         assert_eq!(c.take_lines(false), (vec!["one".into(), "two".into()], 0));
         c.append(b"ee");

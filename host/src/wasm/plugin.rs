@@ -96,7 +96,7 @@ pub(crate) fn open(
         detail: format!("{err:#}"),
     };
     let limits = e.default_limits().clone();
-    let mut store = new_store(&inner, &limits).map_err(describe)?;
+    let mut store = new_store(&inner, &limits, None).map_err(describe)?;
     let instance = inner.pre.instantiate(&mut store).map_err(describe)?;
     let kinds = instance
         .routilux_plugin_routine()
@@ -349,7 +349,7 @@ impl Plugin {
             detail: format!("{e:#}"),
         };
         let limits = self.inner.engine.default_limits().clone();
-        let mut store = new_store(&self.inner, &limits).map_err(fail)?;
+        let mut store = new_store(&self.inner, &limits, None).map_err(fail)?;
         let bindings = self.inner.pre.instantiate(&mut store).map_err(fail)?;
         bindings
             .routilux_plugin_routine()
@@ -374,7 +374,7 @@ impl Plugin {
         let mut total = [Duration::ZERO; 3];
         for _ in 0..n {
             let t0 = Instant::now();
-            let mut store = new_store(&self.inner, &limits).map_err(fail)?;
+            let mut store = new_store(&self.inner, &limits, None).map_err(fail)?;
             let t1 = Instant::now();
             let bindings = self.inner.pre.instantiate(&mut store).map_err(fail)?;
             let t2 = Instant::now();

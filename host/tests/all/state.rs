@@ -32,7 +32,7 @@ fn hundred_thousand_increments_under_fan_out_with_many_threads_are_exact() {
                 .policy(Policy::batch_size(1))
                 .logic(|ctx, b| {
                     for _ in b.items() {
-                        ctx.state().increment("n", 1);
+                        ctx.state().increment("n", 1)?;
                     }
                     Ok(())
                 }),
@@ -59,7 +59,7 @@ fn state_is_per_job_and_per_routine() {
                 let v = i.value()["v"].as_i64().unwrap();
                 ctx.state().update("sum", |old| {
                     json!(old.and_then(|o| o.as_i64()).unwrap_or(0) + v)
-                });
+                })?;
                 ctx.state().set("last_job", ctx.job_id().to_string())?;
             }
             Ok(())

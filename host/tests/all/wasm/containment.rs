@@ -192,7 +192,7 @@ fn an_emit_flood_into_a_small_queue_loses_nothing() {
         .add_routine(
             Routine::new().slot_with_capacity("in", 2).logic(|ctx, b| {
                 for _ in b.items() {
-                    ctx.state().increment("seen", 1);
+                    ctx.state().increment("seen", 1)?;
                 }
                 Ok(())
             }),
@@ -254,11 +254,20 @@ fn cancelling_a_job_stops_its_running_guest() {
 }
 
 #[test]
-fn a_guest_printing_in_a_loop_is_capped_per_activation() {
+fn a_guest_printing_in_a_loop_is_held_to_its_output_budget() {
     let fixtures = load("fixtures");
     let mut flow = Flow::new();
+    let budgets = routilux::RoutineBudgets {
+        output_bytes: 64 << 10,
+        ..Default::default()
+    };
     flow.add_routine(
-        fixtures.routine("chatty").unwrap().config("lines", 12_345),
+        fixtures
+            .routine("chatty")
+            .unwrap()
+            .config("lines", 12_345)
+            .budgets(budgets)
+            .on_error(routilux::ErrorStrategy::Continue),
         "chatty",
     );
     let (rt, _) = recording_runtime(1);
@@ -267,12 +276,23 @@ fn a_guest_printing_in_a_loop_is_capped_per_activation() {
     assert!(job.wait(WAIT));
     assert_eq!(job.status(), JobStatus::Completed);
     let out = job.output();
-    assert_eq!(out.len(), 10_001);
-    assert_eq!(out[9_999].message, "line 9999");
-    assert_eq!(
-        out[10_000].message,
-        "[2345 more lines dropped: over the 10000-line budget of one activation]"
+    // What fits the budget is kept, in order; the rest is not, and the activation fails.
+    let kept: usize = out.iter().map(|l| l.message.len()).sum();
+    assert!(kept <= 64 << 10, "{kept}");
+    assert!(out.len() > 5_000 && out.len() < 12_345, "{}", out.len());
+    for (i, l) in out.iter().enumerate() {
+        assert_eq!(l.message, format!("line {i}"));
+    }
+    let errors = job.errors();
+    assert_eq!(errors.len(), 1, "{errors:?}");
+    assert!(
+        errors[0]
+            .error
+            .contains("printed or logged more than its output budget of 64.0 KiB"),
+        "{}",
+        errors[0].error
     );
+    assert_eq!(job.counters()["chatty"].dead_lettered, 1);
 }
 
 #[test]

@@ -1,0 +1,122 @@
+//! A hostile guest, for the sandbox's tests: one routine kind, `hostile`, that does to the
+//! host whatever each item asks, at the size and count it asks. Every way a guest can hand
+//! the host memory, time or text is here, so a test can show each budget holding:
+//!
+//! | `do` | what it does |
+//! | --- | --- |
+//! | `emit` | emits `count` items of `bytes` bytes each on `out` |
+//! | `print` | prints `count` lines of `bytes` bytes (or `text` as given) |
+//! | `log` | logs `count` messages of `bytes` bytes |
+//! | `state` | sets `count` WorkerState keys to values of `bytes` bytes (`shape`: `string`, or `zeros` for `[0,0,…]`) |
+//! | `fail` | fails with a message of `bytes` bytes |
+//! | `sleep` | sleeps `ms` milliseconds in `std::thread::sleep` (a blocking `pollable.block`) |
+//! | `poll` | waits `ms` milliseconds in `wasi:io/poll.poll` on two clocks |
+//! | `grow` | allocates `bytes` bytes and keeps them for the instance's life |
+//! | `random` | asks WASI for `bytes` random bytes |
+//! | `resources` | makes `count` pollables and never drops them |
+//! | `double` | emits the item twice, one generation on (a flood in a cycle) |
+//! | anything else | forwards the item |
+
+use std::sync::Mutex;
+
+use routilux_sdk::{Batch, Context, Error, Level, Routine, Spec, json};
+
+/// What `grow` keeps alive.
+static HOARD: Mutex<Vec<Vec<u8>>> = Mutex::new(Vec::new());
+
+/// `bytes` bytes of text.
+fn pad(bytes: u64) -> String {
+    "x".repeat(bytes as usize)
+}
+
+/// The hostile routine.
+pub struct Hostile;
+
+impl Routine for Hostile {
+    const NAME: &'static str = "hostile";
+    fn spec() -> Spec {
+        Spec::new("does to the host whatever each item asks (a test fixture)")
+            .slot("in")
+            .event("out", ["pad", "gen"])
+    }
+    fn activate(ctx: &Context, batch: &Batch) -> Result<(), Error> {
+        for item in batch.items() {
+            let what: String = item.get_opt("do")?.unwrap_or_default();
+            let bytes: u64 = item.get_opt("bytes")?.unwrap_or(0);
+            let count: u64 = item.get_opt("count")?.unwrap_or(1);
+            let ms: u64 = item.get_opt("ms")?.unwrap_or(0);
+            match what.as_str() {
+                "emit" => {
+                    let text = pad(bytes);
+                    for _ in 0..count {
+                        ctx.emit("out", &json!({ "pad": text }))?;
+                    }
+                }
+                "print" => {
+                    let text: Option<String> = item.get_opt("text")?;
+                    let line = text.unwrap_or_else(|| pad(bytes));
+                    for _ in 0..count {
+                        println!("{line}");
+                    }
+                }
+                "log" => {
+                    let text = pad(bytes);
+                    for _ in 0..count {
+                        ctx.log(Level::Info, &text);
+                    }
+                }
+                "state" => {
+                    let shape: String = item.get_opt("shape")?.unwrap_or_default();
+                    let value = if shape == "zeros" {
+                        let mut v = String::with_capacity(bytes as usize + 2);
+                        v.push('[');
+                        while (v.len() as u64) + 2 < bytes {
+                            v.push_str("0,");
+                        }
+                        v.push_str("0]");
+                        v
+                    } else {
+                        serde_json::to_string(&pad(bytes.saturating_sub(2)))?
+                    };
+                    for i in 0..count {
+                        let raw: serde_json::Value = serde_json::from_str(&value)?;
+                        ctx.set_state(&format!("k{i}"), &raw)?;
+                    }
+                }
+                "fail" => return Err(Error::fatal(pad(bytes))),
+                "sleep" => std::thread::sleep(std::time::Duration::from_millis(ms)),
+                "poll" => {
+                    use wasip2::clocks::monotonic_clock::subscribe_duration;
+                    let a = subscribe_duration(ms * 1_000_000);
+                    let b = subscribe_duration(ms * 2_000_000);
+                    let _ = wasip2::io::poll::poll(&[&a, &b]);
+                }
+                "grow" => {
+                    let block = vec![7u8; bytes as usize];
+                    std::hint::black_box(&block);
+                    HOARD.lock().map_err(|_| Error::fatal("poisoned"))?.push(block);
+                }
+                "random" => {
+                    let got = wasip2::random::random::get_random_bytes(bytes);
+                    println!("random {}", got.len());
+                }
+                "resources" => {
+                    use wasip2::clocks::monotonic_clock::subscribe_duration;
+                    for _ in 0..count {
+                        std::mem::forget(subscribe_duration(1_000_000_000));
+                    }
+                }
+                "double" => {
+                    let generation: u64 = item.get_opt("gen")?.unwrap_or(0);
+                    let next = json!({ "do": "double", "gen": generation + 1, "pad": pad(bytes), "bytes": bytes });
+                    ctx.emit("out", &next)?;
+                    ctx.emit("out", &next)?;
+                }
+                _ => ctx.emit_item("out", item)?,
+            }
+        }
+        Ok(())
+    }
+}
+
+routilux_sdk::export!(Hostile);
