@@ -86,6 +86,36 @@ fn child_activate(path: &Path, n: usize) -> String {
     format!("{warm} {fresh} {instantiate}")
 }
 
+/// `jobs`: µs per job of one item, one job after another, with each job's own instances (the
+/// default: a fresh instance and a first activation per job) or, with `reuse`, instances
+/// reused across jobs.
+fn child_jobs(path: &Path, n: usize, reuse: bool) -> String {
+    use routilux::{Flow, Runtime};
+    use std::time::Duration;
+    let p = load(path);
+    let limits = Limits {
+        reuse_across_jobs: reuse,
+        ..Limits::default()
+    };
+    let mut flow = Flow::new();
+    flow.add_routine(p.routine_with("echo", limits).unwrap(), "echo");
+    let rt = Runtime::builder().thread_pool_size(1).build();
+    rt.register("jobs", &flow).unwrap();
+    let one = || {
+        let job = rt.exec("jobs").unwrap();
+        job.post_item("echo", "in", item()).unwrap();
+        assert!(job.wait(Duration::from_secs(60)));
+    };
+    one();
+    let started = Instant::now();
+    for _ in 0..n {
+        one();
+    }
+    let per_job = started.elapsed().as_secs_f64() * 1e6 / n as f64;
+    rt.forget_finished_jobs();
+    format!("{per_job}")
+}
+
 /// `native`: the same routine as native Rust logic.
 fn child_native(n: usize) -> String {
     let routine = Routine::new()
@@ -186,6 +216,8 @@ fn main() {
                 format!("{}", per_activation(routine, o.messages, item))
             }
             "rss" => child_rss(&path.unwrap(), o.instances),
+            "jobs" => child_jobs(&path.unwrap(), (o.messages / 20).clamp(50, 1_000), false),
+            "jobs-reuse" => child_jobs(&path.unwrap(), (o.messages / 20).clamp(50, 1_000), true),
             other => panic!("unknown child {other}"),
         };
         println!("{out}");
@@ -248,11 +280,34 @@ fn main() {
         );
     }
     println!(
+        "\nper job of one item, one job after another ({} jobs, {} runs each, medians):",
+        (o.messages / 20).clamp(50, 1_000),
+        o.reps
+    );
+    println!(
+        "{:<20} {:>16} {:>16} {:>10}",
+        "guest", "own inst. µs", "reused µs", "cost µs"
+    );
+    for (name, path) in &guests {
+        let p = path.display().to_string();
+        let own = children(&o, &["jobs", &p])[0];
+        let reused = children(&o, &["jobs-reuse", &p])[0];
+        println!(
+            "{:<20} {:>16.1} {:>16.1} {:>10.1}",
+            name,
+            own,
+            reused,
+            own - reused
+        );
+    }
+    println!(
         "\nact. µs: per activation through the runtime, warm instance; trip µs: act. minus native \
          logic (the wasm round trip with one emit); fresh µs: added per activation when every \
          activation gets a new instance (instantiate + first call); instant. µs: instantiating \
          one instance alone; KiB/inst: resident memory per live instance ({} instances, each \
-         described once).",
+         described once). own inst.: each job gets its own instances (the default: guest \
+         memory never carries from one job to the next); reused: `reuse_across_jobs`; cost: \
+         what isolating jobs costs per job.",
         o.instances
     );
 }

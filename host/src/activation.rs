@@ -23,7 +23,6 @@ use std::time::{Duration, Instant};
 
 use serde_json::{Value, json};
 
-use crate::budget::Reservation;
 use crate::item::Item;
 
 /// An activation policy: when a routine runs, and which of its queued items it gets.
@@ -303,17 +302,12 @@ impl Take {
     }
 }
 
-/// A batch taken apart: slot names, items per slot, and the bytes they hold.
-pub(crate) type BatchParts = (Arc<[Arc<str>]>, Vec<Vec<Item>>, Reservation);
-
 /// The items one activation received: `slot → items` (arrival order) and the policy's message.
 #[derive(Clone, Debug)]
 pub struct Batch {
     names: Arc<[Arc<str>]>,
     data: Vec<Vec<Item>>,
     message: Option<Arc<Value>>,
-    /// The job-budget bytes its items hold while it is in flight.
-    reservation: Reservation,
 }
 
 impl Batch {
@@ -327,14 +321,7 @@ impl Batch {
             names,
             data,
             message,
-            reservation: Reservation::default(),
         }
-    }
-
-    /// The batch, holding `reservation` for its items until it is dropped.
-    pub(crate) fn holding(mut self, reservation: Reservation) -> Self {
-        self.reservation = reservation;
-        self
     }
 
     /// Builds a batch by hand (for driving a [`Logic`](crate::Logic) in tests).
@@ -391,8 +378,8 @@ impl Batch {
         self.message.as_ref()
     }
 
-    pub(crate) fn into_parts(self) -> BatchParts {
-        (self.names, self.data, self.reservation)
+    pub(crate) fn into_parts(self) -> (Arc<[Arc<str>]>, Vec<Vec<Item>>) {
+        (self.names, self.data)
     }
 }
 

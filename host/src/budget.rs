@@ -18,7 +18,6 @@
 //! its byte budget is merely full. Every error names the routine, slot or key, the budget and
 //! the size.
 
-use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 
 /// Budgets of one job of a flow (set with [`Flow::budgets`](crate::Flow::budgets)).
@@ -142,56 +141,6 @@ impl Meter {
 
     pub(crate) fn limit(&self) -> u64 {
         self.limit
-    }
-}
-
-/// Bytes held on a [`Meter`] for as long as this lives (a batch in flight): released on drop,
-/// unless [`Reservation::keep`] hands them over to what retains the data for good. A clone
-/// holds nothing.
-#[derive(Default)]
-pub(crate) struct Reservation {
-    meter: Option<Arc<Meter>>,
-    bytes: u64,
-}
-
-impl Reservation {
-    /// Takes over `bytes` already reserved on `meter`.
-    pub(crate) fn held(meter: &Arc<Meter>, bytes: u64) -> Self {
-        Self {
-            meter: Some(meter.clone()),
-            bytes,
-        }
-    }
-
-    /// How many bytes it holds.
-    pub(crate) fn bytes(&self) -> u64 {
-        self.bytes
-    }
-
-    /// Keeps the bytes reserved for good (the data is retained); returns how many.
-    pub(crate) fn keep(mut self) -> u64 {
-        self.meter = None;
-        self.bytes
-    }
-}
-
-impl Drop for Reservation {
-    fn drop(&mut self) {
-        if let Some(m) = &self.meter {
-            m.release(self.bytes);
-        }
-    }
-}
-
-impl Clone for Reservation {
-    fn clone(&self) -> Self {
-        Self::default()
-    }
-}
-
-impl std::fmt::Debug for Reservation {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        write!(f, "Reservation({} bytes)", self.bytes)
     }
 }
 

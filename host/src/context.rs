@@ -5,8 +5,8 @@
 //! into a full slot waits — helping the pool meanwhile, see the [scheduler](crate::scheduler)
 //! docs — so a fast producer is slowed, and no item is dropped.
 
-use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, OnceLock};
 use std::time::{Duration, Instant};
 
 use serde::Serialize;
@@ -109,7 +109,8 @@ pub enum EmitError {
 pub struct Context {
     job: Arc<Job>,
     node: usize,
-    output: Arc<OutputBudget>,
+    /// Made on first output (most native activations print nothing); shared by handles.
+    output: OnceLock<Arc<OutputBudget>>,
 }
 
 /// What one activation has printed and logged, against its routine's output budget.
@@ -125,8 +126,12 @@ impl Context {
         Self {
             job,
             node,
-            output: Arc::default(),
+            output: OnceLock::new(),
         }
+    }
+
+    fn output_budget(&self) -> &Arc<OutputBudget> {
+        self.output.get_or_init(Arc::default)
     }
 
     /// A second handle on the same activation (for logic that must keep one in a `'static`
@@ -135,7 +140,7 @@ impl Context {
         Context {
             job: self.job.clone(),
             node: self.node,
-            output: self.output.clone(),
+            output: OnceLock::from(self.output_budget().clone()),
         }
     }
 
@@ -158,18 +163,19 @@ impl Context {
     fn output_fits(&self, len: usize) -> bool {
         let budget = self.job.flow.routines[self.node].budgets.output_bytes;
         let len = len as u64;
-        let before = self.output.used.fetch_add(len, Ordering::Relaxed);
+        let out = self.output_budget();
+        let before = out.used.fetch_add(len, Ordering::Relaxed);
         if before.saturating_add(len) <= budget {
             true
         } else {
-            self.output.over.fetch_add(len, Ordering::Relaxed);
+            out.over.fetch_add(len, Ordering::Relaxed);
             false
         }
     }
 
     /// The error of an activation whose output passed its budget (that output was not kept).
     pub(crate) fn output_overflow(&self) -> Option<RoutineError> {
-        let over = self.output.over.load(Ordering::Relaxed);
+        let over = self.output.get()?.over.load(Ordering::Relaxed);
         (over > 0).then(|| {
             let budget = self.job.flow.routines[self.node].budgets.output_bytes;
             RoutineError::fatal(format!(

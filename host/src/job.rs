@@ -37,7 +37,7 @@ use parking_lot::{Condvar, Mutex};
 use serde::{Deserialize, Serialize};
 
 use crate::activation::{Batch, Decision};
-use crate::budget::{Meter, Reservation, bytes, cut};
+use crate::budget::{Meter, bytes, cut};
 use crate::context::Context;
 use crate::flow::CompiledFlow;
 use crate::item::Item;
@@ -50,6 +50,11 @@ use crate::state::State;
 /// end (a cycle, a stalled pool), when the bound itself is smaller: enough for the nesting of
 /// blocked emitters, not for a routine that multiplies items in a loop.
 pub(crate) const OVERRUN_ITEMS: usize = 1024;
+
+/// The chunk in which a slot reserves bytes on its job's memory meter: one shared atomic
+/// operation per this many bytes queued, not one per item (the meter over-counts by at most
+/// about two chunks per slot).
+const CREDIT_CHUNK: u64 = 64 << 10;
 
 /// How many activations a check runs back to back before yielding its worker.
 const MAX_ROUNDS: u32 = 64;
@@ -200,6 +205,9 @@ struct Queues {
     slots: Vec<VecDeque<Item>>,
     /// Bytes (of items' JSON text) queued in each slot.
     bytes: Vec<u64>,
+    /// Bytes each slot holds reserved on the job's meter: reserved and given back in chunks
+    /// (see [`CREDIT_CHUNK`]), so a delivery touches the shared meter once every many items.
+    credit: Vec<u64>,
     /// Items ever pushed (kept under the lock: one atomic less per delivery).
     items_in: u64,
     running: usize,
@@ -312,6 +320,7 @@ impl Job {
                 queues: Mutex::new(Queues {
                     slots: r.capacities.iter().map(|_| VecDeque::new()).collect(),
                     bytes: vec![0; r.capacities.len()],
+                    credit: vec![0; r.capacities.len()],
                     items_in: 0,
                     running: 0,
                     scheduled: false,
@@ -520,7 +529,8 @@ impl Job {
                 return Err(item);
             }
             let full = count >= cap || held + len > budget;
-            if !full && self.meter.reserve(len) {
+            let need = (held + len).saturating_sub(q.credit[slot]);
+            if !full && (need == 0 || self.reserve_credit(&mut q, slot, need)) {
                 // Within every bound.
             } else if !overrun
                 || count >= cap.saturating_add(cap.max(OVERRUN_ITEMS))
@@ -529,7 +539,8 @@ impl Job {
                 return Err(item);
             } else {
                 add(&n.counters.overflowed, 1);
-                self.meter.force(len);
+                self.meter.force(need);
+                q.credit[slot] += need;
             }
             q.slots[slot].push_back(item);
             q.bytes[slot] += len;
@@ -554,13 +565,39 @@ impl Job {
         Ok(())
     }
 
+    /// Reserves at least `need` more bytes for `slot` on the meter (a whole chunk when there
+    /// is room for one); false if the job's budget has no room for `need`.
+    fn reserve_credit(&self, q: &mut Queues, slot: usize, need: u64) -> bool {
+        let chunk = need.max(CREDIT_CHUNK);
+        let got = if self.meter.reserve(chunk) {
+            chunk
+        } else if self.meter.reserve(need) {
+            need
+        } else {
+            return false;
+        };
+        q.credit[slot] += got;
+        true
+    }
+
+    /// Gives back what `slot` holds reserved beyond its queued bytes and one chunk.
+    fn return_credit(&self, q: &mut Queues, slot: usize) {
+        let spare = q.credit[slot].saturating_sub(q.bytes[slot]);
+        if spare > 2 * CREDIT_CHUNK {
+            let give = spare - CREDIT_CHUNK;
+            q.credit[slot] -= give;
+            self.meter.release(give);
+        }
+    }
+
     /// Whether an item of `len` bytes would find room in `node.slot` now (within the slot's
     /// bounds and the job's memory budget).
     fn has_room(&self, q: &Queues, node: usize, slot: usize, len: u64) -> bool {
         let r = &self.flow.routines[node];
+        let need = (q.bytes[slot] + len).saturating_sub(q.credit[slot]);
         q.slots[slot].len() < r.capacities[slot]
             && q.bytes[slot] + len <= r.queue_bytes[slot]
-            && self.meter.used().saturating_add(len) <= self.meter.limit()
+            && self.meter.used().saturating_add(need) <= self.meter.limit()
     }
 
     /// Waits up to `timeout` for room in `node.slot` and queues the item in `pending` there;
@@ -698,18 +735,20 @@ impl Job {
                                     || q.bytes[i]
                                         >= r.queue_bytes[i].saturating_sub(r.budgets.item_bytes))
                         });
-                        let mut taken = 0;
-                        let data: Vec<Vec<Item>> = counts
-                            .iter()
-                            .enumerate()
-                            .map(|(i, &k)| {
-                                let items: Vec<Item> = q.slots[i].drain(..k).collect();
-                                let b: u64 = items.iter().map(|it| it.byte_len() as u64).sum();
+                        let mut data: Vec<Vec<Item>> = Vec::with_capacity(counts.len());
+                        for (i, &k) in counts.iter().enumerate() {
+                            let mut items = Vec::with_capacity(k);
+                            let mut b = 0;
+                            for it in q.slots[i].drain(..k) {
+                                b += it.byte_len() as u64;
+                                items.push(it);
+                            }
+                            if k > 0 {
                                 q.bytes[i] -= b;
-                                taken += b;
-                                items
-                            })
-                            .collect();
+                                self.return_credit(&mut q, i);
+                            }
+                            data.push(items);
+                        }
                         // Room for a parallel activation and more to release: let another
                         // worker take it.
                         if q.running < r.concurrency
@@ -724,14 +763,11 @@ impl Job {
                                 node,
                             });
                         }
-                        // The items leave the slot's bounds but stay on the job's budget
-                        // until the activation is done with them.
                         Batch::new(
                             r.slot_names.clone(),
                             data,
                             message.or_else(|| r.message.clone()),
                         )
-                        .holding(Reservation::held(&self.meter, taken))
                     }
                 }
             };
@@ -935,12 +971,13 @@ impl Job {
     }
 
     /// Keeps `batch` as a dead letter: handed to the runtime's dead-letter sink (if any),
-    /// and kept on the job within its dead-letter budgets (taking over the batch's bytes on
-    /// the job's budget); past them, counted and not kept.
+    /// and kept on the job within its dead-letter budgets and its memory budget; past them,
+    /// counted and not kept.
     pub(crate) fn dead_letter(&self, node: usize, batch: Batch, error: String, attempts: u32) {
         let r = &self.flow.routines[node];
         let n = batch.len() as u64;
-        let (names, data, reservation) = batch.into_parts();
+        let (names, data) = batch.into_parts();
+        let size: u64 = data.iter().flatten().map(|i| i.byte_len() as u64).sum();
         let items = names
             .iter()
             .zip(data)
@@ -959,12 +996,12 @@ impl Job {
             sink(self.id, &letter);
         }
         let budgets = &self.flow.budgets;
-        let size = reservation.bytes();
         let mut store = self.dead_letters.lock();
         if store.kept.len() < budgets.dead_letters
             && store.bytes + size <= budgets.dead_letter_bytes
+            && self.meter.reserve(size)
         {
-            store.bytes += reservation.keep();
+            store.bytes += size;
             store.kept.push(letter);
         } else {
             store.dropped += 1;
@@ -990,10 +1027,7 @@ impl Job {
     ) {
         let r = &self.flow.routines[node];
         self.nodes[node].queues.lock().items_in += 1;
-        let len = item.byte_len() as u64;
-        self.meter.force(len);
-        let batch = Batch::from_slots([(&*r.slot_names[slot], vec![item])], None)
-            .holding(Reservation::held(&self.meter, len));
+        let batch = Batch::from_slots([(&*r.slot_names[slot], vec![item])], None);
         self.dead_letter(node, batch, error, 0);
     }
 

@@ -300,6 +300,11 @@ impl WasmEngine {
         }
     }
 
+    /// Live instances of every plugin of this engine (each job's, and any shared ones).
+    pub fn live_instances(&self) -> usize {
+        self.inner.instances.load(Ordering::Relaxed)
+    }
+
     /// The directory of the compiled-component cache, if caching is on.
     pub fn cache_dir(&self) -> Option<&Path> {
         self.inner.cache_dir.as_deref()

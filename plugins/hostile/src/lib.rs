@@ -15,6 +15,7 @@
 //! | `random` | asks WASI for `bytes` random bytes |
 //! | `resources` | makes `count` pollables and never drops them |
 //! | `double` | emits the item twice, one generation on (a flood in a cycle) |
+//! | `count` | prints how many `count` items this instance has seen (what its memory carries) |
 //! | anything else | forwards the item |
 
 use std::sync::Mutex;
@@ -24,10 +25,25 @@ use routilux_sdk::{Batch, Context, Error, Level, Routine, Spec, json};
 /// What `grow` keeps alive.
 static HOARD: Mutex<Vec<Vec<u8>>> = Mutex::new(Vec::new());
 
+/// What `count` counts: guest memory that lives as long as the instance.
+static SEEN: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+
 /// `bytes` bytes of text.
 fn pad(bytes: u64) -> String {
     "x".repeat(bytes as usize)
 }
+
+/// `{"pad":"xxx…"}` of about `bytes` bytes, made in one buffer (a guest hands the host huge
+/// values without needing three times their size itself).
+fn padded_item(bytes: u64) -> String {
+    let mut t = String::with_capacity(bytes as usize + 16);
+    t.push_str("{\"pad\":\"");
+    t.extend(std::iter::repeat_n('x', bytes as usize));
+    t.push_str("\"}");
+    t
+}
+
+use routilux_sdk::bindings::routilux::plugin::host as raw;
 
 /// The hostile routine.
 pub struct Hostile;
@@ -47,9 +63,9 @@ impl Routine for Hostile {
             let ms: u64 = item.get_opt("ms")?.unwrap_or(0);
             match what.as_str() {
                 "emit" => {
-                    let text = pad(bytes);
+                    let text = padded_item(bytes);
                     for _ in 0..count {
-                        ctx.emit("out", &json!({ "pad": text }))?;
+                        raw::emit("out", &text).map_err(Error::fatal)?;
                     }
                 }
                 "print" => {
@@ -67,20 +83,20 @@ impl Routine for Hostile {
                 }
                 "state" => {
                     let shape: String = item.get_opt("shape")?.unwrap_or_default();
-                    let value = if shape == "zeros" {
-                        let mut v = String::with_capacity(bytes as usize + 2);
-                        v.push('[');
-                        while (v.len() as u64) + 2 < bytes {
-                            v.push_str("0,");
+                    let mut value = String::with_capacity(bytes as usize + 2);
+                    if shape == "zeros" {
+                        value.push('[');
+                        while (value.len() as u64) + 2 < bytes {
+                            value.push_str("0,");
                         }
-                        v.push_str("0]");
-                        v
+                        value.push_str("0]");
                     } else {
-                        serde_json::to_string(&pad(bytes.saturating_sub(2)))?
-                    };
+                        value.push('"');
+                        value.extend(std::iter::repeat_n('x', bytes.saturating_sub(2) as usize));
+                        value.push('"');
+                    }
                     for i in 0..count {
-                        let raw: serde_json::Value = serde_json::from_str(&value)?;
-                        ctx.set_state(&format!("k{i}"), &raw)?;
+                        raw::state_set(&format!("k{i}"), &value).map_err(Error::fatal)?;
                     }
                 }
                 "fail" => return Err(Error::fatal(pad(bytes))),
@@ -111,6 +127,10 @@ impl Routine for Hostile {
                     let next = json!({ "do": "double", "gen": generation + 1, "pad": pad(bytes), "bytes": bytes });
                     ctx.emit("out", &next)?;
                     ctx.emit("out", &next)?;
+                }
+                "count" => {
+                    let n = SEEN.fetch_add(1, std::sync::atomic::Ordering::Relaxed) + 1;
+                    println!("count {n}");
                 }
                 _ => ctx.emit_item("out", item)?,
             }

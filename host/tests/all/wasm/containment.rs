@@ -345,3 +345,58 @@ fn the_pooling_allocator_reuses_slots_and_still_contains_traps() {
     let e = check_contained(contain_in(&fixtures, "membomb", capped, 2), "membomb");
     assert!(e.contains("exceeded its memory limit of 32 MiB"), "{e}");
 }
+
+#[test]
+fn guest_memory_never_carries_from_one_job_to_the_next_unless_the_operator_opts_in() {
+    use routilux::wasm::{WasmConfig, WasmEngine};
+    // An engine of its own, so its count of live instances is this test's alone.
+    let engine = WasmEngine::new(WasmConfig {
+        cache_dir: Some(
+            crate::plugins::repo_root()
+                .join("target")
+                .join("routilux-test-cache"),
+        ),
+        ..WasmConfig::default()
+    })
+    .unwrap();
+    let hostile = engine.load(crate::plugins::plugin("hostile")).unwrap();
+    let counts = |reuse: bool| {
+        let limits = Limits {
+            reuse_across_jobs: reuse,
+            ..Limits::default()
+        };
+        let mut flow = Flow::new();
+        flow.add_routine(hostile.routine_with("hostile", limits).unwrap(), "h");
+        let (rt, _) = recording_runtime(1);
+        rt.register("count", &flow).unwrap();
+        let mut seen = Vec::new();
+        for _ in 0..3 {
+            let job = rt.exec("count").unwrap();
+            let input = job.input("h", "in").unwrap();
+            input.post(&json!({"do": "count"})).unwrap();
+            input.post(&json!({"do": "count"})).unwrap();
+            drop(input);
+            assert!(job.wait(WAIT));
+            assert_eq!(job.status(), JobStatus::Completed);
+            seen.extend(job.output().into_iter().map(|l| l.message));
+            if !reuse {
+                assert_eq!(
+                    engine.live_instances(),
+                    0,
+                    "the job's instances went with it"
+                );
+            }
+        }
+        seen
+    };
+    // Each job starts from a fresh instance: its static counter starts again.
+    let own = counts(false);
+    assert!(own.chunks(2).all(|c| c[0] == "count 1"), "{own:?}");
+    // With reuse the same instance serves the next job and remembers.
+    let shared = counts(true);
+    assert_eq!(
+        shared.last().map(String::as_str),
+        Some("count 6"),
+        "{shared:?}"
+    );
+}
