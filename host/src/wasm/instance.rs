@@ -703,6 +703,28 @@ struct Pool {
 /// The pool that serves every job when instances are reused across jobs.
 const SHARED_POOL: JobId = JobId(0);
 
+/// Pools by job id. Job ids are distinct integers handed out in order: they need no mixing,
+/// and SipHash would be most of the cost of a checkout (two lookups per activation).
+type Pools = HashMap<JobId, Pool, std::hash::BuildHasherDefault<IdHasher>>;
+
+/// A hasher that passes a job id through.
+#[derive(Default)]
+struct IdHasher(u64);
+
+impl std::hash::Hasher for IdHasher {
+    fn finish(&self) -> u64 {
+        self.0
+    }
+    fn write(&mut self, bytes: &[u8]) {
+        for &b in bytes {
+            self.0 = self.0.rotate_left(8) ^ u64::from(b);
+        }
+    }
+    fn write_u64(&mut self, n: u64) {
+        self.0 = n;
+    }
+}
+
 /// The logic of a routine whose kind comes from a plugin.
 pub(crate) struct WasmLogic {
     plugin: Arc<PluginInner>,
@@ -710,7 +732,7 @@ pub(crate) struct WasmLogic {
     limits: Limits,
     /// Instances by the job they serve: guest memory never carries from one job to the next
     /// (unless `reuse_across_jobs`), and a job's instances are dropped when it ends.
-    pools: Mutex<HashMap<JobId, Pool>>,
+    pools: Mutex<Pools>,
     returned: Condvar,
 }
 
@@ -720,7 +742,7 @@ impl WasmLogic {
             plugin,
             kind: kind.to_owned(),
             limits,
-            pools: Mutex::new(HashMap::new()),
+            pools: Mutex::new(Pools::default()),
             returned: Condvar::new(),
         }
     }
