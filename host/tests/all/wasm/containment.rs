@@ -400,3 +400,35 @@ fn guest_memory_never_carries_from_one_job_to_the_next_unless_the_operator_opts_
         "{shared:?}"
     );
 }
+
+#[test]
+fn cancel_and_shutdown_end_a_guest_sleeping_in_a_host_call_at_once() {
+    let hostile = load("hostile");
+    let hour = Limits {
+        timeout: Duration::from_secs(3600),
+        ..Limits::default()
+    };
+    let mut flow = Flow::new();
+    flow.add_routine(hostile.routine_with("hostile", hour).unwrap(), "h");
+    for how in ["cancel", "shutdown"] {
+        let (rt, _) = recording_runtime(2);
+        rt.register("sleepy", &flow).unwrap();
+        let job = rt
+            .post("sleepy", "h", "in", &json!({"do": "sleep", "ms": 3_600_000}))
+            .unwrap();
+        // Let the guest get into its sleep.
+        std::thread::sleep(Duration::from_millis(200));
+        let asked = std::time::Instant::now();
+        if how == "cancel" {
+            assert!(job.cancel());
+            assert!(job.wait(Duration::from_secs(5)), "{how}: still sleeping");
+        } else {
+            drop(rt);
+            assert!(job.is_finished(), "{how}: the runtime left it running");
+        }
+        let took = asked.elapsed();
+        assert!(took < Duration::from_secs(1), "{how} took {took:?}");
+        assert_eq!(job.status(), JobStatus::Cancelled, "{how}");
+        assert_eq!(job.counters()["h"].dead_lettered, 1, "{how}: its item is kept");
+    }
+}
