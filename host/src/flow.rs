@@ -177,11 +177,34 @@ pub enum Problem {
         connection: String,
     },
     /// Routines that feed each other in a loop.
-    #[error("cycle: {} (allow it with Flow::allow_cycles)", path.join(" -> "))]
+    #[error("cycle: {} (allow it with Flow::allow_cycles)", show_path(path))]
     Cycle {
         /// The routines of the cycle, the first repeated at the end.
         path: Vec<String>,
     },
+    /// More cycles than are worth listing one by one.
+    #[error("… and {more} more cycles")]
+    MoreCycles {
+        /// How many were not listed.
+        more: usize,
+    },
+}
+
+/// Most cycles a validation lists one by one.
+pub const MAX_CYCLES_LISTED: usize = 20;
+
+/// A cycle's path for people: long ones shortened in the middle.
+fn show_path(path: &[String]) -> String {
+    const ENDS: usize = 6;
+    if path.len() <= 2 * ENDS + 1 {
+        return path.join(" -> ");
+    }
+    format!(
+        "{} -> … ({} more) … -> {}",
+        path[..ENDS].join(" -> "),
+        path.len() - 2 * ENDS,
+        path[path.len() - ENDS..].join(" -> ")
+    )
 }
 
 /// " (did you mean `x`?)" when there is a suggestion, else nothing.
@@ -360,10 +383,15 @@ impl Flow {
 
         if !self.allow_cycles {
             let ids: Vec<&str> = self.routines.keys().map(String::as_str).collect();
-            for path in find_cycles(ids.len(), &edges) {
+            let cycles = find_cycles(ids.len(), &edges);
+            let more = cycles.len().saturating_sub(MAX_CYCLES_LISTED);
+            for path in cycles.into_iter().take(MAX_CYCLES_LISTED) {
                 problems.push(Problem::Cycle {
                     path: path.into_iter().map(|i| ids[i].to_owned()).collect(),
                 });
+            }
+            if more > 0 {
+                problems.push(Problem::MoreCycles { more });
             }
         }
 

@@ -56,6 +56,9 @@ pub(crate) const OVERRUN_ITEMS: usize = 1024;
 /// about two chunks per slot).
 const CREDIT_CHUNK: u64 = 64 << 10;
 
+/// How many failed activations of one routine are logged as warnings (the rest at debug).
+const LOGGED_FAILURES: u64 = 5;
+
 /// How many activations a check runs back to back before yielding its worker.
 const MAX_ROUNDS: u32 = 64;
 
@@ -934,8 +937,17 @@ impl Job {
                 tracing::debug!(job = %self.id, routine = %r.id, error = %err, "activation skipped");
             }
             Action::Continue | Action::Stop => {
-                add(&c.errors, 1);
-                tracing::warn!(job = %self.id, routine = %r.id, error = %err, attempts, strategy, "activation failed");
+                let n = c.errors.fetch_add(1, Ordering::Relaxed) + 1;
+                // The first few failures of a routine are warnings; the rest (a flood of
+                // them) are counted in the summary and logged at debug level.
+                if n <= LOGGED_FAILURES {
+                    tracing::warn!(job = %self.id, routine = %r.id, error = %err, attempts, strategy, "activation failed");
+                    if n == LOGGED_FAILURES {
+                        tracing::warn!(job = %self.id, routine = %r.id, "further failures of this routine are logged at debug level");
+                    }
+                } else {
+                    tracing::debug!(job = %self.id, routine = %r.id, error = %err, attempts, strategy, "activation failed");
+                }
                 self.failures.lock().push(ActivationFailure {
                     routine: r.id.to_string(),
                     error: err.message.clone(),

@@ -221,8 +221,12 @@ impl ErrorStrategy {
 }
 
 impl RetryPolicy {
-    /// The wait before retry number `retry` (1-based).
+    /// The wait before retry number `retry` (1-based), at most a day. A zero delay stays zero
+    /// however large the backoff (0 × ∞ would otherwise be NaN).
     pub fn delay_before(&self, retry: u32) -> Duration {
+        if self.delay.is_zero() {
+            return Duration::ZERO;
+        }
         let factor = self.backoff.max(0.0).powi(retry.saturating_sub(1) as i32);
         let secs = self.delay.as_secs_f64() * factor;
         if secs.is_finite() {
@@ -442,5 +446,13 @@ mod tests {
             ..p
         };
         assert_eq!(huge.delay_before(3), Duration::from_secs(86_400));
+        // 0 × 2^1099 is not NaN (and a day): it is no wait at all.
+        let zero = RetryPolicy {
+            max: 1100,
+            delay: Duration::ZERO,
+            backoff: 2.0,
+            then: Exhausted::Stop,
+        };
+        assert_eq!(zero.delay_before(1100), Duration::ZERO);
     }
 }

@@ -140,6 +140,14 @@ pub enum RuntimeError {
     /// The runtime is shutting down (or has): it starts no job and takes no input.
     #[error("the runtime has shut down")]
     ShutDown,
+    /// The operating system would not start a thread of the runtime.
+    #[error("cannot start {what}: {reason}")]
+    Spawn {
+        /// Which thread.
+        what: String,
+        /// The system's reason.
+        reason: String,
+    },
 }
 
 /// How [`Runtime::shutdown`] treats unfinished jobs.
@@ -208,7 +216,21 @@ impl RuntimeBuilder {
     }
 
     /// Starts the worker threads and the timer.
+    ///
+    /// # Panics
+    ///
+    /// If the operating system refuses a thread; [`RuntimeBuilder::try_build`] says so
+    /// instead.
     pub fn build(self) -> Runtime {
+        match self.try_build() {
+            Ok(r) => r,
+            Err(e) => panic!("{e}"),
+        }
+    }
+
+    /// Starts the worker threads and the timer, or says why the operating system would not
+    /// (the threads already started are stopped again).
+    pub fn try_build(self) -> Result<Runtime, RuntimeError> {
         let (pool, locals) = Pool::new(self.threads);
         let shared = Arc::new(Shared {
             pool,
@@ -220,29 +242,51 @@ impl RuntimeBuilder {
             finished_cv: Condvar::new(),
         });
         let mut threads = Vec::with_capacity(self.threads);
+        let stop = |shared: &Shared, threads: Vec<JoinHandle<()>>| {
+            shared.pool.begin_shutdown();
+            for t in threads {
+                let _ = t.join();
+            }
+        };
         for (i, (deque, parker)) in locals.into_iter().enumerate() {
             let s = shared.clone();
-            threads.push(
-                std::thread::Builder::new()
-                    .name(format!("routilux-worker-{i}"))
-                    .stack_size(self.stack_size)
-                    .spawn(move || scheduler::worker_main(s, i, deque, parker))
-                    .expect("spawning a worker thread"),
-            );
+            let spawned = std::thread::Builder::new()
+                .name(format!("routilux-worker-{i}"))
+                .stack_size(self.stack_size)
+                .spawn(move || scheduler::worker_main(s, i, deque, parker));
+            match spawned {
+                Ok(t) => threads.push(t),
+                Err(e) => {
+                    stop(&shared, threads);
+                    return Err(RuntimeError::Spawn {
+                        what: format!("worker thread {} of {}", i + 1, self.threads),
+                        reason: e.to_string(),
+                    });
+                }
+            }
         }
         let s = shared.clone();
-        let timer = std::thread::Builder::new()
+        let timer = match std::thread::Builder::new()
             .name("routilux-timer".into())
             .spawn(move || s.timer.run(&s.pool))
-            .expect("spawning the timer thread");
-        Runtime {
+        {
+            Ok(t) => t,
+            Err(e) => {
+                stop(&shared, threads);
+                return Err(RuntimeError::Spawn {
+                    what: "the timer thread".to_owned(),
+                    reason: e.to_string(),
+                });
+            }
+        };
+        Ok(Runtime {
             shared,
             registry: self.registry.unwrap_or_default(),
             jobs: Mutex::new(Vec::new()),
             next_job: AtomicU64::new(1),
             threads: Mutex::new(Some((threads, timer))),
             post_timeout: self.post_timeout,
-        }
+        })
     }
 }
 
@@ -553,6 +597,11 @@ impl Input {
     /// Posts an item, waiting up to `timeout` for room (zero: fail at once if full).
     pub fn post_item_timeout(&self, item: Item, timeout: Duration) -> Result<(), RuntimeError> {
         post_resolved(&self.job, self.node, self.slot, item, timeout)
+    }
+
+    /// The byte budget of the slot: no larger item can be posted to it.
+    pub fn byte_budget(&self) -> u64 {
+        self.job.flow.routines[self.node].queue_bytes[self.slot]
     }
 }
 

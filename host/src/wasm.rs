@@ -61,7 +61,7 @@ mod plugin;
 
 #[cfg(feature = "cli")]
 pub(crate) use cache::default_dir as default_cache_dir;
-pub use engine::{WasmConfig, WasmEngine, WasmStats};
+pub use engine::{MAX_COMPONENT_BYTES, WasmConfig, WasmEngine, WasmStats};
 pub use error::LoadError;
 pub use instance::{Limits, Permissions};
 pub use plugin::{KindInfo, LiveInstance, Plugin};

@@ -736,3 +736,137 @@ fn a_closed_stdout_is_not_a_panic() {
         );
     }
 }
+
+#[test]
+fn absurd_values_and_devices_get_a_clear_error_not_a_panic_or_a_hang() {
+    let dir = scratch();
+    let flow = flow_file(
+        dir.path(),
+        "echo.yaml",
+        "flow_id: echo\nplugins: PLUGINS\nroutines:\n  e: {plugin: fixtures, kind: echo}\n",
+    );
+    let no_panic = |r: &Run| assert!(!r.stderr.contains("panicked"), "{r:?}");
+    // A timeout past what an Instant can hold means no deadline.
+    let r = routilux(&[
+        "run",
+        &flow,
+        "--post",
+        "{}",
+        "--timeout",
+        "18446744073709551615s",
+    ]);
+    assert_eq!(r.code, OK, "{r:?}");
+    no_panic(&r);
+    let r = routilux(&["run", &flow, "--post", "{}", "--threads", "65535"]);
+    assert_eq!(r.code, USAGE, "{r:?}");
+    assert!(r.stderr.contains("65535 is not in 1..=1024"), "{r:?}");
+    let huge = flow_file(
+        dir.path(),
+        "huge.yaml",
+        "flow_id: huge\nplugins: PLUGINS\nroutines:\n  e:\n    plugin: fixtures\n    kind: fails\n    \
+         limits: {timeout: 18446744073709551615s}\n    on_error: {retry: {max: 1100, delay: 0ms, then: continue}}\n\
+         execution: {thread_pool_size: 100000, timeout: 18446744073709551615s}\n",
+    );
+    let r = routilux(&["run", &huge, "--post", r#"{"bad": true}"#]);
+    assert_eq!(r.code, INVALID, "{r:?}");
+    assert!(
+        r.stderr
+            .contains("thread_pool_size must be 1 to 1024, not 100000")
+            && r.stderr.contains("huge.yaml:9:"),
+        "{r:?}"
+    );
+    // Without the thread count: 1,100 retries with no delay run at once (0 × 2^1099 is no
+    // NaN that waits a day).
+    let text = std::fs::read_to_string(&huge).unwrap();
+    std::fs::write(&huge, text.replace("thread_pool_size: 100000, ", "")).unwrap();
+    let r = routilux(&[
+        "run",
+        &huge,
+        "--post",
+        r#"{"bad": true}"#,
+        "--timeout",
+        "60s",
+    ]);
+    assert_eq!(r.code, OK, "{r:?}");
+    no_panic(&r);
+    assert!(
+        r.stderr.contains("error in `e` (attempt 1101, retry)"),
+        "{r:?}"
+    );
+    // Devices and endless input are refused after reading a bounded amount.
+    let r = routilux(&["inspect", "/dev/zero"]);
+    assert_eq!(r.code, INVALID, "{r:?}");
+    assert!(r.stderr.contains("/dev/zero: not a regular file"), "{r:?}");
+    let r = routilux(&["validate", "/dev/zero"]);
+    assert_eq!(r.code, INVALID, "{r:?}");
+    assert!(r.stderr.contains("larger than 16 MiB"), "{r:?}");
+    let r = routilux(&["run", &flow, "--input", "/dev/zero"]);
+    assert_eq!(r.code, USAGE, "{r:?}");
+    assert!(
+        r.stderr
+            .contains("/dev/zero:1: the line is longer than 64.0 MiB"),
+        "{r:?}"
+    );
+    no_panic(&r);
+}
+
+#[test]
+fn a_flow_with_a_thousand_cycles_is_reported_briefly() {
+    let dir = scratch();
+    let n = 1000;
+    let mut text = String::from("flow_id: rings\nplugins: PLUGINS\nroutines:\n");
+    for i in 0..n {
+        text.push_str(&format!("  r{i}: {{plugin: fixtures, kind: echo}}\n"));
+    }
+    text.push_str("connections:\n");
+    for i in 0..n - 1 {
+        text.push_str(&format!("  - {{from: r{i}.out, to: r{}.in}}\n", i + 1));
+    }
+    for i in 1..n {
+        text.push_str(&format!("  - {{from: r{i}.out, to: r0.in}}\n"));
+    }
+    let flow = flow_file(dir.path(), "rings.yaml", &text);
+    let r = routilux(&["validate", &flow]);
+    assert_eq!(r.code, INVALID, "{r:?}");
+    // The first cycles, each at its first connection, long paths shortened; then a count.
+    assert_eq!(
+        r.stderr.matches("error: cycle: ").count(),
+        20,
+        "{}",
+        r.stderr
+    );
+    assert!(r.stderr.contains("… and 979 more cycles"), "{}", r.stderr);
+    assert!(
+        r.stderr.contains("r0 -> r1 -> r2 -> r3 -> r4 -> r5 -> … (") && r.stderr.len() < 20_000,
+        "{}",
+        r.stderr
+    );
+}
+
+#[test]
+fn host_warnings_reach_stderr_escaped_and_the_level_is_chosen() {
+    let dir = scratch();
+    let flow = flow_file(
+        dir.path(),
+        "fails.yaml",
+        "flow_id: fails\nplugins: PLUGINS\nroutines:\n  f: {plugin: fixtures, kind: fails, on_error: continue}\n",
+    );
+    let r = routilux(&["run", &flow, "--post", r#"{"bad": true}"#]);
+    assert_eq!(r.code, OK, "{r:?}");
+    assert!(r.stderr.contains("WARN activation failed"), "{r:?}");
+    let r = routilux(&[
+        "run",
+        &flow,
+        "--post",
+        r#"{"bad": true}"#,
+        "--log-level",
+        "error",
+    ]);
+    assert!(!r.stderr.contains("WARN"), "{r:?}");
+    let r = routilux_env(
+        &["run", &flow, "--post", r#"{"bad": true}"#],
+        &cache_dir(),
+        &[("RUST_LOG", "routilux=debug")],
+    );
+    assert!(r.stderr.contains("DEBUG"), "{r:?}");
+}

@@ -98,19 +98,42 @@ fn token_len(s: &str) -> usize {
 pub(crate) struct Source {
     pub path: PathBuf,
     pub text: String,
+    /// Where each line starts (so a diagnostic finds its line without a scan).
+    line_starts: Vec<usize>,
 }
 
+/// Largest flow file or manifest read, in bytes (a flow of 10,000 routines is ~1 MiB).
+pub(crate) const MAX_SOURCE_BYTES: u64 = 16 << 20;
+
 impl Source {
+    /// Reads a flow file or manifest: at most [`MAX_SOURCE_BYTES`] (a device or a huge file
+    /// is refused, not read until memory runs out).
     pub fn read(path: &Path) -> Result<Self, Diagnostic> {
-        match std::fs::read_to_string(path) {
-            Ok(text) => Ok(Self {
-                path: path.to_owned(),
-                text,
-            }),
-            Err(e) => Err(Diagnostic::error(format!(
-                "cannot read {}: {e}",
-                path.display()
-            ))),
+        use std::io::Read;
+        let fail = |e: String| Diagnostic::error(format!("cannot read {}: {e}", path.display()));
+        let file = std::fs::File::open(path).map_err(|e| fail(e.to_string()))?;
+        let mut bytes = Vec::new();
+        file.take(MAX_SOURCE_BYTES + 1)
+            .read_to_end(&mut bytes)
+            .map_err(|e| fail(e.to_string()))?;
+        if bytes.len() as u64 > MAX_SOURCE_BYTES {
+            return Err(fail(format!(
+                "it is larger than {} MiB, the most a flow file or manifest may be",
+                MAX_SOURCE_BYTES >> 20
+            )));
+        }
+        let text = String::from_utf8(bytes).map_err(|e| fail(format!("not UTF-8: {e}")))?;
+        Ok(Self::new(path, text))
+    }
+
+    fn new(path: &Path, text: String) -> Self {
+        let line_starts = std::iter::once(0)
+            .chain(text.match_indices('\n').map(|(i, _)| i + 1))
+            .collect();
+        Self {
+            path: path.to_owned(),
+            text,
+            line_starts,
         }
     }
 
@@ -118,7 +141,11 @@ impl Source {
     pub fn place(&self, at: &Location) -> Place {
         let (line, column) = (at.line(), at.column());
         let text = (line > 0)
-            .then(|| self.text.lines().nth(line as usize - 1))
+            .then(|| {
+                let start = *self.line_starts.get(line as usize - 1)?;
+                let rest = &self.text[start..];
+                Some(rest.lines().next().unwrap_or(""))
+            })
             .flatten()
             .map(|l| l.trim_end().to_owned());
         Place {
@@ -160,6 +187,12 @@ fn first_line(message: &str) -> String {
     let line = message.lines().next().unwrap_or(message);
     // "error: line 3 column 5: msg" style prefixes repeat what the place says.
     let line = line.trim_start_matches("error: ");
+    if let Some(detail) = line.strip_prefix("budget breached: ") {
+        return format!(
+            "the file is past a parser budget ({detail}); routilux refuses YAML this large or \
+             this deeply nested"
+        );
+    }
     match line.find(": ") {
         Some(i) if line[..i].starts_with("line ") => line[i + 2..].to_owned(),
         _ => line.to_owned(),
@@ -172,10 +205,7 @@ mod tests {
 
     #[test]
     fn renders_file_line_column_and_a_caret_under_the_token() {
-        let src = Source {
-            path: "f.yaml".into(),
-            text: "a:\n  kind: emial # typo\n".into(),
-        };
+        let src = Source::new(Path::new("f.yaml"), "a:\n  kind: emial # typo\n".into());
         let at = serde_saphyr::from_str::<
             std::collections::BTreeMap<
                 String,

@@ -129,6 +129,8 @@ pub(crate) fn load(
 
     let ids: Vec<&str> = file.routines.keys().map(|k| k.value.as_str()).collect();
     let mut connection_at: HashMap<String, Location> = HashMap::new();
+    // The first place each routine-to-routine edge is written (where a cycle is shown).
+    let mut edge_at: HashMap<(String, String), Location> = HashMap::new();
     let mut fed: BTreeSet<(String, String)> = BTreeSet::new();
     for c in &file.connections {
         let from = b.endpoint(&c.value.from, "from", "event", &ids, &kinds);
@@ -136,6 +138,9 @@ pub(crate) fn load(
         if let (Some((fr, ev)), Some((tr, sl))) = (from, to) {
             let key = format!("{fr}.{ev} -> {tr}.{sl}");
             connection_at.entry(key).or_insert(c.referenced);
+            edge_at
+                .entry((fr.clone(), tr.clone()))
+                .or_insert(c.referenced);
             fed.insert((tr.clone(), sl.clone()));
             flow.connect(&fr, &ev, &tr, &sl);
         }
@@ -153,18 +158,25 @@ pub(crate) fn load(
     }
 
     let threads = file.execution.thread_pool_size.as_ref().and_then(|t| {
-        if t.value == 0 {
-            b.diags
-                .push(src.error(&t.referenced, "thread_pool_size must be at least 1"));
+        let ok = (1..=super::MAX_THREADS).contains(&t.value);
+        if !ok {
+            b.diags.push(src.error(
+                &t.referenced,
+                format!(
+                    "thread_pool_size must be 1 to {}, not {}",
+                    super::MAX_THREADS,
+                    t.value
+                ),
+            ));
         }
-        (t.value > 0).then_some(t.value)
+        ok.then_some(t.value)
     });
 
     let warnings = match flow.validate() {
         Ok(w) => w,
         Err(e) => {
             for p in e.problems {
-                let at = problem_place(&p, &routine_at, &connection_at);
+                let at = problem_place(&p, &routine_at, &connection_at, &edge_at);
                 b.diags.push(src.error(&at, p.to_string()));
             }
             Vec::new()
@@ -217,6 +229,7 @@ fn problem_place(
     p: &Problem,
     routines: &HashMap<String, Location>,
     connections: &HashMap<String, Location>,
+    edges: &HashMap<(String, String), Location>,
 ) -> Location {
     let routine = |r: &str| routines.get(r).copied();
     let connection = |c: &str| connections.get(c).copied();
@@ -233,16 +246,13 @@ fn problem_place(
         | Problem::UnknownEvent { connection: c, .. }
         | Problem::UnknownSlot { connection: c, .. }
         | Problem::DuplicateConnection { connection: c } => connection(c),
-        Problem::Cycle { path } => connections
-            .iter()
-            .filter(|(c, _)| {
-                path.windows(2).any(|w| {
-                    c.starts_with(&format!("{}.", w[0])) && c.contains(&format!("-> {}.", w[1]))
-                })
-            })
-            .map(|(_, at)| *at)
+        // The first of its connections in the file.
+        Problem::Cycle { path } => path
+            .windows(2)
+            .filter_map(|w| edges.get(&(w[0].clone(), w[1].clone())).copied())
             .min_by_key(|at| (at.line(), at.column()))
             .or_else(|| path.first().and_then(|r| routine(r))),
+        Problem::MoreCycles { .. } => None,
     };
     at.unwrap_or(Location::UNKNOWN)
 }

@@ -58,6 +58,9 @@ pub(crate) fn err_line(line: std::fmt::Arguments<'_>) {
     );
 }
 
+/// The most worker threads a run may ask for (each reserves a 32 MiB stack).
+pub(crate) const MAX_THREADS: usize = 1024;
+
 /// Exit codes.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 #[repr(u8)]
@@ -86,8 +89,74 @@ pub(crate) enum Code {
                   flow or plugins; 4 timeout."
 )]
 struct Cli {
+    /// How much the host logs to stderr: error, warn, info, debug or trace (`RUST_LOG`, if
+    /// set, says more precisely, e.g. `routilux=debug`).
+    #[arg(long, global = true, value_name = "LEVEL", default_value = "warn")]
+    log_level: LogLevel,
     #[command(subcommand)]
     command: Command,
+}
+
+#[derive(Clone, Copy, Debug, clap::ValueEnum)]
+enum LogLevel {
+    Error,
+    Warn,
+    Info,
+    Debug,
+    Trace,
+}
+
+impl LogLevel {
+    fn directive(self) -> &'static str {
+        match self {
+            LogLevel::Error => "error",
+            LogLevel::Warn => "warn",
+            LogLevel::Info => "info",
+            LogLevel::Debug => "debug",
+            LogLevel::Trace => "trace",
+        }
+    }
+}
+
+/// Where log lines go: stderr, with control characters escaped (a log line may carry guest
+/// text, such as an activation's error), each event's own final newline kept.
+struct EscapedStderr;
+
+impl std::io::Write for EscapedStderr {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        let text = String::from_utf8_lossy(buf);
+        let (body, end) = match text.strip_suffix('\n') {
+            Some(b) => (b, "\n"),
+            None => (&*text, ""),
+        };
+        let mut err = std::io::stderr().lock();
+        // A closed stderr is not the command's failure.
+        let _ = write!(err, "{}{end}", term::escape(body));
+        Ok(buf.len())
+    }
+
+    fn flush(&mut self) -> std::io::Result<()> {
+        let _ = std::io::stderr().flush();
+        Ok(())
+    }
+}
+
+/// Installs the log subscriber: `RUST_LOG` if set, else `--log-level` for everything.
+fn install_logging(level: LogLevel) {
+    use tracing_subscriber::EnvFilter;
+    let filter = match std::env::var("RUST_LOG") {
+        Ok(v) if !v.trim().is_empty() => EnvFilter::try_new(v.trim()).unwrap_or_else(|e| {
+            errln!("warning: RUST_LOG is not a log filter ({e}); using --log-level");
+            EnvFilter::new(level.directive())
+        }),
+        _ => EnvFilter::new(level.directive()),
+    };
+    let _ = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(|| EscapedStderr)
+        .with_target(false)
+        .without_time()
+        .try_init();
 }
 
 #[derive(Subcommand)]
@@ -178,8 +247,9 @@ struct RunCommand {
     /// Post every line of a JSON-lines file: `[routine.slot=]FILE`.
     #[arg(long = "input", value_name = "[ROUTINE.SLOT=]FILE")]
     inputs: Vec<String>,
-    /// Worker threads (default: the flow's `execution.thread_pool_size`, else the CPUs).
-    #[arg(long, value_parser = clap::value_parser!(u16).range(1..))]
+    /// Worker threads, 1 to 1024 (default: the flow's `execution.thread_pool_size`, else the
+    /// CPUs).
+    #[arg(long, value_parser = clap::value_parser!(u16).range(1..=MAX_THREADS as i64))]
     threads: Option<u16>,
     /// Give up (cancel the job, exit 4) after this long, e.g. `30s`.
     #[arg(long, value_parser = parse_duration)]
@@ -226,6 +296,7 @@ fn print_diagnostics(diags: &[Diagnostic]) {
 /// Runs the tool with the process's arguments.
 pub fn main() -> ExitCode {
     let cli = Cli::parse();
+    install_logging(cli.log_level);
     let code = match cli.command {
         Command::Run(a) => run::run(run::RunArgs {
             flow: a.flow,

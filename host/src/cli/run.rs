@@ -1,6 +1,6 @@
 //! `routilux run`: one job of a flow file, output streamed, a summary at the end.
 
-use std::io::{BufRead, BufReader, IsTerminal, Write};
+use std::io::{BufRead, BufReader, IsTerminal, Read, Write};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -245,7 +245,13 @@ pub(crate) fn run(args: RunArgs) -> Code {
         let f = f.clone();
         builder = builder.on_dead_letter(move |job, letter| f.write(job, letter));
     }
-    let runtime = builder.build();
+    let runtime = match builder.try_build() {
+        Ok(r) => r,
+        Err(e) => {
+            errln!("error: cannot start {threads} worker threads: {e}");
+            return Code::Failed;
+        }
+    };
     if let Err(e) = runtime.register(&loaded.flow_id, &loaded.flow) {
         errln!("error: {e}");
         return Code::Invalid;
@@ -296,7 +302,10 @@ pub(crate) fn run(args: RunArgs) -> Code {
                                 posted.fetch_add(1, Ordering::Relaxed);
                             })
                             .map_err(|_: RuntimeError| Fault::Post),
-                        Feed::File { path, file, .. } => feed_file(&path, file, &input, &posted),
+                        Feed::File { path, file, .. } => {
+                            let max_line = input.byte_budget();
+                            feed_file(&path, file, &input, &posted, max_line)
+                        }
                     };
                     match result {
                         Ok(()) => {}
@@ -321,7 +330,8 @@ pub(crate) fn run(args: RunArgs) -> Code {
     };
 
     let timeout = args.timeout.or(loaded.timeout);
-    let deadline = timeout.map(|t| started + t);
+    // A timeout too long to represent means none.
+    let deadline = timeout.and_then(|t| started.checked_add(t));
     let style = ProgressStyle::with_template("{spinner} {elapsed} {msg}")
         .unwrap_or_else(|_| ProgressStyle::default_spinner());
     bar.set_style(style);
@@ -410,22 +420,54 @@ enum Fault {
     Input(String),
 }
 
+/// Posts every line of a JSON-lines file. A line longer than `max_line` (the target slot's
+/// byte budget: it could never be queued) is refused after reading at most that much of it,
+/// so `/dev/zero` or a 1 GiB line is an error, not a memory exhaustion.
 fn feed_file(
     path: &Path,
     file: std::fs::File,
     input: &crate::Input,
     posted: &AtomicU64,
+    max_line: u64,
 ) -> Result<(), Fault> {
-    for (n, line) in BufReader::new(file).lines().enumerate() {
-        let line = line.map_err(|e| Fault::Input(format!("{}: {e}", path.display())))?;
+    let mut reader = BufReader::new(file);
+    let mut buf = Vec::new();
+    for n in 1.. {
+        buf.clear();
+        let read = (&mut reader)
+            .take(max_line + 1)
+            .read_until(b'\n', &mut buf)
+            .map_err(|e| Fault::Input(format!("{}: {e}", path.display())))?;
+        if read == 0 {
+            break;
+        }
+        if buf.last() != Some(&b'\n') && buf.len() as u64 > max_line {
+            return Err(Fault::Input(format!(
+                "{}:{n}: the line is longer than {}, the byte budget of the slot it would go to",
+                path.display(),
+                crate::budget::bytes(max_line)
+            )));
+        }
+        let line = match std::str::from_utf8(&buf) {
+            Ok(l) => l.trim_end_matches(['\n', '\r']),
+            Err(e) => {
+                return Err(Fault::Input(format!(
+                    "{}:{n}: not UTF-8: {e}",
+                    path.display()
+                )));
+            }
+        };
         if line.trim().is_empty() {
             continue;
         }
         let item = Item::from_json_text(line)
-            .map_err(|e| Fault::Input(format!("{}:{}: {e}", path.display(), n + 1)))?;
-        input
-            .post_item(item)
-            .map_err(|_: RuntimeError| Fault::Post)?;
+            .map_err(|e| Fault::Input(format!("{}:{n}: {e}", path.display())))?;
+        input.post_item(item).map_err(|e: RuntimeError| match e {
+            RuntimeError::ItemTooLarge { .. } => {
+                Fault::Input(format!("{}:{n}: {e}", path.display()))
+            }
+            _ => Fault::Post,
+        })?;
         posted.fetch_add(1, Ordering::Relaxed);
     }
     Ok(())

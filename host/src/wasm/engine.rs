@@ -18,6 +18,9 @@ use super::error::LoadError;
 use super::instance::{Limits, Permissions, StoreData};
 use super::plugin::{self, Plugin};
 
+/// The largest component file loaded (a Python component is 18-40 MB).
+pub const MAX_COMPONENT_BYTES: u64 = 512 << 20;
+
 /// Settings of a [`WasmEngine`].
 #[derive(Clone, Debug)]
 pub struct WasmConfig {
@@ -236,11 +239,32 @@ impl WasmEngine {
         path: impl AsRef<Path>,
         permissions: Permissions,
     ) -> Result<Plugin, LoadError> {
+        use std::io::Read;
         let path = path.as_ref();
-        let bytes = std::fs::read(path).map_err(|source| LoadError::Io {
+        let io = |source| LoadError::Io {
             path: path.to_owned(),
             source,
-        })?;
+        };
+        let file = std::fs::File::open(path).map_err(io)?;
+        if !file.metadata().map_err(io)?.is_file() {
+            return Err(LoadError::TooLarge {
+                path: path.to_owned(),
+                detail: "not a regular file (a component is read from a file)".to_owned(),
+            });
+        }
+        let mut bytes = Vec::new();
+        file.take(MAX_COMPONENT_BYTES + 1)
+            .read_to_end(&mut bytes)
+            .map_err(io)?;
+        if bytes.len() as u64 > MAX_COMPONENT_BYTES {
+            return Err(LoadError::TooLarge {
+                path: path.to_owned(),
+                detail: format!(
+                    "larger than {} MiB, the most a component may be",
+                    MAX_COMPONENT_BYTES >> 20
+                ),
+            });
+        }
         self.load_bytes(path, &bytes, permissions)
     }
 

@@ -15,6 +15,14 @@ pub enum LoadError {
         /// The I/O error.
         source: std::io::Error,
     },
+    /// The file is larger than any component this host loads (or is not a regular file).
+    #[error("{}: {detail}", path.display())]
+    TooLarge {
+        /// The file.
+        path: PathBuf,
+        /// What is wrong.
+        detail: String,
+    },
     /// The file is not WebAssembly at all.
     #[error("{}: not a WebAssembly file (no `\\0asm` header)", path.display())]
     NotWasm {

@@ -414,7 +414,12 @@ fn cancel_and_shutdown_end_a_guest_sleeping_in_a_host_call_at_once() {
         let (rt, _) = recording_runtime(2);
         rt.register("sleepy", &flow).unwrap();
         let job = rt
-            .post("sleepy", "h", "in", &json!({"do": "sleep", "ms": 3_600_000}))
+            .post(
+                "sleepy",
+                "h",
+                "in",
+                &json!({"do": "sleep", "ms": 3_600_000}),
+            )
             .unwrap();
         // Let the guest get into its sleep.
         std::thread::sleep(Duration::from_millis(200));
@@ -429,6 +434,10 @@ fn cancel_and_shutdown_end_a_guest_sleeping_in_a_host_call_at_once() {
         let took = asked.elapsed();
         assert!(took < Duration::from_secs(1), "{how} took {took:?}");
         assert_eq!(job.status(), JobStatus::Cancelled, "{how}");
-        assert_eq!(job.counters()["h"].dead_lettered, 1, "{how}: its item is kept");
+        assert_eq!(
+            job.counters()["h"].dead_lettered,
+            1,
+            "{how}: its item is kept"
+        );
     }
 }
