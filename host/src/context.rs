@@ -481,23 +481,53 @@ impl Context {
     }
 
     /// An emit from a thread that is not one of the pool's workers (a thread the logic
-    /// scoped): it cannot run activations, so it only waits for room.
+    /// scoped): it cannot run activations, so it waits for room. The worker running the
+    /// activation is typically waiting for this thread, so while it waits the emit counts as
+    /// that worker blocked; if the whole pool is then stalled (one worker, say) it overruns
+    /// the slot as a blocked worker would, instead of waiting forever.
     fn deliver_from_outside(&self, node: usize, slot: usize, item: Item) -> Result<(), EmitError> {
         let job = &self.job;
-        let pool = &job.shared.pool;
+        let shared = &job.shared;
+        let pool = &shared.pool;
         let mut pending = Some(item);
+        let mut stalled_at: Option<u64> = None;
         loop {
             if job.halted() {
                 let item = pending.take().expect("a failed push gives the item back");
                 return Err(self.halted_while_waiting(node, slot, item));
             }
-            if job.push_or_wait(
+            pool.enter_blocked();
+            let stalled = shared.stalled();
+            let epoch = pool.epoch();
+            if stalled && stalled_at == Some(epoch) {
+                pool.leave_blocked();
+                let item = pending.take().expect("a failed push gives the item back");
+                let r = &job.flow.routines[node];
+                tracing::debug!(
+                    job = %job.id,
+                    routine = %r.id,
+                    slot = %r.slot_names[slot],
+                    emitter = self.routine_id(),
+                    "overrunning a full slot by one item: an emit from outside the pool, \
+                     which is stalled"
+                );
+                return job
+                    .push(node, slot, item, true, Sched::External(pool))
+                    .map_err(|_| EmitError::Overrun {
+                        routine: self.routine_id().to_owned(),
+                        to: format!("{}.{}", r.id, r.slot_names[slot]),
+                    });
+            }
+            stalled_at = stalled.then_some(epoch);
+            let pushed = job.push_or_wait(
                 node,
                 slot,
                 &mut pending,
                 Sched::External(pool),
                 Duration::from_millis(5),
-            ) {
+            );
+            pool.leave_blocked();
+            if pushed {
                 return Ok(());
             }
         }

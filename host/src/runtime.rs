@@ -168,6 +168,7 @@ pub struct RuntimeBuilder {
     registry: Option<FlowRegistry>,
     on_output: Option<OutputFn>,
     on_dead_letter: Option<DeadLetterFn>,
+    park_timeout: Duration,
 }
 
 impl RuntimeBuilder {
@@ -183,6 +184,15 @@ impl RuntimeBuilder {
     /// use up to wasmtime's `max_wasm_stack` (512 KiB) of it.
     pub fn worker_stack_size(mut self, bytes: usize) -> Self {
         self.stack_size = bytes.max(4 * 1024 * 1024);
+        self
+    }
+
+    /// How long an idle worker sleeps, when nothing wakes it, before it looks for work again
+    /// (default 100 ms). Wake-ups do not depend on it (see the scheduler's docs): it is a
+    /// second line of defence, and tests set it to hours so that a lost wake-up shows as a
+    /// hang instead of a 100 ms delay.
+    pub fn park_timeout(mut self, d: Duration) -> Self {
+        self.park_timeout = d.max(Duration::from_millis(1));
         self
     }
 
@@ -231,7 +241,7 @@ impl RuntimeBuilder {
     /// Starts the worker threads and the timer, or says why the operating system would not
     /// (the threads already started are stopped again).
     pub fn try_build(self) -> Result<Runtime, RuntimeError> {
-        let (pool, locals) = Pool::new(self.threads);
+        let (pool, locals) = Pool::new(self.threads, self.park_timeout);
         let shared = Arc::new(Shared {
             pool,
             timer: Timer::default(),
@@ -348,6 +358,7 @@ impl Runtime {
             registry: None,
             on_output: None,
             on_dead_letter: None,
+            park_timeout: Duration::from_millis(100),
         }
     }
 

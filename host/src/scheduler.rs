@@ -36,8 +36,8 @@
 //! that routine is idle. In an acyclic flow every frame on a stack is downstream of the frames
 //! below it, so a nested consumer can never wait on its own caller, and the most downstream
 //! blocked frame of the pool always has an idle consumer it can run: **an acyclic flow never
-//! deadlocks and never overruns a bound**, with any number of threads (tested with one thread,
-//! queues of one item, and floods).
+//! deadlocks**, with any number of threads (tested with one thread, queues of one item, and
+//! floods), and overruns a bound only in the cases below.
 //!
 //! Otherwise the emitter waits (for a batch to leave a full slot, or 1 ms) and tries again:
 //! - the consumer runs on another worker: it will drain the slot; wait;
@@ -46,12 +46,15 @@
 //! - the consumer is idle but its policy releases nothing (`all_slots_ready` starved of its
 //!   other slot, say): the emitter runs any other task, which may feed it.
 //!
-//! Only in the last case, or in a cyclic flow, or past [`MAX_HELP_DEPTH`] nested frames, may
-//! the emitter overrun when the whole pool is **stalled**: every worker waiting in an emit or
-//! asleep, no timer armed, and no batch taken anywhere during a 1 ms grace wait (a progress
-//! epoch, bumped when a batch is taken while someone is blocked, proves that). A worker counts
-//! as blocked only while it waits, never while it merely runs slowly. Every overrun item is
-//! counted per routine (`overflowed`); it is never dropped.
+//! Only in the last case, or in a cyclic flow, or past [`MAX_HELP_DEPTH`] nested frames (an
+//! acyclic chain of more than 16 full slots with one thread does reach it), or for an emit
+//! from a thread the logic spawned (it cannot run activations, and the worker it belongs to
+//! waits for it), may the emitter overrun when the whole pool is **stalled**: every worker
+//! waiting in an emit or asleep, no timer armed, and no batch taken anywhere during a 1 ms
+//! grace wait (a progress epoch, bumped when a batch is taken while someone is blocked, proves
+//! that). A worker counts as blocked only while it waits, never while it merely runs slowly.
+//! Every overrun item is counted per routine (`overflowed`); it is never dropped; and a slot is
+//! overrun only so far (its bound again, or 1,024 items), past which the emit fails.
 
 //! # Shutdown
 //!
@@ -124,6 +127,24 @@ impl Task {
         }
     }
 
+    /// Whether the task's job has halted (failed or been cancelled).
+    pub(crate) fn job_halted(&self) -> bool {
+        match self {
+            Task::Check { job, .. } | Task::TimerCheck { job, .. } | Task::Retry { job, .. } => {
+                job.halted()
+            }
+        }
+    }
+
+    /// Its job's status (`failed` or `cancelled` once halted).
+    pub(crate) fn job_status(&self) -> crate::JobStatus {
+        match self {
+            Task::Check { job, .. } | Task::TimerCheck { job, .. } | Task::Retry { job, .. } => {
+                job.status()
+            }
+        }
+    }
+
     /// The job the task belongs to.
     pub(crate) fn job(&self) -> *const Job {
         match self {
@@ -152,6 +173,8 @@ pub(crate) struct Pool {
     progress: Condvar,
     progress_waiters: AtomicUsize,
     size: usize,
+    /// How long an idle worker sleeps without a wake-up before it looks again.
+    park_timeout: Duration,
 }
 
 /// What each worker thread owns; handed to logic through the activation context.
@@ -187,7 +210,7 @@ impl Sched<'_> {
 
 impl Pool {
     /// Creates the pool's shared half and the per-worker deques and parkers.
-    pub(crate) fn new(size: usize) -> (Pool, Vec<(Worker<Task>, Parker)>) {
+    pub(crate) fn new(size: usize, park_timeout: Duration) -> (Pool, Vec<(Worker<Task>, Parker)>) {
         let locals: Vec<(Worker<Task>, Parker)> = (0..size)
             .map(|_| (Worker::new_fifo(), Parker::new()))
             .collect();
@@ -205,6 +228,7 @@ impl Pool {
             progress: Condvar::new(),
             progress_waiters: AtomicUsize::new(0),
             size,
+            park_timeout,
         };
         (pool, locals)
     }
@@ -486,7 +510,7 @@ fn run_worker(local: &WorkerLocal, index: usize, parker: &Parker) {
         if !pool.has_work() && !pool.shutdown.load(Ordering::SeqCst) {
             // A blocked emitter may be waiting to see whether the pool has stalled.
             pool.notify_progress();
-            parker.park_timeout(Duration::from_millis(100));
+            parker.park_timeout(pool.park_timeout);
         }
         let mut idle = pool.idle.lock();
         if let Some(pos) = idle.iter().position(|&i| i == index) {

@@ -54,12 +54,23 @@ pub(crate) struct Timer {
 }
 
 impl Timer {
-    /// Arms `task` to be injected at `at`. After shutdown the task is abandoned at once.
+    /// Arms `task` to be injected at `at`. After shutdown, or once its job has halted, the
+    /// task is abandoned at once.
+    ///
+    /// The job's `halted` flag is read under the timer's lock: a job halts by setting it and
+    /// then taking its entries under the same lock ([`Timer::take_job`]), so an entry armed
+    /// concurrently is either taken by it or sees the flag here. A cancelled job never waits
+    /// for a timer armed just as it halted.
     pub(crate) fn schedule(&self, at: Instant, task: Task) {
         let mut st = self.state.lock();
-        if st.shutdown {
+        if st.shutdown || task.job_halted() {
+            let why = if st.shutdown {
+                "runtime shut down".to_owned()
+            } else {
+                format!("job {}", task.job_status())
+            };
             drop(st);
-            task.abandon("runtime shut down");
+            task.abandon(&why);
             return;
         }
         st.seq += 1;
@@ -125,7 +136,9 @@ impl Timer {
             .into_iter()
             .map(|e| e.task)
             .collect();
-        self.armed.store(0, Ordering::SeqCst);
+        // Only the entries taken: one the thread is injecting right now is still counted,
+        // and it decrements that itself (storing 0 here would make it wrap).
+        self.armed.fetch_sub(tasks.len(), Ordering::SeqCst);
         drop(st);
         self.cv.notify_all();
         tasks

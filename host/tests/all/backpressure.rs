@@ -10,8 +10,7 @@ use crate::common::{Gate, Log, WAIT, eventually, forward, generator, runtime};
 
 #[test]
 fn post_into_a_full_slot_waits_then_fails_with_queue_full() {
-    let rt = routilux::Runtime::builder()
-        .thread_pool_size(1)
+    let rt = crate::common::builder(1)
         .post_timeout(Duration::from_millis(30))
         .build();
     let gate = Gate::new();
@@ -405,5 +404,86 @@ fn a_starved_join_behind_a_chain_never_deadlocks_whatever_the_pool() {
                 "{name}: {k:?}"
             );
         }
+    }
+}
+
+#[test]
+fn emits_from_a_thread_the_logic_spawns_do_not_deadlock_one_worker() {
+    // The only worker runs `spawner`, which waits for its scoped thread; the thread emits 50
+    // items into a slot of 2 that only a worker could drain. It must not wait forever.
+    let rt = runtime(1);
+    let mut flow = Flow::new();
+    flow.add_routine(
+        Routine::new()
+            .slot("go")
+            .event("out", ["id"])
+            .logic(|ctx, _| {
+                std::thread::scope(|s| {
+                    s.spawn(|| {
+                        for id in 0..50 {
+                            ctx.emit("out", &json!({ "id": id }))?;
+                        }
+                        Ok::<(), routilux::EmitError>(())
+                    })
+                    .join()
+                    .unwrap()
+                })?;
+                Ok(())
+            }),
+        "spawner",
+    )
+    .add_routine(
+        Routine::new()
+            .slot_with_capacity("in", 2)
+            .logic(|_, _| Ok(())),
+        "sink",
+    )
+    .connect("spawner", "out", "sink", "in");
+    rt.register("f", &flow).unwrap();
+    let job = rt.post("f", "spawner", "go", &json!({})).unwrap();
+    assert!(job.wait(WAIT), "deadlocked");
+    assert_eq!(job.status(), JobStatus::Completed);
+    let c = job.counters();
+    assert_eq!(c["sink"].items_in, 50);
+    assert_eq!(c["sink"].processed, 50);
+    assert!(
+        c["sink"].overflowed > 0,
+        "it overran, counted: {:?}",
+        c["sink"]
+    );
+}
+
+#[test]
+fn a_chain_deeper_than_the_help_limit_completes_overrunning_by_counted_items() {
+    // 24 routines in a chain, slots of one item, one thread: a blocked emitter can nest only
+    // 16 consumers on its stack, so past that the stalled pool overruns (bounded, counted).
+    let rt = runtime(1);
+    let mut flow = Flow::new();
+    flow.add_routine(generator(50), "src");
+    let mut prev = "src".to_owned();
+    for i in 0..24 {
+        let id = format!("r{i}");
+        flow.add_routine(
+            Routine::new()
+                .slot_with_capacity("in", 1)
+                .event("out", ["id"])
+                .logic(forward),
+            &id,
+        )
+        .connect(&prev, "out", &id, "in");
+        prev = id;
+    }
+    rt.register("deep", &flow).unwrap();
+    let job = rt.post("deep", "src", "go", &json!({})).unwrap();
+    assert!(job.wait(WAIT), "deadlocked");
+    assert_eq!(job.status(), JobStatus::Completed);
+    let c = job.counters();
+    assert_eq!(c["r23"].processed, 50, "every item reached the end");
+    for (name, k) in &c {
+        assert_eq!(
+            k.items_in,
+            k.processed + k.dead_lettered + k.queued,
+            "{name}: {k:?}"
+        );
     }
 }

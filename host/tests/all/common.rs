@@ -9,8 +9,18 @@ use serde_json::Value;
 
 pub const WAIT: Duration = Duration::from_secs(20);
 
+/// A runtime whose idle workers never wake on their own: every wake-up must come from the
+/// protocol, so a lost one hangs a test (which then fails on its deadline) instead of being
+/// hidden by a timed poll.
 pub fn runtime(threads: usize) -> Runtime {
-    Runtime::builder().thread_pool_size(threads).build()
+    builder(threads).build()
+}
+
+/// [`runtime`]'s builder.
+pub fn builder(threads: usize) -> routilux::RuntimeBuilder {
+    Runtime::builder()
+        .thread_pool_size(threads)
+        .park_timeout(Duration::from_secs(3600))
 }
 
 /// A log of values, shared between logic closures and the test.

@@ -129,9 +129,7 @@ fn run_case(case: &Case) -> Result<(), TestCaseError> {
             &format!("s{s}"),
         );
     }
-    let rt = routilux::Runtime::builder()
-        .thread_pool_size(case.threads)
-        .build();
+    let rt = crate::common::runtime(case.threads);
     rt.register("p", &flow)
         .map_err(|e| TestCaseError::fail(e.to_string()))?;
     let job = rt.exec("p").unwrap();

@@ -6,7 +6,7 @@ use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
 use parking_lot::{Condvar, Mutex};
-use routilux::{Flow, JobStatus, Routine, Runtime, RuntimeError, Shutdown};
+use routilux::{Flow, JobStatus, Routine, RuntimeError, Shutdown};
 use serde_json::json;
 
 use crate::common::{
@@ -365,8 +365,7 @@ fn drain_shutdown_lets_jobs_finish() {
 fn output_lines_are_kept_per_job_and_streamed() {
     let streamed: Log<String> = Log::new();
     let s = streamed.clone();
-    let rt = Runtime::builder()
-        .thread_pool_size(2)
+    let rt = crate::common::builder(2)
         .on_output(move |job, line| s.push(format!("{job} {} {}", line.routine, line.message)))
         .build();
     let mut flow = Flow::new();

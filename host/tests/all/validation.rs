@@ -1,6 +1,6 @@
 //! Flow validation through the registry.
 
-use routilux::{Flow, FlowRegistry, Policy, Problem, Routine, Runtime};
+use routilux::{Flow, FlowRegistry, Policy, Problem, Routine};
 
 #[test]
 fn registering_an_invalid_flow_reports_every_problem_and_registers_nothing() {
@@ -35,10 +35,7 @@ fn a_shared_registry_serves_a_runtime() {
         warnings.is_empty(),
         "an entry routine is fed by posts: {warnings:?}"
     );
-    let rt = Runtime::builder()
-        .thread_pool_size(1)
-        .registry(reg.clone())
-        .build();
+    let rt = crate::common::builder(1).registry(reg.clone()).build();
     assert_eq!(rt.registry().names(), vec!["one".to_owned()]);
     let job = rt.post("one", "r", "in", &serde_json::json!({})).unwrap();
     assert!(job.wait(std::time::Duration::from_secs(5)));

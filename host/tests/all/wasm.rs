@@ -38,8 +38,7 @@ pub fn load(name: &str) -> Plugin {
 pub fn recording_runtime(threads: usize) -> (Runtime, Log<(Instant, JobId, OutputLine)>) {
     let log: Log<(Instant, JobId, OutputLine)> = Log::new();
     let l = log.clone();
-    let rt = Runtime::builder()
-        .thread_pool_size(threads)
+    let rt = crate::common::builder(threads)
         .on_output(move |job, line| l.push((Instant::now(), job, line.clone())))
         .build();
     (rt, log)
