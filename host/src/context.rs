@@ -373,6 +373,10 @@ impl Context {
             if job.halted() {
                 return Err(self.halted_while_waiting(node, slot, item));
             }
+            if job.stopping() {
+                // Stopped: nothing will drain the slot, and the activation is to end.
+                return self.overrun(worker, node, slot, item, "the job is stopping");
+            }
             let len = item.byte_len() as u64;
             let (helped, may_overrun) = match job.help_consumer(node, slot, len, worker) {
                 Help::Ran => (true, false),
@@ -499,7 +503,7 @@ impl Context {
             pool.enter_blocked();
             let stalled = shared.stalled();
             let epoch = pool.epoch();
-            if stalled && stalled_at == Some(epoch) {
+            if job.stopping() || (stalled && stalled_at == Some(epoch)) {
                 pool.leave_blocked();
                 let item = pending.take().expect("a failed push gives the item back");
                 let r = &job.flow.routines[node];

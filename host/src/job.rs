@@ -84,6 +84,10 @@ pub enum JobStatus {
     Failed,
     /// Cancelled by the caller or by runtime shutdown.
     Cancelled,
+    /// Stopped: it took no more input and started no new activation, the running ones
+    /// ended ([`JobHandle::stop`](crate::JobHandle::stop); `routilux run` on a first Ctrl-C
+    /// or SIGTERM). Queued items stay queued.
+    Stopped,
 }
 
 impl fmt::Display for JobStatus {
@@ -93,6 +97,7 @@ impl fmt::Display for JobStatus {
             JobStatus::Completed => "completed",
             JobStatus::Failed => "failed",
             JobStatus::Cancelled => "cancelled",
+            JobStatus::Stopped => "stopped",
         })
     }
 }
@@ -100,6 +105,8 @@ impl fmt::Display for JobStatus {
 const RUNNING: u8 = 0;
 const FAILED: u8 = 1;
 const CANCELLED: u8 = 2;
+/// No new input or activation; running activations end normally (they may still emit).
+const STOPPED: u8 = 3;
 
 /// Items of an activation that did not succeed, kept with the reason.
 #[derive(Clone, Debug, Serialize, Deserialize)]
@@ -360,8 +367,15 @@ impl Job {
 
     // ---- lifecycle -------------------------------------------------------------------------
 
-    /// Whether the job stopped accepting work (failed or cancelled).
+    /// Whether the job failed or was cancelled: nothing more runs, running guests are
+    /// interrupted, waiting emits give up.
     pub(crate) fn halted(&self) -> bool {
+        matches!(self.control.load(Ordering::Acquire), FAILED | CANCELLED)
+    }
+
+    /// Whether the job takes no new input and starts no new activation: halted, or stopped
+    /// (whose running activations end normally).
+    pub(crate) fn stopping(&self) -> bool {
         self.control.load(Ordering::Acquire) != RUNNING
     }
 
@@ -373,6 +387,7 @@ impl Job {
         match self.control.load(Ordering::Acquire) {
             FAILED => JobStatus::Failed,
             CANCELLED => JobStatus::Cancelled,
+            STOPPED => JobStatus::Stopped,
             _ => JobStatus::Running,
         }
     }
@@ -401,7 +416,7 @@ impl Job {
             return Err(crate::RuntimeError::JobFinished { job: self.id });
         }
         drop(lc);
-        if self.halted() {
+        if self.stopping() {
             self.release();
             return Err(crate::RuntimeError::JobHalted {
                 job: self.id,
@@ -432,6 +447,7 @@ impl Job {
         lc.status = match self.control.load(Ordering::Acquire) {
             FAILED => JobStatus::Failed,
             CANCELLED => JobStatus::Cancelled,
+            STOPPED => JobStatus::Stopped,
             _ => JobStatus::Completed,
         };
         tracing::debug!(job = %self.id, status = %lc.status, "job finished");
@@ -443,15 +459,38 @@ impl Job {
         self.shared.job_finished();
     }
 
-    /// Stops scheduling; finishes once in-flight work drains. Returns false if already halted.
-    pub(crate) fn cancel(&self) -> bool {
+    /// Takes no more input and starts no new activation; running activations end normally
+    /// (an emit of theirs into a full slot overruns it, boundedly, as nothing will drain it),
+    /// armed retries become dead letters. Returns false if the job had already halted or
+    /// stopped.
+    pub(crate) fn stop(&self) -> bool {
         if self.is_finished() {
             return false;
         }
         let changed = self
             .control
-            .compare_exchange(RUNNING, CANCELLED, Ordering::AcqRel, Ordering::Acquire)
+            .compare_exchange(RUNNING, STOPPED, Ordering::AcqRel, Ordering::Acquire)
             .is_ok();
+        if changed {
+            self.pending.fetch_add(1, Ordering::SeqCst);
+            self.disarm_timers("job stopped");
+            self.shared.pool.notify_progress();
+            self.release();
+        }
+        changed
+    }
+
+    /// Stops scheduling and interrupts running guests; finishes once in-flight work drains.
+    /// Returns false if already failed or cancelled (a stopped job can still be cancelled).
+    pub(crate) fn cancel(&self) -> bool {
+        if self.is_finished() {
+            return false;
+        }
+        let changed = [RUNNING, STOPPED].into_iter().any(|from| {
+            self.control
+                .compare_exchange(from, CANCELLED, Ordering::AcqRel, Ordering::Acquire)
+                .is_ok()
+        });
         if changed {
             self.pending.fetch_add(1, Ordering::SeqCst);
             self.disarm_timers("job cancelled");
@@ -471,11 +510,11 @@ impl Job {
     }
 
     fn fail(&self, reason: String) {
-        if self
-            .control
-            .compare_exchange(RUNNING, FAILED, Ordering::AcqRel, Ordering::Acquire)
-            .is_ok()
-        {
+        if [RUNNING, STOPPED].into_iter().any(|from| {
+            self.control
+                .compare_exchange(from, FAILED, Ordering::AcqRel, Ordering::Acquire)
+                .is_ok()
+        }) {
             self.lifecycle.lock().failure = Some(reason);
             self.disarm_timers("job failed");
             self.shared.pool.notify_progress();
@@ -551,7 +590,7 @@ impl Job {
             let s = !q.scheduled
                 && !q.timer_armed
                 && q.running < r.concurrency
-                && !self.halted()
+                && !self.stopping()
                 && r.policy.may_fire(&q.slots);
             if s {
                 q.scheduled = true;
@@ -650,7 +689,7 @@ impl Job {
         attempt: u32,
         w: &WorkerLocal,
     ) {
-        let outcome = if self.halted() {
+        let outcome = if self.stopping() {
             self.dead_letter(
                 node,
                 batch,
@@ -687,7 +726,7 @@ impl Job {
                 if std::mem::take(&mut holding) {
                     q.running -= 1;
                 }
-                if self.halted() || q.running >= r.concurrency {
+                if self.stopping() || q.running >= r.concurrency {
                     return ran;
                 }
                 if round == MAX_ROUNDS {
@@ -881,7 +920,7 @@ impl Job {
             }
             add(&c.failures, 1);
             let action = match &r.on_error {
-                ErrorStrategy::Retry(p) if err.retryable && attempt < p.max && !self.halted() => {
+                ErrorStrategy::Retry(p) if err.retryable && attempt < p.max && !self.stopping() => {
                     attempt += 1;
                     add(&c.retries, 1);
                     let delay = p.delay_before(attempt);

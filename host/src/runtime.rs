@@ -546,7 +546,7 @@ fn post_resolved(
     let deadline = started.checked_add(timeout);
     let mut item = item;
     loop {
-        if job.halted() {
+        if job.stopping() {
             return Err(RuntimeError::JobHalted {
                 job: job.id,
                 status: job.status(),
@@ -783,6 +783,16 @@ impl JobHandle {
     /// (reported as `queued`). Returns false if it had already failed or been cancelled.
     pub fn cancel(&self) -> bool {
         self.job.cancel()
+    }
+
+    /// Stops the job gently: it takes no more input and starts no new activation, but the
+    /// running activations finish (their emits still reach their slots, past the bound if
+    /// need be, since nothing will drain them); armed retries become dead letters and queued
+    /// items stay queued. The job then ends as [`JobStatus::Stopped`]. A later
+    /// [`JobHandle::cancel`] interrupts what still runs. Returns false if it had already
+    /// halted or stopped.
+    pub fn stop(&self) -> bool {
+        self.job.stop()
     }
 
     /// Counters per routine.

@@ -127,11 +127,11 @@ impl Task {
         }
     }
 
-    /// Whether the task's job has halted (failed or been cancelled).
+    /// Whether the task's job takes no new work (failed, cancelled or stopped).
     pub(crate) fn job_halted(&self) -> bool {
         match self {
             Task::Check { job, .. } | Task::TimerCheck { job, .. } | Task::Retry { job, .. } => {
-                job.halted()
+                job.stopping()
             }
         }
     }

@@ -870,3 +870,118 @@ fn host_warnings_reach_stderr_escaped_and_the_level_is_chosen() {
     );
     assert!(r.stderr.contains("DEBUG"), "{r:?}");
 }
+
+/// Starts `routilux run FLOW ARGS --json`, waits until the job is running, sends `signals`
+/// (one `kill` each, a moment apart), and returns the run.
+fn run_and_signal(flow: &str, args: &[&str], signals: &[&str]) -> Run {
+    use std::io::{BufRead, Read};
+    use std::process::Stdio;
+    let mut child = Command::new(env!("CARGO_BIN_EXE_routilux"))
+        .args(["run", flow, "--json"])
+        .args(args)
+        .current_dir(repo_root())
+        .env("ROUTILUX_CACHE_DIR", cache_dir())
+        .env_remove("CARGO_TARGET_DIR")
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let pid = child.id().to_string();
+    let mut err = std::io::BufReader::new(child.stderr.take().unwrap());
+    // The component is loaded and the job started once "using …" is printed.
+    let mut first = String::new();
+    err.read_line(&mut first).unwrap();
+    assert!(first.starts_with("using "), "{first}");
+    let mut out = child.stdout.take().unwrap();
+    let stdout = std::thread::spawn(move || {
+        let mut s = String::new();
+        let _ = out.read_to_string(&mut s);
+        s
+    });
+    std::thread::sleep(std::time::Duration::from_millis(500));
+    for sig in signals {
+        let ok = Command::new("kill").arg(sig).arg(&pid).status().unwrap();
+        assert!(ok.success());
+        std::thread::sleep(std::time::Duration::from_millis(200));
+    }
+    let mut stderr = first;
+    err.read_to_string(&mut stderr).unwrap();
+    let status = child.wait().unwrap();
+    Run {
+        code: status.code().unwrap_or(-1),
+        stdout: stdout.join().unwrap(),
+        stderr,
+    }
+}
+
+#[test]
+fn ctrl_c_stops_gently_and_a_second_signal_cancels_both_with_a_summary() {
+    let dir = scratch();
+    let flow = flow_file(
+        dir.path(),
+        "slow.yaml",
+        "flow_id: slow\nplugins: PLUGINS\nroutines:\n  h:\n    plugin: hostile\n    kind: hostile\n    \
+         policy: {batch_size: 1}\n",
+    );
+    let input = dir.path().join("in.jsonl");
+    let lines: String = (0..20)
+        .map(|_| "{\"do\": \"sleep\", \"ms\": 400}\n")
+        .collect();
+    std::fs::write(&input, lines).unwrap();
+    let input = input.display().to_string();
+
+    // One Ctrl-C: no new activation, the running one finishes, the rest stays queued.
+    let r = run_and_signal(&flow, &["--input", &input], &["-INT"]);
+    assert_eq!(r.code, 130, "{r:?}");
+    assert!(r.stderr.contains("Ctrl-C: stopping"), "{r:?}");
+    let s: Value = serde_json::from_str(&r.stdout).unwrap();
+    assert_eq!(s["status"], "stopped", "{r:?}");
+    let h = &s["routines"]["h"];
+    let n = |k: &str| h[k].as_u64().unwrap();
+    assert_eq!(
+        n("items_in"),
+        n("processed") + n("dead_lettered") + n("queued"),
+        "{h}"
+    );
+    assert!(n("processed") >= 1, "the running activation finished: {h}");
+    assert_eq!(n("dead_lettered"), 0, "nothing was cut: {h}");
+    assert!(n("queued") > 0, "{h}");
+
+    // SIGTERM twice: the second cancels, cutting the sleeping guest (its item kept).
+    let r = run_and_signal(&flow, &["--input", &input], &["-TERM", "-TERM"]);
+    assert_eq!(r.code, 143, "{r:?}");
+    assert!(r.stderr.contains("SIGTERM again: cancelling"), "{r:?}");
+    let s: Value = serde_json::from_str(&r.stdout).unwrap();
+    assert_eq!(s["status"], "cancelled", "{r:?}");
+    let h = &s["routines"]["h"];
+    let n = |k: &str| h[k].as_u64().unwrap();
+    assert_eq!(
+        n("items_in"),
+        n("processed") + n("dead_lettered") + n("queued"),
+        "{h}"
+    );
+}
+
+#[test]
+fn a_bad_input_line_stops_the_input_and_what_came_before_it_is_processed() {
+    let dir = scratch();
+    let flow = flow_file(
+        dir.path(),
+        "echo.yaml",
+        "flow_id: echo\nplugins: PLUGINS\nroutines:\n  e: {plugin: fixtures, kind: echo}\n",
+    );
+    let input = dir.path().join("in.jsonl");
+    let mut text: String = (0..100).map(|i| format!("{{\"id\": {i}}}\n")).collect();
+    text.push_str("not json\n{\"id\": 101}\n");
+    std::fs::write(&input, text).unwrap();
+    let r = routilux(&["run", &flow, "--input", input.to_str().unwrap(), "--json"]);
+    assert_eq!(r.code, USAGE, "{r:?}");
+    assert!(
+        r.stderr.contains("in.jsonl:101: invalid JSON item"),
+        "{r:?}"
+    );
+    let s: Value = serde_json::from_str(&r.stdout).unwrap();
+    assert_eq!(s["items_posted"], 100);
+    assert_eq!(s["routines"]["e"]["processed"], 100, "{r:?}");
+    assert_eq!(lines(&r.stderr, "[e] stdout: echo passed").len(), 100);
+}

@@ -10,7 +10,7 @@
 //! | `build [DIR]` | builds a Rust plugin project for `wasm32-wasip2` |
 //!
 //! Exit codes: 0 success; 1 the job failed (or another failure); 2 bad command line or input;
-//! 3 invalid flow or plugins; 4 timeout.
+//! 3 invalid flow or plugins; 4 timeout; 130 stopped by Ctrl-C, 143 by SIGTERM.
 
 /// Writes a line to stdout. A closed pipe (`routilux run --json | head`) is not an error of
 /// the command: the line is dropped, nothing panics.
@@ -75,6 +75,10 @@ pub(crate) enum Code {
     Invalid = 3,
     /// The job did not finish in time.
     Timeout = 4,
+    /// Ctrl-C (SIGINT) stopped the run (128 + 2, as shells report it).
+    Interrupted = 130,
+    /// SIGTERM stopped the run (128 + 15).
+    Terminated = 143,
 }
 
 #[derive(Parser)]
@@ -86,7 +90,8 @@ pub(crate) enum Code {
                   names routines by id (a plugin component and one of its kinds, with config, \
                   policy, limits, error strategy) and connects their events to slots.",
     after_help = "Exit codes: 0 success; 1 job failed; 2 bad command line or input; 3 invalid \
-                  flow or plugins; 4 timeout."
+                  flow or plugins; 4 timeout; 130 stopped by Ctrl-C, 143 by SIGTERM (a first \
+                  signal stops the job gently and prints the summary, a second cancels it)."
 )]
 struct Cli {
     /// How much the host logs to stderr: error, warn, info, debug or trace (`RUST_LOG`, if

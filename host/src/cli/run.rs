@@ -289,7 +289,7 @@ pub(crate) fn run(args: RunArgs) -> Code {
     let posted = Arc::new(AtomicU64::new(0));
     let input_error: Arc<Mutex<Option<String>>> = Arc::default();
     let feeder = {
-        let (job, posted, input_error) = (job.clone(), posted.clone(), input_error.clone());
+        let (posted, input_error) = (posted.clone(), input_error.clone());
         std::thread::Builder::new()
             .name("routilux-input".into())
             .spawn(move || {
@@ -311,9 +311,10 @@ pub(crate) fn run(args: RunArgs) -> Code {
                         Ok(()) => {}
                         // The job halted (failed or cancelled): the summary says why.
                         Err(Fault::Post) => return,
+                        // Bad input: no more is taken, and what was posted before it is
+                        // processed (the job completes with it); the run then exits 2.
                         Err(Fault::Input(e)) => {
                             *input_error.lock() = Some(e);
-                            job.cancel();
                             return;
                         }
                     }
@@ -337,9 +338,45 @@ pub(crate) fn run(args: RunArgs) -> Code {
     bar.set_style(style);
     let mut timed_out = false;
     let mut shown = false;
+    // Ctrl-C / SIGTERM: the first stops the job gently (no more input or new activations, the
+    // running ones finish), the second cancels it; the summary is printed either way.
+    let mut signals = signal_hook::iterator::Signals::new([
+        signal_hook::consts::SIGINT,
+        signal_hook::consts::SIGTERM,
+    ])
+    .map_err(|e| tracing::warn!("cannot catch Ctrl-C and SIGTERM: {e}"))
+    .ok();
+    let mut interrupted: Option<i32> = None;
     loop {
         if job.wait(Duration::from_millis(100)) {
             break;
+        }
+        for sig in signals
+            .as_mut()
+            .map(|s| s.pending().collect::<Vec<_>>())
+            .unwrap_or_default()
+        {
+            let name = if sig == signal_hook::consts::SIGTERM {
+                "SIGTERM"
+            } else {
+                "Ctrl-C"
+            };
+            bar.suspend(|| {
+                if interrupted.is_none() {
+                    errln!(
+                        "routilux: {name}: stopping — no more input, no new activation; the \
+                         running ones finish (again to cancel them)"
+                    );
+                } else {
+                    errln!("routilux: {name} again: cancelling");
+                }
+            });
+            if interrupted.is_none() {
+                interrupted = Some(sig);
+                job.stop();
+            } else {
+                job.cancel();
+            }
         }
         if show_progress {
             if !shown && started.elapsed() > Duration::from_secs(1) {
@@ -367,7 +404,13 @@ pub(crate) fn run(args: RunArgs) -> Code {
         errln!("error: cannot write dead letters to {}", f.path.display());
     }
     let input_error = input_error.lock().take();
-    let code = if let Some(e) = &input_error {
+    let code = if let Some(sig) = interrupted {
+        if sig == signal_hook::consts::SIGTERM {
+            Code::Terminated
+        } else {
+            Code::Interrupted
+        }
+    } else if let Some(e) = &input_error {
         errln!("error: {e}");
         Code::Usage
     } else if timed_out {
