@@ -9,6 +9,7 @@
 //! | slot | [`SlotSpec::max_queue_bytes`](crate::SlotSpec) | 64 MiB | the slot is *full*: the same backpressure as full by count; an item larger than the whole budget fails its emit or post |
 //! | routine's WorkerState | [`RoutineBudgets::state_bytes`], [`RoutineBudgets::state_value_bytes`] | 16 MiB, 1 MiB | the write fails, naming the key (sizes checked on the JSON text, before anything is parsed) |
 //! | activation's output | [`RoutineBudgets::output_bytes`] (stdout, stderr and log together) | 1 MiB | the rest is not kept and the activation fails |
+//! | a retrying attempt's held emits | [`RoutineBudgets::attempt_bytes`] | 64 MiB | the emit fails |
 //! | error message | [`Budgets::error_bytes`] | 4 KiB | cut, saying how much was cut |
 //! | dead letters of a job | [`Budgets::dead_letters`], [`Budgets::dead_letter_bytes`] | 10,000, 64 MiB | counted (and handed to the runtime's dead-letter sink, if any), not kept |
 //! | output kept by a job | [`Budgets::output_lines`], [`Budgets::output_bytes`] | 10,000 lines, 4 MiB | a ring: the oldest lines go, counted |
@@ -63,6 +64,9 @@ pub struct RoutineBudgets {
     /// Most bytes one activation may print or log (stdout, stderr and log together).
     /// Default 1 MiB.
     pub output_bytes: u64,
+    /// Most bytes of items one attempt of a retrying routine may emit (they are held until
+    /// the attempt succeeds). Default 64 MiB.
+    pub attempt_bytes: u64,
 }
 
 impl Default for RoutineBudgets {
@@ -72,6 +76,7 @@ impl Default for RoutineBudgets {
             state_bytes: 16 << 20,
             state_value_bytes: 1 << 20,
             output_bytes: 1 << 20,
+            attempt_bytes: 64 << 20,
         }
     }
 }

@@ -17,6 +17,7 @@ use crate::item::{Item, ItemError};
 use crate::job::{Help, Job, JobId};
 use crate::routine::RoutineError;
 use crate::scheduler::{Sched, WorkerLocal, current_worker};
+use crate::state::Overlay;
 use crate::state::StateRef;
 
 /// Why an emit failed.
@@ -90,6 +91,18 @@ pub enum EmitError {
         /// The receiving `routine.slot`.
         to: String,
     },
+    /// A retrying routine's attempt holds back more than its budget of emitted bytes.
+    #[error(
+        "routine `{routine}` emitted more than its attempt budget of {} in one attempt (a \
+         retrying routine's outputs are held until the attempt succeeds)",
+        bytes(*budget)
+    )]
+    AttemptFull {
+        /// The routine.
+        routine: String,
+        /// The budget.
+        budget: u64,
+    },
     /// The job failed or was cancelled while the emit waited for queue space; the item was
     /// kept as a dead letter of the receiving routine.
     #[error("job {job} halted while `{routine}` waited to deliver an item")]
@@ -111,6 +124,28 @@ pub struct Context {
     node: usize,
     /// Made on first output (most native activations print nothing); shared by handles.
     output: OnceLock<Arc<OutputBudget>>,
+    /// For an attempt of a retrying routine: its emits and state changes, held back.
+    attempt: Option<Arc<Attempt>>,
+    /// What this activation has done so far, shared by handles.
+    progress: Arc<Progress>,
+}
+
+/// An attempt of a retrying routine is a unit: what it emits and what it changes in its
+/// WorkerState are held here, and reach the flow only if it succeeds (so a retry never
+/// delivers an output twice, nor counts an `add` twice).
+#[derive(Default)]
+pub(crate) struct Attempt {
+    emits: parking_lot::Mutex<Vec<(usize, Item)>>,
+    /// Bytes of the held emits (charged to the job's memory budget while held).
+    bytes: AtomicU64,
+    pub(crate) state: parking_lot::Mutex<Overlay>,
+}
+
+/// Counts of one activation's effects.
+#[derive(Default)]
+pub(crate) struct Progress {
+    /// Items it delivered downstream (emitted and routed).
+    pub(crate) delivered: AtomicU64,
 }
 
 /// What one activation has printed and logged, against its routine's output budget.
@@ -127,7 +162,21 @@ impl Context {
             job,
             node,
             output: OnceLock::new(),
+            attempt: None,
+            progress: Arc::default(),
         }
+    }
+
+    /// A context whose emits and state changes are held as one attempt (see [`Attempt`]).
+    pub(crate) fn attempt(job: Arc<Job>, node: usize) -> Self {
+        Self {
+            attempt: Some(Arc::default()),
+            ..Self::new(job, node)
+        }
+    }
+
+    pub(crate) fn progress(&self) -> &Progress {
+        &self.progress
     }
 
     fn output_budget(&self) -> &Arc<OutputBudget> {
@@ -141,6 +190,8 @@ impl Context {
             job: self.job.clone(),
             node: self.node,
             output: OnceLock::from(self.output_budget().clone()),
+            attempt: self.attempt.clone(),
+            progress: self.progress.clone(),
         }
     }
 
@@ -215,6 +266,52 @@ impl Context {
 
     /// This routine's WorkerState in this job (see [`StateRef`]).
     pub fn state(&self) -> StateRef<'_> {
+        let r = &self.job.flow.routines[self.node];
+        let state = StateRef::new(
+            &self.job.nodes[self.node].state,
+            &r.id,
+            r.budgets,
+            &self.job.meter,
+        );
+        match &self.attempt {
+            Some(a) => state.through(&a.state),
+            None => state,
+        }
+    }
+
+    /// Ends a successful attempt: applies its state changes (all or none), then delivers its
+    /// held emits in order with the usual backpressure. An error from the first part means
+    /// nothing happened; once delivering starts, an item that cannot be delivered (the job
+    /// halted) becomes a dead letter of each slot it did not reach.
+    pub(crate) fn commit_attempt(&self) -> Result<(), RoutineError> {
+        let Some(a) = &self.attempt else {
+            return Ok(());
+        };
+        let overlay = std::mem::take(&mut *a.state.lock());
+        let committed = self.state_base().commit(overlay);
+        let emits = std::mem::take(&mut *a.emits.lock());
+        self.job.meter.release(a.bytes.swap(0, Ordering::Relaxed));
+        committed?;
+        let r = &self.job.flow.routines[self.node];
+        let mut waited = Duration::ZERO;
+        for (ev, item) in emits {
+            // An undeliverable item is already a dead letter where it did not arrive.
+            let _ = self.route(r, ev, item, &mut waited);
+        }
+        Ok(())
+    }
+
+    /// Drops a failed attempt's held emits and state changes.
+    pub(crate) fn discard_attempt(&self) {
+        if let Some(a) = &self.attempt {
+            a.emits.lock().clear();
+            *a.state.lock() = Overlay::default();
+            self.job.meter.release(a.bytes.swap(0, Ordering::Relaxed));
+        }
+    }
+
+    /// The routine's state itself, not through the attempt.
+    fn state_base(&self) -> StateRef<'_> {
         let r = &self.job.flow.routines[self.node];
         StateRef::new(
             &self.job.nodes[self.node].state,
@@ -317,13 +414,61 @@ impl Context {
                 });
             }
         }
-        self.job.count_emit(self.node);
-        if let Some((last, rest)) = routes.split_last() {
-            for &(node, slot) in rest {
-                self.deliver(node, slot, item.clone(), waited)?;
-            }
-            self.deliver(last.0, last.1, item, waited)?;
+        // Refused once the job halted (a guest's emit is too): nothing lands after a cancel.
+        if self.job.halted() {
+            return Err(EmitError::JobHalted {
+                job: self.job.id,
+                routine: r.id.to_string(),
+            });
         }
+        if let Some(a) = &self.attempt {
+            // Held until the attempt succeeds, within the routine's attempt budget.
+            let held = a.bytes.load(Ordering::Relaxed) + size;
+            if held > r.budgets.attempt_bytes || !self.job.meter.reserve(size) {
+                return Err(EmitError::AttemptFull {
+                    routine: r.id.to_string(),
+                    budget: r.budgets.attempt_bytes,
+                });
+            }
+            a.bytes.fetch_add(size, Ordering::Relaxed);
+            a.emits.lock().push((ev, item));
+            self.job.count_emit(self.node);
+            return Ok(());
+        }
+        self.job.count_emit(self.node);
+        self.route(r, ev, item, waited)
+    }
+
+    /// Delivers `item` to every slot `ev` is connected to. All or nothing for each slot: when
+    /// one delivery fails (the job halted, or a slot could be passed only past its overrun
+    /// bound), the item becomes a dead letter of that slot and of every later one it was not
+    /// delivered to, and the error is returned.
+    fn route(
+        &self,
+        r: &crate::flow::CompiledRoutine,
+        ev: usize,
+        item: Item,
+        waited: &mut Duration,
+    ) -> Result<(), EmitError> {
+        let routes = &r.routes[ev];
+        let Some((&(last_node, last_slot), rest)) = routes.split_last() else {
+            return Ok(());
+        };
+        // A failed delivery has kept the item as a dead letter of its own slot; the slots
+        // after it get it as a dead letter too.
+        for (i, &(node, slot)) in rest.iter().enumerate() {
+            if let Err(e) = self.deliver(node, slot, item.clone(), waited) {
+                let why = format!("not delivered: {e}");
+                for &(n, s) in &routes[i + 1..] {
+                    self.job
+                        .dead_letter_undelivered(n, s, item.clone(), why.clone());
+                }
+                return Err(e);
+            }
+            self.progress.delivered.fetch_add(1, Ordering::Relaxed);
+        }
+        self.deliver(last_node, last_slot, item, waited)?;
+        self.progress.delivered.fetch_add(1, Ordering::Relaxed);
         Ok(())
     }
 
@@ -375,7 +520,7 @@ impl Context {
             }
             if job.stopping() {
                 // Stopped: nothing will drain the slot, and the activation is to end.
-                return self.overrun(worker, node, slot, item, "the job is stopping");
+                return self.overrun(worker.sched(), node, slot, item, "the job is stopping");
             }
             let len = item.byte_len() as u64;
             let (helped, may_overrun) = match job.help_consumer(node, slot, len, worker) {
@@ -384,7 +529,7 @@ impl Context {
                 // we return, so waiting would be forever. Overrun now.
                 Help::Busy if worker.runs_here(job, node) => {
                     return self.overrun(
-                        worker,
+                        worker.sched(),
                         node,
                         slot,
                         item,
@@ -412,7 +557,13 @@ impl Context {
                     let epoch = shared.pool.epoch();
                     if stalled_at == Some(epoch) {
                         shared.pool.leave_blocked();
-                        return self.overrun(worker, node, slot, item, "the whole pool is stalled");
+                        return self.overrun(
+                            worker.sched(),
+                            node,
+                            slot,
+                            item,
+                            "the whole pool is stalled",
+                        );
                     }
                     stalled_at = Some(epoch);
                 } else {
@@ -440,10 +591,11 @@ impl Context {
     }
 
     /// Pushes past the slot's bound (counted as `overflowed`) to break a wait that could
-    /// never end; refused once the slot is past its bounds by as much again.
+    /// never end; refused once the slot is past its bounds by as much again, and then the
+    /// item becomes a dead letter of that slot (it is never dropped).
     fn overrun(
         &self,
-        worker: &WorkerLocal,
+        sched: Sched<'_>,
         node: usize,
         slot: usize,
         item: Item,
@@ -458,11 +610,14 @@ impl Context {
             emitter = self.routine_id(),
             "overrunning a full slot by one item: {why}"
         );
-        job.push(node, slot, item, true, worker.sched())
-            .map_err(|_| EmitError::Overrun {
+        job.push(node, slot, item, true, sched).map_err(|item| {
+            let e = EmitError::Overrun {
                 routine: self.routine_id().to_owned(),
                 to: format!("{}.{}", r.id, r.slot_names[slot]),
-            })
+            };
+            job.dead_letter_undelivered(node, slot, item, e.to_string());
+            e
+        })
     }
 
     /// The job halted while an emit waited: the item becomes a dead letter of the receiving
@@ -506,21 +661,13 @@ impl Context {
             if job.stopping() || (stalled && stalled_at == Some(epoch)) {
                 pool.leave_blocked();
                 let item = pending.take().expect("a failed push gives the item back");
-                let r = &job.flow.routines[node];
-                tracing::debug!(
-                    job = %job.id,
-                    routine = %r.id,
-                    slot = %r.slot_names[slot],
-                    emitter = self.routine_id(),
-                    "overrunning a full slot by one item: an emit from outside the pool, \
-                     which is stalled"
+                return self.overrun(
+                    Sched::External(pool),
+                    node,
+                    slot,
+                    item,
+                    "an emit from outside the pool, which is stalled or stopping",
                 );
-                return job
-                    .push(node, slot, item, true, Sched::External(pool))
-                    .map_err(|_| EmitError::Overrun {
-                        routine: self.routine_id().to_owned(),
-                        to: format!("{}.{}", r.id, r.slot_names[slot]),
-                    });
             }
             stalled_at = stalled.then_some(epoch);
             let pushed = job.push_or_wait(

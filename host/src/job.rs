@@ -56,6 +56,10 @@ pub(crate) const OVERRUN_ITEMS: usize = 1024;
 /// about two chunks per slot).
 const CREDIT_CHUNK: u64 = 64 << 10;
 
+/// How many activation failures a job keeps in its report (every one is counted in its
+/// routine's `errors`, and its items kept as a dead letter).
+pub(crate) const MAX_KEPT_FAILURES: usize = 1_000;
+
 /// How many failed activations of one routine are logged as warnings (the rest at debug).
 const LOGGED_FAILURES: u64 = 5;
 
@@ -119,6 +123,11 @@ pub struct DeadLetter {
     pub error: String,
     /// How many times the logic ran on them.
     pub attempts: u32,
+    /// How many outputs the failed activation had already delivered downstream before it
+    /// failed (a streaming routine's: a retrying routine's attempt delivers nothing until it
+    /// succeeds, so it is 0 there).
+    #[serde(default)]
+    pub delivered: u64,
     /// When they were dead-lettered.
     pub at: SystemTime,
 }
@@ -878,11 +887,16 @@ impl Job {
                 attempt
             );
             let _enter = span.enter();
-            let ctx = Context::new(self.clone(), node);
+            // A retrying routine's attempt is a unit: its emits and state changes are held
+            // until it succeeds. Other routines stream.
+            let ctx = if matches!(r.on_error, ErrorStrategy::Retry(_)) {
+                Context::attempt(self.clone(), node)
+            } else {
+                Context::new(self.clone(), node)
+            };
             let started = Instant::now();
             w.enter(self, node);
             let result = panic::catch_unwind(AssertUnwindSafe(|| r.logic.activate(&ctx, &batch)));
-            w.exit();
             let result = result.unwrap_or_else(|payload| {
                 Err(RoutineError::fatal(format!(
                     "logic panicked: {}",
@@ -894,6 +908,17 @@ impl Job {
                 (Ok(()), Some(e)) => Err(e),
                 (r, _) => r,
             };
+            // A successful attempt's held effects are applied and delivered now (still on
+            // this stack: a delivery into a cycle sees the routine as running here); a failed
+            // one's are dropped.
+            let result = match result {
+                Ok(()) => ctx.commit_attempt(),
+                Err(e) => {
+                    ctx.discard_attempt();
+                    Err(e)
+                }
+            };
+            w.exit();
             let result = result.map_err(|mut e| {
                 e.message = cut(e.message, self.flow.budgets.error_bytes);
                 e
@@ -907,14 +932,17 @@ impl Job {
                 }
                 Err(e) => e,
             };
-            if self.control.load(Ordering::Acquire) == CANCELLED {
-                // The job was cancelled under this activation (an emit waiting for space
-                // returns `JobHalted`, say): keep the items, but it is not the routine's fault.
-                self.dead_letter(
+            let delivered = ctx.progress().delivered.load(Ordering::Relaxed);
+            if self.halted() {
+                // The job failed or was cancelled under this activation (an emit was refused,
+                // a guest was stopped): keep the items, but it is not the routine's fault, so
+                // no error is charged to it.
+                self.dead_letter_with(
                     node,
                     batch,
-                    format!("job cancelled: {}", err.message),
+                    format!("job {}: {}", self.status(), err.message),
                     attempt + 1,
+                    delivered,
                 );
                 return Outcome::Done;
             }
@@ -949,7 +977,7 @@ impl Job {
                 ErrorStrategy::Continue => Action::Continue,
                 ErrorStrategy::Skip => Action::Skip,
             };
-            self.handle_failure(node, batch, err, attempt + 1, action);
+            self.handle_failure(node, batch, err, attempt + 1, action, delivered);
             return Outcome::Done;
         }
     }
@@ -961,6 +989,7 @@ impl Job {
         err: RoutineError,
         attempts: u32,
         action: Action,
+        delivered: u64,
     ) {
         let r = &self.flow.routines[node];
         let c = &self.nodes[node].counters;
@@ -987,18 +1016,22 @@ impl Job {
                 } else {
                     tracing::debug!(job = %self.id, routine = %r.id, error = %err, attempts, strategy, "activation failed");
                 }
-                self.failures.lock().push(ActivationFailure {
-                    routine: r.id.to_string(),
-                    error: err.message.clone(),
-                    retryable: err.retryable,
-                    attempts,
-                    strategy: strategy.to_owned(),
-                    at: SystemTime::now(),
-                });
+                let mut failures = self.failures.lock();
+                // Kept within a bound (each routine's `errors` counts them all).
+                if failures.len() < MAX_KEPT_FAILURES {
+                    failures.push(ActivationFailure {
+                        routine: r.id.to_string(),
+                        error: err.message.clone(),
+                        retryable: err.retryable,
+                        attempts,
+                        strategy: strategy.to_owned(),
+                        at: SystemTime::now(),
+                    });
+                }
             }
         }
         let message = err.message.clone();
-        self.dead_letter(node, batch, err.message, attempts);
+        self.dead_letter_with(node, batch, err.message, attempts, delivered);
         if let Action::Stop = action {
             self.fail(format!("routine `{}` failed: {message}", r.id));
         }
@@ -1025,6 +1058,18 @@ impl Job {
     /// and kept on the job within its dead-letter budgets and its memory budget; past them,
     /// counted and not kept.
     pub(crate) fn dead_letter(&self, node: usize, batch: Batch, error: String, attempts: u32) {
+        self.dead_letter_with(node, batch, error, attempts, 0);
+    }
+
+    /// [`Job::dead_letter`] of a failed activation that had delivered `delivered` outputs.
+    pub(crate) fn dead_letter_with(
+        &self,
+        node: usize,
+        batch: Batch,
+        error: String,
+        attempts: u32,
+        delivered: u64,
+    ) {
         let r = &self.flow.routines[node];
         let n = batch.len() as u64;
         let (names, data) = batch.into_parts();
@@ -1041,6 +1086,7 @@ impl Job {
             items,
             error: cut(error, self.flow.budgets.error_bytes),
             attempts,
+            delivered,
             at: SystemTime::now(),
         };
         if let Some(sink) = &self.shared.on_dead_letter {

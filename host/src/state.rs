@@ -122,12 +122,29 @@ fn cost(key: &str, text: &str) -> u64 {
     (key.len() + text.len()) as u64
 }
 
+/// What one attempt of a retrying routine changed in its state, not yet applied: the attempt
+/// reads its own writes through it, and they reach the routine's state only if the attempt
+/// succeeds ([`Overlay::commit`]). An `add` stays a delta, so concurrent attempts lose no
+/// increment.
+#[derive(Default)]
+pub(crate) struct Overlay {
+    changes: BTreeMap<String, Change>,
+}
+
+enum Change {
+    Set(Box<str>),
+    Removed,
+    Add(i64),
+}
+
 /// A routine's state within one job (from [`Context::state`](crate::Context::state)).
 pub struct StateRef<'a> {
     state: &'a Mutex<State>,
     routine: &'a str,
     budgets: RoutineBudgets,
     meter: &'a Meter,
+    /// The attempt's pending changes, for a retrying routine.
+    overlay: Option<&'a Mutex<Overlay>>,
 }
 
 impl<'a> StateRef<'a> {
@@ -142,31 +159,75 @@ impl<'a> StateRef<'a> {
             routine,
             budgets,
             meter,
+            overlay: None,
+        }
+    }
+
+    /// The same state seen through an attempt's pending changes (writes go there).
+    pub(crate) fn through(mut self, overlay: &'a Mutex<Overlay>) -> Self {
+        self.overlay = Some(overlay);
+        self
+    }
+
+    /// The JSON text under `key` as this activation sees it.
+    fn view(&self, key: &str) -> Result<Option<String>, StateError> {
+        let base = || self.state.lock().values.get(key).map(|t| t.to_string());
+        let Some(overlay) = self.overlay else {
+            return Ok(base());
+        };
+        Ok(match overlay.lock().changes.get(key) {
+            None => base(),
+            Some(Change::Set(t)) => Some(t.to_string()),
+            Some(Change::Removed) => None,
+            Some(Change::Add(d)) => Some(
+                self.int_of(key, base().as_deref())?
+                    .saturating_add(*d)
+                    .to_string(),
+            ),
+        })
+    }
+
+    fn int_of(&self, key: &str, text: Option<&str>) -> Result<i64, StateError> {
+        match text {
+            None => Ok(0),
+            Some(t) => parse(t).as_i64().ok_or_else(|| StateError::NotAnInteger {
+                routine: self.routine.to_owned(),
+                key: key.to_owned(),
+                value: crate::budget::cut(t.to_owned(), 64),
+            }),
         }
     }
 
     /// A copy of the value under `key`.
     pub fn get(&self, key: &str) -> Option<Value> {
-        self.state.lock().values.get(key).map(|t| parse(t))
+        self.get_text(key).map(|t| parse(&t))
     }
 
     /// The JSON text under `key` (as it was set; nothing is parsed).
     pub fn get_text(&self, key: &str) -> Option<String> {
-        self.state.lock().values.get(key).map(|t| t.to_string())
+        if self.overlay.is_none() {
+            return self.state.lock().values.get(key).map(|t| t.to_string());
+        }
+        self.view(key).ok().flatten()
     }
 
     /// The value under `key`, deserialised; `None` if absent.
     pub fn get_as<T: DeserializeOwned>(&self, key: &str) -> Option<Result<T, serde_json::Error>> {
-        self.state
-            .lock()
-            .values
-            .get(key)
-            .map(|t| serde_json::from_str(t))
+        self.get_text(key).map(|t| serde_json::from_str(&t))
     }
 
     /// Sets `key` to a serialisable value; returns the previous value.
     pub fn set(&self, key: &str, value: impl Serialize) -> Result<Option<Value>, StateError> {
         let text = serde_json::to_string(&value).map_err(|source| self.json(key, source))?;
+        if let Some(overlay) = self.overlay {
+            self.check_sizes(key, text.len())?;
+            let old = self.view(key)?;
+            overlay
+                .lock()
+                .changes
+                .insert(key.to_owned(), Change::Set(text.into_boxed_str()));
+            return Ok(old.map(|t| parse(&t)));
+        }
         self.set_checked(key, text)
             .map(|old| old.map(|t| parse(&t)))
     }
@@ -176,6 +237,13 @@ impl<'a> StateRef<'a> {
     pub fn set_text(&self, key: &str, text: String) -> Result<(), StateError> {
         self.check_sizes(key, text.len())?;
         crate::item::validate_json(&text).map_err(|source| self.json(key, source))?;
+        if let Some(overlay) = self.overlay {
+            overlay
+                .lock()
+                .changes
+                .insert(key.to_owned(), Change::Set(text.into_boxed_str()));
+            return Ok(());
+        }
         self.set_checked(key, text).map(|_| ())
     }
 
@@ -185,6 +253,17 @@ impl<'a> StateRef<'a> {
         key: &str,
         f: impl FnOnce(Option<&Value>) -> Value,
     ) -> Result<Value, StateError> {
+        if let Some(overlay) = self.overlay {
+            let old = self.view(key)?.map(|t| parse(&t));
+            let new = f(old.as_ref());
+            let text = serde_json::to_string(&new).map_err(|source| self.json(key, source))?;
+            self.check_sizes(key, text.len())?;
+            overlay
+                .lock()
+                .changes
+                .insert(key.to_owned(), Change::Set(text.into_boxed_str()));
+            return Ok(new);
+        }
         let mut state = self.state.lock();
         let old = state.values.get(key).map(|t| parse(t));
         let new = f(old.as_ref());
@@ -209,6 +288,19 @@ impl<'a> StateRef<'a> {
     /// Atomically adds `delta` to the integer under `key` (absent counts as 0); fails,
     /// changing nothing, if the value there is not an integer.
     pub fn add(&self, key: &str, delta: i64) -> Result<i64, StateError> {
+        if let Some(overlay) = self.overlay {
+            // The sum as this attempt sees it; the change stays a delta unless the attempt
+            // set the key itself.
+            let now = self.int_of(key, self.view(key)?.as_deref())?;
+            let mut o = overlay.lock();
+            let change = match o.changes.remove(key) {
+                None => Change::Add(delta),
+                Some(Change::Add(d)) => Change::Add(d.saturating_add(delta)),
+                Some(_) => Change::Set(now.saturating_add(delta).to_string().into_boxed_str()),
+            };
+            o.changes.insert(key.to_owned(), change);
+            return Ok(now.saturating_add(delta));
+        }
         let mut state = self.state.lock();
         let old = match state.values.get(key) {
             None => 0,
@@ -245,6 +337,17 @@ impl<'a> StateRef<'a> {
     ) -> Result<bool, StateError> {
         self.check_sizes(key, text.len())?;
         crate::item::validate_json(&text).map_err(|source| self.json(key, source))?;
+        if let Some(overlay) = self.overlay {
+            let current = self.view(key)?.map(|t| parse(&t));
+            if current.as_ref() != expected {
+                return Ok(false);
+            }
+            overlay
+                .lock()
+                .changes
+                .insert(key.to_owned(), Change::Set(text.into_boxed_str()));
+            return Ok(true);
+        }
         let mut state = self.state.lock();
         let current = state.values.get(key).map(|t| parse(t));
         if current.as_ref() != expected {
@@ -256,6 +359,14 @@ impl<'a> StateRef<'a> {
 
     /// Removes `key`; returns its value.
     pub fn remove(&self, key: &str) -> Option<Value> {
+        if let Some(overlay) = self.overlay {
+            let old = self.view(key).ok().flatten();
+            overlay
+                .lock()
+                .changes
+                .insert(key.to_owned(), Change::Removed);
+            return old.map(|t| parse(&t));
+        }
         let mut state = self.state.lock();
         let old = state.values.remove(key)?;
         let freed = cost(key, &old);
@@ -264,9 +375,88 @@ impl<'a> StateRef<'a> {
         Some(parse(&old))
     }
 
-    /// A copy of the whole state.
+    /// A copy of the whole state (as this activation sees it).
     pub fn snapshot(&self) -> Map<String, Value> {
-        self.state.lock().snapshot()
+        let mut all = self.state.lock().snapshot();
+        if let Some(overlay) = self.overlay {
+            let keys: Vec<String> = overlay.lock().changes.keys().cloned().collect();
+            for k in keys {
+                match self.view(&k).ok().flatten() {
+                    Some(t) => {
+                        all.insert(k, parse(&t));
+                    }
+                    None => {
+                        all.remove(&k);
+                    }
+                }
+            }
+        }
+        all
+    }
+
+    /// Applies an attempt's changes to the state, all of them or (when one would pass a
+    /// budget, or an `add` finds no integer) none.
+    pub(crate) fn commit(&self, overlay: Overlay) -> Result<(), StateError> {
+        if overlay.changes.is_empty() {
+            return Ok(());
+        }
+        let mut state = self.state.lock();
+        // Resolve every change against the state as it is now, then check the budgets once.
+        let mut resolved: Vec<(String, Option<String>)> = Vec::new();
+        for (key, change) in overlay.changes {
+            let text = match change {
+                Change::Set(t) => Some(t.into_string()),
+                Change::Removed => None,
+                Change::Add(d) => {
+                    let now = self.int_of(&key, state.values.get(&key).map(|t| &**t))?;
+                    Some(now.saturating_add(d).to_string())
+                }
+            };
+            resolved.push((key, text));
+        }
+        let mut total = state.bytes;
+        for (key, text) in &resolved {
+            total -= state.values.get(key).map_or(0, |t| cost(key, t));
+            total += text.as_ref().map_or(0, |t| cost(key, t));
+        }
+        let key = resolved.first().map(|(k, _)| k.clone()).unwrap_or_default();
+        if total > self.budgets.state_bytes {
+            return Err(StateError::Full {
+                routine: self.routine.to_owned(),
+                key,
+                total,
+                what: format!(
+                    "the routine's state budget of {}",
+                    bytes(self.budgets.state_bytes)
+                ),
+            });
+        }
+        if total > state.bytes && !self.meter.reserve(total - state.bytes) {
+            return Err(StateError::Full {
+                routine: self.routine.to_owned(),
+                key,
+                total,
+                what: format!(
+                    "what is left of the job's memory budget of {}",
+                    bytes(self.meter.limit())
+                ),
+            });
+        }
+        if total < state.bytes {
+            self.meter.release(state.bytes - total);
+        }
+        for (key, text) in resolved {
+            match text {
+                Some(t) => {
+                    state.values.insert(key, t.into_boxed_str());
+                }
+                None => {
+                    state.values.remove(&key);
+                }
+            }
+        }
+        state.bytes = total;
+        Ok(())
     }
 
     /// The largest value this state takes (JSON text, in bytes).

@@ -160,6 +160,8 @@ pub(crate) struct LimitsDef {
     pub state_value_bytes: Option<Size>,
     #[serde(default)]
     pub output_bytes: Option<Size>,
+    #[serde(default)]
+    pub attempt_bytes: Option<Size>,
 }
 
 /// A flow's `budgets:` (per job).

@@ -343,6 +343,9 @@ fn apply_limits(base: &mut AllLimits, def: &LimitsDef) -> Result<(), String> {
     if let Some(n) = def.output_bytes {
         b.output_bytes = n.0;
     }
+    if let Some(n) = def.attempt_bytes {
+        b.attempt_bytes = n.0;
+    }
     if let Some(n) = def.queue_bytes {
         base.queue_bytes = nonzero("queue_bytes", n.0)?;
     }
@@ -391,6 +394,7 @@ fn raised(base: &AllLimits, asked: &AllLimits) -> Vec<String> {
             ab.state_value_bytes,
         ),
         ("output_bytes", bb.output_bytes, ab.output_bytes),
+        ("attempt_bytes", bb.attempt_bytes, ab.attempt_bytes),
         ("queue_bytes", base.queue_bytes, asked.queue_bytes),
     ] {
         if a > b {
@@ -423,6 +427,7 @@ fn lowered_only(base: &AllLimits, asked: &AllLimits) -> AllLimits {
             state_bytes: ab.state_bytes.min(bb.state_bytes),
             state_value_bytes: ab.state_value_bytes.min(bb.state_value_bytes),
             output_bytes: ab.output_bytes.min(bb.output_bytes),
+            attempt_bytes: ab.attempt_bytes.min(bb.attempt_bytes),
         },
         queue_bytes: asked.queue_bytes.min(base.queue_bytes),
     }

@@ -407,3 +407,174 @@ fn a_panicking_custom_policy_fails_the_job_and_keeps_the_worker() {
     assert!(job.wait(WAIT));
     assert_eq!(job.status(), JobStatus::Completed);
 }
+
+#[test]
+fn a_fan_out_emit_cut_by_a_cancel_is_a_dead_letter_at_every_slot_it_did_not_reach() {
+    // src fans out to `a` (one slot of one item, held at a gate) and `b`. Its third emit
+    // waits for room in `a`; the job is cancelled: the item is a dead letter of `a` and of
+    // `b` too, which it never reached. Nothing is partial and silent.
+    use crate::common::Gate;
+    let rt = runtime(2);
+    let gate = Gate::new();
+    let g = gate.clone();
+    // `a` must be running on the other worker (not nested under src's blocked emit).
+    let started = Gate::new();
+    let (s1, s2) = (started.clone(), started.clone());
+    let mut f = Flow::new();
+    f.add_routine(
+        Routine::new()
+            .slot("go")
+            .event("out", ["id"])
+            .logic(move |ctx, _| {
+                ctx.emit("out", &json!({ "id": 0 }))?;
+                s1.wait();
+                for id in 1..3 {
+                    ctx.emit("out", &json!({ "id": id }))?;
+                }
+                Ok(())
+            }),
+        "src",
+    )
+    .add_routine(
+        Routine::new()
+            .slot_with_capacity("in", 1)
+            .logic(move |_, _| {
+                s2.open();
+                g.wait();
+                Ok(())
+            }),
+        "a",
+    )
+    .add_routine(Routine::new().slot("in").logic(|_, _| Ok(())), "b")
+    .connect("src", "out", "a", "in")
+    .connect("src", "out", "b", "in");
+    rt.register("f", &f).unwrap();
+    let job = rt.post("f", "src", "go", &json!({})).unwrap();
+    // `a` runs item 0 (held), item 1 fills its slot, item 2 waits for room there.
+    assert!(crate::common::eventually(|| job.counters()["a"].items_in
+        == 2
+        && job.counters()["b"].items_in == 2));
+    std::thread::sleep(Duration::from_millis(50));
+    assert!(job.cancel());
+    gate.open();
+    assert!(job.wait(WAIT));
+    let c = job.counters();
+    assert_eq!(c["a"].items_in, 3, "{c:?}");
+    assert_eq!(c["b"].items_in, 3, "the item is b's dead letter too: {c:?}");
+    let dead_b: Vec<_> = job
+        .dead_letters()
+        .into_iter()
+        .filter(|d| d.routine == "b")
+        .collect();
+    assert_eq!(dead_b.len(), 1);
+    assert_eq!(dead_b[0].items["in"][0].value()["id"], 2);
+    // src was cancelled under its emit: not its fault, no error charged.
+    assert_eq!(c["src"].errors, 0, "{c:?}");
+    for (name, k) in &c {
+        assert_eq!(
+            k.items_in,
+            k.processed + k.dead_lettered + k.queued,
+            "{name}: {k:?}"
+        );
+    }
+}
+
+#[test]
+fn a_native_emit_after_cancel_is_refused_like_a_guests() {
+    use crate::common::Gate;
+    let rt = runtime(2);
+    let gate = Gate::new();
+    let g = gate.clone();
+    let result: Log<String> = Log::new();
+    let r = result.clone();
+    let mut f = Flow::new();
+    f.add_routine(
+        Routine::new()
+            .slot("go")
+            .event("out", ["id"])
+            .logic(move |ctx, _| {
+                g.wait();
+                match ctx.emit("out", &json!({"id": 1})) {
+                    Ok(()) => r.push("delivered".into()),
+                    Err(e) => r.push(e.to_string()),
+                }
+                Ok(())
+            }),
+        "src",
+    )
+    .add_routine(Routine::new().slot("in").logic(|_, _| Ok(())), "sink")
+    .connect("src", "out", "sink", "in");
+    rt.register("f", &f).unwrap();
+    let job = rt.post("f", "src", "go", &json!({})).unwrap();
+    assert!(crate::common::eventually(
+        || job.counters()["src"].queued == 0
+    ));
+    assert!(job.cancel());
+    gate.open();
+    assert!(job.wait(WAIT));
+    assert_eq!(
+        result.get(),
+        vec!["job job-1 halted while `src` waited to deliver an item"]
+    );
+    assert_eq!(job.counters()["sink"].items_in, 0);
+}
+
+#[test]
+fn under_stop_an_innocent_upstream_routine_is_not_charged_the_failure() {
+    // `bad` fails under stop while `src`, on the only thread, waits to emit into its full
+    // slot: `src`'s emit is refused, and its items are kept, but the error is `bad`'s alone.
+    let rt = runtime(1);
+    let mut f = Flow::new();
+    f.add_routine(
+        Routine::new()
+            .slot("go")
+            .event("out", ["id"])
+            .logic(|ctx, _| {
+                for id in 0..10 {
+                    ctx.emit("out", &json!({ "id": id }))?;
+                }
+                Ok(())
+            }),
+        "src",
+    )
+    .add_routine(
+        Routine::new()
+            .slot_with_capacity("in", 2)
+            .policy(routilux::Policy::batch_size(1))
+            .on_error(ErrorStrategy::Stop)
+            .logic(|_, b| {
+                if b.items().any(|i| i.value()["id"] == 3) {
+                    return Err("bad item 3".into());
+                }
+                Ok(())
+            }),
+        "bad",
+    )
+    .connect("src", "out", "bad", "in");
+    rt.register("f", &f).unwrap();
+    let job = rt.post("f", "src", "go", &json!({})).unwrap();
+    assert!(job.wait(WAIT));
+    assert_eq!(job.status(), JobStatus::Failed);
+    let c = job.counters();
+    assert_eq!(c["bad"].errors, 1);
+    assert_eq!(c["src"].errors, 0, "{c:?}");
+    assert_eq!(job.errors().len(), 1, "{:?}", job.errors());
+    let src_dead: Vec<_> = job
+        .dead_letters()
+        .into_iter()
+        .filter(|d| d.routine == "src")
+        .collect();
+    assert_eq!(src_dead.len(), 1);
+    assert!(
+        src_dead[0].error.starts_with("job failed: "),
+        "{}",
+        src_dead[0].error
+    );
+    for (name, k) in &c {
+        assert_eq!(
+            k.items_in,
+            k.processed + k.dead_lettered + k.queued,
+            "{name}: {k:?}"
+        );
+    }
+}

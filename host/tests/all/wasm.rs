@@ -1,5 +1,6 @@
 //! WebAssembly routines through real components in real wasmtime instances.
 
+mod accounting;
 mod containment;
 mod emit;
 mod examples;

@@ -16,6 +16,8 @@
 //! | `resources` | makes `count` pollables and never drops them |
 //! | `double` | emits the item twice, one generation on (a flood in a cycle) |
 //! | `count` | prints how many `count` items this instance has seen (what its memory carries) |
+//! | `fault` | emits `emits` items `{"n": i}`, failing before the one numbered `at` (at the end if `at >= emits`) with a `kind` of fault: `error` (retryable), `trap` (a panic), `deadline` (a busy loop), `budget` (an emit of `bytes` bytes), or none for any other kind |
+//! | `flaky` | emits the item's `id` on `out`, adds 1 to WorkerState `n`, and fails (retryably) the first `fails` times it sees that id |
 //! | anything else | forwards the item |
 
 use std::sync::Mutex;
@@ -24,6 +26,28 @@ use routilux_sdk::{Batch, Context, Error, Level, Routine, Spec, json};
 
 /// What `grow` keeps alive.
 static HOARD: Mutex<Vec<Vec<u8>>> = Mutex::new(Vec::new());
+
+/// How many times `flaky` has seen each id (the instance lives on after an error value).
+static FLAKY: Mutex<Vec<(u64, u64)>> = Mutex::new(Vec::new());
+
+/// Fails as `kind` says.
+fn fault(kind: &str, bytes: u64) -> Result<(), Error> {
+    match kind {
+        "trap" => panic!("fault: trap"),
+        "deadline" => {
+            let mut n = 0u64;
+            loop {
+                n = std::hint::black_box(n.wrapping_add(1));
+            }
+        }
+        "budget" => {
+            raw::emit("out", &padded_item(bytes)).map_err(Error::fatal)?;
+            Ok(())
+        }
+        "error" => Err(Error::retryable("fault: error")),
+        _ => Ok(()),
+    }
+}
 
 /// What `count` counts: guest memory that lives as long as the instance.
 static SEEN: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
@@ -127,6 +151,42 @@ impl Routine for Hostile {
                     let next = json!({ "do": "double", "gen": generation + 1, "pad": pad(bytes), "bytes": bytes });
                     ctx.emit("out", &next)?;
                     ctx.emit("out", &next)?;
+                }
+                "fault" => {
+                    let emits: u64 = item.get_opt("emits")?.unwrap_or(2);
+                    let at: u64 = item.get_opt("at")?.unwrap_or(0);
+                    let kind: String = item.get_opt("kind")?.unwrap_or_default();
+                    for n in 0..emits {
+                        if n == at {
+                            fault(&kind, bytes)?;
+                        }
+                        ctx.emit("out", &json!({ "n": n }))?;
+                    }
+                    if at >= emits {
+                        fault(&kind, bytes)?;
+                    }
+                }
+                "flaky" => {
+                    let id: u64 = item.get_opt("id")?.unwrap_or(0);
+                    let fails: u64 = item.get_opt("fails")?.unwrap_or(1);
+                    ctx.emit("out", &json!({ "id": id }))?;
+                    ctx.add_state("n", 1)?;
+                    let seen = {
+                        let mut f = FLAKY.lock().map_err(|_| Error::fatal("poisoned"))?;
+                        match f.iter_mut().find(|(k, _)| *k == id) {
+                            Some((_, n)) => {
+                                *n += 1;
+                                *n
+                            }
+                            None => {
+                                f.push((id, 1));
+                                1
+                            }
+                        }
+                    };
+                    if seen <= fails {
+                        return Err(Error::retryable(format!("flaky: attempt {seen} of id {id}")));
+                    }
                 }
                 "count" => {
                     let n = SEEN.fetch_add(1, std::sync::atomic::Ordering::Relaxed) + 1;
