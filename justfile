@@ -33,3 +33,11 @@ bench-languages *ARGS:
 plugins:
     rustup target add wasm32-wasip2
     cargo build --release --target wasm32-wasip2 --manifest-path plugins/Cargo.toml
+
+# Fuzz the targets that avoid wasmtime (items, flow files, terminal escaping), e.g. `just fuzz 600`.
+fuzz SECONDS="60":
+    scripts/fuzz {{SECONDS}}
+
+# Fuzz component loading and the host imports (rebuilds wasmtime instrumented: ~10 min first).
+fuzz-wasm SECONDS="60":
+    scripts/fuzz --wasm {{SECONDS}}

@@ -295,6 +295,7 @@ impl Context {
         let r = &self.job.flow.routines[self.node];
         let mut waited = Duration::ZERO;
         for (ev, item) in emits {
+            self.job.count_emit(self.node);
             // An undeliverable item is already a dead letter where it did not arrive.
             let _ = self.route(r, ev, item, &mut waited);
         }
@@ -432,7 +433,7 @@ impl Context {
             }
             a.bytes.fetch_add(size, Ordering::Relaxed);
             a.emits.lock().push((ev, item));
-            self.job.count_emit(self.node);
+            // Counted as emitted when the attempt succeeds and they are released.
             return Ok(());
         }
         self.job.count_emit(self.node);

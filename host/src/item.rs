@@ -305,6 +305,19 @@ mod tests {
     }
 
     #[test]
+    fn numbers_survive_a_round_trip_through_their_own_text() {
+        // Found by `fuzz/item`: without correctly rounded parsing this long mantissa read as
+        // one double, whose own text read back as another.
+        let text = format!(
+            "{{\"n\": {}}}",
+            "643333333333330000000000000000000000000000000000000000000000000000000000000006148914691236517321"
+        );
+        let item = Item::from_json_text(text).unwrap();
+        let again = Item::from_json_text(serde_json::to_string(item.value()).unwrap()).unwrap();
+        assert_eq!(again.value(), item.value());
+    }
+
+    #[test]
     fn bytes_and_value_agree_and_are_shared() {
         let item = Item::new(json!({"id": 7, "s": "x"})).unwrap();
         let copy = item.clone();

@@ -180,7 +180,8 @@ pub struct RoutineCounters {
     pub activations: u64,
     /// Items delivered into the routine's slots.
     pub items_in: u64,
-    /// Items the routine emitted.
+    /// Items the routine emitted (for a retrying routine: those of its attempts that
+    /// succeeded, the only ones released).
     pub items_out: u64,
     /// Items consumed by successful activations.
     pub processed: u64,

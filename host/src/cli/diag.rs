@@ -123,10 +123,11 @@ impl Source {
             )));
         }
         let text = String::from_utf8(bytes).map_err(|e| fail(format!("not UTF-8: {e}")))?;
-        Ok(Self::new(path, text))
+        Ok(Self::from_text(path, text))
     }
 
-    fn new(path: &Path, text: String) -> Self {
+    /// A source of `text`, named `path` in messages.
+    pub(crate) fn from_text(path: &Path, text: String) -> Self {
         let line_starts = std::iter::once(0)
             .chain(text.match_indices('\n').map(|(i, _)| i + 1))
             .collect();
@@ -205,7 +206,7 @@ mod tests {
 
     #[test]
     fn renders_file_line_column_and_a_caret_under_the_token() {
-        let src = Source::new(Path::new("f.yaml"), "a:\n  kind: emial # typo\n".into());
+        let src = Source::from_text(Path::new("f.yaml"), "a:\n  kind: emial # typo\n".into());
         let at = serde_saphyr::from_str::<
             std::collections::BTreeMap<
                 String,

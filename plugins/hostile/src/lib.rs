@@ -16,6 +16,7 @@
 //! | `resources` | makes `count` pollables and never drops them |
 //! | `double` | emits the item twice, one generation on (a flood in a cycle) |
 //! | `count` | prints how many `count` items this instance has seen (what its memory carries) |
+//! | `calls` | makes the raw host calls listed in `calls` (`{"f": "emit" / "log" / "config" / "state_get" / "state_set" / "state_add" / "cas" / "job_id", "a": …, "b": …, "c": …, "n": …}`) with whatever arguments they hold, ignoring the results (for the fuzzer) |
 //! | `fault` | emits `emits` items `{"n": i}`, failing before the one numbered `at` (at the end if `at >= emits`) with a `kind` of fault: `error` (retryable), `trap` (a panic), `deadline` (a busy loop), `budget` (an emit of `bytes` bytes), or none for any other kind |
 //! | `flaky` | emits the item's `id` on `out`, adds 1 to WorkerState `n`, and fails (retryably) the first `fails` times it sees that id |
 //! | anything else | forwards the item |
@@ -186,6 +187,37 @@ impl Routine for Hostile {
                     };
                     if seen <= fails {
                         return Err(Error::retryable(format!("flaky: attempt {seen} of id {id}")));
+                    }
+                }
+                "calls" => {
+                    let calls: Vec<serde_json::Value> = item.get_opt("calls")?.unwrap_or_default();
+                    for c in calls {
+                        let arg = |k: &str| c[k].as_str().unwrap_or("").to_owned();
+                        let (a, b) = (arg("a"), arg("b"));
+                        match c["f"].as_str().unwrap_or("") {
+                            "emit" => drop(raw::emit(&a, &b)),
+                            "log" => {
+                                use routilux_sdk::bindings::routilux::plugin::types::Level as L;
+                                let level = match c["n"].as_i64().unwrap_or(0).rem_euclid(5) {
+                                    0 => L::Trace,
+                                    1 => L::Debug,
+                                    2 => L::Info,
+                                    3 => L::Warn,
+                                    _ => L::Error,
+                                };
+                                raw::log(level, &a);
+                            }
+                            "config" => drop(raw::config(&a)),
+                            "state_get" => drop(raw::state_get(&a)),
+                            "state_set" => drop(raw::state_set(&a, &b)),
+                            "state_add" => drop(raw::state_add(&a, c["n"].as_i64().unwrap_or(0))),
+                            "cas" => {
+                                let expected = c["c"].as_str().map(str::to_owned);
+                                drop(raw::state_compare_and_swap(&a, expected.as_deref(), &b));
+                            }
+                            "job_id" => drop(raw::job_id()),
+                            _ => {}
+                        }
                     }
                 }
                 "count" => {
