@@ -72,6 +72,32 @@ pub(crate) fn routilux(args: &[&str]) -> Run {
     routilux_with(args, &cache_dir())
 }
 
+/// Starts `routilux ARGS` in the repository root with stdout and stderr piped, for a test
+/// that talks to the process while it runs.
+pub(crate) fn spawn(args: &[&str]) -> std::process::Child {
+    use std::process::Stdio;
+    Command::new(env!("CARGO_BIN_EXE_routilux"))
+        .args(args)
+        .current_dir(repo_root())
+        .env("ROUTILUX_CACHE_DIR", cache_dir())
+        .env_remove("CARGO_TARGET_DIR")
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("start routilux")
+}
+
+/// Reads all of `from` on a thread of its own (so a full pipe never blocks the process).
+pub(crate) fn read_all(
+    mut from: impl std::io::Read + Send + 'static,
+) -> std::thread::JoinHandle<String> {
+    std::thread::spawn(move || {
+        let mut s = String::new();
+        let _ = from.read_to_string(&mut s);
+        s
+    })
+}
+
 /// A scratch directory for one test.
 pub(crate) fn scratch() -> tempfile::TempDir {
     let base = repo_root().join("target").join("cli-tests");
@@ -694,7 +720,6 @@ fn guest_text_is_escaped_on_the_terminal_unless_raw() {
 #[test]
 fn a_closed_stdout_is_not_a_panic() {
     use std::io::Read;
-    use std::process::Stdio;
     let dir = scratch();
     let flow = flow_file(
         dir.path(),
@@ -710,21 +735,8 @@ fn a_closed_stdout_is_not_a_panic() {
         vec!["validate", &flow],
     ] {
         // `| head -c 1`: the reader goes away after one byte.
-        let mut child = Command::new(env!("CARGO_BIN_EXE_routilux"))
-            .args(&args)
-            .current_dir(repo_root())
-            .env("ROUTILUX_CACHE_DIR", cache_dir())
-            .env_remove("CARGO_TARGET_DIR")
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped())
-            .spawn()
-            .unwrap();
-        let mut err = child.stderr.take().unwrap();
-        let stderr = std::thread::spawn(move || {
-            let mut s = String::new();
-            let _ = err.read_to_string(&mut s);
-            s
-        });
+        let mut child = spawn(&args);
+        let stderr = read_all(child.stderr.take().unwrap());
         let mut one = [0u8; 1];
         let _ = child.stdout.take().unwrap().read(&mut one);
         let status = child.wait().unwrap();
@@ -875,30 +887,21 @@ fn host_warnings_reach_stderr_escaped_and_the_level_is_chosen() {
 /// (one `kill` each, a moment apart), and returns the run.
 fn run_and_signal(flow: &str, args: &[&str], signals: &[&str]) -> Run {
     use std::io::{BufRead, Read};
-    use std::process::Stdio;
-    let mut child = Command::new(env!("CARGO_BIN_EXE_routilux"))
-        .args(["run", flow, "--json"])
-        .args(args)
-        .current_dir(repo_root())
-        .env("ROUTILUX_CACHE_DIR", cache_dir())
-        .env_remove("CARGO_TARGET_DIR")
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
+    let mut all = vec!["run", flow, "--json"];
+    all.extend_from_slice(args);
+    let mut child = spawn(&all);
     let pid = child.id().to_string();
     let mut err = std::io::BufReader::new(child.stderr.take().unwrap());
-    // The component is loaded and the job started once "using …" is printed.
+    // The job is running once its first item prints "started"; the next (a sleep) then
+    // starts at once.
     let mut first = String::new();
-    err.read_line(&mut first).unwrap();
-    assert!(first.starts_with("using "), "{first}");
-    let mut out = child.stdout.take().unwrap();
-    let stdout = std::thread::spawn(move || {
-        let mut s = String::new();
-        let _ = out.read_to_string(&mut s);
-        s
-    });
-    std::thread::sleep(std::time::Duration::from_millis(500));
+    while !first.contains("stdout: started") {
+        if err.read_line(&mut first).unwrap() == 0 {
+            break;
+        }
+    }
+    let stdout = read_all(child.stdout.take().unwrap());
+    std::thread::sleep(std::time::Duration::from_millis(300));
     for sig in signals {
         let ok = Command::new("kill").arg(sig).arg(&pid).status().unwrap();
         assert!(ok.success());
@@ -924,9 +927,10 @@ fn ctrl_c_stops_gently_and_a_second_signal_cancels_both_with_a_summary() {
          policy: {batch_size: 1}\n",
     );
     let input = dir.path().join("in.jsonl");
-    let lines: String = (0..20)
-        .map(|_| "{\"do\": \"sleep\", \"ms\": 400}\n")
-        .collect();
+    // Each activation sleeps 3 s: long enough that the signals below surely land while one
+    // runs (they come 0.3 s and 0.5 s after the first item printed).
+    let mut lines = String::from("{\"do\": \"print\", \"text\": \"started\"}\n");
+    lines.extend((0..20).map(|_| "{\"do\": \"sleep\", \"ms\": 3000}\n"));
     std::fs::write(&input, lines).unwrap();
     let input = input.display().to_string();
 

@@ -482,7 +482,6 @@ fn a_guest_blocked_in_sleep_or_poll_ends_at_its_deadline_and_on_timeout() {
 #[test]
 fn time_blocked_on_a_slow_reader_is_not_charged_to_the_guest() {
     use std::io::Read;
-    use std::process::{Command, Stdio};
     let dir = scratch();
     let flow = one(256, "    limits: {timeout: 300ms}\n")
         .replace("PLUGINS", &plugin_dir().display().to_string());
@@ -490,20 +489,13 @@ fn time_blocked_on_a_slow_reader_is_not_charged_to_the_guest() {
     std::fs::write(&path, flow).unwrap();
     // 4,000 lines of 200 bytes (800 KB, past the pipe's buffer); the reader pauses 1 s, as a
     // paused pager does, before it reads.
-    let mut child = Command::new(env!("CARGO_BIN_EXE_routilux"))
-        .args(["run", path.to_str().unwrap(), "--post"])
-        .arg(r#"{"do": "print", "bytes": 200, "count": 4000}"#)
-        .env("ROUTILUX_CACHE_DIR", cache_dir())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
-    let mut err = child.stderr.take().unwrap();
-    let stderr = std::thread::spawn(move || {
-        let mut s = String::new();
-        let _ = err.read_to_string(&mut s);
-        s
-    });
+    let mut child = crate::cli::spawn(&[
+        "run",
+        path.to_str().unwrap(),
+        "--post",
+        r#"{"do": "print", "bytes": 200, "count": 4000}"#,
+    ]);
+    let stderr = crate::cli::read_all(child.stderr.take().unwrap());
     std::thread::sleep(Duration::from_secs(1));
     let mut out = String::new();
     child
