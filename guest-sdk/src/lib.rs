@@ -21,7 +21,10 @@ pub mod bindings {
     });
 }
 
+mod repr;
 pub mod testing;
+
+pub use repr::python_repr;
 
 /// What a routine kind looks like to the host: description, slots, events, default config.
 #[derive(Clone, Debug, Default)]
@@ -30,6 +33,7 @@ pub struct Spec {
     pub(crate) slots: Vec<(String, Option<u32>)>,
     pub(crate) events: Vec<(String, Vec<String>)>,
     pub(crate) config: Map<String, Value>,
+    pub(crate) policy: Option<Value>,
 }
 
 impl Spec {
@@ -69,6 +73,15 @@ impl Spec {
     /// Sets a default config value (a flow's config overrides it).
     pub fn config(mut self, key: &str, value: impl Into<Value>) -> Self {
         self.config.insert(key.to_owned(), value.into());
+        self
+    }
+
+    /// Sets the kind's activation policy for flows that set none, in the flow file's form:
+    /// `json!("immediate")`, `json!("all_slots_ready")`, `json!({"batch_size": 10})` or
+    /// `json!({"time_interval": "500ms"})` (a flow's `policy:` overrides it; the host checks
+    /// it when it loads the component).
+    pub fn default_policy(mut self, policy: Value) -> Self {
+        self.policy = Some(policy);
         self
     }
 }
@@ -316,6 +329,7 @@ pub(crate) trait Backend {
     fn state_add(&self, key: &str, delta: i64) -> Result<i64, String>;
     fn state_cas(&self, key: &str, expected: Option<&str>, value: &str) -> Result<bool, String>;
     fn job_id(&self) -> String;
+    fn activation_id(&self) -> String;
 }
 
 /// What an activation can do: emit, log, read config, use WorkerState.
@@ -392,6 +406,12 @@ impl Context<'_> {
     /// The current job's id.
     pub fn job_id(&self) -> String {
         self.backend.job_id()
+    }
+
+    /// This activation's stable id (`JOB/ROUTINE/N`): every retry of the activation sees the
+    /// same one, so an external side effect keyed by it happens once.
+    pub fn activation_id(&self) -> String {
+        self.backend.activation_id()
     }
 }
 
@@ -473,6 +493,9 @@ pub mod __private {
         fn job_id(&self) -> String {
             crate::bindings::routilux::plugin::host::job_id()
         }
+        fn activation_id(&self) -> String {
+            crate::bindings::routilux::plugin::host::activation_id()
+        }
     }
 
     /// The WIT description of routine `R`.
@@ -495,6 +518,7 @@ pub mod __private {
                 .map(|(name, fields)| EventSpec { name, fields })
                 .collect(),
             default_config: Value::Object(spec.config).to_string(),
+            default_policy: spec.policy.map(|p| p.to_string()),
         }
     }
 

@@ -186,4 +186,8 @@ impl Backend for TestHost {
     fn job_id(&self) -> String {
         self.job_id.clone()
     }
+
+    fn activation_id(&self) -> String {
+        format!("{}/test/1", self.job_id)
+    }
 }

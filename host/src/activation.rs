@@ -308,6 +308,9 @@ pub struct Batch {
     names: Arc<[Arc<str>]>,
     data: Vec<Vec<Item>>,
     message: Option<Arc<Value>>,
+    /// The activation's number within its routine and job (1, 2, …; 0 for a batch made by
+    /// hand), kept by every retry of it.
+    number: u64,
 }
 
 impl Batch {
@@ -321,7 +324,19 @@ impl Batch {
             names,
             data,
             message,
+            number: 0,
         }
+    }
+
+    /// The batch as activation `number` of its routine.
+    pub(crate) fn numbered(mut self, number: u64) -> Self {
+        self.number = number;
+        self
+    }
+
+    /// The activation's number within its routine and job (0 for a batch made by hand).
+    pub fn number(&self) -> u64 {
+        self.number
     }
 
     /// Builds a batch by hand (for driving a [`Logic`](crate::Logic) in tests).

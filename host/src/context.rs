@@ -128,6 +128,8 @@ pub struct Context {
     attempt: Option<Arc<Attempt>>,
     /// What this activation has done so far, shared by handles.
     progress: Arc<Progress>,
+    /// The activation's number within its routine and job (see [`Context::activation_id`]).
+    number: u64,
 }
 
 /// An attempt of a retrying routine is a unit: what it emits and what it changes in its
@@ -164,7 +166,14 @@ impl Context {
             output: OnceLock::new(),
             attempt: None,
             progress: Arc::default(),
+            number: 0,
         }
+    }
+
+    /// The context of activation `number` of its routine.
+    pub(crate) fn numbered(mut self, number: u64) -> Self {
+        self.number = number;
+        self
     }
 
     /// A context whose emits and state changes are held as one attempt (see [`Attempt`]).
@@ -192,6 +201,7 @@ impl Context {
             output: OnceLock::from(self.output_budget().clone()),
             attempt: self.attempt.clone(),
             progress: self.progress.clone(),
+            number: self.number,
         }
     }
 
@@ -242,6 +252,13 @@ impl Context {
     /// The job this activation belongs to.
     pub fn job_id(&self) -> JobId {
         self.job.id
+    }
+
+    /// A stable id of this activation: `JOB/ROUTINE/N`, the routine's N-th activation in the
+    /// job. Every retry of an activation has the same id, so logic can make an external side
+    /// effect idempotent with it (a durable job keeps it across a restart).
+    pub fn activation_id(&self) -> String {
+        format!("{}/{}/{}", self.job_id(), self.routine_id(), self.number)
     }
 
     /// The name of the flow being run.

@@ -234,6 +234,8 @@ struct Queues {
     scheduled: bool,
     timer_armed: bool,
     last_fire: Option<Instant>,
+    /// Activations formed so far (each batch released gets the next number).
+    formed: u64,
 }
 
 pub(crate) struct Node {
@@ -346,6 +348,7 @@ impl Job {
                     scheduled: false,
                     timer_armed: false,
                     last_fire: None,
+                    formed: 0,
                 }),
                 counters: Counters::default(),
                 state: Mutex::new(State::default()),
@@ -815,11 +818,15 @@ impl Job {
                                 node,
                             });
                         }
+                        // Activations are numbered per routine as they are formed; a retry of
+                        // one keeps its number (the stable activation id a guest can read).
+                        q.formed += 1;
                         Batch::new(
                             r.slot_names.clone(),
                             data,
                             message.or_else(|| r.message.clone()),
                         )
+                        .numbered(q.formed)
                     }
                 }
             };
@@ -894,7 +901,8 @@ impl Job {
                 Context::attempt(self.clone(), node)
             } else {
                 Context::new(self.clone(), node)
-            };
+            }
+            .numbered(batch.number());
             let started = Instant::now();
             w.enter(self, node);
             let result = panic::catch_unwind(AssertUnwindSafe(|| r.logic.activate(&ctx, &batch)));

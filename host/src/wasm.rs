@@ -1,4 +1,4 @@
-//! WebAssembly routines: components of the `routilux:plugin@0.3.0` world as routine logic.
+//! WebAssembly routines: components of the `routilux:plugin@0.4.0` world (and of 0.3.0) as routine logic.
 //!
 //! ```text
 //! WasmEngine ── one wasmtime Engine (epoch interruption on), one Linker (WASI + host imports),
@@ -64,4 +64,4 @@ pub(crate) use cache::default_dir as default_cache_dir;
 pub use engine::{MAX_COMPONENT_BYTES, WasmConfig, WasmEngine, WasmStats};
 pub use error::LoadError;
 pub use instance::{Limits, Permissions};
-pub use plugin::{KindInfo, LiveInstance, Plugin};
+pub use plugin::{DefaultPolicy, KindInfo, LiveInstance, Plugin};

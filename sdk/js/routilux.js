@@ -22,6 +22,9 @@
 //
 //     export const routine = plugin(Shout);
 //
+// A kind's default activation policy is its static `policy` (the flow file's form, e.g.
+// `{ batch_size: 10 }`; a flow's `policy:` overrides it).
+//
 // `routilux.js` is put beside the plugin's files when it is built; do not copy it in.
 // A kind's name is its static `kind` if set, else the class name in snake_case (`Shout` ->
 // `shout`); its description is the static `description`. Build with `routilux build DIR`
@@ -34,7 +37,7 @@
 // pooled and recycled by the host: keep what must last across activations of a job in worker
 // state (`getState` / `setState` / `addState`), not in fields.
 
-import * as hostModule from "routilux:plugin/host@0.3.0";
+import * as hostModule from "routilux:plugin/host@0.4.0";
 
 // QuickJS exposes an import as the default export's members, StarlingMonkey as named exports.
 const host = hostModule.default ?? hostModule;
@@ -132,9 +135,18 @@ export class Routine {
     return host.jobId();
   }
 
+  /** This activation's stable id (`JOB/ROUTINE/N`): every retry of it sees the same one. */
+  get activationId() {
+    return host.activationId();
+  }
+
   static get kindName() {
     if (Object.hasOwn(this, "kind")) return this.kind;
-    return this.name.replace(/([a-z0-9])([A-Z])/g, "$1_$2").toLowerCase();
+    // Acronyms stay whole: `SMSSubscriber` -> `sms_subscriber`.
+    return this.name
+      .replace(/([a-z0-9])([A-Z])/g, "$1_$2")
+      .replace(/([A-Z])([A-Z][a-z])/g, "$1_$2")
+      .toLowerCase();
   }
 }
 
@@ -151,6 +163,9 @@ function specOf(cls) {
       ? events.map((name) => ({ name, fields: [] }))
       : Object.entries(events).map(([name, fields]) => ({ name, fields: [...fields] })),
     defaultConfig: JSON.stringify(cls.config ?? {}),
+    // The kind's policy when a flow sets none, in the flow file's form (`"immediate"`,
+    // `{ batch_size: 10 }`, `{ time_interval: "500ms" }`).
+    defaultPolicy: cls.policy == null ? null : JSON.stringify(cls.policy),
   };
 }
 

@@ -9,6 +9,7 @@
 mod cli;
 mod hostile;
 mod polyglot;
+mod reference;
 
 #[path = "../support/plugins.rs"]
 mod plugins;

@@ -15,8 +15,17 @@ use super::plugins::Lang;
 
 /// The `routilux:plugin` WIT every guest is built against.
 const PLUGIN_WIT: &str = include_str!("../../../wit/plugin.wit");
-/// The Python SDK.
-const PYTHON_SDK: &str = include_str!("../../../sdk/python/routilux.py");
+/// The Python SDK: the `routilux` package, file by file.
+const PYTHON_SDK: [(&str, &str); 2] = [
+    (
+        "__init__.py",
+        include_str!("../../../sdk/python/routilux/__init__.py"),
+    ),
+    (
+        "activation_policies.py",
+        include_str!("../../../sdk/python/routilux/activation_policies.py"),
+    ),
+];
 /// The JavaScript SDK, its QuickJS console, and the QuickJS world (plugin + stdout/stderr).
 const JS_SDK: &str = include_str!("../../../sdk/js/routilux.js");
 const JS_CONSOLE: &str = include_str!("../../../sdk/js/console-quickjs.js");
@@ -188,7 +197,9 @@ fn stage_plugin_wit(stage: &Path) -> Result<PathBuf, String> {
 fn build_python(dir: &Path, stage: &Path, out: &Path) -> Result<(), String> {
     let wit = stage_plugin_wit(stage)?;
     let sdk = stage.join("python");
-    write(&sdk.join("routilux.py"), PYTHON_SDK)?;
+    for (name, text) in PYTHON_SDK {
+        write(&sdk.join("routilux").join(name), text)?;
+    }
     let tool = tools::componentize_py()?;
     run(
         Command::new(tool)

@@ -8,7 +8,7 @@ use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
 use parking_lot::Mutex;
-use wasmtime::component::{Component, HasSelf, Linker};
+use wasmtime::component::{Component, Linker};
 use wasmtime::{Config, Engine, OptLevel};
 
 use super::bindings;
@@ -186,7 +186,7 @@ impl WasmEngine {
         )
         .map_err(engine_err)?;
         linker.allow_shadowing(false);
-        bindings::Plugin::add_to_linker::<_, HasSelf<_>>(&mut linker, |s| s).map_err(engine_err)?;
+        bindings::add_to_linker(&mut linker).map_err(engine_err)?;
 
         let stop = Arc::new(AtomicBool::new(false));
         let ticker = {

@@ -47,9 +47,9 @@ pub enum LoadError {
         /// wasmtime's explanation.
         detail: String,
     },
-    /// The component is not a `routilux:plugin@0.3.0` plugin (another world, another version
-    /// of the WIT package, or imports the host does not grant).
-    #[error("{}: not a routilux:plugin@0.3.0 plugin: {detail}", path.display())]
+    /// The component is not a `routilux:plugin@0.4.0` (or 0.3.0) plugin (another world,
+    /// another version of the WIT package, or imports the host does not grant).
+    #[error("{}: not a routilux:plugin@0.4.0 (or 0.3.0) plugin: {detail}", path.display())]
     WrongWorld {
         /// The file.
         path: PathBuf,

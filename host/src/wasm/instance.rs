@@ -452,7 +452,7 @@ fn no_call() -> String {
     "only available while an activation runs".to_owned()
 }
 
-impl bindings::routilux::plugin::types::Host for StoreData {}
+impl bindings::v4::routilux::plugin::types::Host for StoreData {}
 
 impl bindings::Host for StoreData {
     fn emit(&mut self, event: String, payload: String) -> Result<(), String> {
@@ -576,6 +576,13 @@ impl bindings::Host for StoreData {
             .map(|c| c.ctx.job_id().to_string())
             .unwrap_or_default()
     }
+
+    fn activation_id(&mut self) -> String {
+        self.call
+            .as_ref()
+            .map(|c| c.ctx.activation_id())
+            .unwrap_or_default()
+    }
 }
 
 /// A slot's items as one JSON array text and the ends of the items in it.
@@ -685,7 +692,7 @@ impl Drop for Checked<'_> {
 /// One live instance: its Store and its bindings.
 struct Instance {
     store: Store<StoreData>,
-    bindings: bindings::Plugin,
+    bindings: bindings::PluginBindings,
     activations: u64,
     /// The last policy message and its JSON text: a routine's built-in policy hands the same
     /// `Arc` to every activation, so it is serialised once per instance, not per activation.
@@ -1015,12 +1022,9 @@ impl Logic for WasmLogic {
         {
             let _ = inst.store.set_fuel(fuel);
         }
-        let result = inst.bindings.routilux_plugin_routine().call_activate(
-            &mut inst.store,
-            &self.kind,
-            &batches,
-            message,
-        );
+        let result = inst
+            .bindings
+            .call_activate(&mut inst.store, &self.kind, &batches, message);
         drop(batches);
         return_arrays(arrays);
         inst.activations += 1;

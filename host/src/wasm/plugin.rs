@@ -29,12 +29,90 @@ pub struct KindInfo {
     pub events: Vec<EventSpec>,
     /// Default config (a flow's config overrides its keys).
     pub default_config: Map<String, Value>,
+    /// The activation policy a routine of this kind gets when a flow sets none (none:
+    /// immediate). Plugins built against WIT 0.4.0 may describe one.
+    pub default_policy: Option<DefaultPolicy>,
+}
+
+/// A kind's default activation policy, as a plugin describes it (the built-in policies; a
+/// guest cannot run a custom one under the host's queue lock).
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub enum DefaultPolicy {
+    /// `"immediate"`.
+    Immediate,
+    /// `"all_slots_ready"`.
+    AllSlotsReady,
+    /// `{"batch_size": n}`.
+    BatchSize(usize),
+    /// `{"time_interval": "500ms"}`.
+    TimeInterval(Duration),
+}
+
+impl DefaultPolicy {
+    /// The engine's policy.
+    pub fn policy(self) -> crate::Policy {
+        match self {
+            Self::Immediate => crate::Policy::Immediate,
+            Self::AllSlotsReady => crate::Policy::AllSlotsReady,
+            Self::BatchSize(n) => crate::Policy::BatchSize(n),
+            Self::TimeInterval(d) => crate::Policy::TimeInterval(d),
+        }
+    }
+
+    /// Parses the WIT's JSON form: `"immediate"`, `"all_slots_ready"`, `{"batch_size": n}`,
+    /// `{"time_interval": "500ms"}`.
+    pub fn parse(text: &str) -> Result<Self, String> {
+        const FORMS: &str = "\"immediate\", \"all_slots_ready\", {\"batch_size\": N} or \
+                             {\"time_interval\": \"500ms\"}";
+        let value: Value =
+            serde_json::from_str(text).map_err(|e| format!("is not JSON ({e}); write {FORMS}"))?;
+        match &value {
+            Value::String(s) if s == "immediate" => Ok(Self::Immediate),
+            Value::String(s) if s == "all_slots_ready" => Ok(Self::AllSlotsReady),
+            Value::Object(m) if m.len() == 1 => match m.iter().next() {
+                Some((k, v)) if k == "batch_size" => match v.as_u64() {
+                    Some(n @ 1..=MAX_DESCRIBED_BATCH) => Ok(Self::BatchSize(n as usize)),
+                    _ => Err(format!(
+                        "`batch_size` must be a whole number from 1 to {MAX_DESCRIBED_BATCH}, \
+                         not {v}"
+                    )),
+                },
+                Some((k, Value::String(d))) if k == "time_interval" => {
+                    match humantime::parse_duration(d.trim()) {
+                        Ok(d) if d.is_zero() => {
+                            Err("`time_interval` must be more than zero".into())
+                        }
+                        Ok(d) if d > Duration::from_secs(86_400) => {
+                            Err("`time_interval` must be at most a day".into())
+                        }
+                        Ok(d) => Ok(Self::TimeInterval(d)),
+                        Err(e) => Err(format!(
+                            "`time_interval` `{d}` is not a duration ({e}); write e.g. `500ms`"
+                        )),
+                    }
+                }
+                _ => Err(format!("is not a policy; write {FORMS}")),
+            },
+            _ => Err(format!("is not a policy; write {FORMS}")),
+        }
+    }
+}
+
+impl std::fmt::Display for DefaultPolicy {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Self::Immediate => f.write_str("immediate"),
+            Self::AllSlotsReady => f.write_str("all_slots_ready"),
+            Self::BatchSize(n) => write!(f, "batch_size({n})"),
+            Self::TimeInterval(d) => write!(f, "time_interval({})", humantime::format_duration(*d)),
+        }
+    }
 }
 
 pub(crate) struct PluginInner {
     pub(crate) engine: Arc<EngineInner>,
     pub(crate) path: PathBuf,
-    pub(crate) pre: bindings::PluginPre<super::instance::StoreData>,
+    pub(crate) pre: bindings::PluginPre,
     pub(crate) permissions: Permissions,
     kinds: Vec<KindInfo>,
     imports: Vec<String>,
@@ -44,7 +122,7 @@ pub(crate) struct PluginInner {
 /// A live instance of a plugin, held until dropped (see [`Plugin::instantiate`]).
 pub struct LiveInstance {
     _store: wasmtime::Store<super::instance::StoreData>,
-    _bindings: bindings::Plugin,
+    _bindings: bindings::PluginBindings,
 }
 
 /// A loaded plugin. Cheap to clone (shared).
@@ -98,10 +176,7 @@ pub(crate) fn open(
     let limits = e.default_limits().clone();
     let mut store = new_store(&inner, &limits, None).map_err(describe)?;
     let instance = inner.pre.instantiate(&mut store).map_err(describe)?;
-    let kinds = instance
-        .routilux_plugin_routine()
-        .call_describe(&mut store)
-        .map_err(describe)?;
+    let kinds = instance.call_describe(&mut store).map_err(describe)?;
     inner.kinds = check(&path, kinds)?;
     Ok(Plugin {
         inner: Arc::new(inner),
@@ -116,6 +191,9 @@ const MAX_NAME_BYTES: usize = 128;
 const MAX_DESCRIPTION_BYTES: usize = 4 << 10;
 /// Largest default config (JSON text) of a kind.
 const MAX_CONFIG_BYTES: usize = 64 << 10;
+/// Largest default policy (JSON text) of a kind, and largest batch it may ask for.
+const MAX_POLICY_BYTES: usize = 1 << 10;
+const MAX_DESCRIBED_BATCH: u64 = 1_000_000;
 /// Largest queue bound a component may ask for (a flow file may set more).
 const MAX_DESCRIBED_QUEUE: u32 = 1_000_000;
 
@@ -252,6 +330,26 @@ fn check(path: &Path, kinds: Vec<RoutineKind>) -> Result<Vec<KindInfo>, LoadErro
                 Map::new()
             }
         };
+        let default_policy = match &k.default_policy {
+            None => None,
+            Some(text) if text.len() > MAX_POLICY_BYTES => {
+                problems.push(format!(
+                    "kind `{kn}`: its default policy is {} bytes (at most {MAX_POLICY_BYTES})",
+                    text.len()
+                ));
+                None
+            }
+            Some(text) => match DefaultPolicy::parse(text) {
+                Ok(p) => Some(p),
+                Err(why) => {
+                    problems.push(format!(
+                        "kind `{kn}`: default policy `{}` {why}",
+                        show(text)
+                    ));
+                    None
+                }
+            },
+        };
         out.push(KindInfo {
             name: k.name,
             description: k.description,
@@ -274,6 +372,7 @@ fn check(path: &Path, kinds: Vec<RoutineKind>) -> Result<Vec<KindInfo>, LoadErro
                 })
                 .collect(),
             default_config: config,
+            default_policy,
         });
     }
     if problems.is_empty() {
@@ -290,6 +389,11 @@ impl Plugin {
     /// The file it was loaded from.
     pub fn path(&self) -> &Path {
         &self.inner.path
+    }
+
+    /// The version of the `routilux:plugin` WIT package it was built against.
+    pub fn wit_version(&self) -> &'static str {
+        self.inner.pre.version()
     }
 
     /// The routine kinds it provides, in the order it described them.
@@ -351,10 +455,7 @@ impl Plugin {
         let limits = self.inner.engine.default_limits().clone();
         let mut store = new_store(&self.inner, &limits, None).map_err(fail)?;
         let bindings = self.inner.pre.instantiate(&mut store).map_err(fail)?;
-        bindings
-            .routilux_plugin_routine()
-            .call_describe(&mut store)
-            .map_err(fail)?;
+        bindings.call_describe(&mut store).map_err(fail)?;
         Ok(LiveInstance {
             _store: store,
             _bindings: bindings,
@@ -430,6 +531,9 @@ impl Plugin {
         }
         for (key, v) in &k.default_config {
             r = r.config(key, v.clone());
+        }
+        if let Some(p) = k.default_policy {
+            r = r.policy(p.policy());
         }
         Ok(r.logic_impl(WasmLogic::new(self.inner.clone(), kind, limits)))
     }

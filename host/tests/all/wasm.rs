@@ -6,6 +6,7 @@ mod emit;
 mod examples;
 mod loading;
 mod sandbox;
+mod versions;
 
 use std::sync::OnceLock;
 use std::time::{Duration, Instant};

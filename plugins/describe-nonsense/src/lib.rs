@@ -1,6 +1,7 @@
 //! A plugin whose `describe` returns nonsense: the same kind twice, a repeated slot, a slot
 //! that holds nothing, a default config that is not a JSON object, and names that would
-//! reach a terminal as escape sequences or break `routine.slot` (a name with a dot).
+//! reach a terminal as escape sequences or break `routine.slot` (a name with a dot), and
+//! default policies that are none.
 
 use routilux_sdk::bindings::exports::routilux::plugin::routine::{
     ActivationError, Guest, RoutineKind, SlotBatch,
@@ -28,6 +29,7 @@ fn kind(config: &str) -> RoutineKind {
             fields: vec![],
         }],
         default_config: config.into(),
+        default_policy: None,
     }
 }
 
@@ -38,7 +40,18 @@ impl Guest for Nonsense {
         hostile.slots.truncate(1);
         hostile.slots[0].name = "a.b".into();
         hostile.events[0].fields = vec!["line\nbreak".into()];
-        vec![kind("{}"), kind("[1, 2]"), hostile]
+        // Default policies a guest cannot have: not a policy, a batch of none, a custom one.
+        let mut p1 = kind("{}");
+        p1.name = "p1".into();
+        p1.slots.truncate(1);
+        p1.default_policy = Some(r#"{"batch_size": 0}"#.into());
+        let mut p2 = p1.clone();
+        p2.name = "p2".into();
+        p2.default_policy = Some(r#"{"custom": "mine"}"#.into());
+        let mut p3 = p1.clone();
+        p3.name = "p3".into();
+        p3.default_policy = Some(r#"{"time_interval": "soon"}"#.into());
+        vec![kind("{}"), kind("[1, 2]"), hostile, p1, p2, p3]
     }
     fn activate(_: String, _: Vec<SlotBatch>, _: Option<String>) -> Result<(), ActivationError> {
         Ok(())

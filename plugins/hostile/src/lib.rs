@@ -135,7 +135,10 @@ impl Routine for Hostile {
                 "grow" => {
                     let block = vec![7u8; bytes as usize];
                     std::hint::black_box(&block);
-                    HOARD.lock().map_err(|_| Error::fatal("poisoned"))?.push(block);
+                    HOARD
+                        .lock()
+                        .map_err(|_| Error::fatal("poisoned"))?
+                        .push(block);
                 }
                 "random" => {
                     let got = wasip2::random::random::get_random_bytes(bytes);
@@ -186,7 +189,9 @@ impl Routine for Hostile {
                         }
                     };
                     if seen <= fails {
-                        return Err(Error::retryable(format!("flaky: attempt {seen} of id {id}")));
+                        return Err(Error::retryable(format!(
+                            "flaky: attempt {seen} of id {id}"
+                        )));
                     }
                 }
                 "calls" => {

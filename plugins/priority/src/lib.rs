@@ -1,53 +1,62 @@
-//! The reference page's priority routing: a router sends each task to the event of its
-//! priority; a processor's `level` comes from its config.
+//! The reference page's conditional fan-out ("Conditional Fan-Out" of
+//! `docs/reference/fan-out.rst`): a router sends each item to the event its priority selects;
+//! each processor's `level` comes from its config, set per routine by the flow.
 
-use routilux_sdk::{Batch, Context, Error, Routine, Spec};
+use routilux_sdk::{Batch, Context, Error, Routine, Spec, json, python_repr};
 
-/// Routes each task (`{"id", "priority": "high"|"normal"|"low"}`) to the event of its priority.
+/// Routes each item by its `priority` (a number; absent counts as 0): 8 and up to
+/// `high_priority`, 5 and up to `normal_priority`, the rest to `low_priority`, each sent as
+/// `{"data": item}` and printed as the page prints it (`Router: High priority → {'id': 1, ...}`).
 pub struct Router;
 
 impl Routine for Router {
     const NAME: &'static str = "router";
     fn spec() -> Spec {
-        Spec::new("routes each task to `high`, `normal` or `low` by its priority")
-            .slot("task")
-            .event("high", ["id", "priority"])
-            .event("normal", ["id", "priority"])
-            .event("low", ["id", "priority"])
+        Spec::new("routes each item to high, normal or low priority by its `priority`")
+            .slot("input")
+            .event("high_priority", ["data"])
+            .event("normal_priority", ["data"])
+            .event("low_priority", ["data"])
     }
     fn activate(ctx: &Context, batch: &Batch) -> Result<(), Error> {
-        for task in batch.slot("task") {
-            let priority: String = task.get_opt("priority")?.unwrap_or_else(|| "normal".into());
-            let event = match priority.as_str() {
-                "high" | "low" => priority.as_str(),
-                _ => "normal",
+        for item in batch.slot("input") {
+            let priority = match item.value().get("priority") {
+                None | Some(serde_json::Value::Null) => 0.0,
+                Some(p) => p
+                    .as_f64()
+                    .ok_or_else(|| Error::fatal(format!("`priority` must be a number, not {p}")))?,
             };
-            ctx.emit(event, task.value())?;
+            let (event, label) = if priority >= 8.0 {
+                ("high_priority", "High")
+            } else if priority >= 5.0 {
+                ("normal_priority", "Normal")
+            } else {
+                ("low_priority", "Low")
+            };
+            println!("Router: {label} priority → {}", python_repr(item.value()));
+            ctx.emit(event, &json!({ "data": item.value() }))?;
         }
         Ok(())
     }
 }
 
-/// Processes tasks at the `level` of its config, printing `[LEVEL] processing task <id>`.
+/// Prints `  [LEVEL] Processing: ITEM` for each item it gets (the routed item, as the page's
+/// expected output shows it, in Python's dict form).
 pub struct Processor;
 
 impl Routine for Processor {
     const NAME: &'static str = "processor";
     fn spec() -> Spec {
-        Spec::new("processes tasks at the priority level set in its config")
-            .slot("task")
-            .event("processed", ["id", "level"])
-            .config("level", "normal")
+        Spec::new("processes items at the level set in its config")
+            .slot("data")
+            .config("level", "")
     }
     fn activate(ctx: &Context, batch: &Batch) -> Result<(), Error> {
-        let level: String = ctx.config("level")?.unwrap_or_else(|| "normal".into());
-        for task in batch.slot("task") {
-            let id: serde_json::Value = task.get("id")?;
-            println!("[{}] processing task {id}", level.to_uppercase());
-            ctx.emit(
-                "processed",
-                &serde_json::json!({ "id": id, "level": level }),
-            )?;
+        let level: String = ctx.config("level")?.unwrap_or_default();
+        for item in batch.slot("data") {
+            // The router sends `{"data": item}`; the page prints the item itself.
+            let routed = item.value().get("data").unwrap_or(item.value());
+            println!("  [{level}] Processing: {}", python_repr(routed));
         }
         Ok(())
     }

@@ -1,7 +1,5 @@
 //! The reference page's examples, end to end with the Rust plugins in real wasmtime instances.
 
-use std::time::Instant;
-
 use routilux::{Flow, JobStatus, Policy};
 use serde_json::json;
 
@@ -13,7 +11,10 @@ const HEADLINES: [&str; 3] = ["Rust 2.0 ships", "Wasm everywhere", "routilux fan
 fn news_fan_out_each_subscriber_prints_each_headline() {
     let news = load("news");
     let mut flow = Flow::new();
-    flow.add_routine(news.routine("broadcaster").unwrap(), "broadcaster");
+    flow.add_routine(
+        news.routine("broadcaster").unwrap().config("delay_ms", 0),
+        "broadcaster",
+    );
     for kind in ["email", "sms", "log"] {
         flow.add_routine(news.routine(kind).unwrap(), kind).connect(
             "broadcaster",
@@ -35,18 +36,35 @@ fn news_fan_out_each_subscriber_prints_each_headline() {
     assert!(rt.wait_until_all_jobs_finished(WAIT));
     assert_eq!(job.status(), JobStatus::Completed, "{:?}", job.errors());
     let out = job.output();
-    for (kind, label) in [("email", "EMAIL"), ("sms", "SMS"), ("log", "LOG")] {
-        let lines: Vec<&str> = out
-            .iter()
-            .filter(|l| l.routine == kind && l.level == "stdout")
-            .map(|l| l.message.as_str())
-            .collect();
-        let expected: Vec<String> = HEADLINES.iter().map(|h| format!("[{label}] {h}")).collect();
-        assert_eq!(lines, expected, "{kind} prints every headline, in order");
+    let printed = |routine: &str| -> Vec<String> {
+        out.iter()
+            .filter(|l| l.routine == routine && l.level == "stdout")
+            .map(|l| l.message.clone())
+            .collect()
+    };
+    let each = |f: &dyn Fn(&str) -> String| HEADLINES.iter().map(|h| f(h)).collect::<Vec<_>>();
+    assert_eq!(
+        printed("broadcaster"),
+        each(&|h| format!("Broadcasting: {h}"))
+    );
+    assert_eq!(
+        printed("email"),
+        each(&|h| format!("  [Email Service] Would send email: {h}"))
+    );
+    assert_eq!(
+        printed("sms"),
+        each(&|h| format!("  [SMS Service] Would send SMS: {h}..."))
+    );
+    // The log subscriber prints the timestamp the broadcaster sent with the headline.
+    for (line, h) in printed("log").iter().zip(HEADLINES) {
+        let rest = line.strip_prefix("  [Log Service] Logged: ").unwrap();
+        assert!(rest.ends_with(&format!(" - {h}")), "{line}");
+        assert_eq!(&rest[4..5], "-", "an ISO date: {line}");
+        assert_eq!(&rest[10..11], "T", "an ISO date and time: {line}");
     }
     assert_eq!(
         streamed.len(),
-        9,
+        12,
         "the lines were streamed as they were printed"
     );
 }
@@ -55,75 +73,80 @@ fn news_fan_out_each_subscriber_prints_each_headline() {
 fn image_processors_of_one_image_run_in_overlapping_intervals() {
     let images = load("images");
     let mut flow = Flow::new();
-    flow.add_routine(images.routine("producer").unwrap(), "producer");
+    flow.add_routine(
+        images.routine("producer").unwrap().config("delay_ms", 0),
+        "producer",
+    );
     for kind in ["resize", "filter", "compress"] {
         flow.add_routine(
             images
                 .routine(kind)
                 .unwrap()
                 .config("work_ms", 150)
-                .policy(Policy::batch_size(1)),
+                .config("report_times", true),
             kind,
         )
         .connect("producer", "image", kind, "image");
     }
-    let (rt, streamed) = recording_runtime(4);
+    let (rt, _) = recording_runtime(4);
     rt.register("images", &flow).unwrap();
     let job = rt
         .post("images", "producer", "trigger", &json!({"count": 2}))
         .unwrap();
     assert!(job.wait(WAIT));
     assert_eq!(job.status(), JobStatus::Completed, "{:?}", job.errors());
-    // Each processor prints "<kind> <image>: start" before its work and ": done" after; the
-    // host forwards each line as it is written, so arrival times bound the work intervals.
-    let lines = streamed.get();
-    let at = |kind: &str, img: &str, what: &str| -> Instant {
-        let text = format!("{kind} {img}: {what}");
-        lines
+    // Each processor logs its own start and end of work on each image (`image ID START END`,
+    // microseconds): for every image, the three were at work at the same moment.
+    let out = job.output();
+    for img in 0..2u64 {
+        let spans: Vec<(u128, u128)> = out
             .iter()
-            .find(|(_, _, l)| l.message == text)
-            .map(|(t, _, _)| *t)
-            .unwrap_or_else(|| panic!("no line `{text}`"))
-    };
-    for img in ["img0.png", "img1.png"] {
-        let kinds = ["resize", "filter", "compress"];
-        let latest_start = kinds.iter().map(|k| at(k, img, "start")).max().unwrap();
-        let earliest_end = kinds.iter().map(|k| at(k, img, "done")).min().unwrap();
+            .filter(|l| l.level == "info")
+            .filter_map(|l| {
+                let f: Vec<&str> = l.message.split_whitespace().collect();
+                (f[1] == img.to_string()).then(|| (f[2].parse().unwrap(), f[3].parse().unwrap()))
+            })
+            .collect();
+        assert_eq!(spans.len(), 3, "image {img}: {out:?}");
+        let latest_start = spans.iter().map(|s| s.0).max().unwrap();
+        let earliest_end = spans.iter().map(|s| s.1).min().unwrap();
         assert!(
             latest_start < earliest_end,
-            "{img}: the three processors did not all run at the same time"
+            "image {img}: the three processors did not all run at the same time: {spans:?}"
         );
     }
     assert_eq!(job.counters()["resize"].items_out, 2);
 }
 
 #[test]
-fn priority_routing_sends_each_task_to_the_processor_its_priority_selects() {
+fn priority_routing_sends_each_item_to_the_processor_its_priority_selects() {
     let prio = load("priority");
     let mut flow = Flow::new();
     flow.add_routine(prio.routine("router").unwrap(), "router");
     for level in ["high", "normal", "low"] {
-        let id = format!("{level}_processor");
+        let id = format!("{level}_proc");
         flow.add_routine(
-            prio.routine("processor").unwrap().config("level", level),
+            prio.routine("processor")
+                .unwrap()
+                .config("level", level.to_uppercase()),
             &id,
         )
-        .connect("router", level, &id, "task");
+        .connect("router", &format!("{level}_priority"), &id, "data");
     }
     let (rt, _) = recording_runtime(2);
     rt.register("priority", &flow).unwrap();
     let job = rt.exec("priority").unwrap();
-    let input = job.input("router", "task").unwrap();
-    let tasks = [
-        ("high", 1),
-        ("low", 2),
-        ("normal", 3),
-        ("high", 4),
-        ("bogus", 5),
-    ];
-    for (p, id) in tasks {
+    let input = job.input("router", "input").unwrap();
+    for (id, p) in [
+        (1, json!(9)),
+        (2, json!(3)),
+        (3, json!(6.5)),
+        (4, json!(8)),
+        (5, json!(null)),
+    ] {
         input.post(&json!({"id": id, "priority": p})).unwrap();
     }
+    input.post(&json!({"id": 6})).unwrap();
     drop(input);
     assert!(job.wait(WAIT));
     assert_eq!(job.status(), JobStatus::Completed, "{:?}", job.errors());
@@ -135,14 +158,28 @@ fn priority_routing_sends_each_task_to_the_processor_its_priority_selects() {
             .collect()
     };
     assert_eq!(
-        printed("high_processor"),
-        vec!["[HIGH] processing task 1", "[HIGH] processing task 4"]
+        printed("high_proc"),
+        vec![
+            "  [HIGH] Processing: {'id': 1, 'priority': 9}",
+            "  [HIGH] Processing: {'id': 4, 'priority': 8}"
+        ]
     );
-    assert_eq!(printed("low_processor"), vec!["[LOW] processing task 2"]);
     assert_eq!(
-        printed("normal_processor"),
-        vec!["[NORMAL] processing task 3", "[NORMAL] processing task 5"],
-        "an unknown priority goes to normal"
+        printed("normal_proc"),
+        vec!["  [NORMAL] Processing: {'id': 3, 'priority': 6.5}"]
+    );
+    assert_eq!(
+        printed("low_proc"),
+        vec![
+            "  [LOW] Processing: {'id': 2, 'priority': 3}",
+            "  [LOW] Processing: {'id': 5, 'priority': None}",
+            "  [LOW] Processing: {'id': 6}"
+        ],
+        "no priority counts as 0"
+    );
+    assert_eq!(
+        printed("router")[0],
+        "Router: High priority → {'id': 1, 'priority': 9}"
     );
 }
 

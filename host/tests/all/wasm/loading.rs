@@ -25,15 +25,18 @@ fn a_component_describes_its_kinds() {
     let b = news.kind("broadcaster").unwrap();
     assert_eq!(b.slots[0].name.as_ref(), "trigger");
     assert_eq!(b.events[0].name.as_ref(), "news");
-    assert_eq!(b.events[0].fields, vec!["headline".to_owned()]);
+    assert_eq!(
+        b.events[0].fields,
+        vec!["headline".to_owned(), "timestamp".to_owned()]
+    );
     assert!(b.description.contains("headline"));
     let images = load("images");
     let resize = images.kind("resize").unwrap();
-    assert_eq!(resize.default_config["work_ms"], 50);
+    assert_eq!(resize.default_config["work_ms"], 200);
     assert!(
         news.imports()
             .iter()
-            .any(|i| i == "routilux:plugin/host@0.3.0"),
+            .any(|i| i == "routilux:plugin/host@0.4.0"),
         "{:?}",
         news.imports()
     );
@@ -117,7 +120,7 @@ fn a_component_of_another_world_or_version_is_refused() {
     let text = e.to_string();
     assert!(text.contains("wrong_world.wasm"), "{text}");
     assert!(
-        text.contains("not a routilux:plugin@0.3.0 plugin"),
+        text.contains("not a routilux:plugin@0.4.0 (or 0.3.0) plugin"),
         "{text}"
     );
 }
@@ -156,7 +159,19 @@ fn a_describe_that_traps_or_talks_nonsense_is_refused() {
         text.contains("default config must be a JSON object"),
         "{text}"
     );
-    assert!(problems.len() >= 4, "{problems:?}");
+    assert!(
+        text.contains("kind `p1`: default policy `{\"batch_size\": 0}` `batch_size` must be"),
+        "{text}"
+    );
+    assert!(
+        text.contains("kind `p2`: default policy `{\"custom\": \"mine\"}` is not a policy"),
+        "{text}"
+    );
+    assert!(
+        text.contains("kind `p3`: default policy `{\"time_interval\": \"soon\"}` `time_interval` `soon` is not a duration"),
+        "{text}"
+    );
+    assert!(problems.len() >= 7, "{problems:?}");
 }
 
 #[test]
