@@ -609,6 +609,13 @@ fn inspect_shows_kinds_slots_events_config_and_capabilities() {
         .unwrap();
     assert_eq!(processor["default_config"]["level"], "");
     assert_eq!(processor["slots"][0]["name"], "data");
+    assert_eq!(v["wit"], "routilux:plugin@0.4.0");
+    // A kind's own default policy, and a plugin of the previous WIT.
+    let r = routilux(&["inspect", &plugin("fixtures").display().to_string()]);
+    assert!(r.stdout.contains("policy:  batch_size(2)"), "{r:?}");
+    let r = routilux(&["inspect", &plugin("wit_0_3").display().to_string()]);
+    assert!(r.stdout.contains("routilux:plugin@0.3.0"), "{r:?}");
+    assert!(r.stdout.contains("policy:  immediate"), "{r:?}");
 }
 
 #[test]

@@ -52,7 +52,7 @@ fn four_languages_fan_out_and_each_subscriber_prints_every_headline() {
     assert_eq!(r.code, OK, "{r:?}");
     // --json: routine output goes to stderr, tagged with the routine.
     for (routine, label) in [
-        ("rust", "[EMAIL]"),
+        ("rust", "  [Email Service] Would send email:"),
         ("python", "[PY]"),
         ("javascript", "[JS]"),
         ("c", "[C]"),
@@ -105,7 +105,11 @@ fn a_trap_in_the_python_subscriber_leaves_the_others_running() {
     let r = routilux(&["run", &flow.display().to_string(), "--post", post, "--json"]);
     assert_eq!(r.code, OK, "on_error: continue keeps the job going: {r:?}");
     for (routine, label, expected) in [
-        ("rust", "[EMAIL]", vec!["one", "TRAP two", "three"]),
+        (
+            "rust",
+            "  [Email Service] Would send email:",
+            vec!["one", "TRAP two", "three"],
+        ),
         ("javascript", "[JS]", vec!["one", "TRAP two", "three"]),
         ("c", "[C]", vec!["one", "TRAP two", "three"]),
         // The trapped instance is dropped; a fresh one serves the next headline.
@@ -222,11 +226,15 @@ pub(crate) fn new_plugin_builds_and_runs(
     env: &[(&str, &str)],
 ) -> (tempfile::TempDir, PathBuf) {
     let dir = scratch();
+    // `python:reference`: the language and the style.
+    let (lang, style) = lang.split_once(':').unwrap_or((lang, "declarative"));
     let r = routilux(&[
         "new",
         name,
         "--lang",
         lang,
+        "--style",
+        style,
         "--dir",
         &dir.path().display().to_string(),
     ]);
@@ -252,7 +260,7 @@ pub(crate) fn new_plugin_builds_and_runs(
 
 /// A Python, JavaScript or C scaffold runs first try, and `inspect` shows what it declares.
 fn new_plugin_runs(lang: &str) {
-    let name = format!("hello-{lang}");
+    let name = format!("hello-{}", lang.replace(':', "-"));
     let (_dir, project) = new_plugin_builds_and_runs(lang, &name, |_| {}, &[]);
     // And what it emitted is what `inspect` says it emits.
     let r = routilux_in(
@@ -276,11 +284,20 @@ fn new_plugin_runs(lang: &str) {
         report["kinds"][0]["default_config"]["greeting"], "Hello",
         "{r:?}"
     );
+    assert_eq!(report["kinds"][0]["default_policy"], "immediate", "{r:?}");
 }
 
 #[test]
 fn new_python_plugin_builds_and_runs_on_the_first_try() {
     new_plugin_runs("python");
+}
+
+#[test]
+fn new_python_plugin_in_the_reference_style_builds_and_runs_on_the_first_try() {
+    new_plugin_runs("python:reference");
+    let r = routilux(&["new", "x", "--lang", "js", "--style", "reference"]);
+    assert_eq!(r.code, crate::cli::USAGE, "{r:?}");
+    assert!(r.stderr.contains("use it with `--lang python`"), "{r:?}");
 }
 
 #[test]

@@ -229,3 +229,165 @@ fn priority_routing_prints_the_pages_output() {
         "{r:?}"
     );
 }
+
+/// The routine classes of the page's three examples as one `plugin.py`: each example's code
+/// pasted unchanged up to where it builds its flow, with only the import lines adjusted (a
+/// plugin imports `Routine` and the policy helpers; `Flow`, `Runtime` and `FlowRegistry` are
+/// the flow file's business). `fix_typo` corrects the page's `slot_list` to `slot_data`.
+pub(crate) fn page_classes(fix_typo: bool) -> String {
+    let page = std::fs::read_to_string(repo_root().join("docs/reference/fan-out.rst")).unwrap();
+    let lines: Vec<&str> = page.lines().collect();
+    let mut out: Vec<String> = Vec::new();
+    let mut imports: Vec<String> = Vec::new();
+    let mut examples = 0;
+    let mut i = 0;
+    while i < lines.len() {
+        if !lines[i].starts_with(".. code-block:: python") {
+            i += 1;
+            continue;
+        }
+        i += 1;
+        while i < lines.len() && lines[i].starts_with("   :") {
+            i += 1;
+        }
+        let mut block = Vec::new();
+        while i < lines.len() && (lines[i].is_empty() || lines[i].starts_with("   ")) {
+            block.push(lines[i].get(3..).unwrap_or_default());
+            i += 1;
+        }
+        if !block.iter().any(|l| l.starts_with("flow = Flow(")) {
+            continue; // a snippet, not one of the three examples
+        }
+        examples += 1;
+        for line in block {
+            if line.starts_with("# Build") {
+                break;
+            }
+            if line.starts_with("from ") || line.starts_with("import ") {
+                let adjusted = match line {
+                    "from routilux import Routine, Flow, Runtime" => "from routilux import Routine",
+                    "from routilux.monitoring.flow_registry import FlowRegistry" => continue,
+                    other => other,
+                };
+                if !imports.iter().any(|l| l == adjusted) {
+                    imports.push(adjusted.to_owned());
+                    out.push(adjusted.to_owned());
+                }
+                continue;
+            }
+            out.push(line.to_owned());
+        }
+    }
+    assert_eq!(examples, 3, "the page has three example flows");
+    let text = out.join("\n").trim_end().to_owned() + "\n";
+    if fix_typo {
+        text.replace("slot_list.get(", "slot_data.get(")
+    } else {
+        text
+    }
+}
+
+/// Runs one of `examples/python/` (the page's classes in `plugins/reference-py`).
+fn run_python_example(name: &str, extra: &[&str]) -> Run {
+    let flow = format!("examples/python/{name}.yaml");
+    let mut args = vec!["run", flow.as_str()];
+    args.extend_from_slice(extra);
+    routilux(&args)
+}
+
+#[test]
+fn the_pages_python_classes_pasted_unchanged_print_the_pages_lines() {
+    // The committed plugin is the page's classes, imports adjusted and the typo fixed.
+    let committed =
+        std::fs::read_to_string(repo_root().join("plugins/reference-py/plugin.py")).unwrap();
+    assert!(
+        committed.ends_with(&page_classes(true)),
+        "plugins/reference-py/plugin.py is not the page's classes"
+    );
+    crate::plugins::guest_plugin("reference-py");
+    let page = expected_outputs();
+
+    // The first run compiles the component (seconds for a Python one): that is not the job's
+    // time, so a short timeout still lets the job run.
+    let dir = scratch();
+    let cache = dir.path().join("cache");
+    let r = crate::cli::routilux_in(
+        &repo_root(),
+        &["run", "examples/python/news_fanout.yaml", "--timeout", "3s"],
+        &cache,
+        &[],
+    );
+    assert!(r.stderr.contains("compiled now"), "{r:?}");
+    assert_prints_the_page(&r, &page[0]);
+
+    assert_prints_the_page(&run_python_example("image_pipeline", &[]), &page[1]);
+
+    // The router prints the page's lines. Its processors print what the page's code prints:
+    // the item they were sent, `{'data': item}` (the page's expected output shows the inner
+    // item, which its own code does not print).
+    let r = run_python_example("priority_routing", &[]);
+    assert_eq!(r.code, OK, "{r:?}");
+    let got = by_speaker(r.stdout.lines().map(str::to_string), str::to_string);
+    let want = by_speaker(page[2].iter().cloned(), str::to_string);
+    assert_eq!(got["Router"], want["Router"], "{r:?}");
+    for level in ["HIGH", "NORMAL", "LOW"] {
+        let wrapped: Vec<String> = want[level]
+            .iter()
+            .map(|l| {
+                let (head, item) = l.split_once("Processing: ").unwrap();
+                format!("{head}Processing: {{'data': {item}}}")
+            })
+            .collect();
+        assert_eq!(got[level], wrapped, "{r:?}");
+    }
+}
+
+#[test]
+fn the_pages_sms_subscriber_verbatim_fails_with_a_name_error_at_its_line() {
+    let dir = scratch();
+    let project = dir.path().join("verbatim");
+    std::fs::create_dir_all(&project).unwrap();
+    let source = page_classes(false);
+    std::fs::write(project.join("plugin.py"), &source).unwrap();
+    let r = routilux(&["build", &project.display().to_string()]);
+    assert_eq!(r.code, OK, "{r:?}");
+    let line = source
+        .lines()
+        .position(|l| l.contains("slot_list"))
+        .expect("the page's typo")
+        + 1;
+    let flow = dir.path().join("flow.yaml");
+    let text = std::fs::read_to_string(repo_root().join("examples/python/news_fanout.yaml"))
+        .unwrap()
+        .replace("../../plugins/reference-py", &project.display().to_string())
+        .replace("reference-py", "verbatim");
+    std::fs::write(&flow, text).unwrap();
+    let r = routilux(&["run", &flow.display().to_string(), "--json"]);
+    assert_eq!(r.code, OK, "on_error: continue keeps the job going: {r:?}");
+    let report: serde_json::Value = serde_json::from_str(&r.stdout).unwrap();
+    assert_eq!(report["routines"]["sms"]["errors"], 3, "{r:?}");
+    let error = report["errors"][0]["error"].as_str().unwrap_or_default();
+    assert_eq!(report["errors"][0]["routine"], "sms", "{r:?}");
+    assert!(
+        error.contains(&format!(
+            "NameError: name 'slot_list' is not defined (plugin.py:{line})"
+        )),
+        "{error}: {r:?}"
+    );
+    // Its siblings print every line the page gives them.
+    let page = expected_outputs();
+    let want = by_speaker(page[0].iter().cloned(), timestamp_checked);
+    // With --json, routine output is on stderr as `[routine] stdout: LINE`.
+    let printed = r
+        .stderr
+        .lines()
+        .filter_map(|l| l.split_once("] stdout: ").map(|(_, t)| t.to_string()));
+    let got = by_speaker(printed, timestamp_checked);
+    for who in ["Broadcasting", "Email Service", "Log Service"] {
+        assert_eq!(got[who], want[who], "{who}: {r:?}");
+    }
+    assert!(!got.contains_key("SMS Service"), "{r:?}");
+    for routine in ["broadcaster", "email", "log"] {
+        assert_eq!(report["routines"][routine]["errors"], 0, "{routine}: {r:?}");
+    }
+}

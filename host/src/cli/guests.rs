@@ -200,6 +200,23 @@ fn build_python(dir: &Path, stage: &Path, out: &Path) -> Result<(), String> {
     for (name, text) in PYTHON_SDK {
         write(&sdk.join("routilux").join(name), text)?;
     }
+    // The component runs without a file system, so only modules imported while it is built
+    // (componentize-py snapshots the interpreter) are there at run time: every module the
+    // plugin's sources name anywhere, also inside a function (`import datetime` in the logic,
+    // as the reference's examples do), is imported by the SDK when it is built.
+    let mut modules = Vec::new();
+    python_imports(dir, &mut modules, 0);
+    modules.sort();
+    modules.dedup();
+    let listed: Vec<String> = modules.iter().map(|m| format!("    {m:?},\n")).collect();
+    write(
+        &sdk.join("routilux").join("_preload.py"),
+        format!(
+            "# Written by `routilux build`: modules the plugin imports (see __init__.py).\n\
+             MODULES = [\n{}]\n",
+            listed.concat()
+        ),
+    )?;
     let tool = tools::componentize_py()?;
     run(
         Command::new(tool)
@@ -217,6 +234,56 @@ fn build_python(dir: &Path, stage: &Path, out: &Path) -> Result<(), String> {
         ),
     )?;
     Ok(())
+}
+
+/// The absolute module names the `.py` files under `dir` import (`import a.b, c as d`, `from
+/// e.f import g`), on any line, at any indentation; relative imports are left out. A line that
+/// only looks like an import (in a string) adds a name that fails to import: the SDK skips it.
+fn python_imports(dir: &Path, out: &mut Vec<String>, depth: usize) {
+    let Ok(entries) = std::fs::read_dir(dir) else {
+        return;
+    };
+    for entry in entries.flatten() {
+        let path = entry.path();
+        let name = entry.file_name();
+        let name = name.to_string_lossy();
+        if name.starts_with('.') || name == "build" || name == "__pycache__" {
+            continue;
+        }
+        if path.is_dir() && depth < 8 {
+            python_imports(&path, out, depth + 1);
+        } else if name.ends_with(".py")
+            && let Ok(text) = std::fs::read_to_string(&path)
+        {
+            for line in text.lines() {
+                let line = line.trim_start();
+                let names = if let Some(rest) = line.strip_prefix("import ") {
+                    rest.split('#')
+                        .next()
+                        .unwrap_or_default()
+                        .split(',')
+                        .collect()
+                } else if let Some(rest) = line.strip_prefix("from ") {
+                    rest.split_whitespace().next().into_iter().collect()
+                } else {
+                    Vec::new()
+                };
+                for n in names {
+                    let n = n.split_whitespace().next().unwrap_or_default();
+                    let ok = !n.is_empty()
+                        && n.split('.').all(|part| {
+                            part.chars()
+                                .next()
+                                .is_some_and(|c| c.is_alphabetic() || c == '_')
+                                && part.chars().all(|c| c.is_alphanumeric() || c == '_')
+                        });
+                    if ok && n.len() <= 200 {
+                        out.push(n.to_owned());
+                    }
+                }
+            }
+        }
+    }
 }
 
 fn build_js(dir: &Path, stage: &Path, out: &Path, engine: JsEngine) -> Result<(), String> {

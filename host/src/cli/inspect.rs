@@ -40,6 +40,8 @@ struct Report<'a> {
     size_bytes: u64,
     from_cache: bool,
     load_ms: f64,
+    /// The `routilux:plugin` WIT version it was built against.
+    wit: String,
     kinds: Vec<KindReport<'a>>,
     imports: Vec<ImportReport<'a>>,
     /// What the manifest beside the component requests (granted only by the operator).
@@ -60,6 +62,8 @@ struct KindReport<'a> {
     slots: Vec<SlotReport<'a>>,
     events: Vec<EventReport<'a>>,
     default_config: Value,
+    /// Its policy when a flow sets none (`immediate` unless it describes one).
+    default_policy: String,
 }
 
 #[derive(Serialize)]
@@ -95,6 +99,7 @@ fn report<'a>(plugin: &'a Plugin, path: &'a Path, load_ms: f64) -> Report<'a> {
         size_bytes: std::fs::metadata(path).map_or(0, |m| m.len()),
         from_cache: plugin.from_cache(),
         load_ms,
+        wit: format!("routilux:plugin@{}", plugin.wit_version()),
         kinds: plugin
             .kinds()
             .iter()
@@ -118,6 +123,9 @@ fn report<'a>(plugin: &'a Plugin, path: &'a Path, load_ms: f64) -> Report<'a> {
                     })
                     .collect(),
                 default_config: Value::Object(k.default_config.clone()),
+                default_policy: k
+                    .default_policy
+                    .map_or_else(|| "immediate".to_owned(), |p| p.to_string()),
             })
             .collect(),
         imports: plugin
@@ -136,9 +144,10 @@ fn print(r: &Report<'_>, out: &mut impl Write) -> std::io::Result<()> {
     let e = |s: &str| escape(s).into_owned();
     writeln!(
         out,
-        "{} ({:.1} KiB, {} in {:.0} ms)",
+        "{} ({:.1} KiB, {}, {} in {:.0} ms)",
         r.path.display(),
         r.size_bytes as f64 / 1024.0,
+        r.wit,
         if r.from_cache {
             "from the compiled cache"
         } else {
@@ -165,6 +174,7 @@ fn print(r: &Report<'_>, out: &mut impl Write) -> std::io::Result<()> {
             .collect();
         writeln!(out, "    events:  {}", none_or(&events))?;
         writeln!(out, "    config:  {}", e(&k.default_config.to_string()))?;
+        writeln!(out, "    policy:  {}", k.default_policy)?;
     }
     writeln!(out, "\ncapabilities (imports):")?;
     let width = r.imports.iter().map(|i| i.name.len()).max().unwrap_or(0);

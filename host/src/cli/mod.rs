@@ -190,6 +190,10 @@ enum Command {
         /// Its language.
         #[arg(long, value_enum, default_value = "rust")]
         lang: plugins::Lang,
+        /// How a Python routine is written: class attributes and a `logic` method, or the
+        /// reference library's `__init__` with `add_slot`, `set_logic`, ….
+        #[arg(long, value_enum, default_value = "declarative")]
+        style: new::Style,
         /// Where to create it (default: the current directory).
         #[arg(long, value_name = "DIR")]
         dir: Option<PathBuf>,
@@ -256,7 +260,8 @@ struct RunCommand {
     /// CPUs).
     #[arg(long, value_parser = clap::value_parser!(u16).range(1..=MAX_THREADS as i64))]
     threads: Option<u16>,
-    /// Give up (cancel the job, exit 4) after this long, e.g. `30s`.
+    /// Give up (cancel the job, exit 4) after the job has run this long, e.g. `30s` (loading
+    /// and compiling the plugins does not count).
     #[arg(long, value_parser = parse_duration)]
     timeout: Option<Duration>,
     /// Print the summary as JSON on stdout (routine output goes to stderr).
@@ -320,9 +325,10 @@ pub fn main() -> ExitCode {
         Command::New {
             name,
             lang,
+            style,
             dir,
             sdk,
-        } => new::new(&name, lang, dir.as_deref(), sdk.as_deref()),
+        } => new::new(&name, lang, style, dir.as_deref(), sdk.as_deref()),
         Command::Build { dir, js_engine } => match plugins::build_project(&dir, js_engine, false) {
             Ok(out) => {
                 errln!("components in {}", out.display());

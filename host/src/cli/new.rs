@@ -35,8 +35,31 @@ fn valid_name(name: &str) -> bool {
         && chars.all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '-' || c == '_')
 }
 
+/// How a Python routine is written.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+pub enum Style {
+    /// Class attributes and a `logic` method.
+    Declarative,
+    /// The reference library's: `__init__` calls `add_slot`, `add_event`, `set_config`,
+    /// `set_logic`, `set_activation_policy`.
+    Reference,
+}
+
 /// Creates `DIR/NAME` (DIR defaults to the current directory).
-pub(crate) fn new(name: &str, lang: Lang, dir: Option<&Path>, sdk: Option<&Path>) -> Code {
+pub(crate) fn new(
+    name: &str,
+    lang: Lang,
+    style: Style,
+    dir: Option<&Path>,
+    sdk: Option<&Path>,
+) -> Code {
+    if style == Style::Reference && lang != Lang::Python {
+        errln!(
+            "error: `--style reference` is the Python reference library's style: use it with \
+             `--lang python`"
+        );
+        return Code::Usage;
+    }
     if !valid_name(name) {
         errln!(
             "error: `{name}` is not a valid plugin name: use lowercase letters, digits, `-` and \
@@ -57,7 +80,7 @@ pub(crate) fn new(name: &str, lang: Lang, dir: Option<&Path>, sdk: Option<&Path>
                 return Code::Usage;
             }
         },
-        Lang::Python | Lang::Js | Lang::C => guest_files(name, lang),
+        Lang::Python | Lang::Js | Lang::C => guest_files(name, lang, style),
     };
     for (rel, text) in &files {
         let path = root.join(rel);
@@ -116,6 +139,29 @@ class Greeter(Routine):
             self.emit("greetings", text=text)
 "#;
 
+const PYTHON_GREETER_REFERENCE: &str = r#"from routilux import Routine
+from routilux.activation_policies import immediate_policy
+
+
+class Greeter(Routine):
+    """Greets each name it is given (written as the Python reference library writes routines)."""
+
+    def __init__(self):
+        super().__init__()
+        self.add_slot("names")
+        self.add_event("greetings", ["text"])
+        self.set_config(greeting="Hello")
+
+        def greet(slot_data, policy_message, worker_state):
+            for item in slot_data.get("names", []):
+                text = f"{self.get_config('greeting')}, {item['name']}!"
+                print(text)
+                self.emit("greetings", text=text)
+
+        self.set_logic(greet)
+        self.set_activation_policy(immediate_policy())
+"#;
+
 const JS_GREETER: &str = r#"import { Routine, plugin } from "./routilux.js";
 
 class Greeter extends Routine {
@@ -161,13 +207,17 @@ RX_PLUGIN(RX_KIND("greeter", "greets each name it is given", greeter,
                   "{\"greeting\": \"Hello\"}"));
 "#;
 
-fn guest_files(name: &str, lang: Lang) -> Vec<(&'static str, String)> {
+fn guest_files(name: &str, lang: Lang, style: Style) -> Vec<(&'static str, String)> {
     let (file, source, what, sdk) = match lang {
         Lang::Python => (
             "plugin.py",
-            PYTHON_GREETER,
+            if style == Style::Reference {
+                PYTHON_GREETER_REFERENCE
+            } else {
+                PYTHON_GREETER
+            },
             "Python (built with componentize-py)",
-            "`routilux` (routilux.py)",
+            "`routilux` (a package: `routilux`, `routilux.activation_policies`)",
         ),
         Lang::Js => (
             "plugin.js",

@@ -179,7 +179,6 @@ struct JsonComponent {
 }
 
 pub(crate) fn run(args: RunArgs) -> Code {
-    let started = Instant::now();
     let Some(engine) = super::engine() else {
         return Code::Failed;
     };
@@ -256,6 +255,8 @@ pub(crate) fn run(args: RunArgs) -> Code {
         errln!("error: {e}");
         return Code::Invalid;
     }
+    // The job's time starts now: loading and compiling the plugins is not the job's.
+    let job_started = Instant::now();
     let job = match runtime.exec(&loaded.flow_id) {
         Ok(j) => j,
         Err(e) => {
@@ -332,7 +333,7 @@ pub(crate) fn run(args: RunArgs) -> Code {
 
     let timeout = args.timeout.or(loaded.timeout);
     // A timeout too long to represent means none.
-    let deadline = timeout.and_then(|t| started.checked_add(t));
+    let deadline = timeout.and_then(|t| job_started.checked_add(t));
     let style = ProgressStyle::with_template("{spinner} {elapsed} {msg}")
         .unwrap_or_else(|_| ProgressStyle::default_spinner());
     bar.set_style(style);
@@ -379,13 +380,13 @@ pub(crate) fn run(args: RunArgs) -> Code {
             }
         }
         if show_progress {
-            if !shown && started.elapsed() > Duration::from_secs(1) {
+            if !shown && job_started.elapsed() > Duration::from_secs(1) {
                 bar.set_draw_target(ProgressDrawTarget::stderr());
                 bar.enable_steady_tick(Duration::from_millis(200));
                 shown = true;
             }
             if shown {
-                bar.set_message(progress(&job, started));
+                bar.set_message(progress(&job, job_started));
             }
         }
         if deadline.is_some_and(|d| Instant::now() >= d) {

@@ -46,7 +46,11 @@ Every subclass of ``Routine`` in the plugin's modules is a routine kind of the c
 name is ``name`` if set, else the class name in snake_case with acronyms kept whole
 (``Shout`` -> ``shout``, ``SMSSubscriber`` -> ``sms_subscriber``). The host instantiates each
 kind once per instance to learn what it declares, so ``__init__`` must only declare. A policy
-a class sets is its kind's default; a flow file's ``policy:`` overrides it. Build the plugin
+a class sets is its kind's default; a flow file's ``policy:`` overrides it. Under the immediate
+policy a reference-style logic is called once per item, ``{slot: [item]}``, oldest first, as
+the reference delivers them (its examples read ``slot_data[slot][0]``); under the others it
+gets the whole batch. ``worker_state`` is this routine's own WorkerState; what a sandbox cannot
+reach (other routines' state, the runtime) is refused with a message saying so. Build the plugin
 with ``routilux build DIR`` (``componentize-py`` against the routilux WIT); this package is
 the only code that touches the generated bindings.
 
@@ -69,6 +73,7 @@ from wit_world import exports
 from wit_world.imports import host, types
 
 from .activation_policies import ActivationPolicy
+
 
 __all__ = ["Routine", "RoutineError", "WorkerState", "kinds"]
 
@@ -114,6 +119,9 @@ def _policy_spec(policy, where):
         )
     raise TypeError(f"{where}: {policy!r} is not an activation policy")
 
+
+# The message of the host's immediate policy (what it sends with every activation under it).
+_IMMEDIATE = '{"policy":"immediate"}'
 
 # Whether an activation is running (the host's config and state are reachable only then).
 _in_activation = [False]
@@ -348,10 +356,18 @@ class Routine(exports.Routine):
             # Each slot's items come as one JSON array: one parse for the whole batch.
             data = {b.slot: json.loads(b.items) for b in batches}
             logic = getattr(routine, "_logic", None)
-            if logic is not None:
-                logic(data, _message(message), _WORKER_STATE)
-            else:
+            if logic is None:
                 routine.logic(data, _message(message))
+            elif message == _IMMEDIATE:
+                # The reference delivers each arriving item to an activation of its own, and
+                # its logic reads `slot_data[slot][0]`; the host's immediate policy hands over
+                # everything queued at once. So a reference-style routine under it is called
+                # once per item, oldest first, as the reference would call it.
+                for slot, items in data.items():
+                    for item in items:
+                        logic({slot: [item]}, _message(message), _WORKER_STATE)
+            else:
+                logic(data, _message(message), _WORKER_STATE)
         except RoutineError as e:
             raise Err(types.ActivationError(e.message, e.retryable)) from None
         except Exception as e:
@@ -407,3 +423,22 @@ def _kind_spec(name, cls):
         default_config=_dumps(config),
         default_policy=None if policy is None else _dumps(policy),
     )
+
+
+# A component has no file system: a module is there at run time only if it was imported when
+# the component was built. `routilux build` lists every module the plugin's sources import,
+# also inside functions; importing them here puts them in the built component.
+try:
+    from . import _preload
+except ImportError:  # built by other means than `routilux build`
+    _preload = None
+if _preload is not None:
+    import importlib
+
+    for _name in _preload.MODULES:
+        if _name == "routilux" or _name.startswith("routilux."):
+            continue
+        try:
+            importlib.import_module(_name)
+        except Exception:  # not a module (a line that only looked like an import), or broken
+            pass
