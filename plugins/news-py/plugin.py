@@ -4,6 +4,7 @@ import json
 import os
 
 from routilux import Routine
+from routilux.activation_policies import batch_size_policy
 
 
 class Subscriber(Routine):
@@ -55,3 +56,29 @@ class Policy(Routine):
     def logic(self, data, message):
         print(f"[PY] {json.dumps(message, sort_keys=True)}")
         message["changed"] = True
+
+
+class RefCounter(Routine):
+    """The reference library's style: counts items in WorkerState, two at a time (the policy
+    its class sets); a `probe` item tries what a sandbox refuses."""
+
+    def __init__(self):
+        super().__init__()
+        self.add_slot("in")
+        self.add_event("counted", ["count"])
+
+        def count(slot_data, policy_message, worker_state):
+            items = slot_data.get("in", [])
+            for item in items:
+                if item.get("probe") == "state":
+                    worker_state.get_flow_state("other")
+                if item.get("probe") == "declare":
+                    self.add_slot("late")
+            state = worker_state.get_routine_state("counter") or {}
+            n = state.get("count", 0) + len(items)
+            worker_state.update_routine_state("counter", {"count": n})
+            print(f"[PY] {len(items)} items, count {n}, {policy_message['policy']}")
+            self.emit("counted", count=n)
+
+        self.set_logic(count)
+        self.set_activation_policy(batch_size_policy(2))

@@ -381,6 +381,91 @@ fn non_ascii_text_crosses_every_language_unchanged() {
 }
 
 #[test]
+fn a_python_class_in_the_reference_style_declares_its_policy_and_uses_worker_state() {
+    build_all();
+    let dir = scratch();
+    let run = |policy: &str, items: &[&str]| {
+        let flow = guest_flow(
+            dir.path(),
+            "reference",
+            &format!(
+                "routines:\n  r: {{plugin: news-py, kind: ref_counter, on_error: continue{policy}}}\n"
+            ),
+        );
+        let mut args = vec!["run".to_owned(), flow, "--json".into()];
+        for item in items {
+            args.push("--post".into());
+            args.push(format!("r.in={item}"));
+        }
+        let args: Vec<&str> = args.iter().map(String::as_str).collect();
+        let r = routilux(&args);
+        assert_eq!(r.code, OK, "{r:?}");
+        let report: Value = serde_json::from_str(&r.stdout).unwrap();
+        let lines: Vec<String> = printed(&r.stderr, "r", "[PY]")
+            .into_iter()
+            .map(str::to_owned)
+            .collect();
+        (lines, report, r)
+    };
+    let four = [r#"{"i": 0}"#, r#"{"i": 1}"#, r#"{"i": 2}"#, r#"{"i": 3}"#];
+    // The class's `set_activation_policy(batch_size_policy(2))` is the kind's default; its
+    // `worker_state` is the routine's own WorkerState.
+    let (lines, _, r) = run("", &four);
+    assert_eq!(
+        lines,
+        [
+            "2 items, count 2, batch_size",
+            "2 items, count 4, batch_size"
+        ],
+        "{r:?}"
+    );
+    // A flow's policy overrides it; under immediate, a reference-style logic gets one item
+    // per call, as the reference delivers them.
+    let (lines, _, r) = run(", policy: immediate", &four);
+    assert_eq!(
+        lines,
+        [
+            "1 items, count 1, immediate",
+            "1 items, count 2, immediate",
+            "1 items, count 3, immediate",
+            "1 items, count 4, immediate"
+        ],
+        "{r:?}"
+    );
+    // What a sandbox cannot honour is refused, saying why.
+    let (lines, report, r) = run(
+        "",
+        &[
+            r#"{"i": 0}"#,
+            r#"{"probe": "state"}"#,
+            r#"{"i": 1}"#,
+            r#"{"probe": "declare"}"#,
+        ],
+    );
+    assert!(lines.is_empty(), "{r:?}");
+    assert_eq!(report["routines"]["r"]["errors"], 2, "{r:?}");
+    let errors: Vec<&str> = report["errors"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|e| e["error"].as_str().unwrap())
+        .collect();
+    assert!(
+        errors.iter().any(|e| e.contains(
+            "worker_state.get_flow_state is not available in a routilux plugin: a sandboxed \
+             routine reaches only its own WorkerState"
+        ) && e.contains("(plugin.py:")),
+        "{errors:?}"
+    );
+    assert!(
+        errors
+            .iter()
+            .any(|e| e.contains("add_slot('late'): a kind is declared in __init__")),
+        "{errors:?}"
+    );
+}
+
+#[test]
 fn worker_state_and_config_behave_the_same_in_python_javascript_and_c() {
     build_all();
     let dir = scratch();

@@ -371,14 +371,24 @@ class Routine(exports.Routine):
         except RoutineError as e:
             raise Err(types.ActivationError(e.message, e.retryable)) from None
         except Exception as e:
-            tb = traceback.extract_tb(e.__traceback__)
-            where = f" ({tb[-1].filename.rsplit('/', 1)[-1]}:{tb[-1].lineno})" if tb else ""
+            where = _where(e)
             traceback.print_exc(file=sys.stderr)
             raise Err(
                 types.ActivationError(f"{type(e).__name__}: {e}{where}", False)
             ) from None
         finally:
             _in_activation[0] = False
+
+
+def _where(e):
+    """` (file.py:LINE)` of the plugin's innermost frame in the traceback of ``e`` (a frame of
+    this SDK, where an error is raised on the plugin's behalf, is not the place to look)."""
+    tb = traceback.extract_tb(e.__traceback__)
+    if not tb:
+        return ""
+    mine = __file__.rsplit("/", 1)[0] + "/"
+    frame = next((f for f in reversed(tb) if not f.filename.startswith(mine)), tb[-1])
+    return f" ({frame.filename.rsplit('/', 1)[-1]}:{frame.lineno})"
 
 
 def _instance(cls):
@@ -396,8 +406,7 @@ def _kind_spec(name, cls):
     try:
         routine = _instance(cls)
     except Exception as e:
-        tb = traceback.extract_tb(e.__traceback__)
-        where = f" ({tb[-1].filename.rsplit('/', 1)[-1]}:{tb[-1].lineno})" if tb else ""
+        where = _where(e)
         raise RuntimeError(
             f"routine kind `{name}`: {cls.__qualname__}() failed: {type(e).__name__}: {e}{where}"
         ) from None
