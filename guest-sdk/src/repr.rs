@@ -5,7 +5,8 @@
 //! `true`/`false`/`null` as `True`/`False`/`None`, and floats as Python's `repr(float)` does
 //! (the shortest text that reads back the same number, `1e+16` past 16 digits, `1.0` for a
 //! whole float). An object's keys print in the order the [`Value`] holds them (serde_json's
-//! default map is sorted by key; Python keeps insertion order).
+//! default map is sorted by key; Python keeps insertion order). An integer past the 64-bit
+//! range was already a float when the JSON was read, and prints as one.
 
 use std::fmt::Write;
 
@@ -140,8 +141,9 @@ fn write_str(out: &mut String, s: &str) {
     out.push(quote);
 }
 
-/// Whether Python's `str.isprintable` holds for `c` (close to it: controls, the common format
-/// characters, line and paragraph separators and non-space spaces are not).
+/// Whether Python's `str.isprintable` holds for `c` (close to it: controls, format characters,
+/// noncharacters, line and paragraph separators and non-space spaces are not; a code point
+/// unassigned in Python's Unicode database, which Python escapes, prints as itself here).
 fn printable(c: char) -> bool {
     if c == ' ' {
         return true;
@@ -149,8 +151,14 @@ fn printable(c: char) -> bool {
     if c.is_control() {
         return false;
     }
-    !matches!(c as u32,
+    let n = c as u32;
+    if n & 0xfffe == 0xfffe || (0xfdd0..=0xfdef).contains(&n) {
+        return false; // noncharacters
+    }
+    !matches!(n,
         0xad                      // soft hyphen (Cf)
+        | 0x890..=0x891 | 0x8e2 | 0x110bd | 0x110cd | 0x13430..=0x1343f
+        | 0x1bca0..=0x1bca3 | 0x1d173..=0x1d17a
         | 0xa0                    // no-break space (Zs)
         | 0x600..=0x605 | 0x61c | 0x6dd | 0x70f
         | 0x1680 | 0x180e
@@ -196,6 +204,7 @@ mod tests {
         assert_eq!(python_repr(&json!("\u{202e}x")), "'\\u202ex'");
         assert_eq!(python_repr(&json!("→ café 日本")), "'→ café 日本'");
         assert_eq!(python_repr(&json!("\u{7f}")), "'\\x7f'");
+        assert_eq!(python_repr(&json!("\u{ffff}\u{fdd0}")), "'\\uffff\\ufdd0'");
     }
 
     #[test]

@@ -256,7 +256,7 @@ impl Context {
 
     /// A stable id of this activation: `JOB/ROUTINE/N`, the routine's N-th activation in the
     /// job. Every retry of an activation has the same id, so logic can make an external side
-    /// effect idempotent with it (a durable job keeps it across a restart).
+    /// effect idempotent with it.
     pub fn activation_id(&self) -> String {
         format!("{}/{}/{}", self.job_id(), self.routine_id(), self.number)
     }

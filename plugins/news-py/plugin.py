@@ -77,7 +77,8 @@ class RefCounter(Routine):
             state = worker_state.get_routine_state("counter") or {}
             n = state.get("count", 0) + len(items)
             worker_state.update_routine_state("counter", {"count": n})
-            print(f"[PY] {len(items)} items, count {n}, {policy_message['policy']}")
+            seq = self.activation_id.rsplit("/", 1)[1]
+            print(f"[PY] {len(items)} items, count {n}, {policy_message['policy']}, {seq}")
             self.emit("counted", count=n)
 
         self.set_logic(count)

@@ -22,7 +22,7 @@
 //
 //     export const routine = plugin(Shout);
 //
-// A kind's default activation policy is its static `policy` (the flow file's form, e.g.
+// A kind's default activation policy is its static `defaultPolicy` (the flow file's form, e.g.
 // `{ batch_size: 10 }`; a flow's `policy:` overrides it).
 //
 // `routilux.js` is put beside the plugin's files when it is built; do not copy it in.
@@ -165,7 +165,7 @@ function specOf(cls) {
     defaultConfig: JSON.stringify(cls.config ?? {}),
     // The kind's policy when a flow sets none, in the flow file's form (`"immediate"`,
     // `{ batch_size: 10 }`, `{ time_interval: "500ms" }`).
-    defaultPolicy: cls.policy == null ? null : JSON.stringify(cls.policy),
+    defaultPolicy: cls.defaultPolicy == null ? null : JSON.stringify(cls.defaultPolicy),
   };
 }
 

@@ -414,16 +414,24 @@ fn a_python_class_in_the_reference_style_declares_its_policy_and_uses_worker_sta
     assert_eq!(
         lines,
         [
-            "2 items, count 2, batch_size",
-            "2 items, count 4, batch_size"
+            "2 items, count 2, batch_size, 1",
+            "2 items, count 4, batch_size, 2"
         ],
         "{r:?}"
     );
     // A flow's policy overrides it; under immediate, a reference-style logic gets one item
     // per call, as the reference delivers them.
+    // Each of those calls has an activation id of its own (`N#K`: item K of activation N).
     let (lines, _, r) = run(", policy: immediate", &four);
+    let (text, ids): (Vec<&str>, Vec<&str>) =
+        lines.iter().map(|l| l.rsplit_once(", ").unwrap()).unzip();
+    let mut distinct = ids.clone();
+    distinct.sort_unstable();
+    distinct.dedup();
+    assert_eq!(distinct.len(), 4, "{ids:?}");
+    assert!(ids.iter().all(|id| id.contains('#')), "{ids:?}");
     assert_eq!(
-        lines,
+        text,
         [
             "1 items, count 1, immediate",
             "1 items, count 2, immediate",

@@ -208,7 +208,11 @@ fn build_python(dir: &Path, stage: &Path, out: &Path) -> Result<(), String> {
     python_imports(dir, &mut modules, 0);
     modules.sort();
     modules.dedup();
-    let listed: Vec<String> = modules.iter().map(|m| format!("    {m:?},\n")).collect();
+    // JSON strings are Python string literals too (same escapes; UTF-8 source).
+    let listed: Vec<String> = modules
+        .iter()
+        .map(|m| format!("    {},\n", serde_json::Value::from(m.as_str())))
+        .collect();
     write(
         &sdk.join("routilux").join("_preload.py"),
         format!(
@@ -236,49 +240,88 @@ fn build_python(dir: &Path, stage: &Path, out: &Path) -> Result<(), String> {
     Ok(())
 }
 
-/// The absolute module names the `.py` files under `dir` import (`import a.b, c as d`, `from
-/// e.f import g`), on any line, at any indentation; relative imports are left out. A line that
-/// only looks like an import (in a string) adds a name that fails to import: the SDK skips it.
+/// Largest `.py` file scanned for imports, and deepest folder.
+const MAX_SCANNED_SOURCE: u64 = 1 << 20;
+const MAX_SCANNED_DEPTH: usize = 8;
+
+/// The absolute module names the `.py` files under `dir` import (`import a.b, c as d`; `from
+/// e.f import g, h`, which also names `e.f.g` and `e.f.h`, in case they are modules), on any
+/// line, at any indentation; relative imports are left out. A line that only looks like an
+/// import (in a string) adds a name that fails to import: the SDK skips it. Symbolic links,
+/// files that are not regular, files over 1 MiB, hidden folders and virtual environments are
+/// not followed.
 fn python_imports(dir: &Path, out: &mut Vec<String>, depth: usize) {
     let Ok(entries) = std::fs::read_dir(dir) else {
         return;
     };
+    let is_module = |n: &str| {
+        !n.is_empty()
+            && n.len() <= 200
+            && n.split('.').all(|part| {
+                part.chars()
+                    .next()
+                    .is_some_and(|c| c.is_alphabetic() || c == '_')
+                    && part.chars().all(|c| c.is_alphanumeric() || c == '_')
+            })
+    };
     for entry in entries.flatten() {
-        let path = entry.path();
         let name = entry.file_name();
         let name = name.to_string_lossy();
-        if name.starts_with('.') || name == "build" || name == "__pycache__" {
+        let Ok(kind) = entry.file_type() else {
+            continue;
+        };
+        if name.starts_with('.')
+            || [
+                "build",
+                "__pycache__",
+                "venv",
+                "node_modules",
+                "site-packages",
+            ]
+            .contains(&name.as_ref())
+        {
             continue;
         }
-        if path.is_dir() && depth < 8 {
-            python_imports(&path, out, depth + 1);
-        } else if name.ends_with(".py")
-            && let Ok(text) = std::fs::read_to_string(&path)
-        {
-            for line in text.lines() {
-                let line = line.trim_start();
-                let names = if let Some(rest) = line.strip_prefix("import ") {
-                    rest.split('#')
-                        .next()
-                        .unwrap_or_default()
-                        .split(',')
-                        .collect()
-                } else if let Some(rest) = line.strip_prefix("from ") {
-                    rest.split_whitespace().next().into_iter().collect()
-                } else {
-                    Vec::new()
-                };
-                for n in names {
+        if kind.is_dir() {
+            if depth < MAX_SCANNED_DEPTH {
+                python_imports(&entry.path(), out, depth + 1);
+            }
+            continue;
+        }
+        let small = entry
+            .metadata()
+            .is_ok_and(|m| m.len() <= MAX_SCANNED_SOURCE);
+        if !(kind.is_file() && small && name.ends_with(".py")) {
+            continue;
+        }
+        let Ok(text) = std::fs::read_to_string(entry.path()) else {
+            continue;
+        };
+        for line in text.lines() {
+            let line = line.trim_start();
+            let line = line.split('#').next().unwrap_or_default();
+            if let Some(rest) = line.strip_prefix("import ") {
+                for n in rest.split(',') {
                     let n = n.split_whitespace().next().unwrap_or_default();
-                    let ok = !n.is_empty()
-                        && n.split('.').all(|part| {
-                            part.chars()
-                                .next()
-                                .is_some_and(|c| c.is_alphabetic() || c == '_')
-                                && part.chars().all(|c| c.is_alphanumeric() || c == '_')
-                        });
-                    if ok && n.len() <= 200 {
+                    if is_module(n) {
                         out.push(n.to_owned());
+                    }
+                }
+            } else if let Some(rest) = line.strip_prefix("from ")
+                && let Some((from, names)) = rest.split_once(" import ")
+            {
+                let from = from.trim();
+                if !is_module(from) {
+                    continue;
+                }
+                out.push(from.to_owned());
+                for n in names
+                    .trim_matches(|c: char| c == '(' || c == ')' || c.is_whitespace())
+                    .split(',')
+                {
+                    let n = n.split_whitespace().next().unwrap_or_default();
+                    if n != "*" && is_module(n) {
+                        out.push(format!("{from}.{n}"));
                     }
                 }
             }
@@ -567,5 +610,47 @@ pub mod tools {
             )
             .map(drop)
         })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::python_imports;
+
+    #[test]
+    fn python_imports_finds_every_import_and_follows_no_link() {
+        let dir = tempfile::tempdir().unwrap();
+        let root = dir.path();
+        std::fs::write(
+            root.join("plugin.py"),
+            "import json\nfrom routilux import Routine\n\ndef f():\n    import datetime, os.path as p  # late\n    from xml.etree import (ElementTree, parse)\n    from . import sibling\n    s = \"import not a module\"\n",
+        )
+        .unwrap();
+        std::fs::create_dir_all(root.join("pkg")).unwrap();
+        std::fs::write(root.join("pkg/m.py"), "import collections\n").unwrap();
+        std::fs::create_dir_all(root.join("venv")).unwrap();
+        std::fs::write(root.join("venv/x.py"), "import numpy\n").unwrap();
+        std::fs::write(root.join("big.py"), "import big\n".repeat(200_000)).unwrap();
+        // A link loop and a link out of the project are not followed.
+        std::os::unix::fs::symlink(root, root.join("loop")).unwrap();
+        std::os::unix::fs::symlink("/", root.join("everything")).unwrap();
+        let mut found = Vec::new();
+        python_imports(root, &mut found, 0);
+        found.sort();
+        found.dedup();
+        assert_eq!(
+            found,
+            [
+                "collections",
+                "datetime",
+                "json",
+                "os.path",
+                "routilux",
+                "routilux.Routine",
+                "xml.etree",
+                "xml.etree.ElementTree",
+                "xml.etree.parse"
+            ]
+        );
     }
 }

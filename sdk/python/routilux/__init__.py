@@ -63,6 +63,7 @@ reference's ``worker_state.get_routine_state(name)`` / ``update_routine_state(na
 not in attributes.
 """
 
+import copy
 import json
 import re
 import sys
@@ -122,6 +123,31 @@ def _policy_spec(policy, where):
 
 # The message of the host's immediate policy (what it sends with every activation under it).
 _IMMEDIATE = '{"policy":"immediate"}'
+
+class _Declared:
+    """What a routine in the reference style declared in its ``__init__``."""
+
+    __slots__ = ("slots", "events", "config", "logic", "policy", "done")
+
+    def __init__(self):
+        self.slots = []
+        self.events = {}
+        self.config = {}
+        self.logic = None
+        self.policy = None
+        self.done = False
+
+
+def _declared(routine):
+    """The declarations of ``routine`` (made if its class's ``__init__`` skipped ours)."""
+    declared = routine.__dict__.get("_routilux_")
+    if declared is None:
+        declared = routine.__dict__["_routilux_"] = _Declared()
+    return declared
+
+
+# Which item a reference-style logic called once per item is at (``None``: not split).
+_item_index = [None]
 
 # Whether an activation is running (the host's config and state are reachable only then).
 _in_activation = [False]
@@ -201,15 +227,12 @@ class Routine(exports.Routine):
     config = {}
     #: Default activation policy (``routilux.activation_policies``, or the flow file's form:
     #: ``{"batch_size": 10}``); ``None``: immediate. A flow's ``policy:`` overrides it.
-    policy = None
+    default_policy = None
 
     def __init__(self):
-        # What the reference style declares on the instance (see the module's docs).
-        self._slots = []
-        self._events = {}
-        self._config = {}
-        self._logic = None
-        self._policy = None
+        # What the reference style declares on the instance (see the module's docs), in one
+        # attribute of an unlikely name, so a plugin's own attributes never collide with it.
+        self._routilux_ = _Declared()
 
     def __init_subclass__(cls, **kwargs):
         super().__init_subclass__(**kwargs)
@@ -227,40 +250,38 @@ class Routine(exports.Routine):
     # -- the reference library's way to declare a kind (in ``__init__``) -------------------
 
     def _declaring(self, what):
-        if getattr(self, "_declared", False):
+        declared = _declared(self)
+        if declared.done:
             raise RoutineError(
                 f"{what}: a kind is declared in __init__; its slots, events, config and "
                 "policy are fixed once the host has loaded the plugin"
             )
-        if not hasattr(self, "_slots"):
-            Routine.__init__(self)
+        return declared
 
     def add_slot(self, name, max_queue_length=None):
         """Declares an input slot (``max_queue_length``: ``None`` for the host's default)."""
-        self._declaring(f"add_slot({name!r})")
-        self._slots.append((str(name), max_queue_length))
+        self._declaring(f"add_slot({name!r})").slots.append((str(name), max_queue_length))
 
     def add_event(self, name, output_params=None):
         """Declares an output event and the field names its items carry."""
-        self._declaring(f"add_event({name!r})")
-        self._events[str(name)] = [str(f) for f in (output_params or ())]
+        fields = [str(f) for f in (output_params or ())]
+        self._declaring(f"add_event({name!r})").events[str(name)] = fields
 
     def set_config(self, **config):
         """Sets default config values (a flow's config overrides them)."""
-        self._declaring("set_config")
-        self._config.update(config)
+        self._declaring("set_config").config.update(config)
 
     def set_logic(self, fn):
         """Sets the logic: ``fn(slot_data, policy_message, worker_state)``."""
-        self._declaring("set_logic")
+        declared = self._declaring("set_logic")
         if not callable(fn):
             raise TypeError(f"set_logic: {fn!r} is not callable")
-        self._logic = fn
+        declared.logic = fn
 
     def set_activation_policy(self, policy):
         """Sets the kind's default activation policy (``routilux.activation_policies``)."""
-        self._declaring("set_activation_policy")
-        self._policy = _policy_spec(policy, "set_activation_policy")
+        declared = self._declaring("set_activation_policy")
+        declared.policy = _policy_spec(policy, "set_activation_policy")
 
     # -- what a routine calls ---------------------------------------------------------------
 
@@ -272,11 +293,12 @@ class Routine(exports.Routine):
     def emit(self, event, item=None, **fields):
         """Routes an item (a dict, or keyword fields) to every slot connected to ``event``."""
         # The reference's `emit(event, runtime=None, worker_state=None, **kwargs)`: the host
-        # routes, so neither is part of the item.
-        if fields.get("runtime", 0) is None:
-            del fields["runtime"]
-        if isinstance(fields.get("worker_state"), WorkerState):
-            del fields["worker_state"]
+        # routes, so for a routine in its style neither is part of the item.
+        if _declared(self).logic is not None:
+            if fields.get("runtime", 0) is None:
+                del fields["runtime"]
+            if isinstance(fields.get("worker_state"), WorkerState):
+                del fields["worker_state"]
         if item is None:
             item = fields
         elif fields:
@@ -292,8 +314,8 @@ class Routine(exports.Routine):
         """The config value under ``key`` (the kind's default with the flow's overrides; in
         ``__init__``, the default)."""
         if not _in_activation[0]:
-            declared = {**type(self).config, **getattr(self, "_config", {})}
-            return declared.get(key, default)
+            declared = {**type(self).config, **_declared(self).config}
+            return copy.deepcopy(declared.get(key, default))
         text = host.config(key)
         return default if text is None else json.loads(text)
 
@@ -338,8 +360,11 @@ class Routine(exports.Routine):
 
     @property
     def activation_id(self):
-        """This activation's stable id (``JOB/ROUTINE/N``): every retry of it sees the same."""
-        return host.activation_id()
+        """This activation's stable id (``JOB/ROUTINE/N``): every retry of it sees the same.
+        A reference-style logic called once per item (see the module's docs) sees
+        ``JOB/ROUTINE/N#K`` for the K-th item (from 0)."""
+        k = _item_index[0]
+        return host.activation_id() if k is None else f"{host.activation_id()}#{k}"
 
     # -- the component's export (called by the host) ----------------------------------------
 
@@ -355,7 +380,7 @@ class Routine(exports.Routine):
             routine = _instance(cls)
             # Each slot's items come as one JSON array: one parse for the whole batch.
             data = {b.slot: json.loads(b.items) for b in batches}
-            logic = getattr(routine, "_logic", None)
+            logic = _declared(routine).logic
             if logic is None:
                 routine.logic(data, _message(message))
             elif message == _IMMEDIATE:
@@ -363,31 +388,40 @@ class Routine(exports.Routine):
                 # its logic reads `slot_data[slot][0]`; the host's immediate policy hands over
                 # everything queued at once. So a reference-style routine under it is called
                 # once per item, oldest first, as the reference would call it.
+                k = 0
                 for slot, items in data.items():
                     for item in items:
+                        _item_index[0] = k
                         logic({slot: [item]}, _message(message), _WORKER_STATE)
+                        k += 1
             else:
                 logic(data, _message(message), _WORKER_STATE)
         except RoutineError as e:
             raise Err(types.ActivationError(e.message, e.retryable)) from None
         except Exception as e:
-            where = _where(e)
+            where = _where(e, cls)
             traceback.print_exc(file=sys.stderr)
             raise Err(
                 types.ActivationError(f"{type(e).__name__}: {e}{where}", False)
             ) from None
         finally:
             _in_activation[0] = False
+            _item_index[0] = None
 
 
-def _where(e):
-    """` (file.py:LINE)` of the plugin's innermost frame in the traceback of ``e`` (a frame of
-    this SDK, where an error is raised on the plugin's behalf, is not the place to look)."""
+def _where(e, cls):
+    """` (file.py:LINE)`: the innermost frame of the traceback of ``e`` in the plugin's own
+    files (the directory of the module defining ``cls``), not one of this SDK or of the
+    standard library, which raise on the plugin's behalf."""
     tb = traceback.extract_tb(e.__traceback__)
     if not tb:
         return ""
-    mine = __file__.rsplit("/", 1)[0] + "/"
-    frame = next((f for f in reversed(tb) if not f.filename.startswith(mine)), tb[-1])
+    module = sys.modules.get(cls.__module__)
+    home = getattr(module, "__file__", None)
+    home = home.rsplit("/", 1)[0] + "/" if home else None
+    frame = next(
+        (f for f in reversed(tb) if home and f.filename.startswith(home)), tb[-1]
+    )
     return f" ({frame.filename.rsplit('/', 1)[-1]}:{frame.lineno})"
 
 
@@ -396,7 +430,7 @@ def _instance(cls):
     routine = _INSTANCES.get(cls)
     if routine is None:
         routine = cls()
-        routine._declared = True
+        _declared(routine).done = True
         _INSTANCES[cls] = routine
     return routine
 
@@ -406,20 +440,21 @@ def _kind_spec(name, cls):
     try:
         routine = _instance(cls)
     except Exception as e:
-        where = _where(e)
+        where = _where(e, cls)
         raise RuntimeError(
             f"routine kind `{name}`: {cls.__qualname__}() failed: {type(e).__name__}: {e}{where}"
         ) from None
     slots = cls.slots
     slots = list(slots.items() if isinstance(slots, dict) else ((s, None) for s in slots))
-    slots += getattr(routine, "_slots", [])
+    declared = _declared(routine)
+    slots += declared.slots
     events = cls.events
     events = dict(events.items() if isinstance(events, dict) else ((e, ()) for e in events))
-    events.update(getattr(routine, "_events", {}))
-    config = {**cls.config, **getattr(routine, "_config", {})}
-    policy = getattr(routine, "_policy", None)
+    events.update(declared.events)
+    config = {**cls.config, **declared.config}
+    policy = declared.policy
     if policy is None:
-        policy = _policy_spec(cls.policy, f"{cls.__qualname__}.policy")
+        policy = _policy_spec(cls.default_policy, f"{cls.__qualname__}.default_policy")
     description = cls.description
     if description is None:
         doc = (cls.__doc__ or "").strip()
@@ -439,7 +474,7 @@ def _kind_spec(name, cls):
 # also inside functions; importing them here puts them in the built component.
 try:
     from . import _preload
-except ImportError:  # built by other means than `routilux build`
+except Exception:  # built by other means than `routilux build`
     _preload = None
 if _preload is not None:
     import importlib

@@ -3,7 +3,7 @@
 A policy decides when a routine runs and which of its queued items an activation gets. In
 routilux the host runs the policy (under the routine's queue lock, outside any sandbox), so a
 plugin picks one of the host's built-in policies; each helper here returns one, and
-``Routine.set_activation_policy(policy)`` (or a declarative class's ``policy = ...``) makes it
+``Routine.set_activation_policy(policy)`` (or a declarative class's ``default_policy = ...``) makes it
 the kind's default. A flow file's ``policy:`` still overrides it per routine::
 
     from routilux.activation_policies import batch_size_policy
@@ -68,6 +68,10 @@ def time_interval_policy(min_interval_seconds):
     if ms < 1:
         raise ValueError(
             f"time_interval_policy: the interval must be at least 1 ms, not {min_interval_seconds} s"
+        )
+    if ms > 86_400_000:
+        raise ValueError(
+            f"time_interval_policy: the interval must be at most a day, not {min_interval_seconds} s"
         )
     return ActivationPolicy({"time_interval": f"{ms}ms"})
 
