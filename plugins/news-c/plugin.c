@@ -1,4 +1,5 @@
-/* The news fan-out's subscriber in C, and an echo routine for the benchmarks. */
+/* The news fan-out's subscriber in C, an echo routine for the benchmarks, and kinds that
+ * exercise the WIT (worker state, a default policy, activation ids). */
 #include <stdio.h>
 
 #include "routilux.h"
@@ -36,10 +37,20 @@ static rx_status echo(const rx_batch *in) {
     return RX_OK;
 }
 
+/* Takes items two at a time (its kind's default policy); prints `[C] N items in ID`. */
+static rx_status pairs(const rx_batch *in) {
+    char id[256];
+    rx_activation_id(id, sizeof id);
+    printf("[C] %zu items in %s\n", rx_count(in, "in"), id);
+    return RX_OK;
+}
+
 RX_PLUGIN(RX_KIND("subscriber", "Prints each headline as `[C] headline`.", subscriber,
                   RX_SLOTS("news"), RX_EVENTS(), "{\"label\": \"C\"}"),
           RX_KIND("tally",
                   "Adds `step` to the job's `count` for each item; prints and emits the new count.",
                   tally, RX_SLOTS("in"), RX_EVENTS(RX_EVENT("counted", "n")), "{\"step\": 1}"),
           RX_KIND("echo", "Emits each item it is given on `out`, unchanged.", echo,
-                  RX_SLOTS("in"), RX_EVENTS(RX_EVENT("out")), NULL));
+                  RX_SLOTS("in"), RX_EVENTS(RX_EVENT("out")), NULL),
+          RX_KIND_WITH_POLICY("pairs", "Takes items two at a time and prints its activation id.",
+                              pairs, RX_SLOTS("in"), RX_EVENTS(), NULL, "{\"batch_size\": 2}"));

@@ -37,4 +37,13 @@ class Echo extends Routine {
   }
 }
 
-export const routine = plugin(Subscriber, Tally, Echo);
+class Pairs extends Routine {
+  static description = "Takes items two at a time and prints its activation id.";
+  static slots = ["in"];
+  static defaultPolicy = { batch_size: 2 };
+  logic(data) {
+    console.log(`[JS] ${data.in.length} items in ${this.activationId}`);
+  }
+}
+
+export const routine = plugin(Subscriber, Tally, Echo, Pairs);

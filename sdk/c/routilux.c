@@ -495,6 +495,12 @@ void rx_job_id(char *out, size_t cap) {
     if (!rx_take(&id, out, cap) && cap > 0) out[0] = '\0';
 }
 
+void rx_activation_id(char *out, size_t cap) {
+    plugin_string_t id;
+    routilux_plugin_host_activation_id(&id);
+    if (!rx_take(&id, out, cap) && cap > 0) out[0] = '\0';
+}
+
 /* ---- the component's exports --------------------------------------------------------- */
 
 static size_t rx_count_list(const char *const *list) {
@@ -515,6 +521,8 @@ void exports_routilux_plugin_routine_describe(exports_routilux_plugin_routine_li
         plugin_string_dup(&out->name, spec->name);
         plugin_string_dup(&out->description, spec->description ? spec->description : "");
         plugin_string_dup(&out->default_config, spec->config ? spec->config : "{}");
+        out->default_policy.is_some = spec->policy != NULL;
+        if (spec->policy) plugin_string_dup(&out->default_policy.val, spec->policy);
         size_t slots = rx_count_list(spec->slots);
         out->slots.len = slots;
         out->slots.ptr = calloc(slots ? slots : 1, sizeof *out->slots.ptr);

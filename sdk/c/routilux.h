@@ -105,6 +105,10 @@ void rx_log(rx_level level, const char *fmt, ...) __attribute__((format(printf, 
 /* The id of the current job, NUL-terminated into `out`. */
 void rx_job_id(char *out, size_t cap);
 
+/* This activation's stable id (JOB/ROUTINE/N, the same for every retry of it), NUL-terminated
+ * into `out`: a key that makes an external side effect happen once. */
+void rx_activation_id(char *out, size_t cap);
+
 /* Fails the activation with a message; rx_retry says a retry may help. */
 rx_status rx_fail(const char *fmt, ...) __attribute__((format(printf, 1, 2)));
 rx_status rx_retry(const char *fmt, ...) __attribute__((format(printf, 1, 2)));
@@ -122,6 +126,9 @@ typedef struct {
     const char *const *slots;
     const rx_event_spec *events;
     const char *config; /* default config, a JSON object ("{}" or NULL for none) */
+    /* default activation policy in the flow file's form ("\"immediate\"",
+     * "{\"batch_size\": 10}", ...), or NULL for immediate; a flow's `policy:` overrides it */
+    const char *policy;
 } rx_kind;
 
 #define RX_LIST(...) ((const char *const[]){__VA_ARGS__ __VA_OPT__(, ) NULL})
@@ -129,7 +136,10 @@ typedef struct {
 #define RX_EVENT(name, ...) {name, RX_LIST(__VA_ARGS__)}
 #define RX_EVENTS(...) ((const rx_event_spec[]){__VA_ARGS__ __VA_OPT__(, ){NULL, NULL}})
 #define RX_KIND(name, description, fn, slots, events, config) \
-    {name, description, fn, slots, events, config}
+    {name, description, fn, slots, events, config, NULL}
+/* A kind with its own default activation policy (JSON text, as in RX_KIND's doc above). */
+#define RX_KIND_WITH_POLICY(name, description, fn, slots, events, config, policy) \
+    {name, description, fn, slots, events, config, policy}
 /* Lists the plugin's kinds (exactly once per plugin). */
 #define RX_PLUGIN(...) const rx_kind rx_plugin_kinds[] = {__VA_ARGS__, {0}}
 

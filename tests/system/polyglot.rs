@@ -474,6 +474,42 @@ fn a_python_class_in_the_reference_style_declares_its_policy_and_uses_worker_sta
 }
 
 #[test]
+fn c_and_javascript_kinds_declare_their_policy_and_read_their_activation_id() {
+    for (plugin, label) in [("news-c", "[C]"), ("news-js", "[JS]")] {
+        pairs_print_their_activation_ids(plugin, label);
+    }
+}
+
+fn pairs_print_their_activation_ids(plugin: &str, label: &str) {
+    build_all();
+    let dir = scratch();
+    let flow = guest_flow(
+        dir.path(),
+        "pairs",
+        &format!("routines:\n  p: {{plugin: {plugin}, kind: pairs}}\n"),
+    );
+    let mut args = vec!["run".to_owned(), flow, "--json".into()];
+    for i in 0..5 {
+        args.push("--post".into());
+        args.push(format!("p.in={{\"i\": {i}}}"));
+    }
+    let args: Vec<&str> = args.iter().map(String::as_str).collect();
+    let r = routilux(&args);
+    assert_eq!(r.code, OK, "{r:?}");
+    let report: Value = serde_json::from_str(&r.stdout).unwrap();
+    let job = format!("job-{}", report["job"]);
+    assert_eq!(
+        printed(&r.stderr, "p", label),
+        [
+            format!("2 items in {job}/p/1"),
+            format!("2 items in {job}/p/2")
+        ],
+        "{plugin}: {r:?}"
+    );
+    assert_eq!(report["routines"]["p"]["queued"], 1, "{r:?}");
+}
+
+#[test]
 fn worker_state_and_config_behave_the_same_in_python_javascript_and_c() {
     build_all();
     let dir = scratch();

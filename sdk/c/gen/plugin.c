@@ -3,41 +3,44 @@
 #include <stdlib.h>
 #include <string.h>
 
-// Imported Functions from `routilux:plugin/host@0.3.0`
+// Imported Functions from `routilux:plugin/host@0.4.0`
 
-__attribute__((__import_module__("routilux:plugin/host@0.3.0"), __import_name__("emit")))
+__attribute__((__import_module__("routilux:plugin/host@0.4.0"), __import_name__("emit")))
 extern void __wasm_import_routilux_plugin_host_emit(uint8_t *, size_t, uint8_t *, size_t, uint8_t *);
 
-__attribute__((__import_module__("routilux:plugin/host@0.3.0"), __import_name__("log")))
+__attribute__((__import_module__("routilux:plugin/host@0.4.0"), __import_name__("log")))
 extern void __wasm_import_routilux_plugin_host_log(int32_t, uint8_t *, size_t);
 
-__attribute__((__import_module__("routilux:plugin/host@0.3.0"), __import_name__("config")))
+__attribute__((__import_module__("routilux:plugin/host@0.4.0"), __import_name__("config")))
 extern void __wasm_import_routilux_plugin_host_config(uint8_t *, size_t, uint8_t *);
 
-__attribute__((__import_module__("routilux:plugin/host@0.3.0"), __import_name__("state-get")))
+__attribute__((__import_module__("routilux:plugin/host@0.4.0"), __import_name__("state-get")))
 extern void __wasm_import_routilux_plugin_host_state_get(uint8_t *, size_t, uint8_t *);
 
-__attribute__((__import_module__("routilux:plugin/host@0.3.0"), __import_name__("state-set")))
+__attribute__((__import_module__("routilux:plugin/host@0.4.0"), __import_name__("state-set")))
 extern void __wasm_import_routilux_plugin_host_state_set(uint8_t *, size_t, uint8_t *, size_t, uint8_t *);
 
-__attribute__((__import_module__("routilux:plugin/host@0.3.0"), __import_name__("state-add")))
+__attribute__((__import_module__("routilux:plugin/host@0.4.0"), __import_name__("state-add")))
 extern void __wasm_import_routilux_plugin_host_state_add(uint8_t *, size_t, int64_t, uint8_t *);
 
-__attribute__((__import_module__("routilux:plugin/host@0.3.0"), __import_name__("state-compare-and-swap")))
+__attribute__((__import_module__("routilux:plugin/host@0.4.0"), __import_name__("state-compare-and-swap")))
 extern void __wasm_import_routilux_plugin_host_state_compare_and_swap(uint8_t *, size_t, int32_t, uint8_t *, size_t, uint8_t *, size_t, uint8_t *);
 
-__attribute__((__import_module__("routilux:plugin/host@0.3.0"), __import_name__("job-id")))
+__attribute__((__import_module__("routilux:plugin/host@0.4.0"), __import_name__("job-id")))
 extern void __wasm_import_routilux_plugin_host_job_id(uint8_t *);
 
-// Exported Functions from `routilux:plugin/routine@0.3.0`
+__attribute__((__import_module__("routilux:plugin/host@0.4.0"), __import_name__("activation-id")))
+extern void __wasm_import_routilux_plugin_host_activation_id(uint8_t *);
 
-__attribute__((__weak__, __export_name__("cabi_post_routilux:plugin/routine@0.3.0#describe")))
+// Exported Functions from `routilux:plugin/routine@0.4.0`
+
+__attribute__((__weak__, __export_name__("cabi_post_routilux:plugin/routine@0.4.0#describe")))
 void __wasm_export_exports_routilux_plugin_routine_describe_post_return(uint8_t * arg0) {
   size_t len6 = *((size_t*) (arg0 + sizeof(void*)));
   if (len6 > 0) {
     uint8_t *ptr7 = *((uint8_t **) (arg0 + 0));
     for (size_t i8 = 0; i8 < len6; i8++) {
-      uint8_t *base = ptr7 + i8 * (10*sizeof(void*));
+      uint8_t *base = ptr7 + i8 * (13*sizeof(void*));
       (void) base;
       if ((*((size_t*) (base + sizeof(void*)))) > 0) {
         free(*((uint8_t **) (base + 0)));
@@ -84,12 +87,23 @@ void __wasm_export_exports_routilux_plugin_routine_describe_post_return(uint8_t 
       if ((*((size_t*) (base + (9*sizeof(void*))))) > 0) {
         free(*((uint8_t **) (base + (8*sizeof(void*)))));
       }
+      switch ((int32_t) (int32_t) *((uint8_t*) (base + (10*sizeof(void*))))) {
+        case 0: {
+          break;
+        }
+        case 1: {
+          if ((*((size_t*) (base + (12*sizeof(void*))))) > 0) {
+            free(*((uint8_t **) (base + (11*sizeof(void*)))));
+          }
+          break;
+        }
+      }
     }
     free(ptr7);
   }
 }
 
-__attribute__((__weak__, __export_name__("cabi_post_routilux:plugin/routine@0.3.0#activate")))
+__attribute__((__weak__, __export_name__("cabi_post_routilux:plugin/routine@0.4.0#activate")))
 void __wasm_export_exports_routilux_plugin_routine_activate_post_return(uint8_t * arg0) {
   switch ((int32_t) (int32_t) *((uint8_t*) (arg0 + 0))) {
     case 0: {
@@ -168,12 +182,19 @@ void routilux_plugin_types_list_event_spec_free(routilux_plugin_types_list_event
   }
 }
 
+void plugin_option_string_free(plugin_option_string_t *ptr) {
+  if (ptr->is_some) {
+    plugin_string_free(&ptr->val);
+  }
+}
+
 void routilux_plugin_types_routine_kind_free(routilux_plugin_types_routine_kind_t *ptr) {
   plugin_string_free(&ptr->name);
   plugin_string_free(&ptr->description);
   routilux_plugin_types_list_slot_spec_free(&ptr->slots);
   routilux_plugin_types_list_event_spec_free(&ptr->events);
   plugin_string_free(&ptr->default_config);
+  plugin_option_string_free(&ptr->default_policy);
 }
 
 void plugin_list_u32_free(plugin_list_u32_t *ptr) {
@@ -200,12 +221,6 @@ void routilux_plugin_host_result_void_string_free(routilux_plugin_host_result_vo
   if (!ptr->is_err) {
   } else {
     plugin_string_free(&ptr->val.err);
-  }
-}
-
-void plugin_option_string_free(plugin_option_string_t *ptr) {
-  if (ptr->is_some) {
-    plugin_string_free(&ptr->val);
   }
 }
 
@@ -466,7 +481,15 @@ void routilux_plugin_host_job_id(plugin_string_t *ret) {
   *ret = (plugin_string_t) { (uint8_t*)(*((uint8_t **) (ptr + 0))), (*((size_t*) (ptr + sizeof(void*)))) };
 }
 
-__attribute__((__export_name__("routilux:plugin/routine@0.3.0#describe")))
+void routilux_plugin_host_activation_id(plugin_string_t *ret) {
+  __attribute__((__aligned__(sizeof(void*))))
+  uint8_t ret_area[(2*sizeof(void*))];
+  uint8_t *ptr = (uint8_t *) &ret_area;
+  __wasm_import_routilux_plugin_host_activation_id(ptr);
+  *ret = (plugin_string_t) { (uint8_t*)(*((uint8_t **) (ptr + 0))), (*((size_t*) (ptr + sizeof(void*)))) };
+}
+
+__attribute__((__export_name__("routilux:plugin/routine@0.4.0#describe")))
 uint8_t * __wasm_export_exports_routilux_plugin_routine_describe(void) {
   exports_routilux_plugin_routine_list_routine_kind_t ret;
   exports_routilux_plugin_routine_describe(&ret);
@@ -476,7 +499,7 @@ uint8_t * __wasm_export_exports_routilux_plugin_routine_describe(void) {
   return ptr;
 }
 
-__attribute__((__export_name__("routilux:plugin/routine@0.3.0#activate")))
+__attribute__((__export_name__("routilux:plugin/routine@0.4.0#activate")))
 uint8_t * __wasm_export_exports_routilux_plugin_routine_activate(uint8_t * arg, size_t arg0, uint8_t * arg1, size_t arg2, int32_t arg3, uint8_t * arg4, size_t arg5) {
   plugin_option_string_t option;
   switch (arg3) {

@@ -50,6 +50,11 @@ typedef struct {
   size_t len;
 } routilux_plugin_types_list_event_spec_t;
 
+typedef struct {
+  bool is_some;
+  plugin_string_t val;
+} plugin_option_string_t;
+
 // A routine kind this component provides.
 typedef struct routilux_plugin_types_routine_kind_t {
   // The name flows use to pick this kind (unique within the component).
@@ -62,6 +67,10 @@ typedef struct routilux_plugin_types_routine_kind_t {
   routilux_plugin_types_list_event_spec_t   events;
   // Default config: a JSON object (UTF-8 text); a flow's config overrides its keys.
   plugin_string_t   default_config;
+  // The kind's activation policy when a flow sets none, as JSON text in the flow
+  // file's `policy:` form: `"immediate"`, `"all_slots_ready"`, `{"batch_size": 10}` or
+  // `{"time_interval": "500ms"}`. None: immediate. A flow's `policy:` overrides it.
+  plugin_option_string_t   default_policy;
 } routilux_plugin_types_routine_kind_t;
 
 typedef struct {
@@ -110,11 +119,6 @@ typedef struct {
 } routilux_plugin_host_result_void_string_t;
 
 typedef struct {
-  bool is_some;
-  plugin_string_t val;
-} plugin_option_string_t;
-
-typedef struct {
   bool is_err;
   union {
     int64_t ok;
@@ -153,7 +157,7 @@ typedef struct {
   } val;
 } exports_routilux_plugin_routine_result_void_activation_error_t;
 
-// Imported Functions from `routilux:plugin/host@0.3.0`
+// Imported Functions from `routilux:plugin/host@0.4.0`
 // Routes an item (a JSON object, as JSON text) to every slot connected to `event`, at once:
 // a subscriber may start before this activation ends. Waits while a receiving slot is
 // full (backpressure). Fails for an undeclared event, a payload that is not a JSON object,
@@ -176,8 +180,12 @@ extern bool routilux_plugin_host_state_add(plugin_string_t *key, int64_t delta, 
 extern bool routilux_plugin_host_state_compare_and_swap(plugin_string_t *key, plugin_string_t *maybe_expected, plugin_string_t *value, bool *ret, plugin_string_t *err);
 // The id of the job this activation belongs to.
 extern void routilux_plugin_host_job_id(plugin_string_t *ret);
+// A stable id of this activation, `JOB/ROUTINE/N` (the routine's N-th activation in the
+// job): every retry of the activation sees the same id, so logic can make an external
+// side effect idempotent with it.
+extern void routilux_plugin_host_activation_id(plugin_string_t *ret);
 
-// Exported Functions from `routilux:plugin/routine@0.3.0`
+// Exported Functions from `routilux:plugin/routine@0.4.0`
 void exports_routilux_plugin_routine_describe(exports_routilux_plugin_routine_list_routine_kind_t *ret);
 bool exports_routilux_plugin_routine_activate(plugin_string_t *kind, exports_routilux_plugin_routine_list_slot_batch_t *batches, plugin_string_t *maybe_message, exports_routilux_plugin_routine_activation_error_t *err);
 
@@ -195,6 +203,8 @@ void routilux_plugin_types_list_slot_spec_free(routilux_plugin_types_list_slot_s
 
 void routilux_plugin_types_list_event_spec_free(routilux_plugin_types_list_event_spec_t *ptr);
 
+void plugin_option_string_free(plugin_option_string_t *ptr);
+
 void routilux_plugin_types_routine_kind_free(routilux_plugin_types_routine_kind_t *ptr);
 
 void plugin_list_u32_free(plugin_list_u32_t *ptr);
@@ -204,8 +214,6 @@ void routilux_plugin_types_slot_batch_free(routilux_plugin_types_slot_batch_t *p
 void routilux_plugin_types_activation_error_free(routilux_plugin_types_activation_error_t *ptr);
 
 void routilux_plugin_host_result_void_string_free(routilux_plugin_host_result_void_string_t *ptr);
-
-void plugin_option_string_free(plugin_option_string_t *ptr);
 
 void routilux_plugin_host_result_s64_string_free(routilux_plugin_host_result_s64_string_t *ptr);
 
