@@ -34,6 +34,11 @@ plugins:
     rustup target add wasm32-wasip2
     cargo build --release --target wasm32-wasip2 --manifest-path plugins/Cargo.toml
 
+# Model-check the engine's quiescence and wake-up protocols with loom (the `protocol` crate
+# only: the flag rebuilds it and loom, in a target directory of their own).
+loom:
+    RUSTFLAGS="--cfg loom" CARGO_TARGET_DIR=target/loom cargo test -p routilux-protocol --release
+
 # Fuzz the targets that avoid wasmtime (items, flow files, terminal escaping), e.g. `just fuzz 600`.
 fuzz SECONDS="60":
     scripts/fuzz {{SECONDS}}

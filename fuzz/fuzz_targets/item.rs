@@ -4,7 +4,7 @@
 #![no_main]
 
 #[allow(dead_code)]
-#[path = "../../host/src/item.rs"]
+#[path = "../../host/src/model/item.rs"]
 mod item;
 
 use libfuzzer_sys::fuzz_target;

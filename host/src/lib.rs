@@ -7,56 +7,45 @@
 //! routed at once to every connected slot. A [`Runtime`] runs jobs — independent executions of
 //! a registered flow — that complete by themselves when nothing is left to do.
 //!
-//! Module map, by the model's names:
+//! Layers, each naming only the ones below it (read top-down for the API, bottom-up for how
+//! it works):
 //!
-//! | module | what lives there |
+//! | layer | what lives there |
 //! | --- | --- |
-//! | `item` | [`Item`]: a shared, immutable JSON object |
-//! | `routine` | [`Routine`], [`Logic`], [`ErrorStrategy`] |
-//! | `activation` | [`Policy`] and the [`Batch`] handed to logic |
-//! | `flow`, `registry` | [`Flow`], validation, [`FlowRegistry`] |
-//! | `context` | [`Context`]: emit (where an emit goes), state, config |
-//! | `state` | WorkerState ([`StateRef`]) |
-//! | `job` | job lifecycle, completion, counters, dead letters |
-//! | `scheduler`, `timer` | the work-stealing pool and its timer |
-//! | `runtime` | [`Runtime`], [`JobHandle`] |
-//! | [`wasm`] | WebAssembly plugins: engine, cache, sandboxed instances |
 //! | `cli` | the `routilux` tool: flow files, plugin directories, run / validate / inspect |
+//! | [`wasm`] | WebAssembly plugins: engine, cache, sandboxed instances (a [`Logic`]) |
+//! | `runtime` | the API: [`Runtime`], [`JobHandle`], posting, summaries |
+//! | `exec` | execution: the pool and timer, a job's queues, lifecycle and accounting, delivery and backpressure, running activations |
+//! | `model` | what a flow is: [`Item`], [`Policy`], [`Routine`], [`Flow`], and the [`Context`] logic is handed |
 
-mod activation;
-mod budget;
 #[cfg(feature = "cli")]
 pub mod cli;
-mod context;
-mod flow;
-mod item;
-mod job;
-mod registry;
-mod routine;
+mod exec;
+mod model;
 mod runtime;
-mod scheduler;
-mod state;
 #[cfg_attr(not(feature = "cli"), allow(dead_code))]
 mod term;
-mod timer;
 pub mod wasm;
 
-pub use activation::{Batch, CustomPolicy, Policy, PolicyView, Take};
-pub use budget::{Budgets, RoutineBudgets};
-pub use context::{Context, EmitError};
-pub use flow::{Connection, Flow, FlowError, Problem, Warning};
-pub use item::{Item, ItemError};
-pub use job::{ActivationFailure, DeadLetter, JobId, JobStatus, OutputLine, RoutineCounters};
-pub use registry::FlowRegistry;
-pub use routine::{
-    DEFAULT_MAX_QUEUE_BYTES, DEFAULT_MAX_QUEUE_LENGTH, ErrorStrategy, EventSpec, Exhausted, Logic,
-    RetryPolicy, Routine, RoutineError, SlotSpec,
+pub use exec::job::{DeadLetterFn, OutputFn};
+pub use model::activation::{Batch, CustomPolicy, Policy, PolicyView, Take};
+pub use model::budget::{Budgets, RoutineBudgets};
+pub use model::context::{Context, EmitError};
+pub use model::flow::{Connection, Flow, FlowError, Problem, Warning};
+pub use model::item::{Item, ItemError};
+pub use model::registry::FlowRegistry;
+pub use model::report::{
+    ActivationFailure, DeadLetter, JobId, JobStatus, OutputLine, RoutineCounters,
 };
+pub use model::routine::{Logic, Routine};
+pub use model::spec::{
+    DEFAULT_MAX_QUEUE_BYTES, DEFAULT_MAX_QUEUE_LENGTH, ErrorStrategy, EventSpec, Exhausted,
+    RetryPolicy, RoutineError, SlotSpec,
+};
+pub use model::state::{MAX_STATE_KEY_BYTES, StateError, StateRef};
 pub use runtime::{
-    DeadLetterFn, Input, InputHold, JobHandle, JobSummary, OutputFn, Runtime, RuntimeBuilder,
-    RuntimeError, Shutdown,
+    Input, InputHold, JobHandle, JobSummary, Runtime, RuntimeBuilder, RuntimeError, Shutdown,
 };
-pub use state::{MAX_STATE_KEY_BYTES, StateError, StateRef};
 
 /// The README's example, compiled and run as a doctest so it cannot rot.
 #[cfg(doctest)]

@@ -16,45 +16,15 @@ use std::time::{Duration, Instant};
 use parking_lot::{Condvar, Mutex};
 use serde::{Deserialize, Serialize};
 
-use crate::flow::{Flow, FlowError, Warning, hint, suggest};
-use crate::item::{Item, ItemError};
-use crate::job::{
-    ActivationFailure, DeadLetter, Job, JobId, JobStatus, OutputLine, RoutineCounters,
+use crate::exec::job::{DeadLetterFn, Job, OutputFn, Refused, Shared};
+use crate::exec::scheduler::{self, Pool, Sched};
+use crate::exec::timer::Timer;
+use crate::model::flow::{Flow, FlowError, Warning, hint, suggest};
+use crate::model::item::{Item, ItemError};
+use crate::model::registry::FlowRegistry;
+use crate::model::report::{
+    ActivationFailure, DeadLetter, JobId, JobStatus, OutputLine, RoutineCounters,
 };
-use crate::registry::FlowRegistry;
-use crate::scheduler::{self, Pool, Sched};
-use crate::timer::Timer;
-
-/// A callback receiving each line of job output as it is produced.
-pub type OutputFn = Arc<dyn Fn(JobId, &OutputLine) + Send + Sync>;
-
-/// A callback receiving each dead letter as it is made (before the job's budgets decide
-/// whether it is also kept).
-pub type DeadLetterFn = Arc<dyn Fn(JobId, &DeadLetter) + Send + Sync>;
-
-/// What the pool, the timer and every job share.
-pub(crate) struct Shared {
-    pub(crate) pool: Pool,
-    pub(crate) timer: Timer,
-    pub(crate) on_output: Option<OutputFn>,
-    pub(crate) on_dead_letter: Option<DeadLetterFn>,
-    /// Set when shutdown begins: no new jobs, no new input.
-    pub(crate) closed: AtomicBool,
-    finished_gen: Mutex<u64>,
-    finished_cv: Condvar,
-}
-
-impl Shared {
-    pub(crate) fn job_finished(&self) {
-        *self.finished_gen.lock() += 1;
-        self.finished_cv.notify_all();
-    }
-
-    /// No worker can make progress and no timer will bring any.
-    pub(crate) fn stalled(&self) -> bool {
-        self.timer.is_empty() && self.pool.stalled()
-    }
-}
 
 /// Errors of runtime operations (starting jobs, posting).
 #[derive(Debug, thiserror::Error)]
@@ -122,7 +92,7 @@ pub enum RuntimeError {
     /// The item is larger than the slot's whole byte budget: it could never be queued.
     #[error(
         "an item of {} is larger than the byte budget of slot `{routine}.{slot}` ({})",
-        crate::budget::bytes(*size), crate::budget::bytes(*budget)
+        crate::model::budget::bytes(*size), crate::model::budget::bytes(*budget)
     )]
     ItemTooLarge {
         /// The routine.
@@ -148,6 +118,14 @@ pub enum RuntimeError {
         /// The system's reason.
         reason: String,
     },
+}
+
+/// The error of a post to a job that took no hold.
+fn refused(job: JobId, why: Refused) -> RuntimeError {
+    match why {
+        Refused::Finished => RuntimeError::JobFinished { job },
+        Refused::Halted(status) => RuntimeError::JobHalted { job, status },
+    }
 }
 
 /// How [`Runtime::shutdown`] treats unfinished jobs.
@@ -243,7 +221,7 @@ impl RuntimeBuilder {
     pub fn try_build(self) -> Result<Runtime, RuntimeError> {
         let (pool, locals) = Pool::new(self.threads, self.park_timeout);
         let shared = Arc::new(Shared {
-            pool,
+            pool: Arc::new(pool),
             timer: Timer::default(),
             on_output: self.on_output,
             on_dead_letter: self.on_dead_letter,
@@ -258,12 +236,12 @@ impl RuntimeBuilder {
                 let _ = t.join();
             }
         };
-        for (i, (deque, parker)) in locals.into_iter().enumerate() {
-            let s = shared.clone();
+        for (i, local) in locals.into_iter().enumerate() {
+            let pool = shared.pool.clone();
             let spawned = std::thread::Builder::new()
                 .name(format!("routilux-worker-{i}"))
                 .stack_size(self.stack_size)
-                .spawn(move || scheduler::worker_main(s, i, deque, parker));
+                .spawn(move || scheduler::worker_main(pool, i, local));
             match spawned {
                 Ok(t) => threads.push(t),
                 Err(e) => {
@@ -391,7 +369,7 @@ impl Runtime {
                 suggestion: suggest(flow_name, self.registry.names().iter().map(String::as_str)),
             })?;
         let id = JobId(self.next_job.fetch_add(1, Ordering::Relaxed));
-        let job = Arc::new(Job::new(id, flow_name, flow, self.shared.clone()));
+        let job = Job::new(id, flow_name, &flow, self.shared.clone());
         self.jobs.lock().push(job.clone());
         Ok(JobHandle {
             job,
@@ -727,7 +705,7 @@ impl JobHandle {
         timeout: Duration,
     ) -> Result<(), RuntimeError> {
         let (node, slot_idx) = self.resolve(routine, slot)?;
-        self.job.hold()?;
+        self.job.hold().map_err(|e| refused(self.job.id, e))?;
         let result = post_resolved(&self.job, node, slot_idx, item, timeout);
         self.job.release();
         result
@@ -737,7 +715,7 @@ impl JobHandle {
     /// the handle is dropped (for streaming many items into one job).
     pub fn input(&self, routine: &str, slot: &str) -> Result<Input, RuntimeError> {
         let (node, slot) = self.resolve(routine, slot)?;
-        self.job.hold()?;
+        self.job.hold().map_err(|e| refused(self.job.id, e))?;
         Ok(Input {
             job: self.job.clone(),
             node,
@@ -773,7 +751,7 @@ impl JobHandle {
 
     /// Keeps the job open for input until the returned guard is dropped.
     pub fn hold_open(&self) -> Result<InputHold, RuntimeError> {
-        self.job.hold()?;
+        self.job.hold().map_err(|e| refused(self.job.id, e))?;
         Ok(InputHold {
             job: self.job.clone(),
         })
@@ -821,7 +799,7 @@ impl JobHandle {
         routine: &str,
     ) -> Option<serde_json::Map<String, serde_json::Value>> {
         let node = self.job.flow.routine_index(routine)?;
-        Some(self.job.nodes[node].state.lock().snapshot())
+        Some(self.job.states[node].lock().snapshot())
     }
 
     /// Items still queued in a routine's slots.

@@ -14,7 +14,7 @@ use super::file::{
 };
 use super::grants::{self, Protected};
 use super::plugins::{self, PluginDirs};
-use crate::flow::{Problem, suggest};
+use crate::model::flow::{Problem, suggest};
 use crate::wasm::{Limits, LoadError, Permissions, Plugin, WasmEngine};
 use crate::{Budgets, ErrorStrategy, Exhausted, Flow, Policy, RetryPolicy, RoutineBudgets};
 
@@ -356,7 +356,7 @@ fn apply_limits(base: &mut AllLimits, def: &LimitsDef) -> Result<(), String> {
 /// may only request.
 fn raised(base: &AllLimits, asked: &AllLimits) -> Vec<String> {
     let mut out = Vec::new();
-    let size = |n: u64| crate::budget::bytes(n);
+    let size = |n: u64| crate::model::budget::bytes(n);
     let (bw, aw) = (&base.wasm, &asked.wasm);
     if aw.memory > bw.memory {
         out.push(format!("memory {}", size(aw.memory as u64)));
@@ -830,7 +830,7 @@ impl Builder<'_> {
                     "routine `{id}`: kind `{}` has no slot `{}`{}",
                     kind.name,
                     slot.value,
-                    crate::flow::hint(&suggest(&slot.value, names))
+                    crate::model::flow::hint(&suggest(&slot.value, names))
                 );
                 self.diags.push(src.error(&slot.referenced, message));
                 ok = false;
@@ -872,7 +872,7 @@ impl Builder<'_> {
         let Some(kind) = kinds.get(routine) else {
             let message = format!(
                 "no routine `{routine}` in this flow{}",
-                crate::flow::hint(&suggest(routine, ids.iter().copied()))
+                crate::model::flow::hint(&suggest(routine, ids.iter().copied()))
             );
             self.diags.push(src.error(at, message));
             return None;

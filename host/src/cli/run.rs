@@ -489,7 +489,7 @@ fn feed_file(
             return Err(Fault::Input(format!(
                 "{}:{n}: the line is longer than {}, the byte budget of the slot it would go to",
                 path.display(),
-                crate::budget::bytes(max_line)
+                crate::model::budget::bytes(max_line)
             )));
         }
         let line = match std::str::from_utf8(&buf) {

@@ -2,7 +2,7 @@
 
 use std::path::PathBuf;
 
-use crate::flow::hint;
+use crate::model::flow::hint;
 
 /// A plugin that cannot be used, and why. Every variant names the file.
 #[derive(Debug, thiserror::Error)]

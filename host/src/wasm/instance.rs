@@ -18,12 +18,12 @@ use wasmtime_wasi::{FsPerms, WasiCtx, WasiCtxBuilder, WasiCtxView, WasiView};
 use super::bindings::{self, ActivationError, Level};
 use super::output::Capture;
 use super::plugin::PluginInner;
-use crate::activation::Batch;
-use crate::budget::Meter;
-use crate::context::{Context, EmitError};
-use crate::item::Item;
-use crate::job::JobId;
-use crate::routine::{Logic, RoutineError};
+use crate::JobId;
+use crate::model::activation::Batch;
+use crate::model::budget::Meter;
+use crate::model::context::{Context, EmitError};
+use crate::model::item::Item;
+use crate::{Logic, RoutineError};
 
 /// Resource limits of one routine's instances.
 #[derive(Clone, Debug, PartialEq)]
@@ -114,8 +114,8 @@ impl MemoryCap {
                 return Err(wasmtime::format_err!(
                     "job memory budget: {what} would take the job past its budget of {} ({} in \
                      use)",
-                    crate::budget::bytes(m.limit()),
-                    crate::budget::bytes(m.used())
+                    crate::model::budget::bytes(m.limit()),
+                    crate::model::budget::bytes(m.used())
                 ));
             }
             self.charged += n;
@@ -468,7 +468,7 @@ impl bindings::Host for StoreData {
                 if payload.len() as u64 > budget {
                     let e = EmitError::TooLarge {
                         routine: call.ctx.routine_id().to_owned(),
-                        event: crate::budget::cut(event, 128),
+                        event: crate::model::budget::cut(event, 128),
                         size: payload.len() as u64,
                         budget,
                     };
@@ -916,7 +916,7 @@ impl WasmLogic {
                                 "handed the host more than {} in one call (more than any of \
                                  its budgets lets one value be: item_bytes, \
                                  state_value_bytes, output_bytes)",
-                                crate::budget::bytes(call.hostcall_fuel as u64)
+                                crate::model::budget::bytes(call.hostcall_fuel as u64)
                             ),
                             false,
                         )
@@ -932,7 +932,7 @@ impl WasmLogic {
                         (
                             format!(
                                 "asked for more than {} random bytes in one call",
-                                crate::budget::bytes(MAX_RANDOM_BYTES)
+                                crate::model::budget::bytes(MAX_RANDOM_BYTES)
                             ),
                             false,
                         )

@@ -22,7 +22,7 @@ use tokio::io::AsyncWrite;
 use wasmtime_wasi::cli::{IsTerminal, StdoutStream};
 use wasmtime_wasi::p2::{OutputStream, Pollable, StreamResult};
 
-use crate::context::Context;
+use crate::model::context::Context;
 
 type TaskContext<'a> = std::task::Context<'a>;
 

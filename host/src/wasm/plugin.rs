@@ -13,8 +13,8 @@ use super::bindings::{self, RoutineKind};
 use super::engine::{EngineInner, WasmEngine};
 use super::error::LoadError;
 use super::instance::{Limits, Permissions, WasmLogic, new_store};
-use crate::flow::suggest;
-use crate::routine::{DEFAULT_MAX_QUEUE_LENGTH, EventSpec, Routine, SlotSpec};
+use crate::model::flow::suggest;
+use crate::{DEFAULT_MAX_QUEUE_LENGTH, EventSpec, Routine, SlotSpec};
 
 /// A routine kind a plugin provides, as its `describe` said.
 #[derive(Clone, Debug, PartialEq)]
@@ -321,7 +321,7 @@ fn check(path: &Path, kinds: Vec<RoutineKind>) -> Result<Vec<KindInfo>, LoadErro
             Ok(other) => {
                 problems.push(format!(
                     "kind `{kn}`: default config must be a JSON object, got {}",
-                    crate::item::kind_of(&other)
+                    crate::model::item::kind_of(&other)
                 ));
                 Map::new()
             }

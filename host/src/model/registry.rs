@@ -9,12 +9,12 @@ use std::sync::Arc;
 
 use parking_lot::RwLock;
 
-use crate::flow::{CompiledFlow, Flow, FlowError, Warning};
+use super::flow::{Compiled, Flow, FlowError, Warning};
 
 /// Flows by name. Clones share the same registry.
 #[derive(Clone, Default)]
 pub struct FlowRegistry {
-    flows: Arc<RwLock<BTreeMap<String, Arc<CompiledFlow>>>>,
+    flows: Arc<RwLock<BTreeMap<String, Arc<Compiled>>>>,
 }
 
 impl FlowRegistry {
@@ -48,7 +48,7 @@ impl FlowRegistry {
         self.flows.read().contains_key(name)
     }
 
-    pub(crate) fn get(&self, name: &str) -> Option<Arc<CompiledFlow>> {
+    pub(crate) fn get(&self, name: &str) -> Option<Arc<Compiled>> {
         self.flows.read().get(name).cloned()
     }
 }

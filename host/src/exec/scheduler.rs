@@ -3,8 +3,9 @@
 //! # Design
 //!
 //! `thread_pool_size` worker threads, exactly; nothing else ever runs routine logic. Work is a
-//! [`Task`]: "look at routine R of job J and run it if its policy releases a batch" (a check),
-//! or "run this failed batch again" (a retry). Tasks live in a global [`Injector`] (fed by
+//! task (the job module's `Task`, which this module sees only as [`Run`]): "look at routine R
+//! of job J and run it if its policy releases a batch" (a check), or "run this failed batch
+//! again" (a retry). Tasks live in a global [`Injector`] (fed by
 //! threads outside the pool: posts and the timer) and in one FIFO deque per worker (fed by that
 //! worker: an emit schedules the receiving routine on the emitting worker's deque, where an idle
 //! worker can steal it — so a subscriber can start before its emitter returns).
@@ -15,24 +16,17 @@
 //!
 //! # Sleeping without lost wake-ups
 //!
-//! An idle worker does not spin. It adds itself to the idle list, issues a `SeqCst` fence,
-//! re-checks every queue, and only then parks. A producer pushes, issues a `SeqCst` fence, and
-//! reads the sleeper count; if non-zero it unparks one idle worker. Either the producer sees the
-//! sleeper (and wakes it) or the sleeper's re-check sees the task: the two fences forbid both
-//! reads missing. `Parker` keeps an unpark that comes before the park, so that case is covered
-//! too. A bounded park timeout is a second line of defence, not the mechanism.
-//!
-//! Wake-ups are throttled as in tokio: a producer wakes nobody while some woken worker is
-//! still *searching* (it will find the task); a searcher that finds work and was the last one
-//! wakes the next sleeper if more work is queued, so a burst still reaches every worker. A
-//! searcher that gives up decrements the count *before* its fenced re-check, so a producer that
-//! skipped the wake-up because of it is seen by that re-check.
+//! An idle worker does not spin: it registers as a sleeper, re-checks every queue, and only
+//! then parks; a producer pushes, then wakes a sleeper unless a woken one is still searching.
+//! The protocol, and why no wake-up is lost, is `routilux_protocol::wake` (its own crate, so
+//! that loom can check it: `just loom`). A bounded park timeout is a second line of defence,
+//! not the mechanism; tests set it to hours so that a lost wake-up shows as a hang.
 //!
 //! # Backpressure without deadlock
 //!
 //! An emit into a full slot must wait, but a waiting worker may hold the only thread that could
 //! drain that slot (one thread; n threads and n blocked emitters; a cycle). So a blocked emitter
-//! (`Context::deliver`) first **runs the full slot's routine itself**, nested on its stack, if
+//! (the delivery module's `Job::deliver`) first **runs the full slot's routine itself**, nested on its stack, if
 //! that routine is idle. In an acyclic flow every frame on a stack is downstream of the frames
 //! below it, so a nested consumer can never wait on its own caller, and the most downstream
 //! blocked frame of the pool always has an idle consumer it can run: **an acyclic flow never
@@ -73,98 +67,48 @@ use std::cell::{Cell, RefCell};
 use std::iter;
 use std::rc::Rc;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering, fence};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
+use std::thread::LocalKey;
 use std::time::Duration;
 
 use crossbeam_deque::{Injector, Steal, Stealer, Worker};
 use crossbeam_utils::sync::{Parker, Unparker};
 use parking_lot::{Condvar, Mutex};
-
-use crate::activation::Batch;
-use crate::job::Job;
-use crate::runtime::Shared;
+use routilux_protocol::wake::Sleepers;
 
 /// How deep a blocked emitter may nest helping activations on its own stack.
 pub(crate) const MAX_HELP_DEPTH: u32 = 16;
 
-/// A unit of work for the pool.
-pub(crate) enum Task {
-    /// Check routine `node` of `job` and run it while its policy releases batches.
-    Check { job: Arc<Job>, node: usize },
-    /// A `time_interval` timer ended: as `Check`, and the routine's timer is disarmed.
-    TimerCheck { job: Arc<Job>, node: usize },
-    /// Run a failed batch again (retry number `attempt`).
-    Retry {
-        job: Arc<Job>,
-        node: usize,
-        batch: Batch,
-        attempt: u32,
-    },
-}
-
-impl Task {
-    fn run(self, w: &WorkerLocal) {
-        match self {
-            Task::Check { job, node } => job.run_check(node, false, w),
-            Task::TimerCheck { job, node } => job.run_check(node, true, w),
-            Task::Retry {
-                job,
-                node,
-                batch,
-                attempt,
-            } => job.run_retry(node, batch, attempt, w),
-        }
-    }
-
+/// A unit of work for the pool: what the engine schedules (the execution layer's `Task`).
+/// The pool only moves tasks between threads and runs them; what running one does is the
+/// task's own business, so this module names nothing of the engine.
+pub(crate) trait Run: Send + Sized + 'static {
+    /// Runs the task on worker `w`; returns whether it ran an activation.
+    fn run(self, w: &WorkerLocal<Self>) -> bool;
     /// Drops the task without running it, releasing what it holds (its job halted, or the
-    /// runtime is shutting down). A retry's items become a dead letter saying `why`.
-    pub(crate) fn abandon(self, why: &str) {
-        match self {
-            Task::Check { job, .. } | Task::TimerCheck { job, .. } => job.release(),
-            Task::Retry {
-                job, node, batch, ..
-            } => job.abandon_retry(node, batch, why),
-        }
-    }
-
-    /// Whether the task's job takes no new work (failed, cancelled or stopped).
-    pub(crate) fn job_halted(&self) -> bool {
-        match self {
-            Task::Check { job, .. } | Task::TimerCheck { job, .. } | Task::Retry { job, .. } => {
-                job.stopping()
-            }
-        }
-    }
-
-    /// Its job's status (`failed` or `cancelled` once halted).
-    pub(crate) fn job_status(&self) -> crate::JobStatus {
-        match self {
-            Task::Check { job, .. } | Task::TimerCheck { job, .. } | Task::Retry { job, .. } => {
-                job.status()
-            }
-        }
-    }
-
-    /// The job the task belongs to.
-    pub(crate) fn job(&self) -> *const Job {
-        match self {
-            Task::Check { job, .. } | Task::TimerCheck { job, .. } | Task::Retry { job, .. } => {
-                Arc::as_ptr(job)
-            }
-        }
-    }
+    /// runtime is shutting down); `why` says which.
+    fn abandon(self, why: &str);
+    /// Who the task belongs to (its job's address), to disarm a job's timers together.
+    fn owner(&self) -> usize;
+    /// Why the task may no longer be armed on the timer (its job takes no new work), if so.
+    fn refused(&self) -> Option<String>;
+    /// The thread-local slot that holds the worker running on this thread, if it is one
+    /// (declared where the task type is: a `thread_local!` cannot be generic).
+    fn current() -> &'static LocalKey<Current<Self>>;
 }
+
+/// What a worker thread keeps in its [`Run::current`] slot.
+pub(crate) type Current<T> = RefCell<Option<Rc<WorkerLocal<T>>>>;
 
 /// The shared half of the pool.
-pub(crate) struct Pool {
-    injector: Injector<Task>,
-    stealers: Box<[Stealer<Task>]>,
-    idle: Mutex<Vec<usize>>,
-    sleepers: AtomicUsize,
+pub(crate) struct Pool<T> {
+    injector: Injector<T>,
+    stealers: Box<[Stealer<T>]>,
+    /// The idle workers, and those woken to search (the wake-up protocol:
+    /// `routilux_protocol::wake`, model-checked with loom).
+    sleepers: Sleepers,
     unparkers: Box<[Unparker]>,
     shutdown: AtomicBool,
-    /// Workers woken to look for a task that have not found one yet.
-    searching: AtomicUsize,
     /// Workers waiting (in `wait_progress`) inside an emit, having found nothing to help with.
     blocked: AtomicUsize,
     /// Bumped whenever a batch leaves a queue: a stalled pool does not move it.
@@ -178,9 +122,9 @@ pub(crate) struct Pool {
 }
 
 /// What each worker thread owns; handed to logic through the activation context.
-pub(crate) struct WorkerLocal {
-    deque: Worker<Task>,
-    shared: Arc<Shared>,
+pub(crate) struct WorkerLocal<T> {
+    deque: Worker<T>,
+    pool: Arc<Pool<T>>,
     depth: Cell<u32>,
     /// How many frames on this stack run an arbitrary task taken by `help_once` (which, unlike
     /// running the full slot's own routine, can put an upstream routine above a downstream one).
@@ -190,38 +134,47 @@ pub(crate) struct WorkerLocal {
 }
 
 /// Where a newly ready task goes: the current worker's deque, or the injector.
-#[derive(Clone, Copy)]
-pub(crate) enum Sched<'a> {
-    Worker(&'a WorkerLocal),
-    External(&'a Pool),
+pub(crate) enum Sched<'a, T> {
+    Worker(&'a WorkerLocal<T>),
+    External(&'a Pool<T>),
 }
 
-impl Sched<'_> {
-    pub(crate) fn schedule(self, task: Task) {
+impl<T> Clone for Sched<'_, T> {
+    fn clone(&self) -> Self {
+        *self
+    }
+}
+
+impl<T> Copy for Sched<'_, T> {}
+
+impl<T: Run> Sched<'_, T> {
+    #[inline]
+    pub(crate) fn schedule(self, task: T) {
         match self {
             Sched::Worker(w) => {
                 w.deque.push(task);
-                w.shared.pool.notify_one();
+                w.pool.notify_one();
             }
             Sched::External(pool) => pool.inject(task),
         }
     }
 }
 
-impl Pool {
+/// A worker's own deque and parker, handed to [`worker_main`].
+pub(crate) type Local<T> = (Worker<T>, Parker);
+
+impl<T: Run> Pool<T> {
     /// Creates the pool's shared half and the per-worker deques and parkers.
-    pub(crate) fn new(size: usize, park_timeout: Duration) -> (Pool, Vec<(Worker<Task>, Parker)>) {
-        let locals: Vec<(Worker<Task>, Parker)> = (0..size)
+    pub(crate) fn new(size: usize, park_timeout: Duration) -> (Pool<T>, Vec<Local<T>>) {
+        let locals: Vec<Local<T>> = (0..size)
             .map(|_| (Worker::new_fifo(), Parker::new()))
             .collect();
         let pool = Pool {
             injector: Injector::new(),
             stealers: locals.iter().map(|(w, _)| w.stealer()).collect(),
-            idle: Mutex::new(Vec::with_capacity(size)),
-            sleepers: AtomicUsize::new(0),
+            sleepers: Sleepers::new(size),
             unparkers: locals.iter().map(|(_, p)| p.unparker().clone()).collect(),
             shutdown: AtomicBool::new(false),
-            searching: AtomicUsize::new(0),
             blocked: AtomicUsize::new(0),
             epoch: AtomicU64::new(0),
             progress_lock: Mutex::new(()),
@@ -233,7 +186,7 @@ impl Pool {
         (pool, locals)
     }
 
-    pub(crate) fn inject(&self, task: Task) {
+    pub(crate) fn inject(&self, task: T) {
         self.injector.push(task);
         if self.shutdown.load(Ordering::SeqCst) {
             // The workers may be gone: nobody else would ever take it. (Steals are exclusive,
@@ -248,22 +201,9 @@ impl Pool {
 
     /// Wakes one sleeping worker for a newly pushed task — unless a worker is already
     /// searching: it will find the task, and waking more would only add context switches.
+    #[inline]
     fn notify_one(&self) {
-        fence(Ordering::SeqCst);
-        if self.searching.load(Ordering::SeqCst) > 0 || self.sleepers.load(Ordering::SeqCst) == 0 {
-            return;
-        }
-        let woken = {
-            let mut idle = self.idle.lock();
-            let w = idle.pop();
-            if w.is_some() {
-                // The woken worker searches; it learns so by finding itself off the idle list.
-                self.searching.fetch_add(1, Ordering::SeqCst);
-            }
-            self.sleepers.store(idle.len(), Ordering::SeqCst);
-            w
-        };
-        if let Some(i) = woken {
+        if let Some(i) = self.sleepers.notify_one() {
             self.unparkers[i].unpark();
         }
     }
@@ -276,6 +216,7 @@ impl Pool {
     /// not stalled; a waiter counts itself blocked before reading the epoch, so it cannot miss
     /// a bump). If the batch came from a full slot, wake waiters: one may be waiting for room
     /// there. (Waiters also re-check on a short timeout, so a wake-up is an optimisation.)
+    #[inline]
     pub(crate) fn record_progress(&self, freed_full: bool) {
         if self.blocked.load(Ordering::SeqCst) > 0 {
             self.epoch.fetch_add(1, Ordering::SeqCst);
@@ -286,6 +227,7 @@ impl Pool {
     }
 
     /// The progress epoch (see [`Pool::record_progress`]).
+    #[inline]
     pub(crate) fn epoch(&self) -> u64 {
         self.epoch.load(Ordering::SeqCst)
     }
@@ -316,7 +258,7 @@ impl Pool {
     /// is about to be needed for queued work. (Queued tasks with every worker waiting do not
     /// count as progress: waiting workers do not run them.)
     pub(crate) fn stalled(&self) -> bool {
-        let sleepers = self.sleepers.load(Ordering::SeqCst);
+        let sleepers = self.sleepers.sleeping();
         self.blocked.load(Ordering::SeqCst) + sleepers >= self.size
             && !(sleepers > 0 && self.has_work())
     }
@@ -349,7 +291,7 @@ impl Pool {
     }
 
     /// Takes whatever is left in the injector (after the workers have exited).
-    pub(crate) fn drain_injector(&self) -> Vec<Task> {
+    pub(crate) fn drain_injector(&self) -> Vec<T> {
         iter::from_fn(|| {
             loop {
                 match self.injector.steal() {
@@ -363,9 +305,9 @@ impl Pool {
     }
 }
 
-impl WorkerLocal {
-    fn find_task(&self) -> Option<Task> {
-        let pool = &self.shared.pool;
+impl<T: Run> WorkerLocal<T> {
+    fn find_task(&self) -> Option<T> {
+        let pool = &self.pool;
         self.deque.pop().or_else(|| {
             iter::repeat_with(|| {
                 pool.injector
@@ -408,25 +350,23 @@ impl WorkerLocal {
         self.foreign.get() > 0
     }
 
-    /// Marks an activation of `(job, node)` as running on this stack until [`Self::exit`].
-    pub(crate) fn enter(&self, job: &Arc<Job>, node: usize) {
-        self.active
-            .borrow_mut()
-            .push((Arc::as_ptr(job) as usize, node));
+    /// Marks an activation of `key` (its job's address and routine) as running on this stack
+    /// until [`Self::exit`].
+    pub(crate) fn enter(&self, key: (usize, usize)) {
+        self.active.borrow_mut().push(key);
     }
 
     pub(crate) fn exit(&self) {
         self.active.borrow_mut().pop();
     }
 
-    /// Whether an activation of `(job, node)` is suspended on this very stack (so waiting for
-    /// it to finish would wait forever).
-    pub(crate) fn runs_here(&self, job: &Arc<Job>, node: usize) -> bool {
-        let key = (Arc::as_ptr(job) as usize, node);
+    /// Whether an activation of `key` is suspended on this very stack (so waiting for it to
+    /// finish would wait forever).
+    pub(crate) fn runs_here(&self, key: (usize, usize)) -> bool {
         self.active.borrow().contains(&key)
     }
 
-    pub(crate) fn sched(&self) -> Sched<'_> {
+    pub(crate) fn sched(&self) -> Sched<'_, T> {
         Sched::Worker(self)
     }
 }
@@ -447,47 +387,40 @@ impl Drop for Restore<'_> {
     }
 }
 
-thread_local! {
-    /// The pool worker running on this thread, if it is one.
-    static CURRENT: RefCell<Option<Rc<WorkerLocal>>> = const { RefCell::new(None) };
-}
-
-/// This thread's worker, if this thread is a worker of the pool behind `shared`. (Logic gets
-/// its worker this way rather than through its context, so that a context can be kept where
-/// only `'static + Send` data may live, such as a WebAssembly store.)
-pub(crate) fn current_worker(shared: &Arc<Shared>) -> Option<Rc<WorkerLocal>> {
-    CURRENT.with(|c| {
+/// This thread's worker, if this thread is a worker of `pool`. (Logic gets its worker this
+/// way rather than through its context, so that a context can be kept where only
+/// `'static + Send` data may live, such as a WebAssembly store.)
+#[inline]
+pub(crate) fn current_worker<T: Run>(pool: &Arc<Pool<T>>) -> Option<Rc<WorkerLocal<T>>> {
+    T::current().with(|c| {
         c.borrow()
             .as_ref()
-            .filter(|w| Arc::ptr_eq(&w.shared, shared))
+            .filter(|w| Arc::ptr_eq(&w.pool, pool))
             .cloned()
     })
 }
 
 /// The body of worker thread `index`.
-pub(crate) fn worker_main(shared: Arc<Shared>, index: usize, deque: Worker<Task>, parker: Parker) {
+pub(crate) fn worker_main<T: Run>(pool: Arc<Pool<T>>, index: usize, (deque, parker): Local<T>) {
     let local = Rc::new(WorkerLocal {
         deque,
-        shared,
+        pool,
         depth: Cell::new(0),
         foreign: Cell::new(0),
         active: RefCell::new(Vec::new()),
     });
-    CURRENT.with(|c| *c.borrow_mut() = Some(local.clone()));
+    T::current().with(|c| *c.borrow_mut() = Some(local.clone()));
     run_worker(&local, index, &parker);
-    CURRENT.with(|c| c.borrow_mut().take());
+    T::current().with(|c| c.borrow_mut().take());
 }
 
-fn run_worker(local: &WorkerLocal, index: usize, parker: &Parker) {
-    let pool = &local.shared.pool;
-    // Whether this worker is counted in `pool.searching` (it was woken for a task).
+fn run_worker<T: Run>(local: &WorkerLocal<T>, index: usize, parker: &Parker) {
+    let pool = &local.pool;
+    // Whether this worker counts as searching (it was woken for a task).
     let mut searching = false;
     loop {
         if let Some(task) = local.find_task() {
-            if std::mem::take(&mut searching)
-                && pool.searching.fetch_sub(1, Ordering::SeqCst) == 1
-                && pool.has_work()
-            {
+            if pool.sleepers.found(std::mem::take(&mut searching)) && pool.has_work() {
                 // The last searcher found work: hand the search on, so that a burst of tasks
                 // ramps up to every worker.
                 pool.notify_one();
@@ -495,30 +428,17 @@ fn run_worker(local: &WorkerLocal, index: usize, parker: &Parker) {
             task.run(local);
             continue;
         }
-        if std::mem::take(&mut searching) {
-            pool.searching.fetch_sub(1, Ordering::SeqCst);
-        }
+        pool.sleepers.give_up(std::mem::take(&mut searching));
         if pool.shutdown.load(Ordering::SeqCst) {
             break;
         }
-        {
-            let mut idle = pool.idle.lock();
-            idle.push(index);
-            pool.sleepers.store(idle.len(), Ordering::SeqCst);
-        }
-        fence(Ordering::SeqCst);
+        pool.sleepers.register(index);
         if !pool.has_work() && !pool.shutdown.load(Ordering::SeqCst) {
             // A blocked emitter may be waiting to see whether the pool has stalled.
             pool.notify_progress();
             parker.park_timeout(pool.park_timeout);
         }
-        let mut idle = pool.idle.lock();
-        if let Some(pos) = idle.iter().position(|&i| i == index) {
-            idle.swap_remove(pos);
-            pool.sleepers.store(idle.len(), Ordering::SeqCst);
-        } else {
-            // A notifier took us off the list and counted us as searching.
-            searching = true;
-        }
+        // Off the list by a notifier: woken for a task, and counted as searching.
+        searching = pool.sleepers.deregister(index);
     }
 }

@@ -23,7 +23,7 @@ use std::time::{Duration, Instant};
 
 use serde_json::{Value, json};
 
-use crate::item::Item;
+use super::item::Item;
 
 /// An activation policy: when a routine runs, and which of its queued items it gets.
 ///
@@ -166,7 +166,7 @@ impl Policy {
                         return Decision::Broken(format!(
                             "custom policy `{}` panicked: {}",
                             c.name,
-                            crate::job::panic_message(payload.as_ref())
+                            panic_message(payload.as_ref())
                         ));
                     }
                 };
@@ -395,6 +395,17 @@ impl Batch {
 
     pub(crate) fn into_parts(self) -> (Arc<[Arc<str>]>, Vec<Vec<Item>>) {
         (self.names, self.data)
+    }
+}
+
+/// The text of a caught panic's payload.
+pub(crate) fn panic_message(payload: &(dyn std::any::Any + Send)) -> String {
+    if let Some(s) = payload.downcast_ref::<&str>() {
+        (*s).to_owned()
+    } else if let Some(s) = payload.downcast_ref::<String>() {
+        s.clone()
+    } else {
+        "non-string panic payload".to_owned()
     }
 }
 

@@ -11,64 +11,75 @@ use std::time::Instant;
 
 use parking_lot::{Condvar, Mutex};
 
-use crate::job::Job;
-use crate::scheduler::{Pool, Task};
+use super::scheduler::{Pool, Run};
 
-struct Entry {
+struct Entry<T> {
     at: Instant,
     seq: u64,
-    task: Task,
+    task: T,
 }
 
-impl PartialEq for Entry {
+impl<T> PartialEq for Entry<T> {
     fn eq(&self, other: &Self) -> bool {
         (self.at, self.seq) == (other.at, other.seq)
     }
 }
-impl Eq for Entry {}
-impl PartialOrd for Entry {
+impl<T> Eq for Entry<T> {}
+impl<T> PartialOrd for Entry<T> {
     fn partial_cmp(&self, other: &Self) -> Option<CmpOrdering> {
         Some(self.cmp(other))
     }
 }
-impl Ord for Entry {
+impl<T> Ord for Entry<T> {
     /// Reversed, so the max-heap pops the earliest entry.
     fn cmp(&self, other: &Self) -> CmpOrdering {
         (other.at, other.seq).cmp(&(self.at, self.seq))
     }
 }
 
-#[derive(Default)]
-struct State {
-    heap: BinaryHeap<Entry>,
+struct State<T> {
+    heap: BinaryHeap<Entry<T>>,
     seq: u64,
     shutdown: bool,
 }
 
 /// Armed tasks by due time.
-#[derive(Default)]
-pub(crate) struct Timer {
-    state: Mutex<State>,
+pub(crate) struct Timer<T> {
+    state: Mutex<State<T>>,
     cv: Condvar,
     armed: AtomicUsize,
 }
 
-impl Timer {
+impl<T> Default for Timer<T> {
+    fn default() -> Self {
+        Timer {
+            state: Mutex::new(State {
+                heap: BinaryHeap::new(),
+                seq: 0,
+                shutdown: false,
+            }),
+            cv: Condvar::new(),
+            armed: AtomicUsize::new(0),
+        }
+    }
+}
+
+impl<T: Run> Timer<T> {
     /// Arms `task` to be injected at `at`. After shutdown, or once its job has halted, the
     /// task is abandoned at once.
     ///
     /// The job's `halted` flag is read under the timer's lock: a job halts by setting it and
-    /// then taking its entries under the same lock ([`Timer::take_job`]), so an entry armed
+    /// then taking its entries under the same lock ([`Timer::take_owned`]), so an entry armed
     /// concurrently is either taken by it or sees the flag here. A cancelled job never waits
     /// for a timer armed just as it halted.
-    pub(crate) fn schedule(&self, at: Instant, task: Task) {
+    pub(crate) fn schedule(&self, at: Instant, task: T) {
         let mut st = self.state.lock();
-        if st.shutdown || task.job_halted() {
-            let why = if st.shutdown {
-                "runtime shut down".to_owned()
-            } else {
-                format!("job {}", task.job_status())
-            };
+        let refused = if st.shutdown {
+            Some("runtime shut down".to_owned())
+        } else {
+            task.refused()
+        };
+        if let Some(why) = refused {
             drop(st);
             task.abandon(&why);
             return;
@@ -90,7 +101,7 @@ impl Timer {
     }
 
     /// The timer thread's body: inject due tasks until shutdown.
-    pub(crate) fn run(&self, pool: &Pool) {
+    pub(crate) fn run(&self, pool: &Pool<T>) {
         let mut st = self.state.lock();
         loop {
             if st.shutdown {
@@ -117,22 +128,23 @@ impl Timer {
         }
     }
 
-    /// Disarms and returns every entry of one job (it halted: they need not wait their time).
-    pub(crate) fn take_job(&self, job: *const Job) -> Vec<Task> {
+    /// Disarms and returns every entry of one owner (its job halted: they need not wait their
+    /// time).
+    pub(crate) fn take_owned(&self, owner: usize) -> Vec<T> {
         let mut st = self.state.lock();
-        let (mine, rest): (Vec<Entry>, Vec<Entry>) = std::mem::take(&mut st.heap)
+        let (mine, rest): (Vec<Entry<T>>, Vec<Entry<T>>) = std::mem::take(&mut st.heap)
             .into_iter()
-            .partition(|e| std::ptr::eq(e.task.job(), job));
+            .partition(|e| e.task.owner() == owner);
         st.heap = rest.into();
         self.armed.fetch_sub(mine.len(), Ordering::SeqCst);
         mine.into_iter().map(|e| e.task).collect()
     }
 
     /// Stops the thread and returns the armed tasks (to be abandoned by the caller).
-    pub(crate) fn shutdown(&self) -> Vec<Task> {
+    pub(crate) fn shutdown(&self) -> Vec<T> {
         let mut st = self.state.lock();
         st.shutdown = true;
-        let tasks: Vec<Task> = std::mem::take(&mut st.heap)
+        let tasks: Vec<T> = std::mem::take(&mut st.heap)
             .into_iter()
             .map(|e| e.task)
             .collect();

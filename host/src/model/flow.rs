@@ -7,20 +7,20 @@
 //! routine whose other slots are connected is a warning (only a post could fill it); a routine
 //! with no connected slot at all is an entry point and needs no warning.
 //!
-//! A valid flow compiles into a [`CompiledFlow`]: routines in a vector, names resolved to
-//! indices, and a routing table `routine → event → [(routine, slot)]` so that an emit does no
-//! name lookups beyond finding its event.
+//! A valid flow compiles into a [`Compiled`] flow: its plan (routines in a vector, names
+//! resolved to indices, a routing table) and the logic of each routine beside it.
 
 use std::collections::{HashMap, HashSet};
 use std::fmt;
 use std::sync::Arc;
 
 use indexmap::IndexMap;
-use serde_json::{Map, Value};
 
-use crate::activation::Policy;
-use crate::budget::{Budgets, RoutineBudgets};
-use crate::routine::{ErrorStrategy, EventSpec, Logic, Routine};
+use super::activation::Policy;
+use super::budget::Budgets;
+use super::plan::{CompiledFlow, CompiledRoutine};
+use super::routine::{Logic, Routine};
+use super::spec::ErrorStrategy;
 
 /// A connection from one routine's event to another routine's slot.
 #[derive(Clone, Debug, PartialEq, Eq, Hash)]
@@ -444,7 +444,7 @@ impl Flow {
     }
 
     /// Validates and compiles into the form the runtime executes.
-    pub(crate) fn compile(&self) -> Result<(CompiledFlow, Vec<Warning>), FlowError> {
+    pub(crate) fn compile(&self) -> Result<(Compiled, Vec<Warning>), FlowError> {
         let warnings = self.validate()?;
         let index: HashMap<String, usize> = self
             .routines
@@ -452,11 +452,12 @@ impl Flow {
             .enumerate()
             .map(|(i, k)| (k.clone(), i))
             .collect();
+        let mut logic: Vec<Arc<dyn Logic>> = Vec::with_capacity(self.routines.len());
         let mut routines: Vec<CompiledRoutine> = self
             .routines
             .iter()
             .filter_map(|(id, r)| {
-                let logic = r.logic.clone()?;
+                logic.push(r.logic.clone()?);
                 Some(CompiledRoutine {
                     id: id.as_str().into(),
                     slot_names: r.slots.iter().map(|s| s.name.clone()).collect(),
@@ -470,7 +471,6 @@ impl Flow {
                     policy: r.policy.clone(),
                     on_error: r.on_error.clone().unwrap_or_else(|| self.on_error.clone()),
                     concurrency: r.concurrency,
-                    logic,
                 })
             })
             .collect();
@@ -491,15 +491,25 @@ impl Flow {
             .collect();
         let cyclic = !find_cycles(routines.len(), &edges).is_empty();
         Ok((
-            CompiledFlow {
-                routines,
-                index,
-                cyclic,
-                budgets: self.budgets.clone(),
+            Compiled {
+                plan: Arc::new(CompiledFlow {
+                    routines,
+                    index,
+                    cyclic,
+                    budgets: self.budgets.clone(),
+                }),
+                logic: logic.into(),
             },
             warnings,
         ))
     }
+}
+
+/// A validated flow, ready to run: its plan, and the logic of each of its routines (by the
+/// plan's routine index).
+pub(crate) struct Compiled {
+    pub(crate) plan: Arc<CompiledFlow>,
+    pub(crate) logic: Arc<[Arc<dyn Logic>]>,
 }
 
 fn check_routine(id: &str, r: &Routine, default: &ErrorStrategy, problems: &mut Vec<Problem>) {
@@ -613,49 +623,6 @@ fn find_cycles(n: usize, edges: &[(usize, usize)]) -> Vec<Vec<usize>> {
         }
     }
     cycles
-}
-
-/// A validated flow, ready to run: indices instead of names.
-pub(crate) struct CompiledFlow {
-    pub(crate) routines: Vec<CompiledRoutine>,
-    pub(crate) index: HashMap<String, usize>,
-    /// Whether some routines feed each other in a loop (only with `allow_cycles`).
-    pub(crate) cyclic: bool,
-    pub(crate) budgets: Budgets,
-}
-
-pub(crate) struct CompiledRoutine {
-    pub(crate) id: Arc<str>,
-    pub(crate) slot_names: Arc<[Arc<str>]>,
-    pub(crate) capacities: Vec<usize>,
-    /// Byte budget of each slot.
-    pub(crate) queue_bytes: Vec<u64>,
-    pub(crate) budgets: RoutineBudgets,
-    pub(crate) events: Vec<EventSpec>,
-    /// `routes[event] = [(routine, slot)]`.
-    pub(crate) routes: Vec<Vec<(usize, usize)>>,
-    pub(crate) config: Map<String, Value>,
-    pub(crate) policy: Policy,
-    pub(crate) message: Option<Arc<Value>>,
-    pub(crate) on_error: ErrorStrategy,
-    pub(crate) concurrency: usize,
-    pub(crate) logic: Arc<dyn Logic>,
-}
-
-impl CompiledRoutine {
-    pub(crate) fn event_index(&self, event: &str) -> Option<usize> {
-        self.events.iter().position(|e| *e.name == *event)
-    }
-
-    pub(crate) fn slot_index(&self, slot: &str) -> Option<usize> {
-        self.slot_names.iter().position(|s| **s == *slot)
-    }
-}
-
-impl CompiledFlow {
-    pub(crate) fn routine_index(&self, id: &str) -> Option<usize> {
-        self.index.get(id).copied()
-    }
 }
 
 #[cfg(test)]

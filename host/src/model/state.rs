@@ -19,7 +19,8 @@ use serde::Serialize;
 use serde::de::DeserializeOwned;
 use serde_json::{Map, Value};
 
-use crate::budget::{Meter, RoutineBudgets, bytes};
+use super::budget::{Meter, RoutineBudgets, bytes};
+use super::spec::RoutineError;
 
 /// Longest WorkerState key, in bytes.
 pub const MAX_STATE_KEY_BYTES: usize = 1024;
@@ -89,9 +90,9 @@ pub enum StateError {
     },
 }
 
-impl From<StateError> for crate::RoutineError {
+impl From<StateError> for RoutineError {
     fn from(e: StateError) -> Self {
-        crate::RoutineError::fatal(e.to_string())
+        RoutineError::fatal(e.to_string())
     }
 }
 
@@ -193,7 +194,7 @@ impl<'a> StateRef<'a> {
             Some(t) => parse(t).as_i64().ok_or_else(|| StateError::NotAnInteger {
                 routine: self.routine.to_owned(),
                 key: key.to_owned(),
-                value: crate::budget::cut(t.to_owned(), 64),
+                value: super::budget::cut(t.to_owned(), 64),
             }),
         }
     }
@@ -236,7 +237,7 @@ impl<'a> StateRef<'a> {
     /// then that it is JSON (without building a value).
     pub fn set_text(&self, key: &str, text: String) -> Result<(), StateError> {
         self.check_sizes(key, text.len())?;
-        crate::item::validate_json(&text).map_err(|source| self.json(key, source))?;
+        super::item::validate_json(&text).map_err(|source| self.json(key, source))?;
         if let Some(overlay) = self.overlay {
             overlay
                 .lock()
@@ -307,7 +308,7 @@ impl<'a> StateRef<'a> {
             Some(t) => parse(t).as_i64().ok_or_else(|| StateError::NotAnInteger {
                 routine: self.routine.to_owned(),
                 key: key.to_owned(),
-                value: crate::budget::cut(t.to_string(), 64),
+                value: super::budget::cut(t.to_string(), 64),
             })?,
         };
         let new = old.saturating_add(delta);
@@ -336,7 +337,7 @@ impl<'a> StateRef<'a> {
         text: String,
     ) -> Result<bool, StateError> {
         self.check_sizes(key, text.len())?;
-        crate::item::validate_json(&text).map_err(|source| self.json(key, source))?;
+        super::item::validate_json(&text).map_err(|source| self.json(key, source))?;
         if let Some(overlay) = self.overlay {
             let current = self.view(key)?.map(|t| parse(&t));
             if current.as_ref() != expected {
@@ -467,7 +468,7 @@ impl<'a> StateRef<'a> {
     fn json(&self, key: &str, source: serde_json::Error) -> StateError {
         StateError::Json {
             routine: self.routine.to_owned(),
-            key: crate::budget::cut(key.to_owned(), 128),
+            key: super::budget::cut(key.to_owned(), 128),
             source,
         }
     }

@@ -1,0 +1,453 @@
+//! Delivery and backpressure: how an emitted item reaches every slot connected to its event,
+//! and what an emitter does when a slot is full. The whole full-slot protocol lives here.
+//!
+//! # An emit, step by step
+//!
+//! 1. [`Context`](crate::Context) checks the item against the routine's plan and budgets, and
+//!    for a retrying routine holds it in the attempt (released by `commit_attempt` in the run
+//!    module once the attempt succeeds). Otherwise it asks the job ([`JobPort::emit`]).
+//! 2. [`Job::route`] delivers it to each connected slot in turn: all or nothing for each slot.
+//!    A slot it cannot reach (the job halted, or the slot could be passed only past its overrun
+//!    bound) gets it as a dead letter, as does every later slot, and the emit fails.
+//! 3. [`Job::deliver`] pushes into one slot ([`Job::push`]: [`Queues::push`] under the
+//!    routine's queue lock, then a check task of the receiving routine if its policy may fire).
+//!    On a worker the task goes on the worker's own deque, where an idle worker can steal it,
+//!    so a subscriber may start before its emitter returns (streaming).
+//! 4. Into a full slot, [`Job::deliver_when_full`] runs the protocol the scheduler's docs
+//!    explain under "Backpressure without deadlock": run the slot's routine here if it is
+//!    idle (nested on this stack, through a `Task::Help`), wait if it runs elsewhere, help the
+//!    pool if it is starved, overrun the bound by one item only when the pool is stalled or the
+//!    consumer is suspended under the emitter (a cycle). An emit from a thread the logic
+//!    spawned cannot run activations: [`Job::deliver_from_outside`] waits, counted as blocked.
+//!
+//! Waiting uses the pool's progress condition (`Pool::wait_unless`): the push is retried with
+//! the waiter registered, so no wake-up is lost.
+
+use std::sync::atomic::AtomicU64;
+use std::sync::atomic::Ordering;
+use std::time::{Duration, Instant};
+
+use crate::model::context::{EmitError, JobCore, JobPort};
+use crate::model::item::Item;
+
+use super::job::{Job, Task, add};
+use super::queues::Pushed;
+use super::scheduler::{Run, Sched, WorkerLocal, current_worker};
+
+/// What a blocked emitter's attempt to run the full slot's routine achieved.
+#[derive(Debug)]
+pub(crate) enum Help {
+    /// It ran at least one activation of the routine: there may be room now.
+    Ran,
+    /// The routine is running (elsewhere, or under us on this stack): wait for it.
+    Busy,
+    /// The routine is idle but its policy releases nothing.
+    CannotFire,
+    /// This stack is nested too deep to run it here.
+    TooDeep,
+}
+
+impl Job {
+    /// The byte budget of `node.slot` if an item of `len` bytes is larger than all of it
+    /// (so it could never be queued there, however long one waits).
+    pub(crate) fn too_large_for(&self, node: usize, slot: usize, len: u64) -> Option<u64> {
+        let budget = self.flow.routines[node].queue_bytes[slot];
+        (len > budget).then_some(budget)
+    }
+
+    /// Queues `item` into `node.slot` (see [`Queues::push`]: a full slot gives the item back,
+    /// unless `overrun`), and schedules a check of `node` if its policy may now fire and none
+    /// is scheduled. Never takes an item larger than the slot's whole byte budget (callers
+    /// check [`Job::too_large_for`] first).
+    pub(crate) fn push(
+        &self,
+        node: usize,
+        slot: usize,
+        item: Item,
+        overrun: bool,
+        sched: Sched<'_, Task>,
+    ) -> Result<(), Item> {
+        let r = &self.flow.routines[node];
+        let n = &self.nodes[node];
+        let schedule = {
+            let mut q = n.queues.lock();
+            if q.push(r, slot, item, overrun, &self.meter)? == Pushed::Overrun {
+                add(&n.counters.overflowed, 1);
+            }
+            let s = !q.scheduled
+                && !q.timer_armed
+                && q.running < r.concurrency
+                && !self.stopping()
+                && r.policy.may_fire(&q.slots);
+            if s {
+                q.scheduled = true;
+            }
+            s
+        };
+        if schedule {
+            self.add_pending();
+            sched.schedule(Task::Check {
+                job: self.arc(),
+                node,
+            });
+        }
+        Ok(())
+    }
+
+    /// Waits up to `timeout` for room in `node.slot` and queues the item in `pending` there;
+    /// returns whether it did (if not, the item is back in `pending`). No wake-up is lost: the
+    /// retry runs with the waiter registered (see `Pool::wait_unless`).
+    pub(crate) fn push_or_wait(
+        &self,
+        node: usize,
+        slot: usize,
+        pending: &mut Option<Item>,
+        sched: Sched<'_, Task>,
+        timeout: Duration,
+    ) -> bool {
+        self.shared.pool.wait_unless(timeout, || {
+            let Some(item) = pending.take() else {
+                return true;
+            };
+            match self.push(node, slot, item, false, sched) {
+                Ok(()) => true,
+                Err(back) => {
+                    *pending = Some(back);
+                    false
+                }
+            }
+        })
+    }
+
+    /// A worker blocked on a full slot of `node` tries to run `node` itself (nested on its
+    /// stack). In an acyclic flow the consumer is downstream of every frame below it, so it
+    /// can never wait on them: this is how backpressure makes progress without inverting
+    /// dependencies.
+    pub(crate) fn help_consumer(
+        &self,
+        node: usize,
+        slot: usize,
+        len: u64,
+        w: &WorkerLocal<Task>,
+    ) -> Help {
+        let r = &self.flow.routines[node];
+        {
+            let q = self.nodes[node].queues.lock();
+            if q.running >= r.concurrency {
+                return Help::Busy;
+            }
+        }
+        let help = Task::Help {
+            job: self.arc(),
+            node,
+        };
+        match w.nested(|| help.run(w)) {
+            Some(true) => return Help::Ran,
+            None => return Help::TooDeep,
+            Some(false) => {}
+        }
+        // It did not run: someone else drained the slot meanwhile, it started elsewhere, or
+        // its policy really releases nothing.
+        let q = self.nodes[node].queues.lock();
+        if q.has_room(r, slot, len, &self.meter) {
+            Help::Ran
+        } else if q.running >= r.concurrency {
+            Help::Busy
+        } else {
+            Help::CannotFire
+        }
+    }
+
+    /// The id of routine `node`.
+    fn name(&self, node: usize) -> &str {
+        &self.flow.routines[node].id
+    }
+
+    /// Delivers `item` to every slot `ev` is connected to. All or nothing for each slot: when
+    /// one delivery fails (the job halted, or a slot could be passed only past its overrun
+    /// bound), the item becomes a dead letter of that slot and of every later one it was not
+    /// delivered to, and the error is returned.
+    #[inline]
+    pub(crate) fn route(
+        &self,
+        from: usize,
+        ev: usize,
+        item: Item,
+        waited: &mut Duration,
+        delivered: &AtomicU64,
+    ) -> Result<(), EmitError> {
+        let r = &self.flow.routines[from];
+        let routes = &r.routes[ev];
+        let Some((&(last_node, last_slot), rest)) = routes.split_last() else {
+            return Ok(());
+        };
+        // A failed delivery has kept the item as a dead letter of its own slot; the slots
+        // after it get it as a dead letter too.
+        for (i, &(node, slot)) in rest.iter().enumerate() {
+            if let Err(e) = self.deliver(from, node, slot, item.clone(), waited) {
+                let why = format!("not delivered: {e}");
+                for &(n, s) in &routes[i + 1..] {
+                    self.dead_letter_undelivered(n, s, item.clone(), why.clone());
+                }
+                return Err(e);
+            }
+            delivered.fetch_add(1, Ordering::Relaxed);
+        }
+        self.deliver(from, last_node, last_slot, item, waited)?;
+        delivered.fetch_add(1, Ordering::Relaxed);
+        Ok(())
+    }
+
+    /// Pushes into one slot. When it is full: runs the slot's routine here if it is idle
+    /// (or other work, if that routine is starved), else waits for room; only if the whole
+    /// pool stays stalled does it overrun the bound by this one item (counted).
+    fn deliver(
+        &self,
+        from: usize,
+        node: usize,
+        slot: usize,
+        item: Item,
+        waited: &mut Duration,
+    ) -> Result<(), EmitError> {
+        let job = self;
+        let Some(worker) = current_worker(&job.shared.pool) else {
+            let started = Instant::now();
+            let result = self.deliver_from_outside(from, node, slot, item);
+            *waited += started.elapsed();
+            return result;
+        };
+        let worker = &*worker;
+        match job.push(node, slot, item, false, worker.sched()) {
+            Ok(()) => Ok(()),
+            Err(item) => {
+                let started = Instant::now();
+                let result = self.deliver_when_full(from, worker, node, slot, item);
+                *waited += started.elapsed();
+                result
+            }
+        }
+    }
+
+    /// [`Job::deliver`] into a full slot.
+    fn deliver_when_full(
+        &self,
+        from: usize,
+        worker: &WorkerLocal<Task>,
+        node: usize,
+        slot: usize,
+        mut item: Item,
+    ) -> Result<(), EmitError> {
+        let job = self;
+        let shared = &job.shared;
+        // The epoch seen when the pool was first found stalled; overrun only if the pool is
+        // still stalled after a grace wait and no batch moved anywhere meanwhile.
+        let mut stalled_at: Option<u64> = None;
+        loop {
+            if job.halted() {
+                return Err(self.halted_while_waiting(from, node, slot, item));
+            }
+            if job.stopping() {
+                // Stopped: nothing will drain the slot, and the activation is to end.
+                return self.overrun(
+                    from,
+                    worker.sched(),
+                    node,
+                    slot,
+                    item,
+                    "the job is stopping",
+                );
+            }
+            let len = item.byte_len() as u64;
+            let (helped, may_overrun) = match job.help_consumer(node, slot, len, worker) {
+                Help::Ran => (true, false),
+                // Suspended under us on this stack (a cycle): it cannot drain the slot before
+                // we return, so waiting would be forever. Overrun now.
+                Help::Busy if worker.runs_here(job.key(node)) => {
+                    return self.overrun(
+                        from,
+                        worker.sched(),
+                        node,
+                        slot,
+                        item,
+                        "its routine is suspended under the emitter",
+                    );
+                }
+                // Running on another worker: it drains the slot by itself. In an acyclic flow
+                // it can never be waiting on us, so this wait always ends.
+                // (A wait can still close a loop through a frame that `help_once` put on some
+                // stack; then the stall check below breaks it.)
+                Help::Busy => (false, job.flow.cyclic || worker.has_foreign_frames()),
+                // Idle but starved (a multi-slot policy waiting on another slot): run other
+                // work, which may feed it.
+                Help::CannotFire => (worker.help_once(), true),
+                Help::TooDeep => (false, true),
+            };
+            if helped {
+                stalled_at = None;
+            } else {
+                // Counted as blocked only while waiting, so a worker that is merely slow
+                // (pre-empted between two attempts) never makes the pool look stalled.
+                shared.pool.wake_for_queued_work();
+                shared.pool.enter_blocked();
+                if may_overrun && shared.stalled() {
+                    let epoch = shared.pool.epoch();
+                    if stalled_at == Some(epoch) {
+                        shared.pool.leave_blocked();
+                        return self.overrun(
+                            from,
+                            worker.sched(),
+                            node,
+                            slot,
+                            item,
+                            "the whole pool is stalled",
+                        );
+                    }
+                    stalled_at = Some(epoch);
+                } else {
+                    stalled_at = None;
+                }
+                let mut pending = Some(item);
+                let pushed = job.push_or_wait(
+                    node,
+                    slot,
+                    &mut pending,
+                    worker.sched(),
+                    Duration::from_millis(1),
+                );
+                shared.pool.leave_blocked();
+                if pushed {
+                    return Ok(());
+                }
+                item = pending.expect("a failed push gives the item back");
+            }
+            item = match job.push(node, slot, item, false, worker.sched()) {
+                Ok(()) => return Ok(()),
+                Err(item) => item,
+            };
+        }
+    }
+
+    /// Pushes past the slot's bound (counted as `overflowed`) to break a wait that could
+    /// never end; refused once the slot is past its bounds by as much again, and then the
+    /// item becomes a dead letter of that slot (it is never dropped).
+    fn overrun(
+        &self,
+        from: usize,
+        sched: Sched<'_, Task>,
+        node: usize,
+        slot: usize,
+        item: Item,
+        why: &str,
+    ) -> Result<(), EmitError> {
+        let job = self;
+        let r = &job.flow.routines[node];
+        tracing::debug!(
+            job = %job.id,
+            routine = %r.id,
+            slot = %r.slot_names[slot],
+            emitter = self.name(from),
+            "overrunning a full slot by one item: {why}"
+        );
+        job.push(node, slot, item, true, sched).map_err(|item| {
+            let e = EmitError::Overrun {
+                routine: self.name(from).to_owned(),
+                to: format!("{}.{}", r.id, r.slot_names[slot]),
+            };
+            job.dead_letter_undelivered(node, slot, item, e.to_string());
+            e
+        })
+    }
+
+    /// The job halted while an emit waited: the item becomes a dead letter of the receiving
+    /// routine (it is never dropped).
+    fn halted_while_waiting(&self, from: usize, node: usize, slot: usize, item: Item) -> EmitError {
+        let job = self;
+        job.dead_letter_undelivered(
+            node,
+            slot,
+            item,
+            format!(
+                "job halted while `{}` waited for queue space",
+                self.name(from)
+            ),
+        );
+        EmitError::JobHalted {
+            job: job.id,
+            routine: self.name(from).to_owned(),
+        }
+    }
+
+    /// An emit from a thread that is not one of the pool's workers (a thread the logic
+    /// scoped): it cannot run activations, so it waits for room. The worker running the
+    /// activation is typically waiting for this thread, so while it waits the emit counts as
+    /// that worker blocked; if the whole pool is then stalled (one worker, say) it overruns
+    /// the slot as a blocked worker would, instead of waiting forever.
+    fn deliver_from_outside(
+        &self,
+        from: usize,
+        node: usize,
+        slot: usize,
+        item: Item,
+    ) -> Result<(), EmitError> {
+        let job = self;
+        let shared = &job.shared;
+        let pool = &shared.pool;
+        let mut pending = Some(item);
+        let mut stalled_at: Option<u64> = None;
+        loop {
+            if job.halted() {
+                let item = pending.take().expect("a failed push gives the item back");
+                return Err(self.halted_while_waiting(from, node, slot, item));
+            }
+            pool.enter_blocked();
+            let stalled = shared.stalled();
+            let epoch = pool.epoch();
+            if job.stopping() || (stalled && stalled_at == Some(epoch)) {
+                pool.leave_blocked();
+                let item = pending.take().expect("a failed push gives the item back");
+                return self.overrun(
+                    from,
+                    Sched::External(pool),
+                    node,
+                    slot,
+                    item,
+                    "an emit from outside the pool, which is stalled or stopping",
+                );
+            }
+            stalled_at = stalled.then_some(epoch);
+            let pushed = job.push_or_wait(
+                node,
+                slot,
+                &mut pending,
+                Sched::External(pool),
+                Duration::from_millis(5),
+            );
+            pool.leave_blocked();
+            if pushed {
+                return Ok(());
+            }
+        }
+    }
+}
+
+impl JobPort for Job {
+    fn core(&self) -> &JobCore {
+        &self.core
+    }
+
+    fn log(&self, node: usize, level: &str, message: String) {
+        Job::log(self, node, level, message);
+    }
+
+    fn emit(
+        &self,
+        node: usize,
+        ev: usize,
+        item: Item,
+        waited: &mut Duration,
+        delivered: &AtomicU64,
+    ) -> Result<(), EmitError> {
+        self.count_emit(node);
+        self.route(node, ev, item, waited, delivered)
+    }
+}

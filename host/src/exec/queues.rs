@@ -1,0 +1,214 @@
+//! The queues of one routine within one job: its slots' items, their bytes and their
+//! reservation on the job's memory meter, and the routine's scheduling marks.
+//!
+//! Every item enters a slot through [`Queues::push`] and leaves it through [`Queues::take`],
+//! always under the routine's queue lock (held by the caller). This is the one place where a
+//! job's queued items live, so it is where a durable store takes over: it holds the same queues
+//! and commits what an attempt took from them together with what the attempt produced (the
+//! execution layer's `commit_attempt`).
+//!
+//! Nothing here schedules, waits or runs logic: deciding to schedule a check after a push, and
+//! what to do when a slot is full, is the delivery module's business.
+
+use std::collections::{BTreeMap, VecDeque};
+use std::time::Instant;
+
+use crate::model::budget::Meter;
+use crate::model::item::Item;
+use crate::model::plan::CompiledRoutine;
+
+/// How far past its bound (in items) a slot may be overrun to break a wait that could never
+/// end (a cycle, a stalled pool), when the bound itself is smaller: enough for the nesting of
+/// blocked emitters, not for a routine that multiplies items in a loop.
+pub(crate) const OVERRUN_ITEMS: usize = 1024;
+
+/// The chunk in which a slot reserves bytes on its job's memory meter: one shared atomic
+/// operation per this many bytes queued, not one per item (the meter over-counts by at most
+/// about two chunks per slot).
+const CREDIT_CHUNK: u64 = 64 << 10;
+
+/// How an item went into a slot.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum Pushed {
+    /// Within every bound.
+    Within,
+    /// Past the slot's bound, to break a wait that could never end (counted `overflowed`).
+    Overrun,
+}
+
+pub(crate) struct Queues {
+    pub(crate) slots: Vec<VecDeque<Item>>,
+    /// Bytes (of items' JSON text) queued in each slot.
+    bytes: Vec<u64>,
+    /// Bytes each slot holds reserved on the job's meter: reserved and given back in chunks
+    /// (see [`CREDIT_CHUNK`]), so a delivery touches the shared meter once every many items.
+    credit: Vec<u64>,
+    /// Items ever pushed (kept under the lock: one atomic less per delivery).
+    pub(crate) items_in: u64,
+    /// Activations of the routine running now.
+    pub(crate) running: usize,
+    /// A check task of the routine is scheduled.
+    pub(crate) scheduled: bool,
+    /// A `time_interval` wake-up of the routine is armed.
+    pub(crate) timer_armed: bool,
+    pub(crate) last_fire: Option<Instant>,
+    /// Activations formed so far (each batch released gets the next number).
+    pub(crate) formed: u64,
+}
+
+impl Queues {
+    pub(crate) fn new(r: &CompiledRoutine) -> Self {
+        let n = r.capacities.len();
+        Queues {
+            slots: (0..n).map(|_| VecDeque::new()).collect(),
+            bytes: vec![0; n],
+            credit: vec![0; n],
+            items_in: 0,
+            running: 0,
+            scheduled: false,
+            timer_armed: false,
+            last_fire: None,
+            formed: 0,
+        }
+    }
+
+    /// Queues `item` into `slot`. A full slot (by count, by bytes, or with the job's memory
+    /// budget spent) gives the item back, unless `overrun`; an overrun goes past the bounds only
+    /// so far (by the slot's bound again or [`OVERRUN_ITEMS`], whichever is more, and by its
+    /// byte budget again) and then gives the item back too. Never takes an item larger than the
+    /// slot's whole byte budget.
+    #[inline]
+    pub(crate) fn push(
+        &mut self,
+        r: &CompiledRoutine,
+        slot: usize,
+        item: Item,
+        overrun: bool,
+        meter: &Meter,
+    ) -> Result<Pushed, Item> {
+        let len = item.byte_len() as u64;
+        let (cap, budget) = (r.capacities[slot], r.queue_bytes[slot]);
+        let (count, held) = (self.slots[slot].len(), self.bytes[slot]);
+        if len > budget {
+            return Err(item);
+        }
+        let full = count >= cap || held + len > budget;
+        let need = (held + len).saturating_sub(self.credit[slot]);
+        let how = if !full && (need == 0 || self.reserve_credit(slot, need, meter)) {
+            Pushed::Within
+        } else if !overrun
+            || count >= cap.saturating_add(cap.max(OVERRUN_ITEMS))
+            || held + len > budget.saturating_mul(2)
+        {
+            return Err(item);
+        } else {
+            meter.force(need);
+            self.credit[slot] += need;
+            Pushed::Overrun
+        };
+        self.slots[slot].push_back(item);
+        self.bytes[slot] += len;
+        self.items_in += 1;
+        Ok(how)
+    }
+
+    /// Takes `counts[i]` items from the front of each slot `i` (a batch the policy released).
+    /// Also says whether a slot it took from was full (at its count, or within one largest
+    /// item of its byte budget): only then can a producer be waiting for room.
+    #[inline]
+    pub(crate) fn take(
+        &mut self,
+        r: &CompiledRoutine,
+        counts: &[usize],
+        meter: &Meter,
+    ) -> (Vec<Vec<Item>>, bool) {
+        let freed_full = counts.iter().enumerate().any(|(i, &k)| {
+            k > 0
+                && (self.slots[i].len() >= r.capacities[i]
+                    || self.bytes[i] >= r.queue_bytes[i].saturating_sub(r.budgets.item_bytes))
+        });
+        let mut data: Vec<Vec<Item>> = Vec::with_capacity(counts.len());
+        for (i, &k) in counts.iter().enumerate() {
+            let mut items = Vec::with_capacity(k);
+            let mut b = 0;
+            for it in self.slots[i].drain(..k) {
+                b += it.byte_len() as u64;
+                items.push(it);
+            }
+            if k > 0 {
+                self.bytes[i] -= b;
+                self.return_credit(i, meter);
+            }
+            data.push(items);
+        }
+        (data, freed_full)
+    }
+
+    /// Counts an item that was never queued because it could not be delivered (it became a
+    /// dead letter of this routine): it came in all the same.
+    pub(crate) fn count_undelivered(&mut self) {
+        self.items_in += 1;
+    }
+
+    /// Reserves at least `need` more bytes for `slot` on the meter (a whole chunk when there
+    /// is room for one); false if the job's budget has no room for `need`.
+    fn reserve_credit(&mut self, slot: usize, need: u64, meter: &Meter) -> bool {
+        let chunk = need.max(CREDIT_CHUNK);
+        let got = if meter.reserve(chunk) {
+            chunk
+        } else if meter.reserve(need) {
+            need
+        } else {
+            return false;
+        };
+        self.credit[slot] += got;
+        true
+    }
+
+    /// Gives back what `slot` holds reserved beyond its queued bytes and one chunk.
+    #[inline]
+    fn return_credit(&mut self, slot: usize, meter: &Meter) {
+        let spare = self.credit[slot].saturating_sub(self.bytes[slot]);
+        if spare > 2 * CREDIT_CHUNK {
+            let give = spare - CREDIT_CHUNK;
+            self.credit[slot] -= give;
+            meter.release(give);
+        }
+    }
+
+    /// Whether an item of `len` bytes would find room in `slot` now (within the slot's bounds
+    /// and the job's memory budget).
+    #[inline]
+    pub(crate) fn has_room(
+        &self,
+        r: &CompiledRoutine,
+        slot: usize,
+        len: u64,
+        meter: &Meter,
+    ) -> bool {
+        let need = (self.bytes[slot] + len).saturating_sub(self.credit[slot]);
+        self.slots[slot].len() < r.capacities[slot]
+            && self.bytes[slot] + len <= r.queue_bytes[slot]
+            && meter.used().saturating_add(need) <= meter.limit()
+    }
+
+    /// Whether any slot holds an item.
+    #[inline]
+    pub(crate) fn any_queued(&self) -> bool {
+        self.slots.iter().any(|s| !s.is_empty())
+    }
+
+    /// How many items are queued in all slots.
+    pub(crate) fn queued(&self) -> usize {
+        self.slots.iter().map(VecDeque::len).sum()
+    }
+
+    /// The queued items by slot name.
+    pub(crate) fn items(&self, r: &CompiledRoutine) -> BTreeMap<String, Vec<Item>> {
+        r.slot_names
+            .iter()
+            .zip(&self.slots)
+            .map(|(s, d)| (s.to_string(), d.iter().cloned().collect()))
+            .collect()
+    }
+}

@@ -1,0 +1,442 @@
+//! Running activations: what a worker does with a task.
+//!
+//! A check task drives a routine ([`Job::drive`]): under the routine's queue lock its policy
+//! decides, a released batch is taken from its queues and numbered, and [`Job::activate`] runs
+//! the logic on it, applies the routine's error strategy (retry inline or on the timer, stop,
+//! continue, skip: every failed batch is kept as a dead letter), and for a retrying routine
+//! commits the attempt as one unit. The loop goes on while the policy releases batches, up to
+//! a number of rounds, then yields the worker.
+//!
+//! This is the top of the execution layer: the pool runs tasks through [`Run`], and a blocked
+//! emitter in the delivery module runs the full slot's routine through a `Task::Help`, so
+//! neither names this module.
+
+use std::cell::RefCell;
+use std::panic::{self, AssertUnwindSafe};
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
+use std::thread::LocalKey;
+use std::time::{Duration, Instant, SystemTime};
+
+use crate::model::activation::{Batch, Decision, panic_message};
+use crate::model::budget::cut;
+use crate::model::context::{Context, Held};
+use crate::model::report::ActivationFailure;
+use crate::model::spec::{ErrorStrategy, Exhausted, RoutineError};
+
+use super::job::{Job, Task, add};
+use super::scheduler::{Current, Run, WorkerLocal};
+
+/// How many failed activations of one routine are logged as warnings (the rest at debug).
+const LOGGED_FAILURES: u64 = 5;
+
+/// How many activations a check runs back to back before yielding its worker.
+const MAX_ROUNDS: u32 = 64;
+
+/// How many activation failures a job keeps in its report (every one is counted in its
+/// routine's `errors`, and its items kept as a dead letter).
+const MAX_KEPT_FAILURES: usize = 1_000;
+
+impl Run for Task {
+    fn run(self, w: &WorkerLocal<Task>) -> bool {
+        match self {
+            Task::Check { job, node } => job.run_check(node, false, w),
+            Task::TimerCheck { job, node } => job.run_check(node, true, w),
+            Task::Retry {
+                job,
+                node,
+                batch,
+                attempt,
+            } => job.run_retry(node, batch, attempt, w),
+            Task::Help { job, node } => return job.drive(node, false, w),
+        }
+        true
+    }
+
+    fn abandon(self, why: &str) {
+        Task::abandon(self, why);
+    }
+
+    fn owner(&self) -> usize {
+        Arc::as_ptr(self.job()) as usize
+    }
+
+    fn refused(&self) -> Option<String> {
+        let job = self.job();
+        job.stopping().then(|| format!("job {}", job.status()))
+    }
+
+    fn current() -> &'static LocalKey<Current<Task>> {
+        &CURRENT
+    }
+}
+
+thread_local! {
+    /// The pool worker running on this thread, if it is one.
+    static CURRENT: Current<Task> = const { RefCell::new(None) };
+}
+
+/// Outcome of running an activation.
+enum Outcome {
+    /// Finished (succeeded, or failed and was handled); its `running` slot is to be released.
+    Done,
+    /// A retry is armed on the timer and keeps the `running` slot.
+    Deferred,
+}
+
+/// What to do with a failed batch once the strategy is decided.
+#[derive(Clone, Copy)]
+enum Action {
+    Stop,
+    Continue,
+    Skip,
+}
+
+impl Job {
+    /// A check task: run `node` while its policy releases batches.
+    pub(crate) fn run_check(
+        self: &Arc<Self>,
+        node: usize,
+        from_timer: bool,
+        w: &WorkerLocal<Task>,
+    ) {
+        {
+            let mut q = self.nodes[node].queues.lock();
+            if from_timer {
+                q.timer_armed = false;
+            } else {
+                q.scheduled = false;
+            }
+        }
+        let _ = self.drive(node, false, w);
+        self.release();
+    }
+
+    /// A retry task: run the batch again, then go on as a check.
+    pub(crate) fn run_retry(
+        self: &Arc<Self>,
+        node: usize,
+        batch: Batch,
+        attempt: u32,
+        w: &WorkerLocal<Task>,
+    ) {
+        let outcome = if self.stopping() {
+            self.dead_letter(
+                node,
+                batch,
+                "job halted before the retry ran".into(),
+                attempt,
+            );
+            Outcome::Done
+        } else {
+            self.activate(node, batch, attempt, w)
+        };
+        if let Outcome::Done = outcome {
+            let _ = self.drive(node, true, w);
+        }
+        self.release();
+    }
+
+    /// Runs activations of `node` while its policy releases batches; returns whether it ran
+    /// any. `holding`: the caller owns one `running` slot from an activation that just ended.
+    fn drive(self: &Arc<Self>, node: usize, mut holding: bool, w: &WorkerLocal<Task>) -> bool {
+        let r = &self.flow.routines[node];
+        let n = &self.nodes[node];
+        let mut ran = false;
+        for round in 0.. {
+            let freed_full;
+            let batch = {
+                let mut q = n.queues.lock();
+                if std::mem::take(&mut holding) {
+                    q.running -= 1;
+                }
+                if self.stopping() || q.running >= r.concurrency {
+                    return ran;
+                }
+                if round == MAX_ROUNDS {
+                    // Yield the worker: others' tasks wait behind us. Continue as a new task.
+                    if !q.scheduled && q.any_queued() {
+                        q.scheduled = true;
+                        drop(q);
+                        self.add_pending();
+                        w.sched().schedule(Task::Check {
+                            job: self.clone(),
+                            node,
+                        });
+                    }
+                    return ran;
+                }
+                let now = Instant::now();
+                match r.policy.decide(&r.slot_names, &q.slots, q.last_fire, now) {
+                    Decision::Idle => return ran,
+                    Decision::Broken(reason) => {
+                        drop(q);
+                        self.policy_broken(node, reason);
+                        return ran;
+                    }
+                    Decision::WaitUntil(at) => {
+                        if !q.timer_armed {
+                            q.timer_armed = true;
+                            drop(q);
+                            self.add_pending();
+                            self.shared.timer.schedule(
+                                at,
+                                Task::TimerCheck {
+                                    job: self.clone(),
+                                    node,
+                                },
+                            );
+                        }
+                        return ran;
+                    }
+                    Decision::Fire(counts, message) => {
+                        q.running += 1;
+                        holding = true;
+                        q.last_fire = Some(now);
+                        // A producer can only be waiting on a slot that was full.
+                        let (data, freed) = q.take(r, &counts, &self.meter);
+                        freed_full = freed;
+                        // Room for a parallel activation and more to release: let another
+                        // worker take it.
+                        if q.running < r.concurrency
+                            && !q.scheduled
+                            && q.any_queued()
+                            && r.policy.may_fire(&q.slots)
+                        {
+                            q.scheduled = true;
+                            self.add_pending();
+                            w.sched().schedule(Task::Check {
+                                job: self.clone(),
+                                node,
+                            });
+                        }
+                        // Activations are numbered per routine as they are formed; a retry of
+                        // one keeps its number (the stable activation id a guest can read).
+                        q.formed += 1;
+                        Batch::new(
+                            r.slot_names.clone(),
+                            data,
+                            message.or_else(|| r.message.clone()),
+                        )
+                        .numbered(q.formed)
+                    }
+                }
+            };
+            ran = true;
+            self.shared.pool.record_progress(freed_full);
+            if let Outcome::Deferred = self.activate(node, batch, 0, w) {
+                return ran;
+            }
+        }
+        ran
+    }
+
+    /// Runs the logic on `batch` (retrying inline when the delay is zero) and applies the
+    /// routine's error strategy.
+    fn activate(
+        self: &Arc<Self>,
+        node: usize,
+        batch: Batch,
+        first_attempt: u32,
+        w: &WorkerLocal<Task>,
+    ) -> Outcome {
+        let r = &self.flow.routines[node];
+        let c = &self.nodes[node].counters;
+        let mut attempt = first_attempt;
+        loop {
+            let span = tracing::debug_span!(
+                "activation",
+                job = %self.id,
+                routine = %r.id,
+                items = batch.len(),
+                attempt
+            );
+            let _enter = span.enter();
+            // A retrying routine's attempt is a unit: its emits and state changes are held
+            // until it succeeds. Other routines stream.
+            let ctx = if matches!(r.on_error, ErrorStrategy::Retry(_)) {
+                Context::attempt(self.clone(), node)
+            } else {
+                Context::new(self.clone(), node)
+            }
+            .numbered(batch.number());
+            let started = Instant::now();
+            w.enter(self.key(node));
+            let result =
+                panic::catch_unwind(AssertUnwindSafe(|| self.logic[node].activate(&ctx, &batch)));
+            let result = result.unwrap_or_else(|payload| {
+                Err(RoutineError::fatal(format!(
+                    "logic panicked: {}",
+                    panic_message(payload.as_ref())
+                )))
+            });
+            // Output past the activation's budget was not kept: the activation fails.
+            let result = match (result, ctx.output_overflow()) {
+                (Ok(()), Some(e)) => Err(e),
+                (r, _) => r,
+            };
+            // A successful attempt's held effects are applied and delivered now (still on
+            // this stack: a delivery into a cycle sees the routine as running here); a failed
+            // one's are dropped.
+            let result = match ctx.holds_attempt() {
+                false => result,
+                true => match (result, ctx.take_attempt()) {
+                    (Ok(()), Some(held)) => self.commit_attempt(&ctx, node, held),
+                    // A failed attempt's held effects are dropped with it.
+                    (result, _) => result,
+                },
+            };
+            w.exit();
+            let result = result.map_err(|mut e| {
+                e.message = cut(e.message, self.flow.budgets.error_bytes);
+                e
+            });
+            add(&c.busy_ns, started.elapsed().as_nanos() as u64);
+            add(&c.activations, 1);
+            let err = match result {
+                Ok(()) => {
+                    add(&c.processed, batch.len() as u64);
+                    return Outcome::Done;
+                }
+                Err(e) => e,
+            };
+            let delivered = ctx.progress().delivered.load(Ordering::Relaxed);
+            if self.halted() {
+                // The job failed or was cancelled under this activation (an emit was refused,
+                // a guest was stopped): keep the items, but it is not the routine's fault, so
+                // no error is charged to it.
+                self.dead_letter_with(
+                    node,
+                    batch,
+                    format!("job {}: {}", self.status(), err.message),
+                    attempt + 1,
+                    delivered,
+                );
+                return Outcome::Done;
+            }
+            add(&c.failures, 1);
+            let action = match &r.on_error {
+                ErrorStrategy::Retry(p) if err.retryable && attempt < p.max && !self.stopping() => {
+                    attempt += 1;
+                    add(&c.retries, 1);
+                    let delay = p.delay_before(attempt);
+                    tracing::debug!(job = %self.id, routine = %r.id, error = %err, attempt, ?delay, "retrying");
+                    if delay.is_zero() {
+                        continue;
+                    }
+                    self.add_pending();
+                    self.shared.timer.schedule(
+                        Instant::now() + delay, // at most a day: `delay_before` caps it
+                        Task::Retry {
+                            job: self.clone(),
+                            node,
+                            batch,
+                            attempt,
+                        },
+                    );
+                    return Outcome::Deferred;
+                }
+                ErrorStrategy::Retry(p) => match p.then {
+                    Exhausted::Stop => Action::Stop,
+                    Exhausted::Continue => Action::Continue,
+                    Exhausted::Skip => Action::Skip,
+                },
+                ErrorStrategy::Stop => Action::Stop,
+                ErrorStrategy::Continue => Action::Continue,
+                ErrorStrategy::Skip => Action::Skip,
+            };
+            self.handle_failure(node, batch, err, attempt + 1, action, delivered);
+            return Outcome::Done;
+        }
+    }
+
+    fn handle_failure(
+        &self,
+        node: usize,
+        batch: Batch,
+        err: RoutineError,
+        attempts: u32,
+        action: Action,
+        delivered: u64,
+    ) {
+        let r = &self.flow.routines[node];
+        let c = &self.nodes[node].counters;
+        let strategy = match (&r.on_error, action) {
+            (ErrorStrategy::Retry(_), _) => "retry",
+            (_, Action::Stop) => "stop",
+            (_, Action::Continue) => "continue",
+            (_, Action::Skip) => "skip",
+        };
+        match action {
+            Action::Skip => {
+                add(&c.skipped, 1);
+                tracing::debug!(job = %self.id, routine = %r.id, error = %err, "activation skipped");
+            }
+            Action::Continue | Action::Stop => {
+                let n = c.errors.fetch_add(1, Ordering::Relaxed) + 1;
+                // The first few failures of a routine are warnings; the rest (a flood of
+                // them) are counted in the summary and logged at debug level.
+                if n <= LOGGED_FAILURES {
+                    tracing::warn!(job = %self.id, routine = %r.id, error = %err, attempts, strategy, "activation failed");
+                    if n == LOGGED_FAILURES {
+                        tracing::warn!(job = %self.id, routine = %r.id, "further failures of this routine are logged at debug level");
+                    }
+                } else {
+                    tracing::debug!(job = %self.id, routine = %r.id, error = %err, attempts, strategy, "activation failed");
+                }
+                let mut failures = self.failures.lock();
+                // Kept within a bound (each routine's `errors` counts them all).
+                if failures.len() < MAX_KEPT_FAILURES {
+                    failures.push(ActivationFailure {
+                        routine: r.id.to_string(),
+                        error: err.message.clone(),
+                        retryable: err.retryable,
+                        attempts,
+                        strategy: strategy.to_owned(),
+                        at: SystemTime::now(),
+                    });
+                }
+            }
+        }
+        let message = err.message.clone();
+        self.dead_letter_with(node, batch, err.message, attempts, delivered);
+        if let Action::Stop = action {
+            self.fail(format!("routine `{}` failed: {message}", r.id));
+        }
+    }
+
+    /// A routine's policy failed: nothing of it can run any more, so the job fails (its
+    /// queued items stay queued and are reported).
+    fn policy_broken(&self, node: usize, reason: String) {
+        let r = &self.flow.routines[node];
+        add(&self.nodes[node].counters.errors, 1);
+        tracing::error!(job = %self.id, routine = %r.id, "{reason}");
+        self.failures.lock().push(ActivationFailure {
+            routine: r.id.to_string(),
+            error: reason.clone(),
+            retryable: false,
+            attempts: 0,
+            strategy: "stop".to_owned(),
+            at: SystemTime::now(),
+        });
+        self.fail(format!("routine `{}`: {reason}", r.id));
+    }
+
+    /// Ends a successful attempt: applies its state changes (all or none), then delivers its
+    /// held emits in order with the usual backpressure. An error from the first part means
+    /// nothing happened; once delivering starts, an item that cannot be delivered (the job
+    /// halted) becomes a dead letter of each slot it did not reach.
+    ///
+    /// This is the unit a durable store commits: the batch the attempt consumed, its state
+    /// changes and its emits, together.
+    fn commit_attempt(&self, ctx: &Context, node: usize, held: Held) -> Result<(), RoutineError> {
+        ctx.state_base().commit(held.state)?;
+        let mut waited = Duration::ZERO;
+        for (ev, item) in held.emits {
+            self.count_emit(node);
+            // An undeliverable item is already a dead letter where it did not arrive.
+            let _ = self.route(node, ev, item, &mut waited, &ctx.progress().delivered);
+        }
+        Ok(())
+    }
+}
