@@ -7,6 +7,7 @@
 //! | `queues` | one routine's queues in one job: push, take, byte credit (where a durable store takes over) |
 //! | `job` | a job: lifecycle and completion, counters, dead letters, output, reports; the [`Task`](job::Task)s it schedules |
 //! | `delivery` | delivery and backpressure: where an emit goes, the full-slot protocol |
+//! | `store` | a job's durable store (redb, group commit; not wired into jobs yet) |
 //! | `run` | running tasks: drive a routine, run an activation, apply its error strategy, commit an attempt |
 //!
 //! It builds on the model (`crate::model`) and names nothing of the runtime API above it.
@@ -16,4 +17,5 @@ pub(crate) mod job;
 pub(crate) mod queues;
 pub(crate) mod run;
 pub(crate) mod scheduler;
+pub(crate) mod store;
 pub(crate) mod timer;
