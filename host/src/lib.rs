@@ -27,6 +27,7 @@ mod runtime;
 mod term;
 pub mod wasm;
 
+pub use exec::durable::{JobStore, Resumed};
 pub use exec::job::{DeadLetterFn, OutputFn};
 pub use model::activation::{Batch, CustomPolicy, Policy, PolicyView, Take};
 pub use model::budget::{Budgets, RoutineBudgets};

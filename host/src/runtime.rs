@@ -16,8 +16,10 @@ use std::time::{Duration, Instant};
 use parking_lot::{Condvar, Mutex};
 use serde::{Deserialize, Serialize};
 
+use crate::exec::durable::JobStore;
 use crate::exec::job::{DeadLetterFn, Job, OutputFn, Refused, Shared};
 use crate::exec::scheduler::{self, Pool, Sched};
+use crate::exec::store::Op;
 use crate::exec::timer::Timer;
 use crate::model::flow::{Flow, FlowError, Warning, hint, suggest};
 use crate::model::item::{Item, ItemError};
@@ -110,6 +112,18 @@ pub enum RuntimeError {
     /// The runtime is shutting down (or has): it starts no job and takes no input.
     #[error("the runtime has shut down")]
     ShutDown,
+    /// A durable job's store could not commit (a full disk, an I/O error): the post was not
+    /// acknowledged, and the job has failed.
+    #[error("{job}: {reason}")]
+    Store {
+        /// The job.
+        job: JobId,
+        /// What the store said.
+        reason: String,
+    },
+    /// A durable job could not be started on its store.
+    #[error("{0}")]
+    Durable(String),
     /// The operating system would not start a thread of the runtime.
     #[error("cannot start {what}: {reason}")]
     Spawn {
@@ -377,6 +391,42 @@ impl Runtime {
         })
     }
 
+    /// Starts a durable job of the named flow on `store` (see [`JobStore`]): what it holds
+    /// (a job interrupted by a kill, say) is queued again and runs at once; every post to the
+    /// job, every activation and every dead letter is committed to the store before it is
+    /// acknowledged or seen downstream. Returns the job held open (until the returned hold
+    /// is dropped), so that it does not finish before its caller had a chance to post.
+    pub fn exec_durable(
+        &self,
+        flow_name: &str,
+        store: JobStore,
+    ) -> Result<(JobHandle, InputHold), RuntimeError> {
+        if self.shared.closed.load(Ordering::SeqCst) {
+            return Err(RuntimeError::ShutDown);
+        }
+        let flow = self
+            .registry
+            .get(flow_name)
+            .ok_or_else(|| RuntimeError::UnknownFlow {
+                name: flow_name.to_owned(),
+                suggestion: suggest(flow_name, self.registry.names().iter().map(String::as_str)),
+            })?;
+        let id = JobId(self.next_job.fetch_add(1, Ordering::Relaxed));
+        let job = Job::durable(id, flow_name, &flow, self.shared.clone(), store)
+            .map_err(RuntimeError::Durable)?;
+        job.hold().map_err(|e| refused(id, e))?;
+        let hold = InputHold { job: job.clone() };
+        job.start_recovered();
+        self.jobs.lock().push(job.clone());
+        Ok((
+            JobHandle {
+                job,
+                post_timeout: self.post_timeout,
+            },
+            hold,
+        ))
+    }
+
     /// Starts a job of `flow_name` and posts `value` to `routine.slot` (the reference
     /// library's `post` without a job id).
     pub fn post<T: Serialize + ?Sized>(
@@ -500,6 +550,23 @@ impl Drop for InputHold {
     }
 }
 
+/// The error of an item too large for a slot's whole byte budget, if it is.
+fn too_large(job: &Job, node: usize, slot: usize, item: &Item) -> Result<(), RuntimeError> {
+    let size = item.byte_len() as u64;
+    match job.too_large_for(node, slot, size) {
+        None => Ok(()),
+        Some(budget) => {
+            let r = &job.flow.routines[node];
+            Err(RuntimeError::ItemTooLarge {
+                routine: r.id.to_string(),
+                slot: r.slot_names[slot].to_string(),
+                size,
+                budget,
+            })
+        }
+    }
+}
+
 /// Queues `item` into a resolved slot, waiting up to `timeout` for room. The caller holds the
 /// job open.
 fn post_resolved(
@@ -509,17 +576,11 @@ fn post_resolved(
     item: Item,
     timeout: Duration,
 ) -> Result<(), RuntimeError> {
-    let started = Instant::now();
-    let size = item.byte_len() as u64;
-    if let Some(budget) = job.too_large_for(node, slot, size) {
-        let r = &job.flow.routines[node];
-        return Err(RuntimeError::ItemTooLarge {
-            routine: r.id.to_string(),
-            slot: r.slot_names[slot].to_string(),
-            size,
-            budget,
-        });
+    if job.durable.is_some() {
+        return post_durable(job, node, slot, vec![item], Vec::new(), timeout);
     }
+    let started = Instant::now();
+    too_large(job, node, slot, &item)?;
     // A timeout too long to represent means "no deadline".
     let deadline = started.checked_add(timeout);
     let mut item = item;
@@ -530,20 +591,20 @@ fn post_resolved(
                 status: job.status(),
             });
         }
-        match job.push(node, slot, item, false, Sched::External(&job.shared.pool)) {
+        match job.push(
+            node,
+            slot,
+            item,
+            0,
+            false,
+            Sched::External(&job.shared.pool),
+        ) {
             Ok(()) => return Ok(()),
             Err(back) => item = back,
         }
         let now = Instant::now();
         if deadline.is_some_and(|d| now >= d) {
-            let r = &job.flow.routines[node];
-            return Err(RuntimeError::QueueFull {
-                job: job.id,
-                routine: r.id.to_string(),
-                slot: r.slot_names[slot].to_string(),
-                capacity: r.capacities[slot],
-                waited: now - started,
-            });
+            return Err(queue_full(job, node, slot, now - started));
         }
         let mut pending = Some(item);
         let slice = deadline.map_or(Duration::from_millis(5), |d| {
@@ -553,6 +614,7 @@ fn post_resolved(
             node,
             slot,
             &mut pending,
+            0,
             Sched::External(&job.shared.pool),
             slice,
         );
@@ -561,6 +623,126 @@ fn post_resolved(
         }
         item = pending.expect("a failed push gives the item back");
     }
+}
+
+fn queue_full(job: &Job, node: usize, slot: usize, waited: Duration) -> RuntimeError {
+    let r = &job.flow.routines[node];
+    RuntimeError::QueueFull {
+        job: job.id,
+        routine: r.id.to_string(),
+        slot: r.slot_names[slot].to_string(),
+        capacity: r.capacities[slot],
+        waited,
+    }
+}
+
+/// A post to a durable job: waits up to `timeout` for room in the slot, commits `items` (and
+/// the position `input` reached, if given) as one unit, and only then queues them, so that
+/// no routine sees an item before it is on disk. Once committed they are the job's: queued
+/// (waiting for room as long as it takes), or a dead letter if the job halts first (then
+/// they stay queued in the store, for a resume).
+fn post_durable(
+    job: &Arc<Job>,
+    node: usize,
+    slot: usize,
+    items: Vec<Item>,
+    positions: Vec<(String, u64)>,
+    timeout: Duration,
+) -> Result<(), RuntimeError> {
+    let Some(d) = &job.durable else {
+        unreachable!("a durable post to a job without a store");
+    };
+    let started = Instant::now();
+    for item in &items {
+        too_large(job, node, slot, item)?;
+    }
+    let r = &job.flow.routines[node];
+    let len = items.first().map_or(0, |i| i.byte_len() as u64);
+    let deadline = started.checked_add(timeout);
+    let room = || {
+        job.nodes[node]
+            .queues
+            .lock()
+            .has_room(r, slot, len, &job.meter)
+    };
+    loop {
+        if job.stopping() {
+            return Err(RuntimeError::JobHalted {
+                job: job.id,
+                status: job.status(),
+            });
+        }
+        if items.is_empty() || room() {
+            break;
+        }
+        let now = Instant::now();
+        if deadline.is_some_and(|d| now >= d) {
+            return Err(queue_full(job, node, slot, now - started));
+        }
+        let slice = deadline.map_or(Duration::from_millis(5), |d| {
+            (d - now).min(Duration::from_millis(5))
+        });
+        job.shared.pool.wait_unless(slice, room);
+    }
+    let base = d.take_seqs(items.len() as u64);
+    let mut ops: Vec<Op> = (base..)
+        .zip(&items)
+        .map(|(seq, item)| Op::Queue {
+            node: node as u32,
+            slot: slot as u32,
+            seq,
+            item: item.clone(),
+        })
+        .collect();
+    ops.extend(
+        positions
+            .into_iter()
+            .map(|(name, position)| Op::Input { name, position }),
+    );
+    job.commit_durable(ops)
+        .map_err(|reason| RuntimeError::Store {
+            job: job.id,
+            reason,
+        })?;
+    let pool = &job.shared.pool;
+    for (seq, item) in (base..).zip(items) {
+        let mut pending = Some(item);
+        loop {
+            let Some(item) = pending.take() else {
+                break;
+            };
+            if job.halted() {
+                job.dead_letter_undelivered(
+                    node,
+                    slot,
+                    item,
+                    seq,
+                    "the job halted before a committed post was queued".into(),
+                );
+                break;
+            }
+            // A stopped job drains nothing: past the bound (it stays queued in the store).
+            let overrun = job.stopping();
+            match job.push(node, slot, item, seq, overrun, Sched::External(pool)) {
+                Ok(()) => break,
+                Err(back) if overrun => {
+                    tracing::debug!(job = %job.id, "a committed post stays in the store only: the stopped job's slot is full");
+                    drop(back);
+                    break;
+                }
+                Err(back) => pending = Some(back),
+            }
+            job.push_or_wait(
+                node,
+                slot,
+                &mut pending,
+                seq,
+                Sched::External(pool),
+                Duration::from_millis(5),
+            );
+        }
+    }
+    Ok(())
 }
 
 /// A resolved input of one job's `routine.slot` (from [`JobHandle::input`]). Holds the job
@@ -586,6 +768,36 @@ impl Input {
     /// Posts an item, waiting up to `timeout` for room (zero: fail at once if full).
     pub fn post_item_timeout(&self, item: Item, timeout: Duration) -> Result<(), RuntimeError> {
         post_resolved(&self.job, self.node, self.slot, item, timeout)
+    }
+
+    /// Posts `items` in order, waiting up to the post timeout for room. To a durable job they
+    /// are one unit, committed with `positions` (how far each named input was read, for a
+    /// resume to go on from): acknowledged together, in one transaction. To another job,
+    /// posted one by one (the positions are not kept).
+    pub fn post_items(
+        &self,
+        items: Vec<Item>,
+        positions: Vec<(String, u64)>,
+    ) -> Result<(), RuntimeError> {
+        if self.job.durable.is_some() {
+            return post_durable(
+                &self.job,
+                self.node,
+                self.slot,
+                items,
+                positions,
+                self.timeout,
+            );
+        }
+        for item in items {
+            self.post_item(item)?;
+        }
+        Ok(())
+    }
+
+    /// Whether the job is durable (posts are committed to its store before they return).
+    pub fn is_durable(&self) -> bool {
+        self.job.durable.is_some()
     }
 
     /// The byte budget of the slot: no larger item can be posted to it.
@@ -747,6 +959,22 @@ impl JobHandle {
                 suggestion: suggest(slot, r.slot_names.iter().map(|s| &**s)),
             })?;
         Ok((node, slot_idx))
+    }
+
+    /// For a durable job, waits until everything it gave its store is on disk (its final
+    /// status too, once it finished) and says how many transactions the store committed;
+    /// `None` for a job that is not durable.
+    pub fn sync_store(&self) -> Option<Result<u64, RuntimeError>> {
+        let d = self.job.durable.as_ref()?;
+        Some(
+            d.store
+                .flush()
+                .map(|()| d.store.groups())
+                .map_err(|e| RuntimeError::Store {
+                    job: self.job.id,
+                    reason: e.to_string(),
+                }),
+        )
     }
 
     /// Keeps the job open for input until the returned guard is dropped.

@@ -7,6 +7,7 @@
 #![allow(clippy::unwrap_used, missing_docs)]
 
 mod cli;
+mod durable;
 mod hostile;
 mod polyglot;
 mod reference;

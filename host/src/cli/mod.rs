@@ -25,6 +25,7 @@ macro_rules! errln {
 }
 
 mod diag;
+mod durable;
 mod file;
 mod grants;
 pub mod guests;
@@ -168,6 +169,15 @@ fn install_logging(level: LogLevel) {
 enum Command {
     /// Run one job of a flow: stream routine output, print a summary.
     Run(RunCommand),
+    /// Show what a durable job's store holds (`run --durable DIR`): its status, how far each
+    /// input got, its queued items, WorkerState and dead letters.
+    Job {
+        /// The job's directory.
+        dir: PathBuf,
+        /// Print JSON (every item, state value and dead letter).
+        #[arg(long)]
+        json: bool,
+    },
     /// Check a flow file and its plugins; report every problem at once.
     Validate {
         /// The flow file (YAML or JSON).
@@ -278,6 +288,16 @@ struct RunCommand {
     /// itself keeps them only within its dead-letter budget).
     #[arg(long, value_name = "FILE.jsonl")]
     dead_letters: Option<PathBuf>,
+    /// Run the job durably in DIR (made if missing; it must hold no job yet): every post, input
+    /// line, activation and dead letter is committed there before it is acknowledged, so a
+    /// killed run loses nothing and `--resume` continues it.
+    #[arg(long, value_name = "DIR")]
+    durable: Option<PathBuf>,
+    /// Continue the interrupted job in the --durable DIR: its queued items run again, and each
+    /// --input file goes on from the line it reached. Give the same flow and input as the job
+    /// it continues (a changed flow file, plugin or input file is refused).
+    #[arg(long, requires = "durable")]
+    resume: bool,
 }
 
 fn parse_duration(s: &str) -> Result<Duration, String> {
@@ -319,8 +339,11 @@ pub fn main() -> ExitCode {
             quiet: a.quiet,
             raw: a.raw,
             dead_letters: a.dead_letters,
+            durable: a.durable,
+            resume: a.resume,
         }),
         Command::Validate { flow, plugins } => validate(flow, plugins.into()),
+        Command::Job { dir, json } => durable::show(&dir, json),
         Command::Inspect { path, json } => inspect::inspect(&path, json),
         Command::New {
             name,

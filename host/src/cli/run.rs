@@ -27,6 +27,10 @@ pub(crate) struct RunArgs {
     pub quiet: bool,
     pub raw: bool,
     pub dead_letters: Option<PathBuf>,
+    /// `--durable DIR`.
+    pub durable: Option<PathBuf>,
+    /// `--resume`.
+    pub resume: bool,
 }
 
 /// `routine.slot`, or `None` for the flow's entry slot.
@@ -128,6 +132,8 @@ struct JsonReport<'a> {
     peak_rss_bytes: Option<u64>,
     /// Where every dead letter was written (`--dead-letters`).
     dead_letters_file: Option<PathBuf>,
+    /// The durable job's store: what it held when opened (`--durable`).
+    durable: Option<crate::Resumed>,
 }
 
 /// The peak resident set of this process, from `/proc/self/status` (Linux).
@@ -255,14 +261,46 @@ pub(crate) fn run(args: RunArgs) -> Code {
         errln!("error: {e}");
         return Code::Invalid;
     }
+    let store = match &args.durable {
+        None => None,
+        Some(dir) => match header(&args.flow, &loaded, &feeds, &runtime)
+            .and_then(|h| super::durable::open(dir, &h, args.resume))
+        {
+            Ok(s) => Some(s),
+            Err(e) => {
+                errln!("error: {e}");
+                return Code::Usage;
+            }
+        },
+    };
+    let resumed = store.as_ref().map(|s| s.resumed().clone());
+    if let Some(r) = &resumed
+        && !r.created
+        && !args.quiet
+    {
+        errln!("{}", super::durable::resumed_line(r));
+    }
+    let positions = resumed
+        .as_ref()
+        .map(|r| r.inputs.clone())
+        .unwrap_or_default();
     // The job's time starts now: loading and compiling the plugins is not the job's.
     let job_started = Instant::now();
-    let job = match runtime.exec(&loaded.flow_id) {
-        Ok(j) => j,
-        Err(e) => {
-            errln!("error: {e}");
-            return Code::Failed;
-        }
+    let (job, durable_hold) = match store {
+        None => match runtime.exec(&loaded.flow_id) {
+            Ok(j) => (j, None),
+            Err(e) => {
+                errln!("error: {e}");
+                return Code::Failed;
+            }
+        },
+        Some(store) => match runtime.exec_durable(&loaded.flow_id, store) {
+            Ok((j, h)) => (j, Some(h)),
+            Err(e) => {
+                errln!("error: {e}");
+                return Code::Failed;
+            }
+        },
     };
 
     // Check every target before feeding anything.
@@ -280,7 +318,7 @@ pub(crate) fn run(args: RunArgs) -> Code {
             }
         }
     }
-    let hold = match job.hold_open() {
+    let hold = match durable_hold.map_or_else(|| job.hold_open(), Ok) {
         Ok(h) => h,
         Err(e) => {
             errln!("error: {e}");
@@ -295,17 +333,26 @@ pub(crate) fn run(args: RunArgs) -> Code {
             .name("routilux-input".into())
             .spawn(move || {
                 let _hold = hold;
-                for (feed, input) in feeds.into_iter().zip(inputs) {
+                for (i, (feed, input)) in feeds.into_iter().zip(inputs).enumerate() {
                     let result = match feed {
+                        // Posted already by the job this one resumes.
+                        Feed::One { .. } if positions.contains_key(&format!("post.{i}")) => Ok(()),
                         Feed::One { item, .. } => input
-                            .post_item(item)
+                            .post_items(vec![item], vec![(format!("post.{i}"), 1)])
                             .map(|()| {
                                 posted.fetch_add(1, Ordering::Relaxed);
                             })
                             .map_err(|_: RuntimeError| Fault::Post),
                         Feed::File { path, file, .. } => {
-                            let max_line = input.byte_budget();
-                            feed_file(&path, file, &input, &posted, max_line)
+                            let name = format!("input.{i}");
+                            let from = Position {
+                                byte: positions.get(&name).copied().unwrap_or(0),
+                                line: positions
+                                    .get(&format!("{name}.lines"))
+                                    .copied()
+                                    .unwrap_or(0),
+                            };
+                            feed_file(&path, file, &input, &posted, &name, from)
                         }
                     };
                     match result {
@@ -398,6 +445,11 @@ pub(crate) fn run(args: RunArgs) -> Code {
     }
     bar.finish_and_clear();
     let _ = feeder.join();
+    let mut store_failed = false;
+    if let Some(Err(e)) = job.sync_store() {
+        errln!("error: {e}");
+        store_failed = true;
+    }
     let summary = job.summary();
     if let Some(f) = &dead_file
         && !f.finish()
@@ -405,7 +457,9 @@ pub(crate) fn run(args: RunArgs) -> Code {
         errln!("error: cannot write dead letters to {}", f.path.display());
     }
     let input_error = input_error.lock().take();
-    let code = if let Some(sig) = interrupted {
+    let code = if store_failed {
+        Code::Failed
+    } else if let Some(sig) = interrupted {
         if sig == signal_hook::consts::SIGTERM {
             Code::Terminated
         } else {
@@ -438,6 +492,7 @@ pub(crate) fn run(args: RunArgs) -> Code {
                 .collect(),
             peak_rss_bytes: peak_rss_bytes(),
             dead_letters_file: args.dead_letters.clone(),
+            durable: resumed.clone(),
         };
         match serde_json::to_string_pretty(&report) {
             Ok(s) => outln!("{s}"),
@@ -464,19 +519,64 @@ enum Fault {
     Input(String),
 }
 
-/// Posts every line of a JSON-lines file. A line longer than `max_line` (the target slot's
-/// byte budget: it could never be queued) is refused after reading at most that much of it,
-/// so `/dev/zero` or a 1 GiB line is an error, not a memory exhaustion.
+/// How far an input file was read: the byte offset and the lines before it.
+#[derive(Clone, Copy, Default)]
+struct Position {
+    byte: u64,
+    line: u64,
+}
+
+/// Lines posted to a durable job in one unit at most (and at most [`UNIT_BYTES`]): they are
+/// committed together, with the position reached, in one transaction.
+const UNIT_LINES: usize = 512;
+const UNIT_BYTES: u64 = 1 << 20;
+
+/// Posts every line of a JSON-lines file, from `from` on (where a resumed job's input had
+/// reached). A line longer than the target slot's byte budget (it could never be queued) is
+/// refused after reading at most that much of it, so `/dev/zero` or a 1 GiB line is an
+/// error, not a memory exhaustion.
+///
+/// To a durable job, lines go in units (up to [`UNIT_LINES`] lines or [`UNIT_BYTES`], fewer
+/// when the reader has no more at hand), each committed with the position after its last
+/// line as `NAME` (bytes) and `NAME.lines`: a line counts as read once its unit is on disk.
 fn feed_file(
     path: &Path,
-    file: std::fs::File,
+    mut file: std::fs::File,
     input: &crate::Input,
     posted: &AtomicU64,
-    max_line: u64,
+    name: &str,
+    from: Position,
 ) -> Result<(), Fault> {
-    let mut reader = BufReader::new(file);
+    use std::io::{Seek, SeekFrom};
+    let max_line = input.byte_budget();
+    let durable = input.is_durable();
+    if from.byte > 0 {
+        file.seek(SeekFrom::Start(from.byte))
+            .map_err(|e| Fault::Input(format!("{}: {e}", path.display())))?;
+    }
+    let mut reader = BufReader::with_capacity(if durable { 1 << 20 } else { 8 << 10 }, file);
     let mut buf = Vec::new();
-    for n in 1.. {
+    let mut at = from;
+    let mut unit: Vec<Item> = Vec::new();
+    let mut unit_bytes = 0;
+    let flush = |unit: &mut Vec<Item>, at: Position| -> Result<(), Fault> {
+        if unit.is_empty() {
+            return Ok(());
+        }
+        let n = unit.len() as u64;
+        input
+            .post_items(
+                std::mem::take(unit),
+                vec![
+                    (name.to_owned(), at.byte),
+                    (format!("{name}.lines"), at.line),
+                ],
+            )
+            .map_err(|_| Fault::Post)?;
+        posted.fetch_add(n, Ordering::Relaxed);
+        Ok(())
+    };
+    loop {
         buf.clear();
         let read = (&mut reader)
             .take(max_line + 1)
@@ -485,36 +585,116 @@ fn feed_file(
         if read == 0 {
             break;
         }
+        let n = at.line + 1;
         if buf.last() != Some(&b'\n') && buf.len() as u64 > max_line {
+            flush(&mut unit, at)?;
             return Err(Fault::Input(format!(
                 "{}:{n}: the line is longer than {}, the byte budget of the slot it would go to",
                 path.display(),
                 crate::model::budget::bytes(max_line)
             )));
         }
-        let line = match std::str::from_utf8(&buf) {
-            Ok(l) => l.trim_end_matches(['\n', '\r']),
-            Err(e) => {
-                return Err(Fault::Input(format!(
-                    "{}:{n}: not UTF-8: {e}",
-                    path.display()
-                )));
+        let parsed = match std::str::from_utf8(&buf) {
+            Ok(l) => {
+                let line = l.trim_end_matches(['\n', '\r']);
+                if line.trim().is_empty() {
+                    None
+                } else {
+                    Some(
+                        Item::from_json_text(line)
+                            .map_err(|e| format!("{}:{n}: {e}", path.display())),
+                    )
+                }
+            }
+            Err(e) => Some(Err(format!("{}:{n}: not UTF-8: {e}", path.display()))),
+        };
+        let item = match parsed {
+            None => None,
+            Some(Ok(item)) => Some(item),
+            Some(Err(e)) => {
+                // What came before the bad line is posted (and, durably, committed).
+                flush(&mut unit, at)?;
+                return Err(Fault::Input(e));
             }
         };
-        if line.trim().is_empty() {
+        at = Position {
+            byte: at.byte + read as u64,
+            line: n,
+        };
+        let Some(item) = item else {
+            continue;
+        };
+        if !durable {
+            input.post_item(item).map_err(|e: RuntimeError| match e {
+                RuntimeError::ItemTooLarge { .. } => {
+                    Fault::Input(format!("{}:{n}: {e}", path.display()))
+                }
+                _ => Fault::Post,
+            })?;
+            posted.fetch_add(1, Ordering::Relaxed);
             continue;
         }
-        let item = Item::from_json_text(line)
-            .map_err(|e| Fault::Input(format!("{}:{n}: {e}", path.display())))?;
-        input.post_item(item).map_err(|e: RuntimeError| match e {
-            RuntimeError::ItemTooLarge { .. } => {
-                Fault::Input(format!("{}:{n}: {e}", path.display()))
-            }
-            _ => Fault::Post,
-        })?;
-        posted.fetch_add(1, Ordering::Relaxed);
+        unit_bytes += item.byte_len() as u64;
+        unit.push(item);
+        if unit.len() >= UNIT_LINES || unit_bytes >= UNIT_BYTES || reader.buffer().is_empty() {
+            flush(&mut unit, at)?;
+            unit_bytes = 0;
+        }
     }
-    Ok(())
+    flush(&mut unit, at)
+}
+
+/// The header of a durable job: the flow file, its components and its input, by hash.
+fn header(
+    flow: &Path,
+    loaded: &Loaded,
+    feeds: &[Feed],
+    runtime: &Runtime,
+) -> Result<super::durable::Header, String> {
+    use super::durable::{Header, InputId, InputWhat, hash_file};
+    let inputs = feeds
+        .iter()
+        .enumerate()
+        .map(|(i, f)| {
+            Ok(match f {
+                Feed::One { to, item } => InputId {
+                    name: format!("post.{i}"),
+                    to: format!("{}.{}", to.0, to.1),
+                    what: InputWhat::Post(item.json_str().to_owned()),
+                },
+                Feed::File { to, path, .. } => InputId {
+                    name: format!("input.{i}"),
+                    to: format!("{}.{}", to.0, to.1),
+                    what: InputWhat::File(hash_file(path)?),
+                },
+            })
+        })
+        .collect::<Result<Vec<_>, String>>()?;
+    Ok(Header {
+        flow: hash_file(flow)?,
+        components: loaded
+            .components
+            .iter()
+            .map(|(p, _)| hash_file(p))
+            .collect::<Result<_, _>>()?,
+        inputs,
+        routines: runtime
+            .registry()
+            .get(&loaded.flow_id)
+            .map(|c| {
+                c.plan
+                    .routines
+                    .iter()
+                    .map(|r| {
+                        (
+                            r.id.to_string(),
+                            r.slot_names.iter().map(|s| s.to_string()).collect(),
+                        )
+                    })
+                    .collect()
+            })
+            .unwrap_or_default(),
+    })
 }
 
 /// Parses `--post` and opens `--input` files, resolving their targets.

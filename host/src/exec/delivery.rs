@@ -58,12 +58,13 @@ impl Job {
     /// Queues `item` into `node.slot` (see [`Queues::push`]: a full slot gives the item back,
     /// unless `overrun`), and schedules a check of `node` if its policy may now fire and none
     /// is scheduled. Never takes an item larger than the slot's whole byte budget (callers
-    /// check [`Job::too_large_for`] first).
+    /// check [`Job::too_large_for`] first). `seq`: the item's place in a durable job's store.
     pub(crate) fn push(
         &self,
         node: usize,
         slot: usize,
         item: Item,
+        seq: u64,
         overrun: bool,
         sched: Sched<'_, Task>,
     ) -> Result<(), Item> {
@@ -71,7 +72,7 @@ impl Job {
         let n = &self.nodes[node];
         let schedule = {
             let mut q = n.queues.lock();
-            if q.push(r, slot, item, overrun, &self.meter)? == Pushed::Overrun {
+            if q.push(r, slot, item, seq, overrun, &self.meter)? == Pushed::Overrun {
                 add(&n.counters.overflowed, 1);
             }
             let s = !q.scheduled
@@ -102,6 +103,7 @@ impl Job {
         node: usize,
         slot: usize,
         pending: &mut Option<Item>,
+        seq: u64,
         sched: Sched<'_, Task>,
         timeout: Duration,
     ) -> bool {
@@ -109,7 +111,7 @@ impl Job {
             let Some(item) = pending.take() else {
                 return true;
             };
-            match self.push(node, slot, item, false, sched) {
+            match self.push(node, slot, item, seq, false, sched) {
                 Ok(()) => true,
                 Err(back) => {
                     *pending = Some(back);
@@ -166,13 +168,15 @@ impl Job {
     /// Delivers `item` to every slot `ev` is connected to. All or nothing for each slot: when
     /// one delivery fails (the job halted, or a slot could be passed only past its overrun
     /// bound), the item becomes a dead letter of that slot and of every later one it was not
-    /// delivered to, and the error is returned.
+    /// delivered to, and the error is returned. In a durable job, the delivery to route `i`
+    /// of the event is the one queued in the store under `seq + i`.
     #[inline]
     pub(crate) fn route(
         &self,
         from: usize,
         ev: usize,
         item: Item,
+        seq: u64,
         waited: &mut Duration,
         delivered: &AtomicU64,
     ) -> Result<(), EmitError> {
@@ -183,17 +187,20 @@ impl Job {
         };
         // A failed delivery has kept the item as a dead letter of its own slot; the slots
         // after it get it as a dead letter too.
+        let mut seq_of = seq;
         for (i, &(node, slot)) in rest.iter().enumerate() {
-            if let Err(e) = self.deliver(from, node, slot, item.clone(), waited) {
+            if let Err(e) = self.deliver(from, node, slot, item.clone(), seq_of, waited) {
                 let why = format!("not delivered: {e}");
                 for &(n, s) in &routes[i + 1..] {
-                    self.dead_letter_undelivered(n, s, item.clone(), why.clone());
+                    seq_of += 1;
+                    self.dead_letter_undelivered(n, s, item.clone(), seq_of, why.clone());
                 }
                 return Err(e);
             }
+            seq_of += 1;
             delivered.fetch_add(1, Ordering::Relaxed);
         }
-        self.deliver(from, last_node, last_slot, item, waited)?;
+        self.deliver(from, last_node, last_slot, item, seq_of, waited)?;
         delivered.fetch_add(1, Ordering::Relaxed);
         Ok(())
     }
@@ -207,21 +214,22 @@ impl Job {
         node: usize,
         slot: usize,
         item: Item,
+        seq: u64,
         waited: &mut Duration,
     ) -> Result<(), EmitError> {
         let job = self;
         let Some(worker) = current_worker(&job.shared.pool) else {
             let started = Instant::now();
-            let result = self.deliver_from_outside(from, node, slot, item);
+            let result = self.deliver_from_outside(from, node, slot, item, seq);
             *waited += started.elapsed();
             return result;
         };
         let worker = &*worker;
-        match job.push(node, slot, item, false, worker.sched()) {
+        match job.push(node, slot, item, seq, false, worker.sched()) {
             Ok(()) => Ok(()),
             Err(item) => {
                 let started = Instant::now();
-                let result = self.deliver_when_full(from, worker, node, slot, item);
+                let result = self.deliver_when_full(from, worker, node, slot, item, seq);
                 *waited += started.elapsed();
                 result
             }
@@ -236,6 +244,7 @@ impl Job {
         node: usize,
         slot: usize,
         mut item: Item,
+        seq: u64,
     ) -> Result<(), EmitError> {
         let job = self;
         let shared = &job.shared;
@@ -244,15 +253,14 @@ impl Job {
         let mut stalled_at: Option<u64> = None;
         loop {
             if job.halted() {
-                return Err(self.halted_while_waiting(from, node, slot, item));
+                return Err(self.halted_while_waiting(from, node, slot, item, seq));
             }
             if job.stopping() {
                 // Stopped: nothing will drain the slot, and the activation is to end.
                 return self.overrun(
                     from,
                     worker.sched(),
-                    node,
-                    slot,
+                    (node, slot, seq),
                     item,
                     "the job is stopping",
                 );
@@ -266,8 +274,7 @@ impl Job {
                     return self.overrun(
                         from,
                         worker.sched(),
-                        node,
-                        slot,
+                        (node, slot, seq),
                         item,
                         "its routine is suspended under the emitter",
                     );
@@ -296,8 +303,7 @@ impl Job {
                         return self.overrun(
                             from,
                             worker.sched(),
-                            node,
-                            slot,
+                            (node, slot, seq),
                             item,
                             "the whole pool is stalled",
                         );
@@ -311,6 +317,7 @@ impl Job {
                     node,
                     slot,
                     &mut pending,
+                    seq,
                     worker.sched(),
                     Duration::from_millis(1),
                 );
@@ -320,7 +327,7 @@ impl Job {
                 }
                 item = pending.expect("a failed push gives the item back");
             }
-            item = match job.push(node, slot, item, false, worker.sched()) {
+            item = match job.push(node, slot, item, seq, false, worker.sched()) {
                 Ok(()) => return Ok(()),
                 Err(item) => item,
             };
@@ -330,12 +337,12 @@ impl Job {
     /// Pushes past the slot's bound (counted as `overflowed`) to break a wait that could
     /// never end; refused once the slot is past its bounds by as much again, and then the
     /// item becomes a dead letter of that slot (it is never dropped).
+    /// `(node, slot, seq)`: where to, and the item's seq in a durable job's store.
     fn overrun(
         &self,
         from: usize,
         sched: Sched<'_, Task>,
-        node: usize,
-        slot: usize,
+        (node, slot, seq): (usize, usize, u64),
         item: Item,
         why: &str,
     ) -> Result<(), EmitError> {
@@ -348,24 +355,33 @@ impl Job {
             emitter = self.name(from),
             "overrunning a full slot by one item: {why}"
         );
-        job.push(node, slot, item, true, sched).map_err(|item| {
-            let e = EmitError::Overrun {
-                routine: self.name(from).to_owned(),
-                to: format!("{}.{}", r.id, r.slot_names[slot]),
-            };
-            job.dead_letter_undelivered(node, slot, item, e.to_string());
-            e
-        })
+        job.push(node, slot, item, seq, true, sched)
+            .map_err(|item| {
+                let e = EmitError::Overrun {
+                    routine: self.name(from).to_owned(),
+                    to: format!("{}.{}", r.id, r.slot_names[slot]),
+                };
+                job.dead_letter_undelivered(node, slot, item, seq, e.to_string());
+                e
+            })
     }
 
     /// The job halted while an emit waited: the item becomes a dead letter of the receiving
     /// routine (it is never dropped).
-    fn halted_while_waiting(&self, from: usize, node: usize, slot: usize, item: Item) -> EmitError {
+    fn halted_while_waiting(
+        &self,
+        from: usize,
+        node: usize,
+        slot: usize,
+        item: Item,
+        seq: u64,
+    ) -> EmitError {
         let job = self;
         job.dead_letter_undelivered(
             node,
             slot,
             item,
+            seq,
             format!(
                 "job halted while `{}` waited for queue space",
                 self.name(from)
@@ -388,6 +404,7 @@ impl Job {
         node: usize,
         slot: usize,
         item: Item,
+        seq: u64,
     ) -> Result<(), EmitError> {
         let job = self;
         let shared = &job.shared;
@@ -397,7 +414,7 @@ impl Job {
         loop {
             if job.halted() {
                 let item = pending.take().expect("a failed push gives the item back");
-                return Err(self.halted_while_waiting(from, node, slot, item));
+                return Err(self.halted_while_waiting(from, node, slot, item, seq));
             }
             pool.enter_blocked();
             let stalled = shared.stalled();
@@ -408,8 +425,7 @@ impl Job {
                 return self.overrun(
                     from,
                     Sched::External(pool),
-                    node,
-                    slot,
+                    (node, slot, seq),
                     item,
                     "an emit from outside the pool, which is stalled or stopping",
                 );
@@ -419,6 +435,7 @@ impl Job {
                 node,
                 slot,
                 &mut pending,
+                seq,
                 Sched::External(pool),
                 Duration::from_millis(5),
             );
@@ -448,6 +465,6 @@ impl JobPort for Job {
         delivered: &AtomicU64,
     ) -> Result<(), EmitError> {
         self.count_emit(node);
-        self.route(node, ev, item, waited, delivered)
+        self.route(node, ev, item, 0, waited, delivered)
     }
 }

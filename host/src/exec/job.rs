@@ -47,8 +47,10 @@ use crate::model::report::{
 use crate::model::routine::Logic;
 use crate::model::state::State;
 
+use super::durable::{Durable, JobStore};
 use super::queues::Queues;
 use super::scheduler::Pool;
+use super::store::Op;
 use super::timer::Timer;
 
 use crate::model::context::{CANCELLED, FAILED, RUNNING, STOPPED};
@@ -182,6 +184,8 @@ pub(crate) struct Job {
     pub(crate) logic: Arc<[Arc<dyn Logic>]>,
     pub(crate) shared: Arc<Shared>,
     pub(crate) nodes: Box<[Node]>,
+    /// The store of a durable job (see the durable module).
+    pub(crate) durable: Option<Durable>,
     /// The pending count and the lifecycle lock (see the module docs; the protocol is
     /// `routilux_protocol::quiesce`, model-checked with loom).
     pending: Pending<Lifecycle>,
@@ -237,12 +241,122 @@ impl Job {
         flow: &Compiled,
         shared: Arc<Shared>,
     ) -> Arc<Self> {
+        Self::make(id, flow_name, flow, shared, None)
+    }
+
+    /// A durable job on `store`, holding what the store recovered (queued items, WorkerState,
+    /// dead letters). Its recovered items are scheduled by [`Job::start_recovered`]. Fails if
+    /// the store holds what this flow has no place for (a routine or slot it lacks).
+    pub(crate) fn durable(
+        id: JobId,
+        flow_name: &str,
+        flow: &Compiled,
+        shared: Arc<Shared>,
+        store: JobStore,
+    ) -> Result<Arc<Self>, String> {
+        let JobStore {
+            store, recovered, ..
+        } = store;
+        let plan = &flow.plan;
+        let dir = store.dir().to_owned();
+        let place = |node: u32, slot: Option<u32>| -> Result<(), String> {
+            let r = plan.routines.get(node as usize).ok_or_else(|| {
+                format!(
+                    "the job store in {} holds data of routine #{node}, and flow `{flow_name}`                      has {} routines",
+                    dir.display(),
+                    plan.routines.len()
+                )
+            })?;
+            match slot {
+                Some(s) if s as usize >= r.slot_names.len() => Err(format!(
+                    "the job store in {} holds items for slot #{s} of routine `{}`, which has {}                      slots",
+                    dir.display(),
+                    r.id,
+                    r.slot_names.len()
+                )),
+                _ => Ok(()),
+            }
+        };
+        for &(node, slot) in recovered.items.keys() {
+            place(node, Some(slot))?;
+        }
+        for (node, _) in recovered.state.keys() {
+            place(*node, None)?;
+        }
+        let job = Self::make(
+            id,
+            flow_name,
+            flow,
+            shared,
+            Some(Durable::new(store, recovered.next_seq)),
+        );
+        for ((node, slot), items) in recovered.items {
+            let mut q = job.nodes[node as usize].queues.lock();
+            for (seq, item) in items {
+                q.recovered(slot as usize, item, seq, &job.meter);
+            }
+        }
+        let mut states: BTreeMap<u32, Vec<(String, String)>> = BTreeMap::new();
+        for ((node, key), value) in recovered.state {
+            states.entry(node).or_default().push((key, value));
+        }
+        for (node, values) in states {
+            *job.states[node as usize].lock() = State::recovered(values, &job.meter);
+        }
+        {
+            let mut kept = job.dead_letters.lock();
+            for (seq, text) in recovered.dead_letters {
+                match serde_json::from_str::<DeadLetter>(&text) {
+                    Ok(letter) if kept.kept.len() < job.flow.budgets.dead_letters => {
+                        kept.kept.push(letter)
+                    }
+                    Ok(_) => kept.dropped += 1,
+                    Err(e) => tracing::warn!(
+                        job = %job.id,
+                        "dead letter {seq} in the job store cannot be read: {e}"
+                    ),
+                }
+            }
+        }
+        Ok(job)
+    }
+
+    /// Schedules a check of every routine of a recovered durable job that holds queued items.
+    /// The caller holds the job open (or it may finish at once).
+    pub(crate) fn start_recovered(&self) {
+        for (node, n) in self.nodes.iter().enumerate() {
+            let r = &self.flow.routines[node];
+            let schedule = {
+                let mut q = n.queues.lock();
+                let s = !q.scheduled && q.any_queued() && r.policy.may_fire(&q.slots);
+                if s {
+                    q.scheduled = true;
+                }
+                s
+            };
+            if schedule {
+                self.add_pending();
+                self.shared.pool.inject(Task::Check {
+                    job: self.arc(),
+                    node,
+                });
+            }
+        }
+    }
+
+    fn make(
+        id: JobId,
+        flow_name: &str,
+        flow: &Compiled,
+        shared: Arc<Shared>,
+        durable: Option<Durable>,
+    ) -> Arc<Self> {
         let plan = flow.plan.clone();
         let nodes = plan
             .routines
             .iter()
             .map(|r| Node {
-                queues: Mutex::new(Queues::new(r)),
+                queues: Mutex::new(Queues::new(r, durable.is_some())),
                 counters: Counters::default(),
             })
             .collect();
@@ -266,6 +380,7 @@ impl Job {
             logic: flow.logic.clone(),
             shared,
             nodes,
+            durable,
             pending: Pending::new(Lifecycle {
                 finished: false,
                 status: JobStatus::Running,
@@ -276,6 +391,19 @@ impl Job {
             failures: Mutex::new(Vec::new()),
             dead_letters: Mutex::new(DeadLetters::default()),
             output: Mutex::new(OutputRing::default()),
+        })
+    }
+
+    /// Commits `ops` as one unit of this durable job's store; a store that fails fails the
+    /// job (nothing more is acknowledged). A job that is not durable commits nothing.
+    pub(crate) fn commit_durable(&self, ops: Vec<Op>) -> Result<(), String> {
+        let Some(d) = &self.durable else {
+            return Ok(());
+        };
+        d.commit(ops).map_err(|e| {
+            let e = e.to_string();
+            self.fail(e.clone());
+            e
         })
     }
 
@@ -365,6 +493,10 @@ impl Job {
             tracing::debug!(job = %self.id, status = %lc.status, "job finished");
         });
         if finished {
+            if let Some(d) = &self.durable {
+                // Written with the next group (or when the store closes); not waited for here.
+                let _ = d.store.submit([Op::Status(self.status().to_string())]);
+            }
             for logic in self.logic.iter() {
                 logic.job_finished(self.id);
             }
@@ -477,6 +609,7 @@ impl Job {
     ) {
         let r = &self.flow.routines[node];
         let n = batch.len() as u64;
+        let seqs = batch.seqs().to_vec();
         let (names, data) = batch.into_parts();
         let size: u64 = data.iter().flatten().map(|i| i.byte_len() as u64).sum();
         let items = names
@@ -494,6 +627,29 @@ impl Job {
             delivered,
             at: SystemTime::now(),
         };
+        // A durable job keeps the letter in its store in the same unit as the consumption of
+        // its items. Not when the job halted under the activation: its items stay queued
+        // there, for a resume to run.
+        if let Some(d) = &self.durable
+            && !self.halted()
+        {
+            let mut ops: Vec<Op> = seqs
+                .iter()
+                .map(|&(slot, seq)| Op::Consume {
+                    node: node as u32,
+                    slot,
+                    seq,
+                })
+                .collect();
+            match serde_json::to_string(&letter) {
+                Ok(text) => ops.push(Op::DeadLetter {
+                    seq: d.take_seqs(1),
+                    letter: text,
+                }),
+                Err(e) => tracing::error!(job = %self.id, "cannot write a dead letter: {e}"),
+            }
+            let _ = self.commit_durable(ops);
+        }
         if let Some(sink) = &self.shared.on_dead_letter {
             sink(self.id, &letter);
         }
@@ -520,16 +676,21 @@ impl Job {
     }
 
     /// An emitted item that could not be delivered because the job halted while it waited.
+    /// `seq`: where a durable job's store holds the item queued (ignored otherwise).
     pub(crate) fn dead_letter_undelivered(
         &self,
         node: usize,
         slot: usize,
         item: Item,
+        seq: u64,
         error: String,
     ) {
         let r = &self.flow.routines[node];
         self.nodes[node].queues.lock().count_undelivered();
-        let batch = Batch::from_slots([(&*r.slot_names[slot], vec![item])], None);
+        let mut batch = Batch::from_slots([(&*r.slot_names[slot], vec![item])], None);
+        if self.durable.is_some() {
+            batch = batch.with_seqs(vec![(slot as u32, seq)]);
+        }
         self.dead_letter(node, batch, error, 0);
     }
 

@@ -7,12 +7,14 @@
 //! | `queues` | one routine's queues in one job: push, take, byte credit (where a durable store takes over) |
 //! | `job` | a job: lifecycle and completion, counters, dead letters, output, reports; the [`Task`](job::Task)s it schedules |
 //! | `delivery` | delivery and backpressure: where an emit goes, the full-slot protocol |
-//! | `store` | a job's durable store (redb, group commit; not wired into jobs yet) |
+//! | `store` | a job's durable store (redb, group commit) |
+//! | `durable` | durable jobs: what commits together, recovery, the public [`JobStore`](durable::JobStore) |
 //! | `run` | running tasks: drive a routine, run an activation, apply its error strategy, commit an attempt |
 //!
 //! It builds on the model (`crate::model`) and names nothing of the runtime API above it.
 
 pub(crate) mod delivery;
+pub(crate) mod durable;
 pub(crate) mod job;
 pub(crate) mod queues;
 pub(crate) mod run;

@@ -38,6 +38,9 @@ pub(crate) enum Pushed {
 
 pub(crate) struct Queues {
     pub(crate) slots: Vec<VecDeque<Item>>,
+    /// In a durable job, the seq each queued item has in the job's store, slot by slot in
+    /// the order of `slots` (`None` in a job that is not durable: nothing to keep).
+    seqs: Option<Vec<VecDeque<u64>>>,
     /// Bytes (of items' JSON text) queued in each slot.
     bytes: Vec<u64>,
     /// Bytes each slot holds reserved on the job's meter: reserved and given back in chunks
@@ -57,10 +60,11 @@ pub(crate) struct Queues {
 }
 
 impl Queues {
-    pub(crate) fn new(r: &CompiledRoutine) -> Self {
+    pub(crate) fn new(r: &CompiledRoutine, durable: bool) -> Self {
         let n = r.capacities.len();
         Queues {
             slots: (0..n).map(|_| VecDeque::new()).collect(),
+            seqs: durable.then(|| (0..n).map(|_| VecDeque::new()).collect()),
             bytes: vec![0; n],
             credit: vec![0; n],
             items_in: 0,
@@ -76,13 +80,15 @@ impl Queues {
     /// budget spent) gives the item back, unless `overrun`; an overrun goes past the bounds only
     /// so far (by the slot's bound again or [`OVERRUN_ITEMS`], whichever is more, and by its
     /// byte budget again) and then gives the item back too. Never takes an item larger than the
-    /// slot's whole byte budget.
+    /// slot's whole byte budget. `seq`: the item's place in a durable job's store (ignored
+    /// otherwise).
     #[inline]
     pub(crate) fn push(
         &mut self,
         r: &CompiledRoutine,
         slot: usize,
         item: Item,
+        seq: u64,
         overrun: bool,
         meter: &Meter,
     ) -> Result<Pushed, Item> {
@@ -107,21 +113,39 @@ impl Queues {
             Pushed::Overrun
         };
         self.slots[slot].push_back(item);
+        if let Some(seqs) = &mut self.seqs {
+            seqs[slot].push_back(seq);
+        }
         self.bytes[slot] += len;
         self.items_in += 1;
         Ok(how)
     }
 
+    /// Queues an item a durable job's store held when the job was recovered: past every
+    /// bound if need be (what was committed is never dropped), charged to the meter.
+    pub(crate) fn recovered(&mut self, slot: usize, item: Item, seq: u64, meter: &Meter) {
+        let len = item.byte_len() as u64;
+        meter.force(len);
+        self.credit[slot] += len;
+        self.slots[slot].push_back(item);
+        if let Some(seqs) = &mut self.seqs {
+            seqs[slot].push_back(seq);
+        }
+        self.bytes[slot] += len;
+        self.items_in += 1;
+    }
+
     /// Takes `counts[i]` items from the front of each slot `i` (a batch the policy released).
     /// Also says whether a slot it took from was full (at its count, or within one largest
-    /// item of its byte budget): only then can a producer be waiting for room.
+    /// item of its byte budget): only then can a producer be waiting for room. In a durable
+    /// job, also their seqs as `(slot, seq)` (see [`Batch::seqs`](crate::model::activation::Batch)).
     #[inline]
     pub(crate) fn take(
         &mut self,
         r: &CompiledRoutine,
         counts: &[usize],
         meter: &Meter,
-    ) -> (Vec<Vec<Item>>, bool) {
+    ) -> (Vec<Vec<Item>>, bool, Vec<(u32, u64)>) {
         let freed_full = counts.iter().enumerate().any(|(i, &k)| {
             k > 0
                 && (self.slots[i].len() >= r.capacities[i]
@@ -141,7 +165,13 @@ impl Queues {
             }
             data.push(items);
         }
-        (data, freed_full)
+        let mut taken = Vec::new();
+        if let Some(seqs) = &mut self.seqs {
+            for (i, &k) in counts.iter().enumerate() {
+                taken.extend(seqs[i].drain(..k).map(|s| (i as u32, s)));
+            }
+        }
+        (data, freed_full, taken)
     }
 
     /// Counts an item that was never queued because it could not be delivered (it became a

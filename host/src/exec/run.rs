@@ -26,6 +26,7 @@ use crate::model::spec::{ErrorStrategy, Exhausted, RoutineError};
 
 use super::job::{Job, Task, add};
 use super::scheduler::{Current, Run, WorkerLocal};
+use super::store::Op;
 
 /// How many failed activations of one routine are logged as warnings (the rest at debug).
 const LOGGED_FAILURES: u64 = 5;
@@ -194,7 +195,7 @@ impl Job {
                         holding = true;
                         q.last_fire = Some(now);
                         // A producer can only be waiting on a slot that was full.
-                        let (data, freed) = q.take(r, &counts, &self.meter);
+                        let (data, freed, seqs) = q.take(r, &counts, &self.meter);
                         freed_full = freed;
                         // Room for a parallel activation and more to release: let another
                         // worker take it.
@@ -211,14 +212,21 @@ impl Job {
                             });
                         }
                         // Activations are numbered per routine as they are formed; a retry of
-                        // one keeps its number (the stable activation id a guest can read).
+                        // one keeps its number (the stable activation id a guest can read). In
+                        // a durable job the number is its first item's seq plus one, the same
+                        // again when it re-runs after a restart.
                         q.formed += 1;
+                        let number = match seqs.first() {
+                            Some(&(_, seq)) => seq + 1,
+                            None => q.formed,
+                        };
                         Batch::new(
                             r.slot_names.clone(),
                             data,
                             message.or_else(|| r.message.clone()),
                         )
-                        .numbered(q.formed)
+                        .numbered(number)
+                        .with_seqs(seqs)
                     }
                 }
             };
@@ -253,8 +261,9 @@ impl Job {
             );
             let _enter = span.enter();
             // A retrying routine's attempt is a unit: its emits and state changes are held
-            // until it succeeds. Other routines stream.
-            let ctx = if matches!(r.on_error, ErrorStrategy::Retry(_)) {
+            // until it succeeds, as is every activation of a durable job (committed
+            // together). Other routines stream.
+            let ctx = if self.durable.is_some() || matches!(r.on_error, ErrorStrategy::Retry(_)) {
                 Context::attempt(self.clone(), node)
             } else {
                 Context::new(self.clone(), node)
@@ -281,7 +290,7 @@ impl Job {
             let result = match ctx.holds_attempt() {
                 false => result,
                 true => match (result, ctx.take_attempt()) {
-                    (Ok(()), Some(held)) => self.commit_attempt(&ctx, node, held),
+                    (Ok(()), Some(held)) => self.commit_attempt(&ctx, node, held, batch.seqs()),
                     // A failed attempt's held effects are dropped with it.
                     (result, _) => result,
                 },
@@ -427,15 +436,57 @@ impl Job {
     /// nothing happened; once delivering starts, an item that cannot be delivered (the job
     /// halted) becomes a dead letter of each slot it did not reach.
     ///
-    /// This is the unit a durable store commits: the batch the attempt consumed, its state
-    /// changes and its emits, together.
-    fn commit_attempt(&self, ctx: &Context, node: usize, held: Held) -> Result<(), RoutineError> {
-        ctx.state_base().commit(held.state)?;
+    /// In a durable job this is the unit its store commits (see the durable module): the
+    /// consumption of `consumed`, the state changes and a `Queue` for each delivery of each
+    /// emit, in one transaction, waited for before any emit is delivered.
+    fn commit_attempt(
+        &self,
+        ctx: &Context,
+        node: usize,
+        held: Held,
+        consumed: &[(u32, u64)],
+    ) -> Result<(), RoutineError> {
+        let r = &self.flow.routines[node];
+        let mut base = 0;
+        match &self.durable {
+            None => ctx.state_base().commit(held.state)?,
+            Some(d) => {
+                let deliveries: usize = held.emits.iter().map(|(ev, _)| r.routes[*ev].len()).sum();
+                base = d.take_seqs(deliveries as u64);
+                let mut ops = Vec::with_capacity(consumed.len() + deliveries);
+                ops.extend(consumed.iter().map(|&(slot, seq)| Op::Consume {
+                    node: node as u32,
+                    slot,
+                    seq,
+                }));
+                let mut seq = base;
+                for (ev, item) in &held.emits {
+                    for &(to, slot) in &r.routes[*ev] {
+                        ops.push(Op::Queue {
+                            node: to as u32,
+                            slot: slot as u32,
+                            seq,
+                            item: item.clone(),
+                        });
+                        seq += 1;
+                    }
+                }
+                ctx.state_base().commit_with(held.state, |changes| {
+                    ops.extend(changes.iter().map(|(key, value)| Op::State {
+                        node: node as u32,
+                        key: key.clone(),
+                        value: value.clone(),
+                    }));
+                    self.commit_durable(ops).map_err(RoutineError::fatal)
+                })?;
+            }
+        }
         let mut waited = Duration::ZERO;
         for (ev, item) in held.emits {
             self.count_emit(node);
             // An undeliverable item is already a dead letter where it did not arrive.
-            let _ = self.route(node, ev, item, &mut waited, &ctx.progress().delivered);
+            let _ = self.route(node, ev, item, base, &mut waited, &ctx.progress().delivered);
+            base += r.routes[ev].len() as u64;
         }
         Ok(())
     }

@@ -30,10 +30,7 @@
 //! recovering) and checks that the store holds exactly a prefix of each writer's units,
 //! covering every unit that was acknowledged.
 //!
-//! Not wired into the engine yet: the next step of the durable-jobs issue makes a durable job's
-//! posts, activations (each one an attempt unit, `run::commit_attempt`) and dead letters go
-//! through it, and `routilux run --durable DIR` open it.
-#![cfg_attr(not(test), allow(dead_code))]
+//! What a durable job commits, and when, is the durable module's business.
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
@@ -49,7 +46,7 @@ use crate::model::item::Item;
 pub(crate) const FORMAT: u32 = 1;
 
 /// The database file inside a job directory.
-const FILE: &str = "job.redb";
+pub(crate) const FILE: &str = "job.redb";
 
 const META: TableDefinition<&str, &[u8]> = TableDefinition::new("meta");
 const ITEMS: TableDefinition<(u32, u32, u64), &[u8]> = TableDefinition::new("items");
@@ -96,6 +93,8 @@ pub(crate) enum Op {
     DeadLetter { seq: u64, letter: String },
     /// Input `name` was read and committed up to `position`.
     Input { name: String, position: u64 },
+    /// The job finished with this status.
+    Status(String),
 }
 
 /// A submitted unit's place in the commit order (see [`Store::wait`]).
@@ -115,8 +114,10 @@ pub(crate) struct Recovered {
     pub(crate) dead_letters: Vec<(u64, String)>,
     /// Input positions by name.
     pub(crate) inputs: BTreeMap<String, u64>,
-    /// One more than every `seq` in the store.
+    /// One more than every `seq` the store ever took.
     pub(crate) next_seq: u64,
+    /// The job's status as last recorded (`None`: it never finished).
+    pub(crate) status: Option<String>,
 }
 
 struct Pending {
@@ -279,7 +280,12 @@ impl Store {
                 dir: self.inner.dir.clone(),
             });
         }
+        let before = p.ops.len();
         p.ops.extend(ops);
+        if p.ops.len() == before {
+            // Nothing to write: acknowledged with everything submitted before it.
+            return Ok(Ticket(p.submitted));
+        }
         p.submitted += 1;
         let ticket = Ticket(p.submitted);
         drop(p);
@@ -305,6 +311,17 @@ impl Store {
     pub(crate) fn commit(&self, ops: impl IntoIterator<Item = Op>) -> Result<(), StoreError> {
         let ticket = self.submit(ops)?;
         self.wait(ticket)
+    }
+
+    /// Waits until every unit submitted so far is on disk.
+    pub(crate) fn flush(&self) -> Result<(), StoreError> {
+        let last = Ticket(self.inner.pending.lock().submitted);
+        self.wait(last)
+    }
+
+    /// The job directory.
+    pub(crate) fn dir(&self) -> &Path {
+        &self.inner.dir
     }
 
     /// Transactions committed so far (each holds every unit submitted while the one before
@@ -368,7 +385,14 @@ impl Inner {
             let mut state = txn.open_table(STATE).map_err(|e| e.to_string())?;
             let mut dead = txn.open_table(DEAD).map_err(|e| e.to_string())?;
             let mut inputs = txn.open_table(INPUTS).map_err(|e| e.to_string())?;
+            let mut meta = txn.open_table(META).map_err(|e| e.to_string())?;
+            // Seqs are never reused, even once their items are gone: the store keeps the
+            // highest one given out (an activation id is made of one).
+            let mut top = 0;
             for op in &ops {
+                if let Op::Queue { seq, .. } | Op::DeadLetter { seq, .. } = op {
+                    top = top.max(seq + 1);
+                }
                 let r = match op {
                     Op::Queue {
                         node,
@@ -395,8 +419,20 @@ impl Inner {
                     Op::Input { name, position } => {
                         inputs.insert(name.as_str(), *position).map(drop)
                     }
+                    Op::Status(status) => meta.insert("status", status.as_bytes()).map(drop),
                 };
                 r.map_err(|e| e.to_string())?;
+            }
+            if top > 0 {
+                let old = meta
+                    .get("next_seq")
+                    .map_err(|e| e.to_string())?
+                    .and_then(|v| <[u8; 8]>::try_from(v.value()).ok())
+                    .map_or(0, u64::from_le_bytes);
+                if top > old {
+                    meta.insert("next_seq", top.to_le_bytes().as_slice())
+                        .map_err(|e| e.to_string())?;
+                }
             }
         }
         txn.commit().map_err(|e| e.to_string())
@@ -420,76 +456,71 @@ fn format_of(db: &Database) -> Result<u32, String> {
 
 /// Reads everything a store holds (a new store holds nothing: an empty header).
 fn recover(db: &Database) -> Result<Recovered, String> {
-    let e = |e: redb::Error| e.to_string();
     let txn = db.begin_read().map_err(|x| x.to_string())?;
     let mut r = Recovered::default();
-    // A table that was never written is absent: nothing of it to recover.
-    let absent = |x: &redb::TableError| matches!(x, redb::TableError::TableDoesNotExist(_));
-    match txn.open_table(META) {
-        Ok(meta) => {
-            if let Some(h) = meta.get("header").map_err(|x| x.to_string())? {
-                r.header = h.value().to_vec();
-            }
-        }
-        Err(x) if absent(&x) => return Ok(r),
-        Err(x) => return Err(x.to_string()),
-    }
     let mut max_seq = 0;
-    match txn.open_table(ITEMS) {
-        Ok(t) => {
-            for row in t.iter().map_err(|x| x.to_string())? {
-                let (k, v) = row.map_err(|x| e(x.into()))?;
-                let (node, slot, seq) = k.value();
-                let text = std::str::from_utf8(v.value())
-                    .map_err(|_| format!("item {node}/{slot}/{seq} is not UTF-8"))?;
-                let item = Item::from_json_text(text.to_owned())
-                    .map_err(|x| format!("item {node}/{slot}/{seq}: {x}"))?;
-                max_seq = max_seq.max(seq + 1);
-                r.items.entry((node, slot)).or_default().push((seq, item));
+    let meta_found = each_row(&txn, META, |k, v| {
+        match k {
+            "header" => r.header = v.to_vec(),
+            "status" => r.status = Some(String::from_utf8_lossy(v).into_owned()),
+            "next_seq" => {
+                let b: [u8; 8] = v.try_into().map_err(|_| "next_seq is not 8 bytes long")?;
+                max_seq = max_seq.max(u64::from_le_bytes(b));
             }
+            _ => {}
         }
-        Err(x) if absent(&x) => {}
-        Err(x) => return Err(x.to_string()),
+        Ok(())
+    })?;
+    if !meta_found {
+        return Ok(r);
     }
-    match txn.open_table(STATE) {
-        Ok(t) => {
-            for row in t.iter().map_err(|x| x.to_string())? {
-                let (k, v) = row.map_err(|x| e(x.into()))?;
-                let (node, key) = k.value();
-                let text = String::from_utf8(v.value().to_vec())
-                    .map_err(|_| format!("state {node}/{key} is not UTF-8"))?;
-                r.state.insert((node, key.to_owned()), text);
-            }
-        }
-        Err(x) if absent(&x) => {}
-        Err(x) => return Err(x.to_string()),
-    }
-    match txn.open_table(DEAD) {
-        Ok(t) => {
-            for row in t.iter().map_err(|x| x.to_string())? {
-                let (k, v) = row.map_err(|x| e(x.into()))?;
-                let seq = k.value();
-                let text = String::from_utf8(v.value().to_vec())
-                    .map_err(|_| format!("dead letter {seq} is not UTF-8"))?;
-                max_seq = max_seq.max(seq + 1);
-                r.dead_letters.push((seq, text));
-            }
-        }
-        Err(x) if absent(&x) => {}
-        Err(x) => return Err(x.to_string()),
-    }
-    match txn.open_table(INPUTS) {
-        Ok(t) => {
-            for row in t.iter().map_err(|x| x.to_string())? {
-                let (k, v) = row.map_err(|x| e(x.into()))?;
-                r.inputs.insert(k.value().to_owned(), v.value());
-            }
-        }
-        Err(x) if absent(&x) => {}
-        Err(x) => return Err(x.to_string()),
-    }
+    each_row(&txn, ITEMS, |(node, slot, seq), v| {
+        let text =
+            std::str::from_utf8(v).map_err(|_| format!("item {node}/{slot}/{seq} is not UTF-8"))?;
+        let item = Item::from_json_text(text.to_owned())
+            .map_err(|x| format!("item {node}/{slot}/{seq}: {x}"))?;
+        max_seq = max_seq.max(seq + 1);
+        r.items.entry((node, slot)).or_default().push((seq, item));
+        Ok(())
+    })?;
+    each_row(&txn, STATE, |(node, key), v| {
+        let text = String::from_utf8(v.to_vec())
+            .map_err(|_| format!("state {node}/{key} is not UTF-8"))?;
+        r.state.insert((node, key.to_owned()), text);
+        Ok(())
+    })?;
+    each_row(&txn, DEAD, |seq, v| {
+        let text =
+            String::from_utf8(v.to_vec()).map_err(|_| format!("dead letter {seq} is not UTF-8"))?;
+        max_seq = max_seq.max(seq + 1);
+        r.dead_letters.push((seq, text));
+        Ok(())
+    })?;
+    each_row(&txn, INPUTS, |name, position| {
+        r.inputs.insert(name.to_owned(), position);
+        Ok(())
+    })?;
     r.next_seq = max_seq;
     Ok(r)
+}
+
+/// Calls `f` on every row of `table` in key order; false if the table was never written
+/// (nothing of it to recover).
+fn each_row<K: redb::Key + 'static, V: redb::Value + 'static>(
+    txn: &redb::ReadTransaction,
+    table: TableDefinition<K, V>,
+    mut f: impl FnMut(K::SelfType<'_>, V::SelfType<'_>) -> Result<(), String>,
+) -> Result<bool, String> {
+    let t = match txn.open_table(table) {
+        Ok(t) => t,
+        Err(redb::TableError::TableDoesNotExist(_)) => return Ok(false),
+        Err(x) => return Err(x.to_string()),
+    };
+    for row in t.iter().map_err(|x| x.to_string())? {
+        let (k, v) = row.map_err(|x| x.to_string())?;
+        f(k.value(), v.value())?;
+    }
+    Ok(true)
 }
 
 #[cfg(test)]

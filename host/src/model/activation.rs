@@ -311,6 +311,9 @@ pub struct Batch {
     /// The activation's number within its routine and job (1, 2, …; 0 for a batch made by
     /// hand), kept by every retry of it.
     number: u64,
+    /// In a durable job, where each item was queued: `(slot, seq)`, in the order of the items
+    /// (empty otherwise). What consuming the batch removes from the job's store.
+    seqs: Vec<(u32, u64)>,
 }
 
 impl Batch {
@@ -325,7 +328,20 @@ impl Batch {
             data,
             message,
             number: 0,
+            seqs: Vec::new(),
         }
+    }
+
+    /// The batch of a durable job, its items queued under `seqs` (see [`Batch::seqs`]).
+    pub(crate) fn with_seqs(mut self, seqs: Vec<(u32, u64)>) -> Self {
+        self.seqs = seqs;
+        self
+    }
+
+    /// Where the items were queued in a durable job's store: `(slot, seq)` (empty in a job
+    /// that is not durable).
+    pub(crate) fn seqs(&self) -> &[(u32, u64)] {
+        &self.seqs
     }
 
     /// The batch as activation `number` of its routine.

@@ -105,6 +105,21 @@ pub(crate) struct State {
 }
 
 impl State {
+    /// A state recovered from a durable store (values as JSON text), charged to `meter`
+    /// (past its budget if need be: what was committed is never dropped).
+    pub(crate) fn recovered(
+        values: impl IntoIterator<Item = (String, String)>,
+        meter: &Meter,
+    ) -> Self {
+        let mut state = State::default();
+        for (k, v) in values {
+            state.bytes += cost(&k, &v);
+            state.values.insert(k, v.into_boxed_str());
+        }
+        meter.force(state.bytes);
+        state
+    }
+
     /// Every value, parsed.
     pub(crate) fn snapshot(&self) -> Map<String, Value> {
         self.values
@@ -398,8 +413,22 @@ impl<'a> StateRef<'a> {
     /// Applies an attempt's changes to the state, all of them or (when one would pass a
     /// budget, or an `add` finds no integer) none.
     pub(crate) fn commit(&self, overlay: Overlay) -> Result<(), StateError> {
+        self.commit_with(overlay, |_| Ok(()))
+    }
+
+    /// [`StateRef::commit`], with `durable` called on the resolved changes (key, JSON text or
+    /// `None` for a removal) once they pass the budgets and before they apply, under the
+    /// state's lock: an error from it applies nothing. A durable job writes them there (with
+    /// the rest of the attempt), so the store sees a routine's state changes in the order they
+    /// apply, and no other activation reads a change before it is on disk. Called (with no
+    /// changes, and without the lock) also when the attempt changed nothing.
+    pub(crate) fn commit_with<E: From<StateError>>(
+        &self,
+        overlay: Overlay,
+        durable: impl FnOnce(&[(String, Option<String>)]) -> Result<(), E>,
+    ) -> Result<(), E> {
         if overlay.changes.is_empty() {
-            return Ok(());
+            return durable(&[]);
         }
         let mut state = self.state.lock();
         // Resolve every change against the state as it is now, then check the budgets once.
@@ -422,7 +451,7 @@ impl<'a> StateRef<'a> {
         }
         let key = resolved.first().map(|(k, _)| k.clone()).unwrap_or_default();
         if total > self.budgets.state_bytes {
-            return Err(StateError::Full {
+            return Err(E::from(StateError::Full {
                 routine: self.routine.to_owned(),
                 key,
                 total,
@@ -430,10 +459,10 @@ impl<'a> StateRef<'a> {
                     "the routine's state budget of {}",
                     bytes(self.budgets.state_bytes)
                 ),
-            });
+            }));
         }
         if total > state.bytes && !self.meter.reserve(total - state.bytes) {
-            return Err(StateError::Full {
+            return Err(E::from(StateError::Full {
                 routine: self.routine.to_owned(),
                 key,
                 total,
@@ -441,7 +470,13 @@ impl<'a> StateRef<'a> {
                     "what is left of the job's memory budget of {}",
                     bytes(self.meter.limit())
                 ),
-            });
+            }));
+        }
+        if let Err(e) = durable(&resolved) {
+            if total > state.bytes {
+                self.meter.release(total - state.bytes);
+            }
+            return Err(e);
         }
         if total < state.bytes {
             self.meter.release(state.bytes - total);

@@ -4,6 +4,7 @@
 
 mod backpressure;
 mod common;
+mod durable;
 mod errors;
 mod examples;
 mod policies;
