@@ -369,19 +369,26 @@ impl Runtime {
         self.registry.register(name, flow)
     }
 
-    /// Starts a job of the named flow. It runs once input is posted to it, and completes by
-    /// itself when it becomes quiescent.
-    pub fn exec(&self, flow_name: &str) -> Result<JobHandle, RuntimeError> {
+    /// The compiled flow of that name, if the runtime still starts jobs.
+    fn flow_to_start(
+        &self,
+        flow_name: &str,
+    ) -> Result<Arc<crate::model::flow::Compiled>, RuntimeError> {
         if self.shared.closed.load(Ordering::SeqCst) {
             return Err(RuntimeError::ShutDown);
         }
-        let flow = self
-            .registry
+        self.registry
             .get(flow_name)
             .ok_or_else(|| RuntimeError::UnknownFlow {
                 name: flow_name.to_owned(),
                 suggestion: suggest(flow_name, self.registry.names().iter().map(String::as_str)),
-            })?;
+            })
+    }
+
+    /// Starts a job of the named flow. It runs once input is posted to it, and completes by
+    /// itself when it becomes quiescent.
+    pub fn exec(&self, flow_name: &str) -> Result<JobHandle, RuntimeError> {
+        let flow = self.flow_to_start(flow_name)?;
         let id = JobId(self.next_job.fetch_add(1, Ordering::Relaxed));
         let job = Job::new(id, flow_name, &flow, self.shared.clone());
         self.jobs.lock().push(job.clone());
@@ -401,16 +408,7 @@ impl Runtime {
         flow_name: &str,
         store: JobStore,
     ) -> Result<(JobHandle, InputHold), RuntimeError> {
-        if self.shared.closed.load(Ordering::SeqCst) {
-            return Err(RuntimeError::ShutDown);
-        }
-        let flow = self
-            .registry
-            .get(flow_name)
-            .ok_or_else(|| RuntimeError::UnknownFlow {
-                name: flow_name.to_owned(),
-                suggestion: suggest(flow_name, self.registry.names().iter().map(String::as_str)),
-            })?;
+        let flow = self.flow_to_start(flow_name)?;
         let id = JobId(self.next_job.fetch_add(1, Ordering::Relaxed));
         let job = Job::durable(id, flow_name, &flow, self.shared.clone(), store)
             .map_err(RuntimeError::Durable)?;
