@@ -11,6 +11,11 @@
 //! that run's alone. Figures are medians over the runs. "Deliveries" counts items handed to a
 //! routine's logic (or a stage thread), summed over routines, entry routine included: fan-out
 //! 1→3 makes 4 per message, a chain of 5 makes 5, fan-in 3→1 makes 2.
+//!
+//! The "durable" rows run the same job on a job store (`Runtime::exec_durable`, a fresh
+//! directory under `target/`): every activation commits, input goes in units of 512 items as
+//! `routilux run --durable` posts it; they add the store's size on disk at the end and its
+//! transactions per message.
 
 #![allow(missing_docs, clippy::unwrap_used)]
 
@@ -25,7 +30,9 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 use routilux::wasm::{Limits, Plugin};
-use routilux::{Batch, Context, Flow, Item, Logic, Policy, Routine, RoutineError, Runtime};
+use routilux::{
+    Batch, Context, Flow, Item, JobStore, Logic, Policy, Routine, RoutineError, Runtime,
+};
 use serde_json::json;
 
 #[path = "../../tests/support/plugins.rs"]
@@ -203,8 +210,24 @@ fn load_plugin(name: &str) -> Plugin {
     engine(Some(cache)).load(plugins::plugin(name)).unwrap()
 }
 
-/// Runs one scenario on routilux; returns elapsed time.
-fn run_routilux(shape: Shape, imp: &Imp, n: usize, threads: usize, clock: &Arc<Clock>) -> Duration {
+/// What a durable run adds: the store's size on disk at the end, and its transactions.
+#[derive(Default)]
+struct StoreFigures {
+    bytes: u64,
+    compacted: u64,
+    groups: u64,
+}
+
+/// Runs one scenario on routilux; returns elapsed time. `durable`: on a job store, whose
+/// figures it fills in.
+fn run_routilux(
+    shape: Shape,
+    imp: &Imp,
+    n: usize,
+    threads: usize,
+    clock: &Arc<Clock>,
+    durable: Option<&mut StoreFigures>,
+) -> Duration {
     let mut flow = Flow::new();
     let entries: Vec<String> = match shape {
         Shape::FanOut => {
@@ -245,19 +268,57 @@ fn run_routilux(shape: Shape, imp: &Imp, n: usize, threads: usize, clock: &Arc<C
     let rt = Runtime::builder().thread_pool_size(threads).build();
     rt.register("bench", &flow).unwrap();
     let items = messages(n);
-    let job = rt.exec("bench").unwrap();
+    let base = plugins::repo_root().join("target").join("bench-stores");
+    std::fs::create_dir_all(&base).unwrap();
+    let dir = tempfile::tempdir_in(base).unwrap();
+    let (job, hold) = match durable {
+        None => (rt.exec("bench").unwrap(), None),
+        Some(_) => {
+            let store = JobStore::open(dir.path(), b"bench").unwrap();
+            let (job, hold) = rt.exec_durable("bench", store).unwrap();
+            (job, Some(hold))
+        }
+    };
     let start = Instant::now();
     let inputs: Vec<routilux::Input> = entries
         .iter()
         .map(|e| job.input(e, "in").unwrap())
         .collect();
-    for (i, item) in items.into_iter().enumerate() {
-        clock.post(i);
-        inputs[i % inputs.len()].post_item(item).unwrap();
+    drop(hold);
+    if inputs[0].is_durable() {
+        // In units, as `routilux run --durable` posts input lines.
+        let mut units: Vec<Vec<Item>> = vec![Vec::new(); inputs.len()];
+        for (i, item) in items.into_iter().enumerate() {
+            clock.post(i);
+            let k = i % inputs.len();
+            units[k].push(item);
+            if units[k].len() == 512 {
+                inputs[k]
+                    .post_items(
+                        std::mem::take(&mut units[k]),
+                        vec![(k.to_string(), i as u64)],
+                    )
+                    .unwrap();
+            }
+        }
+        for (k, unit) in units.into_iter().enumerate() {
+            inputs[k].post_items(unit, Vec::new()).unwrap();
+        }
+    } else {
+        for (i, item) in items.into_iter().enumerate() {
+            clock.post(i);
+            inputs[i % inputs.len()].post_item(item).unwrap();
+        }
     }
     drop(inputs);
     assert!(job.wait(Duration::from_secs(600)));
     let elapsed = start.elapsed();
+    let groups = job.sync_store().map(Result::unwrap);
+    let size = || {
+        std::fs::metadata(dir.path().join("job.redb"))
+            .unwrap()
+            .len()
+    };
     let c = job.counters();
     if std::env::var_os("BENCH_COUNTERS").is_some() {
         for (name, c) in &c {
@@ -266,6 +327,16 @@ fn run_routilux(shape: Shape, imp: &Imp, n: usize, threads: usize, clock: &Arc<C
                 c.activations, c.processed
             );
         }
+    }
+    if let (Some(groups), Some(f)) = (groups, durable) {
+        let bytes = size();
+        // Closed: a completed job's store is compacted.
+        drop((job, rt));
+        *f = StoreFigures {
+            bytes,
+            compacted: size(),
+            groups,
+        };
     }
     let delivered: u64 = c.values().map(|c| c.processed).sum();
     assert_eq!(
@@ -456,17 +527,24 @@ fn main() {
             shape => {
                 let shape = Shape::from_key(shape).unwrap();
                 let clock = Clock::new(o.messages, shape.sinks());
-                let elapsed = match imp.as_str() {
-                    "native" => run_routilux(shape, &Imp::Native, o.messages, o.threads, &clock),
-                    "wasm" => {
-                        run_routilux(shape, &Imp::Wasm(fixtures()), o.messages, o.threads, &clock)
-                    }
+                let mut store = StoreFigures::default();
+                let durable = imp.ends_with("-durable").then_some(&mut store);
+                let (m, t) = (o.messages, o.threads);
+                let elapsed = match imp.trim_end_matches("-durable") {
+                    "native" => run_routilux(shape, &Imp::Native, m, t, &clock, durable),
+                    "wasm" => run_routilux(shape, &Imp::Wasm(fixtures()), m, t, &clock, durable),
                     _ => run_channels(shape, o.messages, &clock),
                 };
                 let (p50, p99) = clock.percentiles();
                 let rate = (o.messages as u64 * shape.deliveries_per_message()) as f64
                     / elapsed.as_secs_f64();
-                println!("{rate} {p50} {p99} {}", status_kib("VmHWM:"));
+                println!(
+                    "{rate} {p50} {p99} {} {} {} {}",
+                    status_kib("VmHWM:"),
+                    store.bytes,
+                    store.groups,
+                    store.compacted
+                );
             }
         }
         return;
@@ -488,24 +566,48 @@ fn main() {
         "vs chan",
         "vs native"
     );
+    let mut store_lines = Vec::new();
     for shape in Shape::ALL {
-        let results: Vec<(&str, Vec<f64>)> = ["channel", "native", "wasm"]
-            .into_iter()
-            .map(|imp| (imp, run_children(&o, &format!("{}:{imp}", shape.key()))))
-            .collect();
+        let results: Vec<(&str, Vec<f64>)> = [
+            "channel",
+            "native",
+            "native-durable",
+            "wasm",
+            "wasm-durable",
+        ]
+        .into_iter()
+        .map(|imp| (imp, run_children(&o, &format!("{}:{imp}", shape.key()))))
+        .collect();
         let chan = results[0].1[0];
         let native = results[1].1[0];
+        let wasm = results[3].1[0];
         for (imp, r) in &results {
             let label = match *imp {
                 "channel" => "crossbeam-channel",
                 "native" => "routilux native",
+                "native-durable" => "native, durable",
+                "wasm-durable" => "wasm, durable",
                 _ => "routilux wasm",
             };
-            let vs_native = if *imp == "wasm" {
-                format!("{:>8.0}%", r[0] / native * 100.0)
-            } else {
-                String::new()
+            // Durable rows: against the same implementation in memory.
+            let vs_native = match *imp {
+                "wasm" => format!("{:>8.0}%", r[0] / native * 100.0),
+                "native-durable" => format!("{:>8.0}% of in-memory", r[0] / native * 100.0),
+                "wasm-durable" => format!("{:>8.0}% of in-memory", r[0] / wasm * 100.0),
+                _ => String::new(),
             };
+            if imp.ends_with("-durable") {
+                store_lines.push(format!(
+                    "{:<22} {:<18} store {:.1} MiB at the end ({:.1} MiB per million messages), \
+                     {:.2} MiB once closed (compacted); {:.3} transactions per message",
+                    shape.name(),
+                    label,
+                    r[4] / 1048576.0,
+                    r[4] / 1048576.0 / o.messages as f64 * 1e6,
+                    r[6] / 1048576.0,
+                    r[5] / o.messages as f64
+                ));
+            }
             println!(
                 "{:<22} {:<18} {:>14.0} {:>10.1} {:>10.1} {:>10.1} {:>7.0}% {vs_native}",
                 shape.name(),
@@ -517,6 +619,10 @@ fn main() {
                 r[0] / chan * 100.0
             );
         }
+    }
+    println!();
+    for line in store_lines {
+        println!("{line}");
     }
 
     let n = o.messages.min(50_000);

@@ -999,6 +999,26 @@ impl JobHandle {
         self.job.stop()
     }
 
+    /// Pauses the job: it starts no new activation (the running ones end; an emit of theirs
+    /// into a full slot overruns it, boundedly), keeps its queues, still takes posts within
+    /// its bounds, and does not finish while paused; a retry that comes due waits. A durable
+    /// job records it and, restarted, is paused still. Returns false if it was paused
+    /// already, or has finished or halted.
+    pub fn pause(&self) -> bool {
+        self.job.pause()
+    }
+
+    /// Resumes a paused job: its routines are checked again and run what their queues hold.
+    /// Returns false if it was not paused.
+    pub fn resume(&self) -> bool {
+        self.job.unpause()
+    }
+
+    /// Whether the job is paused.
+    pub fn is_paused(&self) -> bool {
+        self.job.paused()
+    }
+
     /// Counters per routine.
     pub fn counters(&self) -> BTreeMap<String, RoutineCounters> {
         self.job.counters()

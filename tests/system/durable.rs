@@ -168,14 +168,13 @@ fn check(s: &Snapshot, lines: u64, round: usize) -> u64 {
     placed
 }
 
-/// Where a kill landed, from what the child had written to stderr before it.
-fn landed(stderr: &str) -> &'static str {
-    if stderr.contains("resuming the job") {
-        "while running a resumed job"
-    } else if stderr.contains("using ") {
-        "while running (first run) or recovering"
-    } else {
-        "while starting, before the store was open"
+/// Where a kill landed, from whether the run resumed a store and what it had written to
+/// stderr before it (the "resuming" line comes once recovery is done).
+fn landed(resuming: bool, stderr: &str) -> &'static str {
+    match (resuming, stderr.contains("resuming the job")) {
+        (false, _) => "in a first run",
+        (true, false) => "while starting or recovering",
+        (true, true) => "while running a resumed job",
     }
 }
 
@@ -260,7 +259,8 @@ fn a_durable_run_survives_kill_9_at_random_moments_and_resumes_exactly() {
                 "--threads",
                 "2",
             ];
-            if store.join("job.redb").exists() {
+            let resuming = store.join("job.redb").exists();
+            if resuming {
                 args.push("--resume");
             }
             let mut child = Command::new(env!("CARGO_BIN_EXE_routilux"))
@@ -296,7 +296,7 @@ fn a_durable_run_survives_kill_9_at_random_moments_and_resumes_exactly() {
                     child.wait().unwrap();
                     kills += 1;
                     let stderr = err.join().unwrap();
-                    *places.entry(landed(&stderr)).or_default() += 1;
+                    *places.entry(landed(resuming, &stderr)).or_default() += 1;
                     if store.join("job.redb").exists() {
                         let s = snapshot(&store);
                         check(&s, lines, round);
@@ -317,4 +317,155 @@ fn a_durable_run_survives_kill_9_at_random_moments_and_resumes_exactly() {
         started.elapsed().as_secs_f64()
     );
     assert!(kills > 0, "no run was killed");
+}
+
+#[test]
+fn resume_refuses_a_changed_flow_plugin_or_input_and_says_what_changed() {
+    let dir = scratch();
+    let (flow, input) = write_case(dir.path(), 40);
+    let store = dir.path().join("job").display().to_string();
+    let run = |extra: &[&str]| {
+        let mut args = vec!["run", &flow, "--input", &input, "--durable", &store, "-q"];
+        args.extend_from_slice(extra);
+        routilux(&args)
+    };
+    let r = run(&["--resume"]);
+    assert_eq!(r.code, USAGE, "{r:?}");
+    assert!(r.stderr.contains("holds no durable job to resume"), "{r:?}");
+    let r = run(&[]);
+    assert_eq!(r.code, OK, "{r:?}");
+    let r = run(&[]);
+    assert_eq!(r.code, USAGE, "{r:?}");
+    assert!(
+        r.stderr
+            .contains("already holds a durable job: add --resume"),
+        "{r:?}"
+    );
+    let r = run(&["--resume"]);
+    assert_eq!(r.code, USAGE, "{r:?}");
+    assert!(
+        r.stderr
+            .contains("has completed; there is nothing to resume"),
+        "{r:?}"
+    );
+    // Another input: refused, naming it.
+    let r = run(&["--resume", "--post", r#"{"id": 99}"#]);
+    assert_eq!(r.code, USAGE, "{r:?}");
+    assert!(r.stderr.contains("started with 1 inputs"), "{r:?}");
+    let mut text = std::fs::read_to_string(&input).unwrap();
+    text.push_str("{\"id\": 40}\n");
+    std::fs::write(&input, text).unwrap();
+    let r = run(&["--resume"]);
+    assert_eq!(r.code, USAGE, "{r:?}");
+    assert!(
+        r.stderr.contains("the input file") && r.stderr.contains("changed since the job started"),
+        "{r:?}"
+    );
+    let mut text = std::fs::read_to_string(&flow).unwrap();
+    text.push_str("# a comment\n");
+    std::fs::write(&flow, text).unwrap();
+    let r = run(&["--resume"]);
+    assert_eq!(r.code, USAGE, "{r:?}");
+    assert!(r.stderr.contains("the flow file"), "{r:?}");
+    // What the store holds, for an operator.
+    let r = routilux(&["job", &store]);
+    assert_eq!(r.code, OK, "{r:?}");
+    assert!(r.stdout.contains(": completed"), "{r:?}");
+    assert!(r.stdout.contains("input input.0.lines: 40"), "{r:?}");
+    assert!(r.stdout.contains("WorkerState of a_sink: 40 keys"), "{r:?}");
+    let r = routilux(&["job", &dir.path().join("nothing").display().to_string()]);
+    assert_eq!(r.code, USAGE, "{r:?}");
+    assert!(r.stderr.contains("holds no durable job"), "{r:?}");
+}
+
+#[test]
+fn sigusr1_pauses_a_run_a_kill_keeps_it_paused_and_sigusr2_resumes_it() {
+    use std::io::{BufRead, BufReader};
+    let lines = 3000;
+    let dir = scratch();
+    let (flow, input) = write_case(dir.path(), lines);
+    let store = dir.path().join("job");
+    let store_arg = store.display().to_string();
+    let start = |resume: bool| {
+        let mut args = vec![
+            "run",
+            &flow,
+            "--input",
+            &input,
+            "--durable",
+            &store_arg,
+            "--threads",
+            "2",
+        ];
+        if resume {
+            args.push("--resume");
+        }
+        Command::new(env!("CARGO_BIN_EXE_routilux"))
+            .args(&args)
+            .env("ROUTILUX_CACHE_DIR", cache_dir())
+            .env_remove("CARGO_TARGET_DIR")
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap()
+    };
+    let signal = |child: &std::process::Child, sig: &str| {
+        let ok = Command::new("kill")
+            .arg(sig)
+            .arg(child.id().to_string())
+            .status()
+            .unwrap();
+        assert!(ok.success());
+    };
+    let wait_for = |err: &mut BufReader<std::process::ChildStderr>, what: &str| {
+        let mut seen = String::new();
+        loop {
+            let mut line = String::new();
+            if err.read_line(&mut line).unwrap() == 0 {
+                panic!("no `{what}` in:\n{seen}");
+            }
+            seen.push_str(&line);
+            if line.contains(what) {
+                return seen;
+            }
+        }
+    };
+    let mut child = start(false);
+    let mut err = BufReader::new(child.stderr.take().unwrap());
+    wait_for(&mut err, "using ");
+    std::thread::sleep(Duration::from_millis(300));
+    signal(&child, "-USR1");
+    wait_for(&mut err, "SIGUSR1: paused");
+    // Paused: nothing more runs, and the job does not finish.
+    std::thread::sleep(Duration::from_millis(300));
+    let before = last_written(&store);
+    std::thread::sleep(Duration::from_millis(700));
+    assert!(
+        child.try_wait().unwrap().is_none(),
+        "a paused job does not finish"
+    );
+    let after = last_written(&store);
+    assert_eq!(before, after, "nothing was committed while paused");
+    child.kill().unwrap();
+    child.wait().unwrap();
+    // Killed while paused: paused still after the restart.
+    let mut child = start(true);
+    let mut err = BufReader::new(child.stderr.take().unwrap());
+    wait_for(&mut err, "paused still");
+    std::thread::sleep(Duration::from_millis(500));
+    assert!(child.try_wait().unwrap().is_none());
+    signal(&child, "-USR2");
+    wait_for(&mut err, "SIGUSR2: resumed");
+    let status = child.wait().unwrap();
+    assert!(status.success());
+    let s = snapshot(&store);
+    assert_eq!(s.status.as_deref(), Some("completed"));
+    check(&s, lines, 0);
+}
+
+/// When the store of a running job was last written (it is open in that process: every
+/// commit writes the file), and its size.
+fn last_written(store: &Path) -> (std::time::SystemTime, u64) {
+    let m = std::fs::metadata(store.join("job.redb")).unwrap();
+    (m.modified().unwrap(), m.len())
 }

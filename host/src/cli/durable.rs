@@ -198,10 +198,16 @@ pub(crate) fn resumed_line(r: &Resumed) -> String {
     if let Some(s) = &r.status {
         parts.push(format!("last {s}"));
     }
+    if r.armed_retries > 0 {
+        parts.push(format!("{} armed retries", r.armed_retries));
+    }
     for (name, pos) in &r.inputs {
         if let Some(line) = name.strip_suffix(".lines") {
             parts.push(format!("{line} read to line {pos}"));
         }
+    }
+    if r.paused {
+        parts.push("paused still (SIGUSR2 resumes it)".to_string());
     }
     format!(
         "resuming the job in {}: {}",
@@ -246,6 +252,8 @@ pub(crate) fn show(dir: &Path, json: bool) -> super::Code {
         let out = serde_json::json!({
             "dir": dir,
             "status": r.status,
+            "paused": r.paused,
+            "armed_retries": r.armed_retries,
             "header": header,
             "inputs": r.inputs,
             "queued": store.queued().map(|(n, s, item)| serde_json::json!({
@@ -270,9 +278,10 @@ pub(crate) fn show(dir: &Path, json: bool) -> super::Code {
         *keys.entry(routine(n)).or_default() += 1;
     }
     outln!(
-        "durable job in {}: {}",
+        "durable job in {}: {}{}",
         dir.display(),
-        r.status.as_deref().unwrap_or("unfinished")
+        r.status.as_deref().unwrap_or("unfinished"),
+        if r.paused { ", paused" } else { "" }
     );
     if let Some(h) = &header {
         outln!("  flow: {}", crate::term::escape(&h.flow.path));

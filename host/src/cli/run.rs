@@ -391,6 +391,8 @@ pub(crate) fn run(args: RunArgs) -> Code {
     let mut signals = signal_hook::iterator::Signals::new([
         signal_hook::consts::SIGINT,
         signal_hook::consts::SIGTERM,
+        signal_hook::consts::SIGUSR1,
+        signal_hook::consts::SIGUSR2,
     ])
     .map_err(|e| tracing::warn!("cannot catch Ctrl-C and SIGTERM: {e}"))
     .ok();
@@ -404,6 +406,24 @@ pub(crate) fn run(args: RunArgs) -> Code {
             .map(|s| s.pending().collect::<Vec<_>>())
             .unwrap_or_default()
         {
+            // SIGUSR1 pauses the job, SIGUSR2 resumes it.
+            if sig == signal_hook::consts::SIGUSR1 || sig == signal_hook::consts::SIGUSR2 {
+                let pause = sig == signal_hook::consts::SIGUSR1;
+                let changed = if pause { job.pause() } else { job.resume() };
+                if changed {
+                    bar.suspend(|| {
+                        if pause {
+                            errln!(
+                                "routilux: SIGUSR1: paused — no new activation until SIGUSR2 \
+                                 (queues are kept; the job does not finish while paused)"
+                            );
+                        } else {
+                            errln!("routilux: SIGUSR2: resumed");
+                        }
+                    });
+                }
+                continue;
+            }
             let name = if sig == signal_hook::consts::SIGTERM {
                 "SIGTERM"
             } else {

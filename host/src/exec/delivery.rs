@@ -79,6 +79,7 @@ impl Job {
                 && !q.timer_armed
                 && q.running < r.concurrency
                 && !self.stopping()
+                && !self.paused()
                 && r.policy.may_fire(&q.slots);
             if s {
                 q.scheduled = true;
@@ -255,8 +256,8 @@ impl Job {
             if job.halted() {
                 return Err(self.halted_while_waiting(from, node, slot, item, seq));
             }
-            if job.stopping() {
-                // Stopped: nothing will drain the slot, and the activation is to end.
+            if job.stopping() || job.paused() {
+                // Stopped or paused: nothing will drain the slot, and the activation is to end.
                 return self.overrun(
                     from,
                     worker.sched(),

@@ -87,6 +87,10 @@ pub struct Resumed {
     pub state_keys: u64,
     /// How far each input was read and committed (input name → position).
     pub inputs: BTreeMap<String, u64>,
+    /// The job was paused when it stopped (it starts paused again).
+    pub paused: bool,
+    /// Retries that were armed (they are armed again, due when they were).
+    pub armed_retries: u64,
 }
 
 impl JobStore {
@@ -104,6 +108,8 @@ impl JobStore {
             dead_letters: recovered.dead_letters.len() as u64,
             state_keys: recovered.state.len() as u64,
             inputs: recovered.inputs.clone(),
+            paused: recovered.paused,
+            armed_retries: recovered.retries.len() as u64,
         };
         Ok(JobStore {
             store,

@@ -186,6 +186,13 @@ pub(crate) struct Job {
     pub(crate) nodes: Box<[Node]>,
     /// The store of a durable job (see the durable module).
     pub(crate) durable: Option<Durable>,
+    /// Paused: no new activation starts (see [`Job::pause`]).
+    paused: AtomicBool,
+    /// A recovered durable job was paused when it stopped: it starts paused.
+    recovered_paused: AtomicBool,
+    /// A recovered durable job's armed retries, until [`Job::start_recovered`] arms them:
+    /// (routine, batch, attempt, due in ms since the Unix epoch).
+    recovered_retries: Mutex<Vec<(usize, Batch, u32, u64)>>,
     /// The pending count and the lifecycle lock (see the module docs; the protocol is
     /// `routilux_protocol::quiesce`, model-checked with loom).
     pending: Pending<Lifecycle>,
@@ -290,10 +297,63 @@ impl Job {
             shared,
             Some(Durable::new(store, recovered.next_seq)),
         );
+        // The items of an armed retry are its batch again; the rest are queued.
+        let in_retry: std::collections::BTreeSet<(u32, u32, u64)> = recovered
+            .retries
+            .iter()
+            .flat_map(|(&(node, _), r)| r.seqs.iter().map(move |&(slot, seq)| (node, slot, seq)))
+            .collect();
+        let mut held: BTreeMap<(u32, u32, u64), Item> = BTreeMap::new();
         for ((node, slot), items) in recovered.items {
             let mut q = job.nodes[node as usize].queues.lock();
             for (seq, item) in items {
-                q.recovered(slot as usize, item, seq, &job.meter);
+                if in_retry.contains(&(node, slot, seq)) {
+                    held.insert((node, slot, seq), item);
+                } else {
+                    q.recovered(slot as usize, item, seq, &job.meter);
+                }
+            }
+        }
+        for ((node, first_seq), retry) in recovered.retries {
+            let r = &job.flow.routines[node as usize];
+            if place(node, None).is_err() {
+                continue;
+            }
+            let mut data: Vec<Vec<Item>> = vec![Vec::new(); r.slot_names.len()];
+            let mut seqs = Vec::new();
+            for &(slot, seq) in &retry.seqs {
+                if let Some(item) = held.remove(&(node, slot, seq))
+                    && let Some(d) = data.get_mut(slot as usize)
+                {
+                    d.push(item);
+                    seqs.push((slot, seq));
+                }
+            }
+            if seqs.is_empty() {
+                continue;
+            }
+            job.nodes[node as usize].queues.lock().items_in += seqs.len() as u64;
+            let batch = Batch::new(r.slot_names.clone(), data, r.message.clone())
+                .numbered(first_seq + 1)
+                .with_seqs(seqs);
+            job.recovered_retries
+                .lock()
+                .push((node as usize, batch, retry.attempt, retry.due_ms));
+        }
+        // An item of a retry record that did not hold together: queued like the others.
+        for ((node, slot, seq), item) in held {
+            job.nodes[node as usize]
+                .queues
+                .lock()
+                .recovered(slot as usize, item, seq, &job.meter);
+        }
+        job.recovered_paused
+            .store(recovered.paused, Ordering::Relaxed);
+        let now_ms = super::run::unix_ms(SystemTime::now());
+        for (node, at_ms) in recovered.fired {
+            if let Some(n) = job.nodes.get(node as usize) {
+                n.queues.lock().last_fire =
+                    Instant::now().checked_sub(Duration::from_millis(now_ms.saturating_sub(at_ms)));
             }
         }
         let mut states: BTreeMap<u32, Vec<(String, String)>> = BTreeMap::new();
@@ -324,24 +384,25 @@ impl Job {
     /// Schedules a check of every routine of a recovered durable job that holds queued items.
     /// The caller holds the job open (or it may finish at once).
     pub(crate) fn start_recovered(&self) {
-        for (node, n) in self.nodes.iter().enumerate() {
-            let r = &self.flow.routines[node];
-            let schedule = {
-                let mut q = n.queues.lock();
-                let s = !q.scheduled && q.any_queued() && r.policy.may_fire(&q.slots);
-                if s {
-                    q.scheduled = true;
-                }
-                s
-            };
-            if schedule {
-                self.add_pending();
-                self.shared.pool.inject(Task::Check {
+        let now_ms = super::run::unix_ms(SystemTime::now());
+        for (node, batch, attempt, due_ms) in std::mem::take(&mut *self.recovered_retries.lock()) {
+            self.nodes[node].queues.lock().running += 1;
+            self.add_pending();
+            let at = Instant::now() + Duration::from_millis(due_ms.saturating_sub(now_ms));
+            self.shared.timer.schedule(
+                at,
+                Task::Retry {
                     job: self.arc(),
                     node,
-                });
-            }
+                    batch,
+                    attempt,
+                },
+            );
         }
+        if self.recovered_paused.swap(false, Ordering::AcqRel) {
+            self.pause();
+        }
+        self.check_all();
     }
 
     fn make(
@@ -381,6 +442,9 @@ impl Job {
             shared,
             nodes,
             durable,
+            recovered_retries: Mutex::new(Vec::new()),
+            paused: AtomicBool::new(false),
+            recovered_paused: AtomicBool::new(false),
             pending: Pending::new(Lifecycle {
                 finished: false,
                 status: JobStatus::Running,
@@ -433,6 +497,74 @@ impl Job {
     #[inline]
     pub(crate) fn stopping(&self) -> bool {
         self.control.load(Ordering::Acquire) != RUNNING
+    }
+
+    /// Whether the job is paused: it starts no new activation (running ones end), keeps its
+    /// queues and takes input (within its bounds), and does not finish.
+    #[inline]
+    pub(crate) fn paused(&self) -> bool {
+        self.paused.load(Ordering::Acquire)
+    }
+
+    /// Pauses the job (see [`Job::paused`]); false if it was paused already or has finished.
+    /// A durable job records it: restarted, it is paused still.
+    pub(crate) fn pause(&self) -> bool {
+        if self.is_finished() || self.halted() {
+            return false;
+        }
+        // The pause holds the job open: it cannot finish while paused.
+        if self.pending.hold() {
+            if self.paused.swap(true, Ordering::AcqRel) {
+                self.release();
+                return false;
+            }
+        } else {
+            return false;
+        }
+        if self.durable.is_some() {
+            let _ = self.commit_durable(vec![Op::Paused(true)]);
+        }
+        self.shared.pool.notify_progress();
+        tracing::debug!(job = %self.id, "job paused");
+        true
+    }
+
+    /// Resumes a paused job: every routine with queued items is checked again. False if it
+    /// was not paused.
+    pub(crate) fn unpause(&self) -> bool {
+        if !self.paused.swap(false, Ordering::AcqRel) {
+            return false;
+        }
+        if self.durable.is_some() {
+            let _ = self.commit_durable(vec![Op::Paused(false)]);
+        }
+        self.check_all();
+        tracing::debug!(job = %self.id, "job resumed");
+        // The pause's hold: the job may finish now.
+        self.release();
+        true
+    }
+
+    /// Schedules a check of every routine that holds queued items and none scheduled.
+    fn check_all(&self) {
+        for (node, n) in self.nodes.iter().enumerate() {
+            let r = &self.flow.routines[node];
+            let schedule = {
+                let mut q = n.queues.lock();
+                let s = !q.scheduled && q.any_queued() && r.policy.may_fire(&q.slots);
+                if s {
+                    q.scheduled = true;
+                }
+                s
+            };
+            if schedule {
+                self.add_pending();
+                self.shared.pool.inject(Task::Check {
+                    job: self.arc(),
+                    node,
+                });
+            }
+        }
     }
 
     pub(crate) fn status(&self) -> JobStatus {
@@ -495,7 +627,11 @@ impl Job {
         if finished {
             if let Some(d) = &self.durable {
                 // Written with the next group (or when the store closes); not waited for here.
-                let _ = d.store.submit([Op::Status(self.status().to_string())]);
+                let status = self.status();
+                let _ = d.store.submit([Op::Status(status.to_string())]);
+                if status == JobStatus::Completed {
+                    d.store.compact_when_closed();
+                }
             }
             for logic in self.logic.iter() {
                 logic.job_finished(self.id);
@@ -641,6 +777,13 @@ impl Job {
                     seq,
                 })
                 .collect();
+            // Retried after a delay: its armed retry is done with too.
+            if let (true, Some(&(_, first_seq))) = (attempts > 1, seqs.first()) {
+                ops.push(Op::RetryDone {
+                    node: node as u32,
+                    first_seq,
+                });
+            }
             match serde_json::to_string(&letter) {
                 Ok(text) => ops.push(Op::DeadLetter {
                     seq: d.take_seqs(1),

@@ -18,7 +18,7 @@ use std::sync::atomic::Ordering;
 use std::thread::LocalKey;
 use std::time::{Duration, Instant, SystemTime};
 
-use crate::model::activation::{Batch, Decision, panic_message};
+use crate::model::activation::{Batch, Decision, Policy, panic_message};
 use crate::model::budget::cut;
 use crate::model::context::{Context, Held};
 use crate::model::report::ActivationFailure;
@@ -26,7 +26,7 @@ use crate::model::spec::{ErrorStrategy, Exhausted, RoutineError};
 
 use super::job::{Job, Task, add};
 use super::scheduler::{Current, Run, WorkerLocal};
-use super::store::Op;
+use super::store::{ArmedRetry, Op};
 
 /// How many failed activations of one routine are logged as warnings (the rest at debug).
 const LOGGED_FAILURES: u64 = 5;
@@ -77,6 +77,9 @@ thread_local! {
     static CURRENT: Current<Task> = const { RefCell::new(None) };
 }
 
+/// How often a retry that came due while its job was paused looks again.
+const PAUSED_RETRY_POLL: Duration = Duration::from_millis(50);
+
 /// Outcome of running an activation.
 enum Outcome {
     /// Finished (succeeded, or failed and was handled); its `running` slot is to be released.
@@ -121,6 +124,19 @@ impl Job {
         attempt: u32,
         w: &WorkerLocal<Task>,
     ) {
+        if self.paused() && !self.stopping() {
+            // Paused: the retry waits (still armed) until the job is resumed.
+            self.shared.timer.schedule(
+                Instant::now() + PAUSED_RETRY_POLL,
+                Task::Retry {
+                    job: self.clone(),
+                    node,
+                    batch,
+                    attempt,
+                },
+            );
+            return;
+        }
         let outcome = if self.stopping() {
             self.dead_letter(
                 node,
@@ -151,7 +167,7 @@ impl Job {
                 if std::mem::take(&mut holding) {
                     q.running -= 1;
                 }
-                if self.stopping() || q.running >= r.concurrency {
+                if self.stopping() || self.paused() || q.running >= r.concurrency {
                     return ran;
                 }
                 if round == MAX_ROUNDS {
@@ -290,7 +306,9 @@ impl Job {
             let result = match ctx.holds_attempt() {
                 false => result,
                 true => match (result, ctx.take_attempt()) {
-                    (Ok(()), Some(held)) => self.commit_attempt(&ctx, node, held, batch.seqs()),
+                    (Ok(()), Some(held)) => {
+                        self.commit_attempt(&ctx, node, held, batch.seqs(), attempt)
+                    }
                     // A failed attempt's held effects are dropped with it.
                     (result, _) => result,
                 },
@@ -332,6 +350,22 @@ impl Job {
                     tracing::debug!(job = %self.id, routine = %r.id, error = %err, attempt, ?delay, "retrying");
                     if delay.is_zero() {
                         continue;
+                    }
+                    // A durable job keeps the armed retry, so that it survives a restart
+                    // (its items stay queued in the store until it has run).
+                    if self.durable.is_some()
+                        && let Some(&(_, first_seq)) = batch.seqs().first()
+                    {
+                        let due = SystemTime::now() + delay;
+                        let _ = self.commit_durable(vec![Op::Retry {
+                            node: node as u32,
+                            first_seq,
+                            retry: ArmedRetry {
+                                seqs: batch.seqs().to_vec(),
+                                attempt,
+                                due_ms: unix_ms(due),
+                            },
+                        }]);
                     }
                     self.add_pending();
                     self.shared.timer.schedule(
@@ -445,6 +479,7 @@ impl Job {
         node: usize,
         held: Held,
         consumed: &[(u32, u64)],
+        attempt: u32,
     ) -> Result<(), RoutineError> {
         let r = &self.flow.routines[node];
         let mut base = 0;
@@ -459,6 +494,18 @@ impl Job {
                     slot,
                     seq,
                 }));
+                if let (true, Some(&(_, first_seq))) = (attempt > 0, consumed.first()) {
+                    ops.push(Op::RetryDone {
+                        node: node as u32,
+                        first_seq,
+                    });
+                }
+                if matches!(r.policy, Policy::TimeInterval(_)) {
+                    ops.push(Op::Fired {
+                        node: node as u32,
+                        at_ms: unix_ms(SystemTime::now()),
+                    });
+                }
                 let mut seq = base;
                 for (ev, item) in &held.emits {
                     for &(to, slot) in &r.routes[*ev] {
@@ -490,4 +537,10 @@ impl Job {
         }
         Ok(())
     }
+}
+
+/// `t` in ms since the Unix epoch (0 before it).
+pub(crate) fn unix_ms(t: SystemTime) -> u64 {
+    t.duration_since(SystemTime::UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as u64)
 }

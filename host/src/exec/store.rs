@@ -12,6 +12,20 @@
 //! | `state` | (routine, key) | a WorkerState value's JSON text |
 //! | `dead_letters` | seq | a dead letter (JSON) |
 //! | `inputs` | input name | how far that input was read and committed |
+//! | `retries` | (routine, first seq) | an armed retry (JSON [`ArmedRetry`]): its batch stays queued in `items` |
+//! | `fired` | routine | when a `time_interval` routine last fired (ms since the Unix epoch) |
+//! | `log` | group number | the units of one group since the last checkpoint (binary, [`encode`]) |
+//!
+//! # The log and checkpoints
+//!
+//! A group is not applied to the tables as it commits: it is written as one record of the
+//! `log` table (one B-tree insert per group, not one per operation), and the writer keeps
+//! its operations in memory. Every [`CHECKPOINT_GROUPS`] groups or [`CHECKPOINT_BYTES`] of
+//! log, the group that commits instead folds the whole log into the tables and empties it,
+//! in the same transaction: an item queued and consumed since the last checkpoint (most of
+//! them, in a flow that keeps up) is never written to `items` at all, and a WorkerState key
+//! changed many times is written once. Reading a store is reading its tables and replaying
+//! its log in order; opening one folds its log in first.
 //!
 //! # Units and group commit
 //!
@@ -53,6 +67,17 @@ const ITEMS: TableDefinition<(u32, u32, u64), &[u8]> = TableDefinition::new("ite
 const STATE: TableDefinition<(u32, &str), &[u8]> = TableDefinition::new("state");
 const DEAD: TableDefinition<u64, &[u8]> = TableDefinition::new("dead_letters");
 const INPUTS: TableDefinition<&str, u64> = TableDefinition::new("inputs");
+const RETRIES: TableDefinition<(u32, u64), &[u8]> = TableDefinition::new("retries");
+const FIRED: TableDefinition<u32, u64> = TableDefinition::new("fired");
+const LOG: TableDefinition<u64, &[u8]> = TableDefinition::new("log");
+
+/// A checkpoint folds the log into the tables once the log holds this many bytes, or this
+/// many groups (see "The log and checkpoints" above).
+const CHECKPOINT_BYTES: usize = 4 << 20;
+const CHECKPOINT_GROUPS: usize = 64;
+
+/// The page cache of a job's store.
+const CACHE_BYTES: usize = 32 << 20;
 
 /// Why the store could not do what was asked. Each names the job directory.
 #[derive(Debug, Clone, thiserror::Error)]
@@ -95,6 +120,30 @@ pub(crate) enum Op {
     Input { name: String, position: u64 },
     /// The job finished with this status.
     Status(String),
+    /// A retry of the batch of routine `node` whose first item is `first_seq` is armed.
+    Retry {
+        node: u32,
+        first_seq: u64,
+        retry: ArmedRetry,
+    },
+    /// That retry ran (its batch is consumed, or armed again).
+    RetryDone { node: u32, first_seq: u64 },
+    /// Routine `node` (a `time_interval` one) fired at `at_ms` (ms since the Unix epoch).
+    Fired { node: u32, at_ms: u64 },
+    /// The job was paused (`true`) or resumed.
+    Paused(bool),
+}
+
+/// An armed retry as the store keeps it, so that it survives a restart: its batch (the items
+/// stay queued in the store under these seqs), its attempt number and when it is due.
+#[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
+pub(crate) struct ArmedRetry {
+    /// `(slot, seq)` of each item of the batch, in batch order.
+    pub(crate) seqs: Vec<(u32, u64)>,
+    /// The attempt it will be.
+    pub(crate) attempt: u32,
+    /// When it is due, in ms since the Unix epoch.
+    pub(crate) due_ms: u64,
 }
 
 /// A submitted unit's place in the commit order (see [`Store::wait`]).
@@ -118,6 +167,12 @@ pub(crate) struct Recovered {
     pub(crate) next_seq: u64,
     /// The job's status as last recorded (`None`: it never finished).
     pub(crate) status: Option<String>,
+    /// Armed retries by (routine, first seq).
+    pub(crate) retries: BTreeMap<(u32, u64), ArmedRetry>,
+    /// When each `time_interval` routine last fired (ms since the Unix epoch).
+    pub(crate) fired: BTreeMap<u32, u64>,
+    /// The job was paused when it stopped.
+    pub(crate) paused: bool,
 }
 
 struct Pending {
@@ -142,6 +197,24 @@ struct Inner {
     work: Condvar,
     /// Wakes those waiting for their ticket.
     done: Condvar,
+    /// Compact the database file when the store closes (a finished job: what it keeps is
+    /// small, the pages its queues used are free).
+    compact: std::sync::atomic::AtomicBool,
+    /// What the log holds since the last checkpoint (only the writer touches it).
+    log: Mutex<Log>,
+}
+
+/// The log since the last checkpoint, as the writer keeps it.
+#[derive(Default)]
+struct Log {
+    /// Its operations, in commit order.
+    ops: Vec<Op>,
+    /// Its bytes, encoded.
+    bytes: usize,
+    /// Its records (groups).
+    records: usize,
+    /// The key of the next record.
+    next: u64,
 }
 
 /// A job's durable store and its writer thread.
@@ -186,13 +259,13 @@ impl Store {
                 .open(p)
         };
         if path.exists() {
-            let db = redb::Builder::new()
+            let db = builder()
                 .create_with_backend(backend(file(&path, false).map_err(io)?).map_err(open_err)?)
                 .map_err(|e| open_err(e.to_string()))?;
             return Self::with_db(dir, db, None);
         }
         let fresh = dir.join(format!("{FILE}.new"));
-        let db = redb::Builder::new()
+        let db = builder()
             .create_with_backend(backend(file(&fresh, true).map_err(io)?).map_err(open_err)?)
             .map_err(|e| open_err(e.to_string()))?;
         let opened = Self::with_db(dir, db, Some(header))?;
@@ -238,6 +311,15 @@ impl Store {
                         found,
                     });
                 }
+                // What the log holds goes into the tables, so that the log starts empty.
+                let ops = read_log(&db).map_err(open_err)?;
+                if !ops.is_empty() {
+                    let mut txn = db.begin_write().map_err(|e| open_err(e.to_string()))?;
+                    txn.set_durability(Durability::Immediate)
+                        .map_err(|e| open_err(e.to_string()))?;
+                    checkpoint(&txn, ops).map_err(open_err)?;
+                    txn.commit().map_err(|e| open_err(e.to_string()))?;
+                }
             }
         }
         let inner = Arc::new(Inner {
@@ -253,6 +335,8 @@ impl Store {
             }),
             work: Condvar::new(),
             done: Condvar::new(),
+            compact: Default::default(),
+            log: Mutex::default(),
         });
         let w = inner.clone();
         let writer = std::thread::Builder::new()
@@ -313,6 +397,13 @@ impl Store {
         self.wait(ticket)
     }
 
+    /// Compacts the database file when the store closes.
+    pub(crate) fn compact_when_closed(&self) {
+        self.inner
+            .compact
+            .store(true, std::sync::atomic::Ordering::Relaxed);
+    }
+
     /// Waits until every unit submitted so far is on disk.
     pub(crate) fn flush(&self) -> Result<(), StoreError> {
         let last = Ticket(self.inner.pending.lock().submitted);
@@ -332,12 +423,22 @@ impl Store {
 }
 
 impl Drop for Store {
-    /// Commits what was submitted, then stops the writer.
+    /// Commits what was submitted, then stops the writer (and compacts the file, if asked).
     fn drop(&mut self) {
         self.inner.pending.lock().closed = true;
         self.inner.work.notify_one();
         if let Some(w) = self.writer.take() {
             let _ = w.join();
+        }
+        if self
+            .inner
+            .compact
+            .load(std::sync::atomic::Ordering::Relaxed)
+            && let Some(inner) = Arc::get_mut(&mut self.inner)
+            && inner.pending.get_mut().failed.is_none()
+            && let Err(e) = inner.db.compact()
+        {
+            tracing::debug!(dir = %inner.dir.display(), "cannot compact the job store: {e}");
         }
     }
 }
@@ -375,68 +476,353 @@ impl Inner {
         }
     }
 
-    /// Applies one group of units in one transaction, committed with `Immediate` durability.
+    /// Commits one group of units in one transaction, with `Immediate` durability: as one
+    /// record of the log, or, when the log is due for it, as a checkpoint that folds the log
+    /// and this group into the tables and empties the log.
     fn write(&self, ops: Vec<Op>) -> Result<(), String> {
+        let mut log = self.log.lock();
         let mut txn = self.db.begin_write().map_err(|e| e.to_string())?;
         txn.set_durability(Durability::Immediate)
             .map_err(|e| e.to_string())?;
-        {
-            let mut items = txn.open_table(ITEMS).map_err(|e| e.to_string())?;
-            let mut state = txn.open_table(STATE).map_err(|e| e.to_string())?;
-            let mut dead = txn.open_table(DEAD).map_err(|e| e.to_string())?;
-            let mut inputs = txn.open_table(INPUTS).map_err(|e| e.to_string())?;
-            let mut meta = txn.open_table(META).map_err(|e| e.to_string())?;
-            // Seqs are never reused, even once their items are gone: the store keeps the
-            // highest one given out (an activation id is made of one).
-            let mut top = 0;
-            for op in &ops {
-                if let Op::Queue { seq, .. } | Op::DeadLetter { seq, .. } = op {
-                    top = top.max(seq + 1);
-                }
-                let r = match op {
-                    Op::Queue {
-                        node,
-                        slot,
-                        seq,
-                        item,
-                    } => items
-                        .insert((*node, *slot, *seq), item.json_str().as_bytes())
-                        .map(drop),
-                    Op::Consume { node, slot, seq } => items.remove((*node, *slot, *seq)).map(drop),
-                    Op::State {
-                        node,
-                        key,
-                        value: Some(v),
-                    } => state.insert((*node, key.as_str()), v.as_bytes()).map(drop),
-                    Op::State {
-                        node,
-                        key,
-                        value: None,
-                    } => state.remove((*node, key.as_str())).map(drop),
-                    Op::DeadLetter { seq, letter } => {
-                        dead.insert(*seq, letter.as_bytes()).map(drop)
-                    }
-                    Op::Input { name, position } => {
-                        inputs.insert(name.as_str(), *position).map(drop)
-                    }
-                    Op::Status(status) => meta.insert("status", status.as_bytes()).map(drop),
-                };
-                r.map_err(|e| e.to_string())?;
+        let record = encode(&ops);
+        if log.bytes + record.len() >= CHECKPOINT_BYTES || log.records + 1 >= CHECKPOINT_GROUPS {
+            let mut all = std::mem::take(&mut log.ops);
+            all.extend(ops);
+            *log = Log::default();
+            checkpoint(&txn, all)?;
+            return txn.commit().map_err(|e| e.to_string());
+        }
+        txn.open_table(LOG)
+            .map_err(|e| e.to_string())?
+            .insert(log.next, record.as_slice())
+            .map_err(|e| e.to_string())?;
+        txn.commit().map_err(|e| e.to_string())?;
+        log.next += 1;
+        log.records += 1;
+        log.bytes += record.len();
+        log.ops.extend(ops);
+        Ok(())
+    }
+}
+
+/// Folds `ops` (in commit order) into the tables and empties the log, in `txn`. An item both
+/// queued and consumed in `ops` is never written; a key set many times is written once.
+fn checkpoint(txn: &redb::WriteTransaction, ops: Vec<Op>) -> Result<(), String> {
+    use std::collections::HashMap;
+    let e = |e: redb::Error| e.to_string();
+    let mut queued: HashMap<(u32, u32, u64), Item> = HashMap::new();
+    let mut consumed: Vec<(u32, u32, u64)> = Vec::new();
+    let mut state: BTreeMap<(u32, String), Option<String>> = BTreeMap::new();
+    let mut dead: Vec<(u64, String)> = Vec::new();
+    let mut inputs: BTreeMap<String, u64> = BTreeMap::new();
+    let mut retries: BTreeMap<(u32, u64), Option<ArmedRetry>> = BTreeMap::new();
+    let mut fired: BTreeMap<u32, u64> = BTreeMap::new();
+    let mut meta: BTreeMap<&str, Vec<u8>> = BTreeMap::new();
+    // Seqs are never reused, even once their items are gone: the store keeps the highest
+    // one given out (an activation id is made of one).
+    let mut top = 0;
+    for op in ops {
+        match op {
+            Op::Queue {
+                node,
+                slot,
+                seq,
+                item,
+            } => {
+                top = top.max(seq + 1);
+                queued.insert((node, slot, seq), item);
             }
-            if top > 0 {
-                let old = meta
-                    .get("next_seq")
-                    .map_err(|e| e.to_string())?
-                    .and_then(|v| <[u8; 8]>::try_from(v.value()).ok())
-                    .map_or(0, u64::from_le_bytes);
-                if top > old {
-                    meta.insert("next_seq", top.to_le_bytes().as_slice())
-                        .map_err(|e| e.to_string())?;
+            Op::Consume { node, slot, seq } => {
+                if queued.remove(&(node, slot, seq)).is_none() {
+                    consumed.push((node, slot, seq));
                 }
+            }
+            Op::State { node, key, value } => {
+                state.insert((node, key), value);
+            }
+            Op::DeadLetter { seq, letter } => {
+                top = top.max(seq + 1);
+                dead.push((seq, letter));
+            }
+            Op::Input { name, position } => {
+                inputs.insert(name, position);
+            }
+            Op::Status(status) => {
+                meta.insert("status", status.into_bytes());
+            }
+            Op::Paused(p) => {
+                meta.insert("paused", vec![u8::from(p)]);
+            }
+            Op::Retry {
+                node,
+                first_seq,
+                retry,
+            } => {
+                retries.insert((node, first_seq), Some(retry));
+            }
+            Op::RetryDone { node, first_seq } => {
+                retries.insert((node, first_seq), None);
+            }
+            Op::Fired { node, at_ms } => {
+                fired.insert(node, at_ms);
             }
         }
-        txn.commit().map_err(|e| e.to_string())
     }
+    {
+        let mut t = txn.open_table(ITEMS).map_err(|x| e(x.into()))?;
+        for k in consumed {
+            t.remove(k).map_err(|x| e(x.into()))?;
+        }
+        for (k, item) in queued {
+            t.insert(k, item.json_str().as_bytes())
+                .map_err(|x| e(x.into()))?;
+        }
+    }
+    {
+        let mut t = txn.open_table(STATE).map_err(|x| e(x.into()))?;
+        for ((node, key), value) in &state {
+            match value {
+                Some(v) => t.insert((*node, key.as_str()), v.as_bytes()).map(drop),
+                None => t.remove((*node, key.as_str())).map(drop),
+            }
+            .map_err(|x| e(x.into()))?;
+        }
+    }
+    {
+        let mut t = txn.open_table(DEAD).map_err(|x| e(x.into()))?;
+        for (seq, letter) in &dead {
+            t.insert(*seq, letter.as_bytes()).map_err(|x| e(x.into()))?;
+        }
+    }
+    {
+        let mut t = txn.open_table(INPUTS).map_err(|x| e(x.into()))?;
+        for (name, pos) in &inputs {
+            t.insert(name.as_str(), *pos).map_err(|x| e(x.into()))?;
+        }
+    }
+    {
+        let mut t = txn.open_table(RETRIES).map_err(|x| e(x.into()))?;
+        for (k, r) in &retries {
+            match r {
+                Some(r) => {
+                    let text = serde_json::to_vec(r).map_err(|x| x.to_string())?;
+                    t.insert(*k, text.as_slice()).map(drop)
+                }
+                None => t.remove(*k).map(drop),
+            }
+            .map_err(|x| e(x.into()))?;
+        }
+    }
+    {
+        let mut t = txn.open_table(FIRED).map_err(|x| e(x.into()))?;
+        for (node, at) in &fired {
+            t.insert(*node, *at).map_err(|x| e(x.into()))?;
+        }
+    }
+    {
+        let mut t = txn.open_table(META).map_err(|x| e(x.into()))?;
+        for (k, v) in &meta {
+            t.insert(*k, v.as_slice()).map_err(|x| e(x.into()))?;
+        }
+        if top > 0 {
+            let old = t
+                .get("next_seq")
+                .map_err(|x| e(x.into()))?
+                .and_then(|v| <[u8; 8]>::try_from(v.value()).ok())
+                .map_or(0, u64::from_le_bytes);
+            if top > old {
+                t.insert("next_seq", top.to_le_bytes().as_slice())
+                    .map_err(|x| e(x.into()))?;
+            }
+        }
+    }
+    // The log is in the tables now.
+    match txn.delete_table(LOG) {
+        Ok(_) => Ok(()),
+        Err(x) => Err(x.to_string()),
+    }
+}
+
+/// Every operation of the log of `db`, in commit order.
+fn read_log(db: &Database) -> Result<Vec<Op>, String> {
+    let txn = db.begin_read().map_err(|x| x.to_string())?;
+    let mut ops = Vec::new();
+    each_row(&txn, LOG, |k, v| {
+        decode(v, &mut ops).map_err(|x| format!("log record {k}: {x}"))
+    })?;
+    Ok(ops)
+}
+
+/// One log record: each op as a tag byte and its fields (integers little-endian, texts as a
+/// u32 length and their bytes).
+fn encode(ops: &[Op]) -> Vec<u8> {
+    fn text(out: &mut Vec<u8>, t: &[u8]) {
+        out.extend_from_slice(&(t.len() as u32).to_le_bytes());
+        out.extend_from_slice(t);
+    }
+    let mut out = Vec::with_capacity(ops.len() * 64);
+    for op in ops {
+        match op {
+            Op::Queue {
+                node,
+                slot,
+                seq,
+                item,
+            } => {
+                out.push(0);
+                out.extend_from_slice(&node.to_le_bytes());
+                out.extend_from_slice(&slot.to_le_bytes());
+                out.extend_from_slice(&seq.to_le_bytes());
+                text(&mut out, item.json_str().as_bytes());
+            }
+            Op::Consume { node, slot, seq } => {
+                out.push(1);
+                out.extend_from_slice(&node.to_le_bytes());
+                out.extend_from_slice(&slot.to_le_bytes());
+                out.extend_from_slice(&seq.to_le_bytes());
+            }
+            Op::State { node, key, value } => {
+                out.push(2);
+                out.extend_from_slice(&node.to_le_bytes());
+                text(&mut out, key.as_bytes());
+                match value {
+                    Some(v) => {
+                        out.push(1);
+                        text(&mut out, v.as_bytes());
+                    }
+                    None => out.push(0),
+                }
+            }
+            Op::DeadLetter { seq, letter } => {
+                out.push(3);
+                out.extend_from_slice(&seq.to_le_bytes());
+                text(&mut out, letter.as_bytes());
+            }
+            Op::Input { name, position } => {
+                out.push(4);
+                text(&mut out, name.as_bytes());
+                out.extend_from_slice(&position.to_le_bytes());
+            }
+            Op::Status(status) => {
+                out.push(5);
+                text(&mut out, status.as_bytes());
+            }
+            Op::Retry {
+                node,
+                first_seq,
+                retry,
+            } => {
+                out.push(6);
+                out.extend_from_slice(&node.to_le_bytes());
+                out.extend_from_slice(&first_seq.to_le_bytes());
+                text(&mut out, &serde_json::to_vec(retry).unwrap_or_default());
+            }
+            Op::RetryDone { node, first_seq } => {
+                out.push(7);
+                out.extend_from_slice(&node.to_le_bytes());
+                out.extend_from_slice(&first_seq.to_le_bytes());
+            }
+            Op::Fired { node, at_ms } => {
+                out.push(8);
+                out.extend_from_slice(&node.to_le_bytes());
+                out.extend_from_slice(&at_ms.to_le_bytes());
+            }
+            Op::Paused(p) => {
+                out.push(9);
+                out.push(u8::from(*p));
+            }
+        }
+    }
+    out
+}
+
+/// Reads the ops of one log record (see [`encode`]) into `out`.
+fn decode(mut b: &[u8], out: &mut Vec<Op>) -> Result<(), String> {
+    fn take<'a>(b: &mut &'a [u8], n: usize) -> Result<&'a [u8], String> {
+        if b.len() < n {
+            return Err("it ends in the middle of an operation".into());
+        }
+        let (head, rest) = b.split_at(n);
+        *b = rest;
+        Ok(head)
+    }
+    fn u32_(b: &mut &[u8]) -> Result<u32, String> {
+        Ok(u32::from_le_bytes(take(b, 4)?.try_into().expect("4 bytes")))
+    }
+    fn u64_(b: &mut &[u8]) -> Result<u64, String> {
+        Ok(u64::from_le_bytes(take(b, 8)?.try_into().expect("8 bytes")))
+    }
+    fn text(b: &mut &[u8]) -> Result<String, String> {
+        let n = u32_(b)? as usize;
+        String::from_utf8(take(b, n)?.to_vec()).map_err(|_| "a text is not UTF-8".to_string())
+    }
+    while !b.is_empty() {
+        let tag = take(&mut b, 1)?[0];
+        out.push(match tag {
+            0 => {
+                let (node, slot, seq) = (u32_(&mut b)?, u32_(&mut b)?, u64_(&mut b)?);
+                let item = Item::from_json_text(text(&mut b)?)
+                    .map_err(|x| format!("item {node}/{slot}/{seq}: {x}"))?;
+                Op::Queue {
+                    node,
+                    slot,
+                    seq,
+                    item,
+                }
+            }
+            1 => Op::Consume {
+                node: u32_(&mut b)?,
+                slot: u32_(&mut b)?,
+                seq: u64_(&mut b)?,
+            },
+            2 => {
+                let node = u32_(&mut b)?;
+                let key = text(&mut b)?;
+                let value = match take(&mut b, 1)?[0] {
+                    0 => None,
+                    _ => Some(text(&mut b)?),
+                };
+                Op::State { node, key, value }
+            }
+            3 => Op::DeadLetter {
+                seq: u64_(&mut b)?,
+                letter: text(&mut b)?,
+            },
+            4 => Op::Input {
+                name: text(&mut b)?,
+                position: u64_(&mut b)?,
+            },
+            5 => Op::Status(text(&mut b)?),
+            6 => {
+                let (node, first_seq) = (u32_(&mut b)?, u64_(&mut b)?);
+                let retry = serde_json::from_str(&text(&mut b)?).map_err(|x| x.to_string())?;
+                Op::Retry {
+                    node,
+                    first_seq,
+                    retry,
+                }
+            }
+            7 => Op::RetryDone {
+                node: u32_(&mut b)?,
+                first_seq: u64_(&mut b)?,
+            },
+            8 => Op::Fired {
+                node: u32_(&mut b)?,
+                at_ms: u64_(&mut b)?,
+            },
+            9 => Op::Paused(take(&mut b, 1)?[0] == 1),
+            t => return Err(format!("unknown operation {t}")),
+        });
+    }
+    Ok(())
+}
+
+/// The database settings: a page cache of [`CACHE_BYTES`] (redb's default is 1 GiB, far
+/// more than a job's store needs, and it counts against the host's memory).
+fn builder() -> redb::Builder {
+    let mut b = redb::Builder::new();
+    b.set_cache_size(CACHE_BYTES);
+    b
 }
 
 /// The format version written in `db`.
@@ -463,6 +849,7 @@ fn recover(db: &Database) -> Result<Recovered, String> {
         match k {
             "header" => r.header = v.to_vec(),
             "status" => r.status = Some(String::from_utf8_lossy(v).into_owned()),
+            "paused" => r.paused = v == [1],
             "next_seq" => {
                 let b: [u8; 8] = v.try_into().map_err(|_| "next_seq is not 8 bytes long")?;
                 max_seq = max_seq.max(u64::from_le_bytes(b));
@@ -474,13 +861,14 @@ fn recover(db: &Database) -> Result<Recovered, String> {
     if !meta_found {
         return Ok(r);
     }
+    let mut items: BTreeMap<(u32, u32, u64), Item> = BTreeMap::new();
     each_row(&txn, ITEMS, |(node, slot, seq), v| {
         let text =
             std::str::from_utf8(v).map_err(|_| format!("item {node}/{slot}/{seq} is not UTF-8"))?;
         let item = Item::from_json_text(text.to_owned())
             .map_err(|x| format!("item {node}/{slot}/{seq}: {x}"))?;
         max_seq = max_seq.max(seq + 1);
-        r.items.entry((node, slot)).or_default().push((seq, item));
+        items.insert((node, slot, seq), item);
         Ok(())
     })?;
     each_row(&txn, STATE, |(node, key), v| {
@@ -496,10 +884,78 @@ fn recover(db: &Database) -> Result<Recovered, String> {
         r.dead_letters.push((seq, text));
         Ok(())
     })?;
+    each_row(&txn, RETRIES, |(node, first), v| {
+        let retry: ArmedRetry =
+            serde_json::from_slice(v).map_err(|e| format!("armed retry {node}/{first}: {e}"))?;
+        r.retries.insert((node, first), retry);
+        Ok(())
+    })?;
+    each_row(&txn, FIRED, |node, at| {
+        r.fired.insert(node, at);
+        Ok(())
+    })?;
     each_row(&txn, INPUTS, |name, position| {
         r.inputs.insert(name.to_owned(), position);
         Ok(())
     })?;
+    drop(txn);
+    // Then what the log adds, in commit order.
+    for op in read_log(db)? {
+        match op {
+            Op::Queue {
+                node,
+                slot,
+                seq,
+                item,
+            } => {
+                max_seq = max_seq.max(seq + 1);
+                items.insert((node, slot, seq), item);
+            }
+            Op::Consume { node, slot, seq } => {
+                items.remove(&(node, slot, seq));
+            }
+            Op::State {
+                node,
+                key,
+                value: Some(v),
+            } => {
+                r.state.insert((node, key), v);
+            }
+            Op::State {
+                node,
+                key,
+                value: None,
+            } => {
+                r.state.remove(&(node, key));
+            }
+            Op::DeadLetter { seq, letter } => {
+                max_seq = max_seq.max(seq + 1);
+                r.dead_letters.push((seq, letter));
+            }
+            Op::Input { name, position } => {
+                r.inputs.insert(name, position);
+            }
+            Op::Status(status) => r.status = Some(status),
+            Op::Paused(p) => r.paused = p,
+            Op::Retry {
+                node,
+                first_seq,
+                retry,
+            } => {
+                r.retries.insert((node, first_seq), retry);
+            }
+            Op::RetryDone { node, first_seq } => {
+                r.retries.remove(&(node, first_seq));
+            }
+            Op::Fired { node, at_ms } => {
+                r.fired.insert(node, at_ms);
+            }
+        }
+    }
+    r.dead_letters.sort_by_key(|(seq, _)| *seq);
+    for ((node, slot, seq), item) in items {
+        r.items.entry((node, slot)).or_default().push((seq, item));
+    }
     r.next_seq = max_seq;
     Ok(r)
 }
@@ -529,6 +985,79 @@ mod tests {
 
     fn item(n: u64) -> Item {
         Item::from_json_text(format!("{{\"n\":{n}}}")).expect("an object")
+    }
+
+    #[test]
+    fn the_paused_mark_and_status_are_recovered_from_the_log() {
+        let dir = tempfile::tempdir().expect("a temp dir");
+        {
+            let (store, _) = Store::open(dir.path(), b"h").expect("a new store");
+            store.commit([Op::Paused(true)]).expect("committed");
+        }
+        let (_, r) = Store::open(dir.path(), b"").expect("reopened");
+        assert!(r.paused);
+    }
+
+    #[test]
+    fn the_log_folds_into_the_tables_at_checkpoints_and_on_open() {
+        let dir = tempfile::tempdir().expect("a temp dir");
+        let units = (CHECKPOINT_GROUPS * 2 + 17) as u64;
+        let expect = |r: &Recovered, n: u64| {
+            let seqs: Vec<u64> = r.items[&(0, 0)].iter().map(|(s, _)| *s).collect();
+            let want: Vec<u64> = (0..n).filter(|i| i % 3 != 0).collect();
+            assert_eq!(seqs, want);
+            assert_eq!(r.state[&(0, "k".to_owned())], (n - 1).to_string());
+            assert_eq!(r.inputs["in"], n - 1);
+            assert_eq!(r.next_seq, n);
+        };
+        let write = |store: &Store, range: std::ops::Range<u64>| {
+            for i in range {
+                store
+                    .commit([
+                        Op::Queue {
+                            node: 0,
+                            slot: 0,
+                            seq: i,
+                            item: item(i),
+                        },
+                        Op::State {
+                            node: 0,
+                            key: "k".into(),
+                            value: Some(i.to_string()),
+                        },
+                        Op::Input {
+                            name: "in".into(),
+                            position: i,
+                        },
+                    ])
+                    .expect("committed");
+                if i % 3 == 0 {
+                    store
+                        .commit([Op::Consume {
+                            node: 0,
+                            slot: 0,
+                            seq: i,
+                        }])
+                        .expect("committed");
+                }
+            }
+        };
+        {
+            let (store, _) = Store::open(dir.path(), b"h").expect("a new store");
+            write(&store, 0..units);
+            assert!(store.groups() >= units, "one group per unit here");
+        }
+        {
+            // Tables (several checkpoints) plus what the log held since the last one.
+            let (store, r) = Store::open(dir.path(), b"").expect("reopened");
+            expect(&r, units);
+            // Folded on open: the log starts again from nothing.
+            let log = read_log(&store.inner.db).expect("the log");
+            assert!(log.is_empty(), "{} ops left in the log", log.len());
+            write(&store, units..units + 40);
+        }
+        let (_, r) = Store::open(dir.path(), b"").expect("reopened again");
+        expect(&r, units + 40);
     }
 
     #[test]

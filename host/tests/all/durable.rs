@@ -224,3 +224,203 @@ fn a_durable_flood_through_queues_of_one_on_one_thread_is_exact() {
     let n: Vec<_> = store.state().collect();
     assert_eq!(n, vec![(2, "n", "2000")]);
 }
+
+/// Fails its first attempt (retryably), succeeds after; counts attempts and records when the
+/// second one ran.
+fn flaky(
+    attempts: Arc<AtomicU64>,
+    second_at: Arc<parking_lot::Mutex<Option<std::time::Instant>>>,
+) -> Routine {
+    Routine::new()
+        .slot("in")
+        .on_error(ErrorStrategy::retry(
+            3,
+            std::time::Duration::from_millis(600),
+            1.0,
+        ))
+        .logic(move |ctx, b| {
+            if attempts.fetch_add(1, Ordering::SeqCst) == 0 {
+                return Err(RoutineError::retryable("first attempt"));
+            }
+            *second_at.lock() = Some(std::time::Instant::now());
+            ctx.state().add("done", b.len() as i64)?;
+            Ok(())
+        })
+}
+
+#[test]
+fn an_armed_retry_survives_the_runtime_and_comes_due_when_it_was_due() {
+    let dir = tempfile::tempdir().unwrap();
+    let attempts = Arc::new(AtomicU64::new(0));
+    let second = Arc::new(parking_lot::Mutex::new(None));
+    let armed_at;
+    {
+        let rt = runtime(2);
+        let mut flow = Flow::new();
+        flow.add_routine(flaky(attempts.clone(), second.clone()), "r");
+        rt.register("f", &flow).unwrap();
+        let (job, hold) = rt
+            .exec_durable("f", JobStore::open(dir.path(), b"").unwrap())
+            .unwrap();
+        job.post("r", "in", &json!({"id": 1})).unwrap();
+        assert!(crate::common::eventually(|| attempts
+            .load(Ordering::SeqCst)
+            == 1));
+        armed_at = std::time::Instant::now();
+        drop(hold);
+        // The runtime goes (its jobs cancelled) with the retry armed.
+        job.cancel();
+        assert!(job.wait(WAIT));
+    }
+    assert!(second.lock().is_none(), "the retry had not run");
+    let store = JobStore::open(dir.path(), b"").unwrap();
+    assert_eq!(store.resumed().armed_retries, 1);
+    assert_eq!(
+        store.resumed().queued,
+        1,
+        "its item is still queued in the store"
+    );
+    let rt = runtime(2);
+    let mut flow = Flow::new();
+    flow.add_routine(flaky(attempts.clone(), second.clone()), "r");
+    rt.register("f", &flow).unwrap();
+    let (job, hold) = rt.exec_durable("f", store).unwrap();
+    drop(hold);
+    assert!(job.wait(WAIT));
+    let ran = second.lock().expect("the retry ran");
+    // Due 600 ms after it was armed, not at once on restart (nor 600 ms after it).
+    let after = ran.duration_since(armed_at);
+    assert!(after >= std::time::Duration::from_millis(450), "{after:?}");
+    assert_eq!(attempts.load(Ordering::SeqCst), 2);
+    assert_eq!(job.worker_state("r").unwrap()["done"], json!(1));
+    assert_eq!(job.counters()["r"].items_in, 1);
+    job.sync_store().unwrap().unwrap();
+    drop((job, rt));
+    let r = JobStore::open(dir.path(), b"").unwrap().resumed().clone();
+    assert_eq!((r.queued, r.armed_retries), (0, 0));
+}
+
+#[test]
+fn a_time_interval_keeps_its_last_firing_across_a_restart() {
+    let dir = tempfile::tempdir().unwrap();
+    let fired: crate::common::Log<std::time::Instant> = crate::common::Log::new();
+    let flow = |log: crate::common::Log<std::time::Instant>| {
+        let mut flow = Flow::new();
+        flow.add_routine(
+            Routine::new()
+                .slot("in")
+                .policy(Policy::time_interval(std::time::Duration::from_millis(
+                    1500,
+                )))
+                .logic(move |_, _| {
+                    log.push(std::time::Instant::now());
+                    Ok(())
+                }),
+            "t",
+        );
+        flow
+    };
+    {
+        let rt = runtime(2);
+        rt.register("f", &flow(fired.clone())).unwrap();
+        let (job, hold) = rt
+            .exec_durable("f", JobStore::open(dir.path(), b"").unwrap())
+            .unwrap();
+        job.post("t", "in", &json!({"id": 1})).unwrap();
+        assert!(crate::common::eventually(|| fired.len() == 1));
+        // Within the interval: it waits, and the runtime goes before it is due.
+        job.post("t", "in", &json!({"id": 2})).unwrap();
+        drop(hold);
+        job.cancel();
+        assert!(job.wait(WAIT));
+    }
+    assert_eq!(fired.len(), 1);
+    let rt = runtime(2);
+    rt.register("f", &flow(fired.clone())).unwrap();
+    let (job, hold) = rt
+        .exec_durable("f", JobStore::open(dir.path(), b"").unwrap())
+        .unwrap();
+    drop(hold);
+    assert!(job.wait(WAIT));
+    let times = fired.get();
+    assert_eq!(times.len(), 2);
+    // At most once per interval, across the restart too.
+    let gap = times[1].duration_since(times[0]);
+    assert!(gap >= std::time::Duration::from_millis(1400), "{gap:?}");
+}
+
+#[test]
+fn a_paused_job_runs_nothing_does_not_finish_and_is_paused_still_after_a_restart() {
+    let dir = tempfile::tempdir().unwrap();
+    let seen = Arc::new(AtomicU64::new(0));
+    let flow = |seen: Arc<AtomicU64>| {
+        let mut flow = Flow::new();
+        flow.add_routine(
+            Routine::new().slot("in").logic(move |_, b| {
+                seen.fetch_add(b.len() as u64, Ordering::SeqCst);
+                Ok(())
+            }),
+            "r",
+        );
+        flow
+    };
+    {
+        let rt = runtime(2);
+        rt.register("f", &flow(seen.clone())).unwrap();
+        let (job, hold) = rt
+            .exec_durable("f", JobStore::open(dir.path(), b"").unwrap())
+            .unwrap();
+        assert!(job.pause());
+        assert!(!job.pause(), "paused already");
+        for id in 0..5 {
+            job.post("r", "in", &json!({ "id": id })).unwrap();
+        }
+        drop(hold);
+        // Paused: nothing runs and the job does not finish.
+        assert!(!job.wait(std::time::Duration::from_millis(300)));
+        assert_eq!(seen.load(Ordering::SeqCst), 0);
+        assert_eq!(job.counters()["r"].queued, 5);
+        job.sync_store().unwrap().unwrap();
+        // The host goes away while the job is paused (a kill would do the same).
+    }
+    let store = JobStore::open(dir.path(), b"").unwrap();
+    assert!(store.resumed().paused);
+    let rt = runtime(2);
+    rt.register("f", &flow(seen.clone())).unwrap();
+    let (job, hold) = rt.exec_durable("f", store).unwrap();
+    drop(hold);
+    assert!(job.is_paused(), "paused still after the restart");
+    assert!(!job.wait(std::time::Duration::from_millis(300)));
+    assert_eq!(seen.load(Ordering::SeqCst), 0);
+    assert!(job.resume());
+    assert!(job.wait(WAIT));
+    assert_eq!(seen.load(Ordering::SeqCst), 5);
+    assert_eq!(job.status(), routilux::JobStatus::Completed);
+}
+
+#[test]
+fn pause_and_resume_work_on_a_job_in_memory_too() {
+    let seen = Arc::new(AtomicU64::new(0));
+    let s = seen.clone();
+    let mut flow = Flow::new();
+    flow.add_routine(
+        Routine::new().slot("in").logic(move |_, b| {
+            s.fetch_add(b.len() as u64, Ordering::SeqCst);
+            Ok(())
+        }),
+        "r",
+    );
+    let rt = runtime(2);
+    rt.register("f", &flow).unwrap();
+    let job = rt.exec("f").unwrap();
+    let hold = job.hold_open().unwrap();
+    assert!(job.pause());
+    job.post("r", "in", &json!({"id": 1})).unwrap();
+    drop(hold);
+    assert!(!job.wait(std::time::Duration::from_millis(200)));
+    assert_eq!(seen.load(Ordering::SeqCst), 0);
+    assert!(job.resume());
+    assert!(!job.resume(), "not paused any more");
+    assert!(job.wait(WAIT));
+    assert_eq!(seen.load(Ordering::SeqCst), 1);
+}
