@@ -469,3 +469,56 @@ fn last_written(store: &Path) -> (std::time::SystemTime, u64) {
     let m = std::fs::metadata(store.join("job.redb")).unwrap();
     (m.modified().unwrap(), m.len())
 }
+
+#[test]
+fn sigterm_stops_a_paused_run_at_once() {
+    use std::io::{BufRead, BufReader};
+    let dir = scratch();
+    let (flow, input) = write_case(dir.path(), 3000);
+    let mut child = Command::new(env!("CARGO_BIN_EXE_routilux"))
+        .args(["run", &flow, "--input", &input, "--threads", "2"])
+        .env("ROUTILUX_CACHE_DIR", cache_dir())
+        .env_remove("CARGO_TARGET_DIR")
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut err = BufReader::new(child.stderr.take().unwrap());
+    let mut seen = String::new();
+    let mut wait_for = |what: &str| loop {
+        let mut line = String::new();
+        if err.read_line(&mut line).unwrap() == 0 {
+            panic!("no `{what}` in:\n{seen}");
+        }
+        seen.push_str(&line);
+        if line.contains(what) {
+            break;
+        }
+    };
+    wait_for("using ");
+    let kill = |sig: &str| {
+        assert!(
+            Command::new("kill")
+                .args([sig, &child.id().to_string()])
+                .status()
+                .unwrap()
+                .success()
+        )
+    };
+    kill("-USR1");
+    wait_for("SIGUSR1: paused");
+    kill("-TERM");
+    // The stop ends the pause: the run exits as a stopped one, without waiting for SIGUSR2.
+    let deadline = Instant::now() + Duration::from_secs(20);
+    let status = loop {
+        if let Some(s) = child.try_wait().unwrap() {
+            break s;
+        }
+        if Instant::now() > deadline {
+            child.kill().unwrap();
+            panic!("a paused run did not exit on SIGTERM");
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    assert_eq!(status.code(), Some(143));
+}

@@ -509,7 +509,7 @@ impl Job {
     /// Pauses the job (see [`Job::paused`]); false if it was paused already or has finished.
     /// A durable job records it: restarted, it is paused still.
     pub(crate) fn pause(&self) -> bool {
-        if self.is_finished() || self.halted() {
+        if self.is_finished() || self.stopping() {
             return false;
         }
         // The pause holds the job open: it cannot finish while paused.
@@ -519,6 +519,11 @@ impl Job {
                 return false;
             }
         } else {
+            return false;
+        }
+        // Stopped, cancelled or failed meanwhile: that ends the pause (see `end_pause`).
+        if self.stopping() {
+            self.end_pause();
             return false;
         }
         if self.durable.is_some() {
@@ -543,6 +548,16 @@ impl Job {
         // The pause's hold: the job may finish now.
         self.release();
         true
+    }
+
+    /// A job that stops, is cancelled or fails is paused no more: the pause's hold is let go,
+    /// so that the job can finish. (A durable job's store keeps the pause: resumed, it is
+    /// paused still.)
+    fn end_pause(&self) {
+        if self.paused.swap(false, Ordering::AcqRel) {
+            self.shared.pool.notify_progress();
+            self.release();
+        }
     }
 
     /// Schedules a check of every routine that holds queued items and none scheduled.
@@ -656,6 +671,7 @@ impl Job {
         if changed {
             self.pending.add();
             self.disarm_timers("job stopped");
+            self.end_pause();
             self.shared.pool.notify_progress();
             self.release();
         }
@@ -676,6 +692,7 @@ impl Job {
         if changed {
             self.pending.add();
             self.disarm_timers("job cancelled");
+            self.end_pause();
             self.shared.pool.notify_progress();
             // A job with nothing else pending (never given input) finishes now.
             self.release();
@@ -699,6 +716,7 @@ impl Job {
         }) {
             self.pending.lock().failure = Some(reason);
             self.disarm_timers("job failed");
+            self.end_pause();
             self.shared.pool.notify_progress();
         }
     }

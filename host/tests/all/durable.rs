@@ -424,3 +424,37 @@ fn pause_and_resume_work_on_a_job_in_memory_too() {
     assert!(job.wait(WAIT));
     assert_eq!(seen.load(Ordering::SeqCst), 1);
 }
+
+#[test]
+fn a_paused_job_that_is_stopped_or_cancelled_finishes_and_cannot_be_paused_again() {
+    for cancel in [false, true] {
+        let mut flow = Flow::new();
+        flow.add_routine(Routine::new().slot("in").logic(|_, _| Ok(())), "r");
+        let rt = runtime(2);
+        rt.register("f", &flow).unwrap();
+        let job = rt.exec("f").unwrap();
+        let hold = job.hold_open().unwrap();
+        assert!(job.pause());
+        job.post("r", "in", &json!({"id": 1})).unwrap();
+        drop(hold);
+        assert!(!job.wait(std::time::Duration::from_millis(100)));
+        // Stopping or cancelling ends the pause: the job finishes, its item unprocessed.
+        if cancel {
+            assert!(job.cancel());
+        } else {
+            assert!(job.stop());
+        }
+        assert!(
+            job.wait(WAIT),
+            "a paused job that was halted finishes (cancel: {cancel})"
+        );
+        assert!(!job.is_paused());
+        assert!(!job.pause(), "a halted job cannot be paused");
+        let want = if cancel {
+            routilux::JobStatus::Cancelled
+        } else {
+            routilux::JobStatus::Stopped
+        };
+        assert_eq!(job.status(), want);
+    }
+}
