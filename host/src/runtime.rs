@@ -827,6 +827,10 @@ pub struct JobSummary {
     pub errors: Vec<ActivationFailure>,
     /// Items kept as dead letters.
     pub dead_lettered: u64,
+    /// Items a durable job left unfinished when it halted, queued in its store for a resume
+    /// (see [`RoutineCounters::left_in_store`]).
+    #[serde(default)]
+    pub left_in_store: u64,
     /// Dead letters the job keeps ([`JobHandle::dead_letters`]).
     pub dead_letters_kept: u64,
     /// Dead letters past the job's budgets: counted (and handed to a dead-letter sink, if
@@ -1069,6 +1073,7 @@ impl JobHandle {
             status: self.status(),
             failure: self.failure(),
             dead_lettered: routines.values().map(|c| c.dead_lettered).sum(),
+            left_in_store: routines.values().map(|c| c.left_in_store).sum(),
             routines,
             errors: self.errors(),
             wall_time_ms: self.job.wall_time().as_millis() as u64,

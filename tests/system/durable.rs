@@ -13,7 +13,7 @@ use std::time::{Duration, Instant};
 
 use serde_json::Value;
 
-use super::cli::{OK, USAGE, cache_dir, routilux, scratch};
+use super::cli::{FAILED, OK, USAGE, cache_dir, routilux, scratch};
 use crate::plugins::plugin_dir;
 
 /// The five paths from the source to a sink: (the routines along it after `src`, its sink,
@@ -376,6 +376,27 @@ fn resume_refuses_a_changed_flow_plugin_or_input_and_says_what_changed() {
     let r = routilux(&["job", &dir.path().join("nothing").display().to_string()]);
     assert_eq!(r.code, USAGE, "{r:?}");
     assert!(r.stderr.contains("holds no durable job"), "{r:?}");
+    // A damaged store is not a bad command line: exit 1, naming the store.
+    let damaged = dir.path().join("damaged");
+    std::fs::create_dir(&damaged).unwrap();
+    std::fs::write(damaged.join("job.redb"), vec![0x5a; 10_000]).unwrap();
+    let damaged = damaged.display().to_string();
+    let r = routilux(&[
+        "run",
+        &flow,
+        "--input",
+        &input,
+        "--durable",
+        &damaged,
+        "--resume",
+    ]);
+    assert_eq!(r.code, FAILED, "{r:?}");
+    assert!(
+        r.stderr
+            .contains(&format!("cannot open the job store in {damaged}")),
+        "{r:?}"
+    );
+    assert!(!r.stderr.contains("panicked"), "{r:?}");
 }
 
 #[test]
@@ -521,4 +542,106 @@ fn sigterm_stops_a_paused_run_at_once() {
         std::thread::sleep(Duration::from_millis(20));
     };
     assert_eq!(status.code(), Some(143));
+}
+
+/// A disk that fills up under a running durable job: a real full filesystem, a tmpfs of a
+/// few KiB to a few MiB mounted (in a user and mount namespace of its own, `unshare -rm`, so no
+/// privilege is needed) over the job's directory, so the store's writes fail with ENOSPC at
+/// its creation, in the first commits, at checkpoints and later. Each run exits 1 with the
+/// store's error (naming the directory and the cause) and nothing panics; a resume on the
+/// still-full disk fails the same way; every acknowledged line is in exactly one place in the
+/// store; and, copied to a disk with room, the job resumes (or, where no store was made,
+/// starts) and finishes exactly.
+#[test]
+fn a_store_on_a_full_disk_fails_the_run_with_a_clear_error_and_loses_nothing() {
+    let lines: u64 = 3005;
+    let dir = scratch();
+    let (flow, input) = write_case(dir.path(), lines);
+    // The compiled-component cache is written first, on a disk with room.
+    let warm = dir.path().join("warm").display().to_string();
+    let r = routilux(&["run", &flow, "--input", &input, "--durable", &warm, "-q"]);
+    assert_eq!(r.code, OK, "{r:?}");
+    const SCRIPT: &str = r#"
+        mount -t tmpfs -o "size=$SIZE" routilux-full "$MNT" || exit 90
+        "$@" --durable "$MNT/job" >/dev/null; first=$?
+        echo "-- resume" >&2
+        [ -e "$MNT/job/job.redb" ] && resume=--resume || resume=
+        "$@" --durable "$MNT/job" $resume >/dev/null; second=$?
+        [ -e "$MNT/job/job.redb.new" ] && echo "half-made store left" >&2
+        [ -e "$MNT/job/job.redb" ] && cp "$MNT/job/job.redb" "$OUT/"
+        echo "$first $second"
+    "#;
+    let mut outcomes = Vec::new();
+    for size in ["16k", "64k", "160k", "400k", "1m", "2500k", "8m"] {
+        let mnt = dir.path().join(format!("mnt-{size}"));
+        let store = dir.path().join(format!("job-{size}"));
+        std::fs::create_dir_all(&mnt).unwrap();
+        std::fs::create_dir_all(&store).unwrap();
+        let out = Command::new("unshare")
+            .args(["-rm", "bash", "-c", SCRIPT, "full-disk"])
+            .arg(env!("CARGO_BIN_EXE_routilux"))
+            .args(["run", &flow, "--input", &input, "--threads", "2", "-q"])
+            .env("SIZE", size)
+            .env("MNT", &mnt)
+            .env("OUT", &store)
+            .env("ROUTILUX_CACHE_DIR", cache_dir())
+            .env_remove("CARGO_TARGET_DIR")
+            .output()
+            .expect("run unshare (util-linux)");
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert_ne!(
+            out.status.code(),
+            Some(90),
+            "cannot mount a tmpfs in a user namespace (`unshare -rm`): {stderr}"
+        );
+        assert!(out.status.success(), "{size}: {out:?}");
+        let codes = String::from_utf8_lossy(&out.stdout);
+        let codes: Vec<i32> = codes
+            .split_whitespace()
+            .map(|c| c.parse().unwrap())
+            .collect();
+        assert!(!stderr.contains("panicked"), "{size}: {stderr}");
+        assert!(!stderr.contains("half-made"), "{size}: {stderr}");
+        let shown = mnt.join("job").display().to_string();
+        let made = store.join("job.redb").exists();
+        let outcome = match codes[..] {
+            [OK, _] => "fitted".to_owned(),
+            [FAILED, again] => {
+                // The still-full disk fails the resume (or the new run) too.
+                assert_eq!(again, FAILED, "{size}: {stderr}");
+                for run in stderr.split("-- resume") {
+                    assert!(
+                        run.contains(&format!("job store in {shown}"))
+                            && run.contains("No space left on device"),
+                        "{size}: the error names neither the store nor the cause:\n{run}"
+                    );
+                }
+                let acked = if made {
+                    let s = snapshot(&store);
+                    check(&s, lines, 0);
+                    s.acked
+                } else {
+                    0
+                };
+                format!("failed with {acked} lines acknowledged")
+            }
+            _ => panic!("{size}: exit codes {codes:?}: {stderr}"),
+        };
+        if !made {
+            let store = store.display().to_string();
+            let r = routilux(&["run", &flow, "--input", &input, "--durable", &store, "-q"]);
+            assert_eq!(r.code, OK, "{size}: {r:?}");
+        }
+        finish(&flow, &input, &store, lines);
+        outcomes.push((size, outcome));
+    }
+    eprintln!("a store on a full disk (tmpfs size, outcome): {outcomes:?}");
+    assert!(
+        outcomes
+            .iter()
+            .filter(|(_, o)| o.starts_with("failed"))
+            .count()
+            >= 3,
+        "too few sizes made the store fail: {outcomes:?}"
+    );
 }

@@ -62,53 +62,66 @@ pub(crate) fn hash_file(path: &Path) -> Result<Hashed, String> {
     })
 }
 
+/// Why `--durable DIR` could not be opened.
+pub(crate) enum OpenError {
+    /// The command line does not fit what `DIR` holds (exit 2).
+    Usage(String),
+    /// The store cannot be made or read (exit 1).
+    Store(String),
+}
+
 /// Opens the store in `dir` for a new job (`resume` false: it must hold none) or to resume
 /// the one there (`resume`: it must hold one of this very flow, plugins and input, not
-/// completed). The error says what is wrong and what to do.
-pub(crate) fn open(dir: &Path, header: &Header, resume: bool) -> Result<JobStore, String> {
-    let text = serde_json::to_vec(header).map_err(|e| e.to_string())?;
+/// completed). The error says what is wrong and what to do; it is [`OpenError::Store`] when
+/// the store itself cannot be made or read (a full or failing disk, a damaged file).
+pub(crate) fn open(dir: &Path, header: &Header, resume: bool) -> Result<JobStore, OpenError> {
+    use OpenError::Usage;
+    let text = serde_json::to_vec(header).map_err(|e| Usage(e.to_string()))?;
     let exists = dir.join("job.redb").exists();
     if exists && !resume {
-        return Err(format!(
+        return Err(Usage(format!(
             "{} already holds a durable job: add --resume to continue it, or give --durable \
              a new directory",
             dir.display()
-        ));
+        )));
     }
     if !exists && resume {
-        return Err(format!(
+        return Err(Usage(format!(
             "--resume: {} holds no durable job to resume (run without --resume to start one \
              there)",
             dir.display()
-        ));
+        )));
     }
     if let Ok(meta) = std::fs::metadata(dir)
         && !meta.is_dir()
     {
-        return Err(format!("--durable {}: not a directory", dir.display()));
+        return Err(Usage(format!(
+            "--durable {}: not a directory",
+            dir.display()
+        )));
     }
-    let store = JobStore::open(dir, &text)?;
+    let store = JobStore::open(dir, &text).map_err(OpenError::Store)?;
     if resume {
         let r = store.resumed();
         let stored: Header = serde_json::from_slice(&r.header).map_err(|e| {
-            format!(
+            OpenError::Store(format!(
                 "--resume: the job store in {} has a header this routilux cannot read: {e}",
                 dir.display()
-            )
+            ))
         })?;
         if let Some(diff) = differs(&stored, header) {
-            return Err(format!(
+            return Err(OpenError::Usage(format!(
                 "--resume: cannot continue the job in {}: {diff}. A resumed job must run the \
                  same flow, plugins and input as the job it continues; start a new job in \
                  another directory instead",
                 dir.display()
-            ));
+            )));
         }
         if r.status.as_deref() == Some("completed") {
-            return Err(format!(
+            return Err(OpenError::Usage(format!(
                 "--resume: the job in {} has completed; there is nothing to resume",
                 dir.display()
-            ));
+            )));
         }
     }
     Ok(store)

@@ -264,12 +264,18 @@ pub(crate) fn run(args: RunArgs) -> Code {
     let store = match &args.durable {
         None => None,
         Some(dir) => match header(&args.flow, &loaded, &feeds, &runtime)
+            .map_err(super::durable::OpenError::Usage)
             .and_then(|h| super::durable::open(dir, &h, args.resume))
         {
             Ok(s) => Some(s),
-            Err(e) => {
+            Err(super::durable::OpenError::Usage(e)) => {
                 errln!("error: {e}");
                 return Code::Usage;
+            }
+            // The store cannot be made or read: a full or failing disk, a damaged file.
+            Err(super::durable::OpenError::Store(e)) => {
+                errln!("error: {e}");
+                return Code::Failed;
             }
         },
     };
@@ -839,6 +845,14 @@ fn print_summary(
     }
     if s.errors.len() > 10 {
         let _ = writeln!(e, "  … and {} more errors", s.errors.len() - 10);
+    }
+    if s.left_in_store > 0 {
+        let _ = writeln!(
+            e,
+            "  {} items unfinished: the job store keeps them (or the items they came from) \
+             queued, and --resume runs them",
+            s.left_in_store
+        );
     }
     if s.dead_lettered > 0 {
         let _ = writeln!(e, "  {} items dead-lettered", s.dead_lettered);

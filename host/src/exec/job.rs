@@ -24,8 +24,10 @@
 //!
 //! # Accounting
 //!
-//! Per routine: `items_in = processed + dead_lettered + queued` once the job has finished
-//! (while it runs, items in flight make up the difference).
+//! Per routine: `items_in = processed + dead_lettered + left_in_store + queued` once the job
+//! has finished (while it runs, items in flight make up the difference). `left_in_store` is
+//! zero but for a durable job that halted: what an in-memory job dead-letters then, its store
+//! keeps queued for a resume.
 
 use std::collections::{BTreeMap, VecDeque};
 use std::ops::Deref;
@@ -138,6 +140,7 @@ pub(crate) struct Counters {
     pub(crate) skipped: AtomicU64,
     pub(crate) retries: AtomicU64,
     pub(crate) dead_lettered: AtomicU64,
+    pub(crate) left_in_store: AtomicU64,
     pub(crate) overflowed: AtomicU64,
     pub(crate) busy_ns: AtomicU64,
 }
@@ -772,7 +775,15 @@ impl Job {
             .filter(|(_, d)| !d.is_empty())
             .map(|(s, d)| (s.to_string(), d))
             .collect();
-        add(&self.nodes[node].counters.dead_lettered, n);
+        let left = || add(&self.nodes[node].counters.left_in_store, n);
+        // A durable job that halted under the activation (or whose store fails now) makes no
+        // dead letter: its store keeps the items queued (an emit's, or the batch it came
+        // from), for a resume to run. A letter handed to a dead-letter sink now would be an
+        // item in two places once the resume processes it.
+        if self.durable.is_some() && self.halted() {
+            left();
+            return;
+        }
         let letter = DeadLetter {
             routine: r.id.to_string(),
             items,
@@ -782,11 +793,8 @@ impl Job {
             at: SystemTime::now(),
         };
         // A durable job keeps the letter in its store in the same unit as the consumption of
-        // its items. Not when the job halted under the activation: its items stay queued
-        // there, for a resume to run.
-        if let Some(d) = &self.durable
-            && !self.halted()
-        {
+        // its items.
+        if let Some(d) = &self.durable {
             let mut ops: Vec<Op> = seqs
                 .iter()
                 .map(|&(slot, seq)| Op::Consume {
@@ -809,8 +817,12 @@ impl Job {
                 }),
                 Err(e) => tracing::error!(job = %self.id, "cannot write a dead letter: {e}"),
             }
-            let _ = self.commit_durable(ops);
+            if self.commit_durable(ops).is_err() {
+                left();
+                return;
+            }
         }
+        add(&self.nodes[node].counters.dead_lettered, n);
         if let Some(sink) = &self.shared.on_dead_letter {
             sink(self.id, &letter);
         }
@@ -910,6 +922,7 @@ impl Job {
                         skipped: get(&c.skipped),
                         retries: get(&c.retries),
                         dead_lettered: get(&c.dead_lettered),
+                        left_in_store: get(&c.left_in_store),
                         overflowed: get(&c.overflowed),
                         queued: queued as u64,
                         busy_us: get(&c.busy_ns) / 1000,

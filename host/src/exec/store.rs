@@ -464,7 +464,8 @@ impl Inner {
                     p.groups += 1;
                 }
                 Err(reason) => {
-                    tracing::error!(dir = %self.dir.display(), "job store commit failed: {reason}");
+                    // Reported as the failure of the job (the first unit refused fails it).
+                    tracing::debug!(dir = %self.dir.display(), "job store commit failed: {reason}");
                     p.failed = Some(StoreError::Commit {
                         dir: self.dir.clone(),
                         reason,

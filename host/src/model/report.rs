@@ -135,6 +135,11 @@ pub struct RoutineCounters {
     pub retries: u64,
     /// Items kept as dead letters.
     pub dead_lettered: u64,
+    /// Items a durable job left unfinished when it halted (failed, was cancelled, or its
+    /// store failed): not dead letters, since its store keeps them, or the items they came
+    /// from, queued for a resume to run.
+    #[serde(default)]
+    pub left_in_store: u64,
     /// Items accepted beyond a slot's bound to break a stall (see the scheduler docs).
     pub overflowed: u64,
     /// Items still queued.

@@ -458,3 +458,77 @@ fn a_paused_job_that_is_stopped_or_cancelled_finishes_and_cannot_be_paused_again
         assert_eq!(job.status(), want);
     }
 }
+
+/// An activation whose emit a cancel refuses: an in-memory job dead-letters its batch (and
+/// hands the letter to the dead-letter sink); a durable job makes no letter, since its store
+/// keeps the batch queued for a resume, and counts the batch as left in the store instead. A
+/// letter there would be an item in two places once the resume processes it.
+#[test]
+fn a_cancelled_durable_job_leaves_its_unfinished_batch_in_the_store_not_in_dead_letters() {
+    for durable in [false, true] {
+        let (go_tx, go_rx) = crossbeam_channel::bounded::<()>(1);
+        let (running_tx, running_rx) = crossbeam_channel::bounded::<()>(1);
+        let mut flow = Flow::new();
+        flow.add_routine(
+            Routine::new()
+                .slot("in")
+                .event("out", ["id"])
+                .policy(Policy::batch_size(1))
+                .logic(move |ctx, b| {
+                    let _ = running_tx.try_send(());
+                    let _ = go_rx.recv();
+                    forward(ctx, b)
+                }),
+            "src",
+        )
+        .add_routine(Routine::new().slot("in").logic(|_, _| Ok(())), "sink")
+        .connect("src", "out", "sink", "in");
+        let letters = Arc::new(AtomicU64::new(0));
+        let l = letters.clone();
+        let rt = crate::common::builder(2)
+            .on_dead_letter(move |_, _| {
+                l.fetch_add(1, Ordering::Relaxed);
+            })
+            .build();
+        rt.register("f", &flow).unwrap();
+        let dir = tempfile::tempdir().unwrap();
+        let (job, hold) = if durable {
+            let store = JobStore::open(dir.path(), b"").unwrap();
+            rt.exec_durable("f", store).unwrap()
+        } else {
+            let job = rt.exec("f").unwrap();
+            let hold = job.hold_open().unwrap();
+            (job, hold)
+        };
+        for id in 0..5 {
+            job.post("src", "in", &json!({ "id": id })).unwrap();
+        }
+        drop(hold);
+        running_rx.recv_timeout(WAIT).unwrap();
+        assert!(job.cancel());
+        go_tx.send(()).unwrap();
+        assert!(job.wait(WAIT));
+        let s = job.summary();
+        let src = &s.routines["src"];
+        assert_eq!(src.items_in, 5);
+        assert_eq!(src.processed, 0);
+        assert_eq!(src.queued, 4, "the batches that never ran stay queued");
+        if durable {
+            assert_eq!((s.dead_lettered, s.left_in_store), (0, 1), "{s:?}");
+            assert_eq!(letters.load(Ordering::Relaxed), 0);
+            assert!(job.dead_letters().is_empty());
+            job.sync_store().unwrap().unwrap();
+            drop((job, rt));
+            let store = JobStore::open(dir.path(), b"").unwrap();
+            assert_eq!(
+                store.resumed().queued,
+                5,
+                "all five are queued for a resume"
+            );
+            assert_eq!(store.dead_letters().count(), 0);
+        } else {
+            assert_eq!((s.dead_lettered, s.left_in_store), (1, 0), "{s:?}");
+            assert_eq!(letters.load(Ordering::Relaxed), 1);
+        }
+    }
+}
