@@ -185,6 +185,16 @@ struct JsonComponent {
 }
 
 pub(crate) fn run(args: RunArgs) -> Code {
+    // SIGUSR1 / SIGUSR2 pause and resume the job; caught from the start, so that one sent
+    // while the plugins load (whose default action would kill the process) pauses the job as
+    // it starts. Ctrl-C and SIGTERM are caught once the job runs (before, they end the
+    // process at once, a long `--build` included).
+    let mut signals = signal_hook::iterator::Signals::new([
+        signal_hook::consts::SIGUSR1,
+        signal_hook::consts::SIGUSR2,
+    ])
+    .map_err(|e| tracing::warn!("cannot catch SIGUSR1 and SIGUSR2: {e}"))
+    .ok();
     let Some(engine) = super::engine() else {
         return Code::Failed;
     };
@@ -394,14 +404,13 @@ pub(crate) fn run(args: RunArgs) -> Code {
     let mut shown = false;
     // Ctrl-C / SIGTERM: the first stops the job gently (no more input or new activations, the
     // running ones finish), the second cancels it; the summary is printed either way.
-    let mut signals = signal_hook::iterator::Signals::new([
-        signal_hook::consts::SIGINT,
-        signal_hook::consts::SIGTERM,
-        signal_hook::consts::SIGUSR1,
-        signal_hook::consts::SIGUSR2,
-    ])
-    .map_err(|e| tracing::warn!("cannot catch Ctrl-C and SIGTERM: {e}"))
-    .ok();
+    if let Some(s) = &signals
+        && let Err(e) = [signal_hook::consts::SIGINT, signal_hook::consts::SIGTERM]
+            .into_iter()
+            .try_for_each(|sig| s.add_signal(sig))
+    {
+        tracing::warn!("cannot catch Ctrl-C and SIGTERM: {e}");
+    }
     let mut interrupted: Option<i32> = None;
     loop {
         if job.wait(Duration::from_millis(100)) {
