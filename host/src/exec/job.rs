@@ -52,7 +52,7 @@ use crate::model::state::State;
 use super::durable::{Durable, JobStore};
 use super::queues::Queues;
 use super::scheduler::Pool;
-use super::store::Op;
+use super::store::{Op, Ticket};
 use super::timer::Timer;
 
 use crate::model::context::{CANCELLED, FAILED, RUNNING, STOPPED};
@@ -468,6 +468,17 @@ impl Job {
             return Ok(());
         };
         d.commit(ops).map_err(|e| {
+            let e = e.to_string();
+            self.fail(e.clone());
+            e
+        })
+    }
+
+    /// Submits `ops` as one unit of a durable job's store without waiting for it (see
+    /// [`Store::wait`](super::store::Store::wait)); a store that refuses it fails the job.
+    pub(crate) fn submit_durable(&self, ops: Vec<Op>) -> Result<Ticket, String> {
+        let d = self.durable.as_ref().expect("a durable job");
+        d.store.submit(ops).map_err(|e| {
             let e = e.to_string();
             self.fail(e.clone());
             e

@@ -26,13 +26,31 @@ use crate::model::spec::{ErrorStrategy, Exhausted, RoutineError};
 
 use super::job::{Job, Task, add};
 use super::scheduler::{Current, Run, WorkerLocal};
-use super::store::{ArmedRetry, Op};
+use super::store::{ArmedRetry, Op, Ticket};
 
 /// How many failed activations of one routine are logged as warnings (the rest at debug).
 const LOGGED_FAILURES: u64 = 5;
 
 /// How many activations a check runs back to back before yielding its worker.
 const MAX_ROUNDS: u32 = 64;
+
+/// How many activations of a durable job a drive runs ahead of the disk (see [`Unsettled`]).
+const MAX_UNSETTLED: usize = 32;
+
+/// An activation of a durable job whose unit is submitted to its store and not yet known to
+/// be on disk: its emits wait here, undelivered (downstream never sees an item that is not on
+/// disk), while its routine's next activation runs. Its WorkerState changes are applied: the
+/// next activation sees them, and its own unit commits in the same group or a later one, so
+/// on disk the two are there together or the earlier alone. If the store fails, the job
+/// fails with it and the store is the record a resume starts from.
+struct Unsettled {
+    ticket: Ticket,
+    emits: Vec<(usize, crate::model::item::Item)>,
+    /// The seq of its first delivery.
+    base: u64,
+    /// The items its batch consumed.
+    items: u64,
+}
 
 /// How many activation failures a job keeps in its report (every one is counted in its
 /// routine's `errors`, and its items kept as a dead letter).
@@ -156,21 +174,49 @@ impl Job {
 
     /// Runs activations of `node` while its policy releases batches; returns whether it ran
     /// any. `holding`: the caller owns one `running` slot from an activation that just ended.
+    ///
+    /// In a durable job an activation here does not wait for its unit to reach the disk: its
+    /// emits wait in `unsettled` (in order) while the next activation runs, and are delivered
+    /// once their group has committed (see [`Unsettled`]). The running slot is kept until
+    /// every one is delivered, so a routine's emits reach their slots in the order its
+    /// activations ran, as they do in memory.
     fn drive(self: &Arc<Self>, node: usize, mut holding: bool, w: &WorkerLocal<Task>) -> bool {
         let r = &self.flow.routines[node];
         let n = &self.nodes[node];
         let mut ran = false;
+        let mut unsettled: Vec<Unsettled> = Vec::new();
         for round in 0.. {
+            if !unsettled.is_empty() {
+                // Deliver what is on disk already; wait once too many are unsettled.
+                let full = unsettled.len() >= MAX_UNSETTLED;
+                self.settle(node, &mut unsettled, full, w);
+            }
             let freed_full;
             let batch = {
                 let mut q = n.queues.lock();
+                let others = q.running - usize::from(holding);
+                let now = Instant::now();
+                let decision = if self.stopping() || self.paused() || others >= r.concurrency {
+                    None
+                } else if round >= MAX_ROUNDS {
+                    Some(Decision::Idle)
+                } else {
+                    Some(r.policy.decide(&r.slot_names, &q.slots, q.last_fire, now))
+                };
+                if !unsettled.is_empty() && !matches!(decision, Some(Decision::Fire(..))) {
+                    // This drive ends: deliver every unsettled emit first, holding the slot
+                    // (a delivery may release more here: decide again).
+                    drop(q);
+                    self.settle(node, &mut unsettled, true, w);
+                    continue;
+                }
                 if std::mem::take(&mut holding) {
                     q.running -= 1;
                 }
-                if self.stopping() || self.paused() || q.running >= r.concurrency {
+                let Some(decision) = decision else {
                     return ran;
-                }
-                if round == MAX_ROUNDS {
+                };
+                if round >= MAX_ROUNDS {
                     // Yield the worker: others' tasks wait behind us. Continue as a new task.
                     if !q.scheduled && q.any_queued() {
                         q.scheduled = true;
@@ -183,8 +229,7 @@ impl Job {
                     }
                     return ran;
                 }
-                let now = Instant::now();
-                match r.policy.decide(&r.slot_names, &q.slots, q.last_fire, now) {
+                match decision {
                     Decision::Idle => return ran,
                     Decision::Broken(reason) => {
                         drop(q);
@@ -248,21 +293,88 @@ impl Job {
             };
             ran = true;
             self.shared.pool.record_progress(freed_full);
-            if let Outcome::Deferred = self.activate(node, batch, 0, w) {
+            let pipeline = self.durable.is_some().then_some(&mut unsettled);
+            if let Outcome::Deferred = self.activate_with(node, batch, 0, w, pipeline) {
+                // The retry task owns the running slot now; what ran before it is delivered
+                // first.
+                self.settle(node, &mut unsettled, true, w);
                 return ran;
             }
         }
         ran
     }
 
-    /// Runs the logic on `batch` (retrying inline when the delay is zero) and applies the
-    /// routine's error strategy.
+    /// Delivers the emits of `unsettled` activations whose units are on disk, in order: all
+    /// of them (waiting for the disk) if `wait`, else those already committed. A unit the
+    /// store failed to commit fails the job, and its activation's items stay queued in the
+    /// store (counted as left in it, not processed).
+    fn settle(
+        &self,
+        node: usize,
+        unsettled: &mut Vec<Unsettled>,
+        wait: bool,
+        w: &WorkerLocal<Task>,
+    ) {
+        let Some(d) = &self.durable else {
+            return;
+        };
+        let r = &self.flow.routines[node];
+        let c = &self.nodes[node].counters;
+        let ready = if wait {
+            unsettled.len()
+        } else {
+            unsettled
+                .iter()
+                .take_while(|u| d.store.is_committed(u.ticket))
+                .count()
+        };
+        if ready == 0 {
+            return;
+        }
+        // A delivery into a cycle sees the routine as running here, as it does from the
+        // activation's own stack.
+        w.enter(self.key(node));
+        let delivered = std::sync::atomic::AtomicU64::new(0);
+        let mut waited = Duration::ZERO;
+        for u in unsettled.drain(..ready) {
+            if let Err(e) = d.store.wait(u.ticket) {
+                self.fail(e.to_string());
+                c.processed.fetch_sub(u.items, Ordering::Relaxed);
+                add(&c.left_in_store, u.items);
+                continue;
+            }
+            let mut base = u.base;
+            for (ev, item) in u.emits {
+                self.count_emit(node);
+                // An undeliverable item is already a dead letter where it did not arrive.
+                let _ = self.route(node, ev, item, base, &mut waited, &delivered);
+                base += r.routes[ev].len() as u64;
+            }
+        }
+        w.exit();
+    }
+
+    /// [`Job::activate_with`] waiting for a durable activation's unit before it returns.
     fn activate(
         self: &Arc<Self>,
         node: usize,
         batch: Batch,
         first_attempt: u32,
         w: &WorkerLocal<Task>,
+    ) -> Outcome {
+        self.activate_with(node, batch, first_attempt, w, None)
+    }
+
+    /// Runs the logic on `batch` (retrying inline when the delay is zero) and applies the
+    /// routine's error strategy. `unsettled` (a durable job's drive): a successful
+    /// activation's unit is submitted and its emits are left there, not delivered.
+    fn activate_with(
+        self: &Arc<Self>,
+        node: usize,
+        batch: Batch,
+        first_attempt: u32,
+        w: &WorkerLocal<Task>,
+        mut unsettled: Option<&mut Vec<Unsettled>>,
     ) -> Outcome {
         let r = &self.flow.routines[node];
         let c = &self.nodes[node].counters;
@@ -306,9 +418,14 @@ impl Job {
             let result = match ctx.holds_attempt() {
                 false => result,
                 true => match (result, ctx.take_attempt()) {
-                    (Ok(()), Some(held)) => {
-                        self.commit_attempt(&ctx, node, held, batch.seqs(), attempt)
-                    }
+                    (Ok(()), Some(held)) => self.commit_attempt(
+                        &ctx,
+                        node,
+                        held,
+                        batch.seqs(),
+                        attempt,
+                        unsettled.as_deref_mut(),
+                    ),
                     // A failed attempt's held effects are dropped with it.
                     (result, _) => result,
                 },
@@ -480,6 +597,7 @@ impl Job {
         held: Held,
         consumed: &[(u32, u64)],
         attempt: u32,
+        unsettled: Option<&mut Vec<Unsettled>>,
     ) -> Result<(), RoutineError> {
         let r = &self.flow.routines[node];
         let mut base = 0;
@@ -518,14 +636,30 @@ impl Job {
                         seq += 1;
                     }
                 }
+                let mut ticket = None;
                 ctx.state_base().commit_with(held.state, |changes| {
                     ops.extend(changes.iter().map(|(key, value)| Op::State {
                         node: node as u32,
                         key: key.clone(),
                         value: value.clone(),
                     }));
-                    self.commit_durable(ops).map_err(RoutineError::fatal)
+                    match unsettled.is_some() {
+                        true => {
+                            ticket = Some(self.submit_durable(ops).map_err(RoutineError::fatal)?)
+                        }
+                        false => self.commit_durable(ops).map_err(RoutineError::fatal)?,
+                    }
+                    Ok::<_, RoutineError>(())
                 })?;
+                if let (Some(unsettled), Some(ticket)) = (unsettled, ticket) {
+                    unsettled.push(Unsettled {
+                        ticket,
+                        emits: held.emits,
+                        base,
+                        items: consumed.len() as u64,
+                    });
+                    return Ok(());
+                }
             }
         }
         let mut waited = Duration::ZERO;

@@ -202,6 +202,8 @@ struct Inner {
     compact: std::sync::atomic::AtomicBool,
     /// What the log holds since the last checkpoint (only the writer touches it).
     log: Mutex<Log>,
+    /// `Pending::committed`, readable without the lock ([`Store::is_committed`]).
+    committed: std::sync::atomic::AtomicU64,
 }
 
 /// The log since the last checkpoint, as the writer keeps it.
@@ -337,6 +339,7 @@ impl Store {
             done: Condvar::new(),
             compact: Default::default(),
             log: Mutex::default(),
+            committed: Default::default(),
         });
         let w = inner.clone();
         let writer = std::thread::Builder::new()
@@ -389,6 +392,16 @@ impl Store {
             }
             self.inner.done.wait(&mut p);
         }
+    }
+
+    /// Whether the unit of `ticket` is on disk (without waiting: false also when it never
+    /// will be, which [`Store::wait`] says).
+    #[inline]
+    pub(crate) fn is_committed(&self, ticket: Ticket) -> bool {
+        self.inner
+            .committed
+            .load(std::sync::atomic::Ordering::Acquire)
+            >= ticket.0
     }
 
     /// [`Store::submit`] then [`Store::wait`]: returns once `ops` are on disk.
@@ -462,6 +475,8 @@ impl Inner {
                 Ok(()) => {
                     p.committed = ticket;
                     p.groups += 1;
+                    self.committed
+                        .store(ticket, std::sync::atomic::Ordering::Release);
                 }
                 Err(reason) => {
                     // Reported as the failure of the job (the first unit refused fails it).

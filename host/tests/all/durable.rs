@@ -532,3 +532,68 @@ fn a_cancelled_durable_job_leaves_its_unfinished_batch_in_the_store_not_in_dead_
         }
     }
 }
+
+/// A routine that runs one activation at a time does not wait for the disk between them: its
+/// activations run ahead while their units commit in shared groups, and their emits still
+/// reach downstream in order, each once its unit is on disk.
+#[test]
+fn a_one_at_a_time_durable_routine_runs_ahead_of_the_disk_and_delivers_in_order() {
+    const N: u64 = 3000;
+    let seen = Arc::new(parking_lot::Mutex::new(Vec::new()));
+    let record = {
+        let seen = seen.clone();
+        move |_: &routilux::Context, b: &routilux::Batch| {
+            let mut s = seen.lock();
+            for i in b.items() {
+                s.push(i.get::<u64>("id").unwrap().unwrap());
+            }
+            Ok::<(), RoutineError>(())
+        }
+    };
+    let mut flow = Flow::new();
+    flow.add_routine(
+        Routine::new()
+            .slot("in")
+            .event("out", ["id"])
+            .policy(Policy::batch_size(1))
+            .logic(|ctx: &routilux::Context, b: &routilux::Batch| {
+                for i in b.items() {
+                    ctx.state().add("n", 1)?;
+                    ctx.emit_item("out", i.clone())?;
+                }
+                Ok::<(), RoutineError>(())
+            }),
+        "one",
+    )
+    .add_routine(Routine::new().slot("in").logic(record), "sink")
+    .connect("one", "out", "sink", "in");
+    let dir = tempfile::tempdir().unwrap();
+    let rt = runtime(2);
+    rt.register("f", &flow).unwrap();
+    let (job, hold) = rt
+        .exec_durable("f", JobStore::open(dir.path(), b"h").unwrap())
+        .unwrap();
+    let input = job.input("one", "in").unwrap();
+    input
+        .post_items((0..N).map(item).collect(), vec![("in".into(), N)])
+        .unwrap();
+    drop((input, hold));
+    assert!(job.wait(WAIT));
+    let groups = job.sync_store().unwrap().unwrap();
+    let c = job.counters();
+    assert_eq!(c["one"].activations, N);
+    assert_eq!(job.worker_state("one").unwrap()["n"], json!(N));
+    assert_eq!(
+        *seen.lock(),
+        (0..N).collect::<Vec<_>>(),
+        "in order, once each"
+    );
+    // Waiting for its unit before the next activation would take at least one group each.
+    assert!(
+        groups < N / 4,
+        "{groups} groups for {N} activations of a one-at-a-time routine"
+    );
+    drop((job, rt));
+    let r = JobStore::open(dir.path(), b"").unwrap().resumed().clone();
+    assert_eq!((r.queued, r.dead_letters, r.state_keys), (0, 0, 1));
+}
