@@ -10,9 +10,9 @@
 //!   (resolved under the state's lock, so the store sees them in the order they apply) and a
 //!   `Queue` for each delivery of each emit commit in one transaction, and only then are the
 //!   emits delivered in memory. An activation does not wait for its unit before its routine's
-  next one runs: its emits wait, undelivered and in order, until its group is on disk (see
-  `Unsettled` in the run module), so a routine running one activation at a time shares its
-  fsyncs across many activations. Every activation of a durable job is an attempt (its emits and
+//!   next one runs: its emits wait, undelivered and in order, until its group is on disk (see
+//!   `Unsettled` in the run module), so a routine running one activation at a time shares its
+//!   fsyncs across many activations. Every activation of a durable job is an attempt (its emits and
 //!   state changes held until it ends), nested ones run by a blocked emitter too, so downstream
 //!   never sees an item that is not on disk, and a failed activation delivered nothing.
 //! - **A dead letter is one unit too**: the `Consume` of the items and the letter.
