@@ -11,6 +11,7 @@ mod durable;
 mod hostile;
 mod polyglot;
 mod reference;
+mod serve;
 
 #[path = "../support/plugins.rs"]
 mod plugins;

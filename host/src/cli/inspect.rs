@@ -100,43 +100,61 @@ fn report<'a>(plugin: &'a Plugin, path: &'a Path, load_ms: f64) -> Report<'a> {
         from_cache: plugin.from_cache(),
         load_ms,
         wit: format!("routilux:plugin@{}", plugin.wit_version()),
-        kinds: plugin
-            .kinds()
-            .iter()
-            .map(|k| KindReport {
-                name: &k.name,
-                description: &k.description,
-                slots: k
-                    .slots
-                    .iter()
-                    .map(|s| SlotReport {
-                        name: &s.name,
-                        max_queue_length: s.max_queue_length,
-                    })
-                    .collect(),
-                events: k
-                    .events
-                    .iter()
-                    .map(|e| EventReport {
-                        name: &e.name,
-                        fields: e.fields.iter().map(|f| &**f).collect(),
-                    })
-                    .collect(),
-                default_config: Value::Object(k.default_config.clone()),
-                default_policy: k
-                    .default_policy
-                    .map_or_else(|| "immediate".to_owned(), |p| p.to_string()),
-            })
-            .collect(),
-        imports: plugin
-            .imports()
-            .iter()
-            .map(|i| ImportReport {
-                name: i,
-                capability: capability(i),
-            })
-            .collect(),
+        kinds: kinds(plugin),
+        imports: imports(plugin),
     }
+}
+
+/// What a plugin provides and imports, as `inspect --json` shows it (`serve`'s
+/// `GET /v1/plugins/{name}`).
+pub(crate) fn describe(plugin: &Plugin) -> Value {
+    serde_json::json!({
+        "wit": format!("routilux:plugin@{}", plugin.wit_version()),
+        "kinds": kinds(plugin),
+        "imports": imports(plugin),
+    })
+}
+
+fn kinds(plugin: &Plugin) -> Vec<KindReport<'_>> {
+    plugin
+        .kinds()
+        .iter()
+        .map(|k| KindReport {
+            name: &k.name,
+            description: &k.description,
+            slots: k
+                .slots
+                .iter()
+                .map(|s| SlotReport {
+                    name: &s.name,
+                    max_queue_length: s.max_queue_length,
+                })
+                .collect(),
+            events: k
+                .events
+                .iter()
+                .map(|e| EventReport {
+                    name: &e.name,
+                    fields: e.fields.iter().map(|f| &**f).collect(),
+                })
+                .collect(),
+            default_config: Value::Object(k.default_config.clone()),
+            default_policy: k
+                .default_policy
+                .map_or_else(|| "immediate".to_owned(), |p| p.to_string()),
+        })
+        .collect()
+}
+
+fn imports(plugin: &Plugin) -> Vec<ImportReport<'_>> {
+    plugin
+        .imports()
+        .iter()
+        .map(|i| ImportReport {
+            name: i,
+            capability: capability(i),
+        })
+        .collect()
 }
 
 fn print(r: &Report<'_>, out: &mut impl Write) -> std::io::Result<()> {

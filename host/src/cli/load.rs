@@ -92,8 +92,142 @@ pub(crate) fn load(
         protected: Protected::of_this_host(engine.cache_dir()),
         grant_requests: options.grant_requests,
         grants: Vec::new(),
+        tenant: false,
     };
     b.scan_dirs(&file, options);
+    build(b, &file)
+}
+
+/// Checks and builds a tenant's flow (`routilux serve`): the text is untrusted, so it may name
+/// only the tenant's uploaded `plugins` (by name) and may not give itself anything: plugin
+/// directories or paths, `permissions`, `thread_pool_size`, and limits or budgets above the
+/// defaults are refused, each at its place. Diagnostics name the file `name`.
+pub(crate) fn load_tenant_flow(
+    name: &str,
+    text: String,
+    engine: &WasmEngine,
+    plugins: &std::collections::BTreeMap<String, Plugin>,
+) -> Result<Loaded, Vec<Diagnostic>> {
+    let src = Source::from_text(Path::new(name), text);
+    let file: FlowFile = src.parse().map_err(|d| vec![d])?;
+    let mut b = Builder {
+        src: &src,
+        engine,
+        diags: Vec::new(),
+        dirs: PluginDirs::default(),
+        loaded: HashMap::new(),
+        manifests: HashMap::new(),
+        base: PathBuf::new(),
+        protected: Protected::of_this_host(engine.cache_dir()),
+        grant_requests: false,
+        grants: Vec::new(),
+        tenant: true,
+    };
+    for (name, plugin) in plugins {
+        let key = PathBuf::from(name);
+        b.loaded.insert(key.clone(), Ok(plugin.clone()));
+        b.manifests.insert(
+            key,
+            Some(Manifest {
+                limits: AllLimits::default(),
+                requested: Permissions::default(),
+                granted: Permissions::default(),
+            }),
+        );
+    }
+    const NOT_YOURS: &str = "a tenant's flow may not set it (the server's operator grants it \
+                             in the tenant's configuration)";
+    if let Some(p) = &file.plugins {
+        b.diags.push(src.error(
+            &p.referenced,
+            "`plugins:` names host directories: a tenant's flow uses the plugins uploaded \
+             with PUT /v1/plugins/{name}",
+        ));
+    }
+    if let Some(t) = &file.execution.thread_pool_size {
+        b.diags.push(src.error(
+            &t.referenced,
+            format!("`thread_pool_size`: the server's worker pool is shared; {NOT_YOURS}"),
+        ));
+    }
+    if let Some(bd) = &file.budgets
+        && let Ok(asked) = flow_budgets(&bd.value)
+    {
+        let higher = budgets_raised(&Budgets::default(), &asked);
+        if !higher.is_empty() {
+            b.diags.push(src.error(
+                &bd.referenced,
+                format!(
+                    "budgets above the defaults ({}): {NOT_YOURS}",
+                    higher.join(", ")
+                ),
+            ));
+        }
+    }
+    for (id, def) in &file.routines {
+        if let Some(p) = &def.value.permissions {
+            b.diags.push(src.error(
+                &p.referenced,
+                format!("routine `{}`: `permissions`: {NOT_YOURS}", id.value),
+            ));
+        }
+        if let Some(l) = &def.value.limits {
+            let base = AllLimits::default();
+            let mut asked = base.clone();
+            if apply_limits(&mut asked, &l.value).is_ok() {
+                let higher = raised(&base, &asked);
+                if !higher.is_empty() {
+                    b.diags.push(src.error(
+                        &l.referenced,
+                        format!(
+                            "routine `{}`: limits above the defaults ({}): {NOT_YOURS}",
+                            id.value,
+                            higher.join(", ")
+                        ),
+                    ));
+                }
+            }
+        }
+    }
+    build(b, &file)
+}
+
+/// The flow-level budgets of `asked` looser than `base`'s.
+fn budgets_raised(base: &Budgets, asked: &Budgets) -> Vec<String> {
+    let size = |n: u64| crate::model::budget::bytes(n);
+    let mut out = Vec::new();
+    for (name, b, a) in [
+        ("memory", base.memory, asked.memory),
+        (
+            "dead_letter_bytes",
+            base.dead_letter_bytes,
+            asked.dead_letter_bytes,
+        ),
+        ("output_bytes", base.output_bytes, asked.output_bytes),
+        (
+            "error_bytes",
+            base.error_bytes as u64,
+            asked.error_bytes as u64,
+        ),
+    ] {
+        if a > b {
+            out.push(format!("{name} {}", size(a)));
+        }
+    }
+    for (name, b, a) in [
+        ("dead_letters", base.dead_letters, asked.dead_letters),
+        ("output_lines", base.output_lines, asked.output_lines),
+    ] {
+        if a > b {
+            out.push(format!("{name} {a}"));
+        }
+    }
+    out
+}
+
+/// The flow of `file`, built by `b` (whose plugins are found).
+fn build(mut b: Builder<'_>, file: &FlowFile) -> Result<Loaded, Vec<Diagnostic>> {
+    let src = b.src;
     let mut flow = Flow::new();
     flow.allow_cycles(file.allow_cycles);
     if let Some(s) = &file.on_error {
@@ -553,6 +687,8 @@ struct Builder<'a> {
     grant_requests: bool,
     /// What each routine requested and got, in file order.
     grants: Vec<RoutineGrants>,
+    /// A tenant's flow (`serve`): plugins only by name, among those preloaded.
+    tenant: bool,
 }
 
 impl Builder<'_> {
@@ -594,6 +730,28 @@ impl Builder<'_> {
     /// The component a routine's `plugin:` names.
     fn component(&mut self, plugin: &Spanned<String>) -> Option<PathBuf> {
         let name = plugin.value.as_str();
+        if self.tenant {
+            let key = PathBuf::from(name);
+            if self.loaded.contains_key(&key) && !name.contains('/') && !name.contains('.') {
+                return Some(key);
+            }
+            let names: Vec<String> = self
+                .loaded
+                .keys()
+                .map(|k| k.display().to_string())
+                .collect();
+            let hint = match suggest(name, names.iter().map(String::as_str)) {
+                Some(s) => format!(" (did you mean `{s}`?)"),
+                None if names.is_empty() => {
+                    " (this tenant has no plugins: upload one with PUT /v1/plugins/{name})"
+                        .to_owned()
+                }
+                None => format!("; this tenant's plugins: {}", names.join(", ")),
+            };
+            let message = format!("unknown plugin `{name}`{hint}");
+            self.diags.push(self.src.error(&plugin.referenced, message));
+            return None;
+        }
         if name.ends_with(".wasm") || name.contains('/') {
             let path = self.base.join(name);
             if !path.is_file() {
@@ -766,7 +924,9 @@ impl Builder<'_> {
                 .push(src.error(&l.referenced, format!("routine `{id}`: {e}")));
             ok = false;
         }
-        if let Some(p) = &def.permissions {
+        if let Some(p) = &def.permissions
+            && !self.tenant
+        {
             match read_permissions(&p.value, &self.base)
                 .and_then(|g| checked(&g, &self.protected, None))
             {

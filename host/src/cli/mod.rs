@@ -34,6 +34,7 @@ mod load;
 mod new;
 pub mod plugins;
 mod run;
+mod serve;
 
 use std::io::Write;
 use std::path::PathBuf;
@@ -178,6 +179,24 @@ enum Command {
         #[arg(long)]
         json: bool,
     },
+    /// Serve many tenants' flows over an HTTP API (`/v1`) until SIGTERM or Ctrl-C.
+    #[command(args_conflicts_with_subcommands = true)]
+    Serve {
+        #[command(subcommand)]
+        action: Option<ServeAction>,
+        /// The server's configuration (YAML: listen, data_dir, tenants with token hashes and
+        /// quotas); without it, one tenant whose token is made at first start.
+        #[arg(long, value_name = "FILE")]
+        config: Option<PathBuf>,
+        /// The address to listen on (`127.0.0.1:0` picks a free port; the bound address is
+        /// printed). Default 127.0.0.1:7878.
+        #[arg(long, value_name = "ADDR")]
+        listen: Option<std::net::SocketAddr>,
+        /// Where tenants' plugins, flows and tokens are kept (default: the user's data
+        /// directory, `~/.local/share/routilux/serve`).
+        #[arg(long, value_name = "DIR")]
+        data_dir: Option<PathBuf>,
+    },
     /// Check a flow file and its plugins; report every problem at once.
     Validate {
         /// The flow file (YAML or JSON).
@@ -220,6 +239,20 @@ enum Command {
         /// The engine JavaScript plugins are built with.
         #[arg(long, value_enum, default_value = "quickjs")]
         js_engine: guests::JsEngine,
+    },
+}
+
+#[derive(Subcommand)]
+enum ServeAction {
+    /// Make a new API token for the default tenant (replacing the stored ones), or with
+    /// `--hash-only` a token and the hash a config file's `tokens:` takes.
+    Token {
+        /// The server's data directory.
+        #[arg(long, value_name = "DIR")]
+        data_dir: Option<PathBuf>,
+        /// Print a token and its hash; store nothing.
+        #[arg(long)]
+        hash_only: bool,
     },
 }
 
@@ -341,6 +374,24 @@ pub fn main() -> ExitCode {
             dead_letters: a.dead_letters,
             durable: a.durable,
             resume: a.resume,
+        }),
+        Command::Serve {
+            action:
+                Some(ServeAction::Token {
+                    data_dir,
+                    hash_only,
+                }),
+            ..
+        } => serve::token(data_dir, hash_only),
+        Command::Serve {
+            action: None,
+            config,
+            listen,
+            data_dir,
+        } => serve::serve(serve::ServeArgs {
+            config,
+            listen,
+            data_dir,
         }),
         Command::Validate { flow, plugins } => validate(flow, plugins.into()),
         Command::Job { dir, json } => durable::show(&dir, json),

@@ -293,6 +293,43 @@ impl WasmEngine {
         plugin::open(self, path, component, from_cache, permissions)
     }
 
+    /// Checks and compiles component bytes (through the on-disk cache, if any), without
+    /// opening a plugin; `path` is only used in messages. Returns whether it came from the
+    /// cache.
+    pub(crate) fn compile_bytes(
+        &self,
+        path: &Path,
+        bytes: &[u8],
+    ) -> Result<(Component, bool), LoadError> {
+        if bytes.len() < 8 || &bytes[..4] != b"\0asm" {
+            return Err(LoadError::NotWasm {
+                path: path.to_owned(),
+            });
+        }
+        if bytes[4..8] == [1, 0, 0, 0] {
+            return Err(LoadError::CoreModule {
+                path: path.to_owned(),
+            });
+        }
+        self.compile(path, bytes)
+    }
+
+    /// A plugin of an already compiled component, named `path` in messages.
+    pub(crate) fn open_component(
+        &self,
+        path: &Path,
+        component: Component,
+        from_cache: bool,
+    ) -> Result<Plugin, LoadError> {
+        plugin::open(
+            self,
+            path.to_owned(),
+            component,
+            from_cache,
+            Permissions::default(),
+        )
+    }
+
     fn compile(&self, path: &Path, bytes: &[u8]) -> Result<(Component, bool), LoadError> {
         let inner = &self.inner;
         let entry = inner

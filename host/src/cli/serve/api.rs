@@ -1,0 +1,540 @@
+//! The HTTP API (`/v1`, JSON), on axum. Handlers authenticate the tenant, then call the
+//! [`Host`]; whatever blocks (compiling, checking a flow, posting into a full slot) runs on
+//! tokio's blocking threads, never on the few HTTP threads.
+
+use std::collections::HashMap;
+use std::net::{IpAddr, SocketAddr};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use axum::Json;
+use axum::Router;
+use axum::body::Body;
+use axum::extract::{ConnectInfo, DefaultBodyLimit, FromRequestParts, Path, Query, State};
+use axum::http::request::Parts;
+use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
+use http_body_util::BodyExt;
+use parking_lot::Mutex;
+use serde::Deserialize;
+use serde_json::{Value, json};
+
+use super::host::{ApiError, Host, JobRecord, Tenant};
+use crate::Item;
+
+/// The largest flow file a tenant may upload.
+const MAX_FLOW_BYTES: usize = 4 << 20;
+/// The largest body of a job's start (`{"input": …}`).
+const MAX_START_BYTES: usize = 16 << 20;
+/// The largest item (one JSON body, or one NDJSON line).
+const MAX_ITEM_BYTES: usize = 16 << 20;
+/// Failed authentications allowed per client address per minute; more answer 429.
+const AUTH_FAILURES_PER_MINUTE: u32 = 20;
+
+#[derive(Clone)]
+pub(crate) struct AppState {
+    host: Arc<Host>,
+    /// Bounds how many components compile at once (compiling is CPU-heavy).
+    compile: Arc<tokio::sync::Semaphore>,
+    /// Failed authentications per client address: (window start, count).
+    failures: Arc<Mutex<HashMap<IpAddr, (Instant, u32)>>>,
+}
+
+impl IntoResponse for ApiError {
+    fn into_response(self) -> Response {
+        let status = StatusCode::from_u16(self.status).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
+        let mut r = (status, Json(self.body())).into_response();
+        if let Some(s) = self.retry_after {
+            r.headers_mut()
+                .insert(header::RETRY_AFTER, HeaderValue::from(s));
+        }
+        if self.status == 401 {
+            r.headers_mut().insert(
+                header::WWW_AUTHENTICATE,
+                HeaderValue::from_static("Bearer realm=\"routilux\""),
+            );
+        }
+        r
+    }
+}
+
+/// The tenant of the request's bearer token.
+struct Auth(Arc<Tenant>);
+
+impl FromRequestParts<AppState> for Auth {
+    type Rejection = ApiError;
+
+    async fn from_request_parts(parts: &mut Parts, state: &AppState) -> Result<Self, ApiError> {
+        let ip = parts
+            .extensions
+            .get::<ConnectInfo<SocketAddr>>()
+            .map(|c| c.0.ip());
+        if let Some(ip) = ip {
+            let f = state.failures.lock();
+            if let Some((since, n)) = f.get(&ip)
+                && since.elapsed() < Duration::from_secs(60)
+                && *n >= AUTH_FAILURES_PER_MINUTE
+            {
+                let mut e = ApiError::new(
+                    429,
+                    "too_many_failures",
+                    "too many failed authentications from this address: wait a minute",
+                );
+                e.retry_after = Some(60 - since.elapsed().as_secs().min(59));
+                return Err(e);
+            }
+        }
+        let token = parts
+            .headers
+            .get(header::AUTHORIZATION)
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.strip_prefix("Bearer "))
+            .map(str::trim);
+        if let Some(t) = token.and_then(|t| state.host.authenticate(t)) {
+            return Ok(Auth(t));
+        }
+        if let Some(ip) = ip {
+            let mut f = state.failures.lock();
+            let e = f.entry(ip).or_insert((Instant::now(), 0));
+            if e.0.elapsed() >= Duration::from_secs(60) {
+                *e = (Instant::now(), 0);
+            }
+            e.1 += 1;
+            if f.len() > 100_000 {
+                f.retain(|_, (since, _)| since.elapsed() < Duration::from_secs(60));
+            }
+        }
+        Err(ApiError::new(
+            401,
+            "unauthorized",
+            if token.is_some() {
+                "the token is not valid"
+            } else {
+                "give a token: `Authorization: Bearer TOKEN`"
+            },
+        ))
+    }
+}
+
+/// Runs `f` on a blocking thread.
+async fn blocking<T: Send + 'static>(
+    f: impl FnOnce() -> Result<T, ApiError> + Send + 'static,
+) -> Result<T, ApiError> {
+    tokio::task::spawn_blocking(f)
+        .await
+        .map_err(|e| ApiError::new(500, "internal", format!("the request's task failed: {e}")))?
+}
+
+/// Reads a whole body of at most `limit` bytes.
+async fn read_body(body: Body, limit: usize, what: &str) -> Result<axum::body::Bytes, ApiError> {
+    axum::body::to_bytes(body, limit).await.map_err(|e| {
+        let too_large = std::error::Error::source(&e)
+            .is_some_and(|s| s.is::<http_body_util::LengthLimitError>())
+            || e.to_string().contains("length limit");
+        if too_large {
+            ApiError::new(
+                413,
+                "too_large",
+                format!(
+                    "the {what} is larger than {}, the most the server takes",
+                    crate::model::budget::bytes(limit as u64)
+                ),
+            )
+        } else {
+            ApiError::bad_request(format!("cannot read the request body: {e}"))
+        }
+    })
+}
+
+pub(crate) fn router(host: Arc<Host>) -> Router {
+    let state = AppState {
+        host,
+        compile: Arc::new(tokio::sync::Semaphore::new(2)),
+        failures: Arc::default(),
+    };
+    Router::new()
+        .route("/healthz", get(|| async { Json(json!({"status": "ok"})) }))
+        .route("/readyz", get(readyz))
+        .route("/v1/plugins", get(list_plugins))
+        .route(
+            "/v1/plugins/{name}",
+            get(get_plugin).put(put_plugin).delete(delete_plugin),
+        )
+        .route("/v1/flows", get(list_flows))
+        .route(
+            "/v1/flows/{id}",
+            get(get_flow).put(put_flow).delete(delete_flow),
+        )
+        .route("/v1/flows/{id}/jobs", post(start_job))
+        .route("/v1/jobs", get(list_jobs))
+        .route("/v1/jobs/{id}", get(get_job))
+        .route("/v1/jobs/{id}/items", post(post_items))
+        .route("/v1/jobs/{id}/close", post(close_job))
+        .route("/v1/jobs/{id}/cancel", post(cancel_job))
+        .route("/v1/jobs/{id}/output", get(job_output))
+        .route("/v1/jobs/{id}/dead-letters", get(job_dead_letters))
+        .fallback(|| async { ApiError::new(404, "not_found", "no such endpoint") })
+        // Bodies are read by the handlers, each with its own limit.
+        .layer(DefaultBodyLimit::disable())
+        .with_state(state)
+}
+
+async fn readyz(State(s): State<AppState>) -> Response {
+    if s.host.ready.load(std::sync::atomic::Ordering::Acquire) {
+        Json(json!({"ready": true})).into_response()
+    } else {
+        (
+            StatusCode::SERVICE_UNAVAILABLE,
+            Json(json!({"ready": false})),
+        )
+            .into_response()
+    }
+}
+
+fn created(new: bool, v: Value) -> Response {
+    let status = if new {
+        StatusCode::CREATED
+    } else {
+        StatusCode::OK
+    };
+    (status, Json(v)).into_response()
+}
+
+async fn list_plugins(State(s): State<AppState>, Auth(t): Auth) -> Json<Value> {
+    Json(s.host.plugins(&t))
+}
+
+async fn get_plugin(
+    State(s): State<AppState>,
+    Auth(t): Auth,
+    Path(name): Path<String>,
+) -> Result<Json<Value>, ApiError> {
+    s.host.plugin(&t, &name).map(Json)
+}
+
+async fn put_plugin(
+    State(s): State<AppState>,
+    Auth(t): Auth,
+    Path(name): Path<String>,
+    body: Body,
+) -> Result<Response, ApiError> {
+    // A count quota answers before the body is read; the body is read up to the byte quota.
+    s.host.plugin_room(&t, &name)?;
+    let quota = t.config.quotas.plugin_bytes;
+    let limit = quota.min(crate::wasm::MAX_COMPONENT_BYTES);
+    let bytes = read_body(
+        body,
+        usize::try_from(limit).unwrap_or(usize::MAX),
+        "component",
+    )
+    .await
+    .map_err(|e| {
+        if e.status == 413 && limit == quota {
+            ApiError::new(
+                413,
+                "quota_exceeded",
+                format!(
+                    "the component is larger than the tenant's plugin_bytes quota ({})",
+                    crate::model::budget::bytes(quota)
+                ),
+            )
+            .with("quota", "plugin_bytes")
+        } else {
+            e
+        }
+    })?;
+    let _permit = s
+        .compile
+        .acquire()
+        .await
+        .map_err(|_| ApiError::new(503, "stopping", "the server is stopping"))?;
+    let host = s.host.clone();
+    let (new, v) = blocking(move || host.put_plugin(&t, &name, &bytes)).await?;
+    Ok(created(new, v))
+}
+
+async fn delete_plugin(
+    State(s): State<AppState>,
+    Auth(t): Auth,
+    Path(name): Path<String>,
+) -> Result<StatusCode, ApiError> {
+    s.host.delete_plugin(&t, &name)?;
+    Ok(StatusCode::NO_CONTENT)
+}
+
+async fn list_flows(State(s): State<AppState>, Auth(t): Auth) -> Json<Value> {
+    Json(s.host.flows(&t))
+}
+
+async fn get_flow(
+    State(s): State<AppState>,
+    Auth(t): Auth,
+    Path(id): Path<String>,
+) -> Result<Json<Value>, ApiError> {
+    s.host.flow(&t, &id).map(Json)
+}
+
+async fn put_flow(
+    State(s): State<AppState>,
+    Auth(t): Auth,
+    Path(id): Path<String>,
+    body: Body,
+) -> Result<Response, ApiError> {
+    let bytes = read_body(body, MAX_FLOW_BYTES, "flow file").await?;
+    let text = String::from_utf8(bytes.to_vec())
+        .map_err(|e| ApiError::bad_request(format!("the flow file is not UTF-8: {e}")))?;
+    let host = s.host.clone();
+    let (new, v) = blocking(move || host.put_flow(&t, &id, text)).await?;
+    Ok(created(new, v))
+}
+
+async fn delete_flow(
+    State(s): State<AppState>,
+    Auth(t): Auth,
+    Path(id): Path<String>,
+) -> Result<StatusCode, ApiError> {
+    s.host.delete_flow(&t, &id)?;
+    Ok(StatusCode::NO_CONTENT)
+}
+
+#[derive(Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+struct StartBody {
+    /// Items by `routine.slot`, posted first (instead of the flow file's `input:`).
+    #[serde(default)]
+    input: Option<serde_json::Map<String, Value>>,
+    /// No more input after these: the job completes once quiescent.
+    #[serde(default)]
+    close: bool,
+}
+
+async fn start_job(
+    State(s): State<AppState>,
+    Auth(t): Auth,
+    Path(flow): Path<String>,
+    body: Body,
+) -> Result<Response, ApiError> {
+    let bytes = read_body(body, MAX_START_BYTES, "request").await?;
+    let start: StartBody = if bytes.iter().all(u8::is_ascii_whitespace) {
+        StartBody::default()
+    } else {
+        serde_json::from_slice(&bytes)
+            .map_err(|e| ApiError::bad_request(format!("the request body: {e}")))?
+    };
+    let host = s.host.clone();
+    let job = blocking(move || host.start_job(&t, &flow, start.input, start.close)).await?;
+    if let Some(d) = job.timeout {
+        let job = job.clone();
+        tokio::spawn(async move {
+            tokio::time::sleep(d).await;
+            if !job.handle.is_finished() {
+                job.timed_out
+                    .store(true, std::sync::atomic::Ordering::Relaxed);
+                job.handle.cancel();
+            }
+        });
+    }
+    Ok((StatusCode::CREATED, Json(job.view())).into_response())
+}
+
+async fn list_jobs(State(s): State<AppState>, Auth(t): Auth) -> Json<Value> {
+    Json(s.host.jobs(&t))
+}
+
+async fn get_job(
+    State(s): State<AppState>,
+    Auth(t): Auth,
+    Path(id): Path<String>,
+) -> Result<Json<Value>, ApiError> {
+    Ok(Json(s.host.job(&t, &id)?.view()))
+}
+
+async fn close_job(
+    State(s): State<AppState>,
+    Auth(t): Auth,
+    Path(id): Path<String>,
+) -> Result<Json<Value>, ApiError> {
+    let job = s.host.job(&t, &id)?;
+    job.close();
+    Ok(Json(job.view()))
+}
+
+async fn cancel_job(
+    State(s): State<AppState>,
+    Auth(t): Auth,
+    Path(id): Path<String>,
+) -> Result<Json<Value>, ApiError> {
+    let job = s.host.job(&t, &id)?;
+    job.close();
+    job.handle.cancel();
+    Ok(Json(job.view()))
+}
+
+async fn job_output(
+    State(s): State<AppState>,
+    Auth(t): Auth,
+    Path(id): Path<String>,
+) -> Result<Json<Value>, ApiError> {
+    let job = s.host.job(&t, &id)?;
+    Ok(Json(json!({
+        "lines": job.handle.output(),
+        "dropped": job.handle.summary().output_lines_dropped,
+    })))
+}
+
+async fn job_dead_letters(
+    State(s): State<AppState>,
+    Auth(t): Auth,
+    Path(id): Path<String>,
+) -> Result<Json<Value>, ApiError> {
+    let job = s.host.job(&t, &id)?;
+    Ok(Json(json!(job.handle.dead_letters())))
+}
+
+#[derive(Deserialize)]
+struct ItemsQuery {
+    /// The target slot (`routine.slot`); optional when the flow has one entry slot.
+    to: Option<String>,
+}
+
+/// Posts `items` on a blocking thread; `accepted` grows by what was taken.
+async fn post_batch(
+    s: &AppState,
+    job: &Arc<JobRecord>,
+    to: &Option<String>,
+    items: Vec<Item>,
+    accepted: &mut usize,
+) -> Result<(), ApiError> {
+    if items.is_empty() {
+        return Ok(());
+    }
+    let (host, job, to) = (s.host.clone(), job.clone(), to.clone());
+    let before = *accepted;
+    match blocking(move || host.post(&job, to.as_deref(), items)).await {
+        Ok(n) => {
+            *accepted += n;
+            Ok(())
+        }
+        Err(mut e) => {
+            let n = e
+                .details
+                .get("accepted")
+                .and_then(Value::as_u64)
+                .unwrap_or(0) as usize;
+            *accepted = before + n;
+            e.details.insert("accepted".into(), (*accepted).into());
+            Err(e)
+        }
+    }
+}
+
+/// `POST /v1/jobs/{id}/items`: one JSON item, or an NDJSON body (`Content-Type:
+/// application/x-ndjson`) streamed in: lines are posted as they arrive, each waiting for room
+/// (backpressure). A slot full past the post timeout answers 429 with `accepted`, the number of
+/// items taken (a client resends exactly the rest); so does a bad line (400, with its line
+/// number). Nothing taken is dropped.
+async fn post_items(
+    State(s): State<AppState>,
+    Auth(t): Auth,
+    Path(id): Path<String>,
+    Query(q): Query<ItemsQuery>,
+    headers: HeaderMap,
+    body: Body,
+) -> Result<Json<Value>, ApiError> {
+    let job = s.host.job(&t, &id)?;
+    let ndjson = headers
+        .get(header::CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .is_some_and(|c| {
+            let c = c.split(';').next().unwrap_or("").trim();
+            c == "application/x-ndjson" || c == "application/jsonl" || c == "application/jsonlines"
+        });
+    let mut accepted = 0usize;
+    if !ndjson {
+        let bytes = read_body(body, MAX_ITEM_BYTES, "item").await?;
+        let item = parse_item(&bytes, None)?;
+        post_batch(&s, &job, &q.to, vec![item], &mut accepted).await?;
+        return Ok(Json(json!({"accepted": accepted})));
+    }
+    let mut body = body;
+    let mut buf: Vec<u8> = Vec::new();
+    let mut line_no = 0u64;
+    loop {
+        let frame = body.frame().await;
+        let done = frame.is_none();
+        match frame {
+            None => {}
+            Some(Err(e)) => {
+                return Err(
+                    ApiError::bad_request(format!("cannot read the request body: {e}"))
+                        .with("accepted", accepted),
+                );
+            }
+            Some(Ok(f)) => {
+                if let Ok(data) = f.into_data() {
+                    buf.extend_from_slice(&data);
+                }
+            }
+        }
+        let mut items = Vec::new();
+        let mut start = 0;
+        let mut bad = None;
+        while let Some(i) = buf[start..].iter().position(|&b| b == b'\n') {
+            let line = &buf[start..start + i];
+            start += i + 1;
+            line_no += 1;
+            if line.iter().all(u8::is_ascii_whitespace) {
+                continue;
+            }
+            match parse_item(line, Some(line_no)) {
+                Ok(item) => items.push(item),
+                Err(e) => {
+                    bad = Some(e);
+                    break;
+                }
+            }
+        }
+        buf.drain(..start);
+        if done && bad.is_none() && !buf.iter().all(u8::is_ascii_whitespace) {
+            line_no += 1;
+            match parse_item(&buf, Some(line_no)) {
+                Ok(item) => items.push(item),
+                Err(e) => bad = Some(e),
+            }
+            buf.clear();
+        }
+        post_batch(&s, &job, &q.to, items, &mut accepted).await?;
+        if let Some(e) = bad {
+            return Err(e.with("accepted", accepted));
+        }
+        if buf.len() > MAX_ITEM_BYTES {
+            return Err(ApiError::new(
+                413,
+                "item_too_large",
+                format!(
+                    "line {} is longer than {}, the most an item may be",
+                    line_no + 1,
+                    crate::model::budget::bytes(MAX_ITEM_BYTES as u64)
+                ),
+            )
+            .with("accepted", accepted)
+            .with("line", line_no + 1));
+        }
+        if done {
+            break;
+        }
+    }
+    Ok(Json(json!({"accepted": accepted})))
+}
+
+fn parse_item(bytes: &[u8], line: Option<u64>) -> Result<Item, ApiError> {
+    let at = line.map(|l| format!("line {l}: ")).unwrap_or_default();
+    let with_line = |e: ApiError| match line {
+        Some(l) => e.with("line", l),
+        None => e,
+    };
+    let value: Value = serde_json::from_slice(bytes)
+        .map_err(|e| with_line(ApiError::bad_request(format!("{at}not JSON: {e}"))))?;
+    Item::new(value).map_err(|e| with_line(ApiError::bad_request(format!("{at}{e}"))))
+}

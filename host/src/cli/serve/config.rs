@@ -1,0 +1,405 @@
+//! `routilux serve`'s configuration: where it listens, its data directory, its tenants and
+//! their quotas. A YAML file (`--config`), or an embedded default of one tenant whose token is
+//! made at first start and kept hashed in the data directory.
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use serde::Deserialize;
+use serde_saphyr::Spanned;
+use sha2::{Digest, Sha256};
+
+use super::super::diag::{Diagnostic, Source};
+use super::super::file::{Dur, Size};
+
+/// Where `serve` listens when neither `--listen` nor the config says.
+pub(crate) const DEFAULT_LISTEN: &str = "127.0.0.1:7878";
+
+/// The tenant of the embedded default configuration.
+pub(crate) const DEFAULT_TENANT: &str = "default";
+
+/// The file (in the data directory) holding the default tenant's token hashes.
+const TOKENS_FILE: &str = "tokens";
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct ConfigFile {
+    #[serde(default)]
+    listen: Option<Spanned<String>>,
+    /// Relative to the config file.
+    #[serde(default)]
+    data_dir: Option<PathBuf>,
+    #[serde(default)]
+    threads: Option<Spanned<usize>>,
+    /// How long a stop waits for running jobs before cancelling them.
+    #[serde(default)]
+    drain_timeout: Option<Dur>,
+    /// How long an item post waits for room in a full slot before answering 429.
+    #[serde(default)]
+    post_timeout: Option<Dur>,
+    tenants: Vec<Spanned<TenantDef>>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct TenantDef {
+    id: Spanned<String>,
+    /// `sha256:HEX` of each token (`routilux serve token` makes one and prints both).
+    tokens: Vec<Spanned<String>>,
+    #[serde(default)]
+    quotas: QuotasDef,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct QuotasDef {
+    plugins: Option<usize>,
+    plugin_bytes: Option<Size>,
+    flows: Option<usize>,
+    jobs: Option<usize>,
+}
+
+/// What a tenant may hold and run at once.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub(crate) struct Quotas {
+    /// Plugins stored.
+    pub plugins: usize,
+    /// Bytes of all its plugins' components together.
+    pub plugin_bytes: u64,
+    /// Flows stored.
+    pub flows: usize,
+    /// Jobs running at once.
+    pub jobs: usize,
+}
+
+impl Default for Quotas {
+    fn default() -> Self {
+        Self {
+            plugins: 64,
+            plugin_bytes: 256 << 20,
+            flows: 128,
+            jobs: 16,
+        }
+    }
+}
+
+/// One tenant of the configuration.
+#[derive(Clone, Debug)]
+pub(crate) struct TenantConfig {
+    pub id: String,
+    /// SHA-256 of each of its tokens.
+    pub token_hashes: Vec<[u8; 32]>,
+    pub quotas: Quotas,
+}
+
+/// The server's configuration, checked.
+#[derive(Clone, Debug)]
+pub(crate) struct Config {
+    pub listen: SocketAddr,
+    pub data_dir: PathBuf,
+    pub threads: usize,
+    pub drain_timeout: Duration,
+    pub post_timeout: Duration,
+    pub tenants: Vec<TenantConfig>,
+}
+
+/// Whether `s` is a name the server accepts for a tenant, plugin or flow: 1 to 64 ASCII
+/// letters, digits, `_` and `-`, starting with a letter or digit (never a path).
+pub(crate) fn valid_name(s: &str) -> bool {
+    (1..=64).contains(&s.len())
+        && s.bytes()
+            .enumerate()
+            .all(|(i, b)| b.is_ascii_alphanumeric() || (i > 0 && (b == b'_' || b == b'-')))
+}
+
+/// The data directory when none is configured: `$XDG_DATA_HOME/routilux/serve` or
+/// `~/.local/share/routilux/serve`.
+pub(crate) fn default_data_dir() -> Option<PathBuf> {
+    let env = |k: &str| {
+        std::env::var_os(k)
+            .filter(|v| !v.is_empty())
+            .map(PathBuf::from)
+    };
+    env("XDG_DATA_HOME")
+        .map(|d| d.join("routilux").join("serve"))
+        .or_else(|| env("HOME").map(|d| d.join(".local/share/routilux/serve")))
+}
+
+/// A new API token: `rlx_` and 64 hex digits from the OS's CSPRNG.
+pub(crate) fn new_token() -> Result<String, String> {
+    Ok(format!("rlx_{}", random_hex(32)?))
+}
+
+/// `n` random bytes as hex.
+pub(crate) fn random_hex(n: usize) -> Result<String, String> {
+    let mut bytes = vec![0u8; n];
+    getrandom::fill(&mut bytes).map_err(|e| format!("no randomness from the OS: {e}"))?;
+    Ok(hex(&bytes))
+}
+
+pub(crate) fn hex(bytes: &[u8]) -> String {
+    bytes.iter().map(|b| format!("{b:02x}")).collect()
+}
+
+/// SHA-256 of a token.
+pub(crate) fn token_hash(token: &str) -> [u8; 32] {
+    Sha256::digest(token.as_bytes()).into()
+}
+
+/// `sha256:HEX` of a token, as a config file holds it.
+pub(crate) fn token_hash_text(token: &str) -> String {
+    format!("sha256:{}", hex(&token_hash(token)))
+}
+
+fn parse_hash(s: &str) -> Result<[u8; 32], String> {
+    let bad = || {
+        format!(
+            "`{}` is not a token hash: write `sha256:` and 64 hex digits (`routilux serve \
+             token` prints one)",
+            crate::term::escape(s)
+        )
+    };
+    let h = s.strip_prefix("sha256:").ok_or_else(bad)?;
+    if h.len() != 64 || !h.bytes().all(|b| b.is_ascii_hexdigit()) {
+        return Err(bad());
+    }
+    let mut out = [0u8; 32];
+    for (i, o) in out.iter_mut().enumerate() {
+        *o = u8::from_str_radix(&h[2 * i..2 * i + 2], 16).map_err(|_| bad())?;
+    }
+    Ok(out)
+}
+
+/// The configuration: from `file`, or the embedded default; `listen` and `data_dir` (from the
+/// command line) override the file's.
+pub(crate) fn load(
+    file: Option<&Path>,
+    listen: Option<SocketAddr>,
+    data_dir: Option<PathBuf>,
+) -> Result<(Config, Option<String>), Vec<Diagnostic>> {
+    let threads_default = std::thread::available_parallelism().map_or(2, |n| n.get());
+    let Some(path) = file else {
+        let data_dir = data_dir.or_else(default_data_dir).ok_or_else(|| {
+            vec![Diagnostic::error(
+                "no data directory: give --data-dir DIR (there is no $HOME or $XDG_DATA_HOME)",
+            )]
+        })?;
+        let (hashes, new) = default_tokens(&data_dir).map_err(|e| vec![Diagnostic::error(e)])?;
+        let config = Config {
+            listen: listen.unwrap_or_else(|| DEFAULT_LISTEN.parse().expect("a valid address")),
+            data_dir,
+            threads: threads_default,
+            drain_timeout: Duration::from_secs(30),
+            post_timeout: Duration::from_secs(5),
+            tenants: vec![TenantConfig {
+                id: DEFAULT_TENANT.to_owned(),
+                token_hashes: hashes,
+                quotas: Quotas::default(),
+            }],
+        };
+        return Ok((config, new));
+    };
+    let src = Source::read(path).map_err(|d| vec![d])?;
+    let f: ConfigFile = src.parse().map_err(|d| vec![d])?;
+    let mut diags = Vec::new();
+    let listen = match (listen, &f.listen) {
+        (Some(l), _) => Some(l),
+        (None, None) => Some(DEFAULT_LISTEN.parse().expect("a valid address")),
+        (None, Some(l)) => match l.value.parse::<SocketAddr>() {
+            Ok(a) => Some(a),
+            Err(e) => {
+                diags.push(src.error(
+                    &l.referenced,
+                    format!("`listen: {}` is not an address and port ({e})", l.value),
+                ));
+                None
+            }
+        },
+    };
+    let base = path.parent().unwrap_or(Path::new("."));
+    let data_dir = data_dir
+        .or_else(|| f.data_dir.as_ref().map(|d| base.join(d)))
+        .or_else(default_data_dir);
+    let threads = match &f.threads {
+        None => threads_default,
+        Some(t) if (1..=super::super::MAX_THREADS).contains(&t.value) => t.value,
+        Some(t) => {
+            diags.push(src.error(
+                &t.referenced,
+                format!(
+                    "threads must be 1 to {}, not {}",
+                    super::super::MAX_THREADS,
+                    t.value
+                ),
+            ));
+            1
+        }
+    };
+    let mut tenants: Vec<TenantConfig> = Vec::new();
+    let mut seen_hashes = std::collections::HashMap::new();
+    for t in &f.tenants {
+        let def = &t.value;
+        if !valid_name(&def.id.value) {
+            diags.push(src.error(
+                &def.id.referenced,
+                "a tenant id is 1 to 64 letters, digits, `_` and `-`, starting with a letter or \
+                 digit",
+            ));
+        }
+        if tenants.iter().any(|o| o.id == def.id.value) {
+            diags.push(src.error(
+                &def.id.referenced,
+                format!("tenant `{}` is configured twice", def.id.value),
+            ));
+        }
+        let mut hashes = Vec::new();
+        for tok in &def.tokens {
+            match parse_hash(&tok.value) {
+                Ok(h) => {
+                    if let Some(other) = seen_hashes.insert(h, def.id.value.clone()) {
+                        diags.push(src.error(
+                            &tok.referenced,
+                            format!(
+                                "this token is also tenant `{other}`'s: a token names one tenant"
+                            ),
+                        ));
+                    }
+                    hashes.push(h);
+                }
+                Err(e) => diags.push(src.error(&tok.referenced, e)),
+            }
+        }
+        if def.tokens.is_empty() {
+            diags.push(src.error(
+                &def.id.referenced,
+                format!(
+                    "tenant `{}` has no tokens: nobody could use it",
+                    def.id.value
+                ),
+            ));
+        }
+        let mut quotas = Quotas::default();
+        let q = &def.quotas;
+        if let Some(n) = q.plugins {
+            quotas.plugins = n;
+        }
+        if let Some(n) = q.plugin_bytes {
+            quotas.plugin_bytes = n.0;
+        }
+        if let Some(n) = q.flows {
+            quotas.flows = n;
+        }
+        if let Some(n) = q.jobs {
+            quotas.jobs = n;
+        }
+        tenants.push(TenantConfig {
+            id: def.id.value.clone(),
+            token_hashes: hashes,
+            quotas,
+        });
+    }
+    if f.tenants.is_empty() {
+        diags.push(Diagnostic::error(format!(
+            "{}: `tenants` is empty: nobody could use the server",
+            path.display()
+        )));
+    }
+    let Some(data_dir) = data_dir else {
+        diags.push(Diagnostic::error(
+            "no data directory: set `data_dir:` or give --data-dir DIR",
+        ));
+        return Err(diags);
+    };
+    if !diags.is_empty() {
+        return Err(diags);
+    }
+    Ok((
+        Config {
+            listen: listen.expect("checked above"),
+            data_dir,
+            threads,
+            drain_timeout: f.drain_timeout.map_or(Duration::from_secs(30), |d| d.0),
+            post_timeout: f.post_timeout.map_or(Duration::from_secs(5), |d| d.0),
+            tenants,
+        },
+        None,
+    ))
+}
+
+/// The default tenant's token hashes, kept in `DATA/tokens`; at first start a token is made,
+/// its hash stored, and the token returned (to be printed once).
+fn default_tokens(data_dir: &Path) -> Result<(Vec<[u8; 32]>, Option<String>), String> {
+    let path = data_dir.join(TOKENS_FILE);
+    match std::fs::read_to_string(&path) {
+        Ok(text) => {
+            let hashes: Result<Vec<_>, _> = text
+                .lines()
+                .filter(|l| !l.trim().is_empty())
+                .map(|l| parse_hash(l.trim()))
+                .collect();
+            let hashes = hashes.map_err(|e| format!("{}: {e}", path.display()))?;
+            if hashes.is_empty() {
+                return Err(format!(
+                    "{} holds no token hash: run `routilux serve token` to make one",
+                    path.display()
+                ));
+            }
+            Ok((hashes, None))
+        }
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+            let token = rotate_token(data_dir)?;
+            Ok((vec![token_hash(&token)], Some(token)))
+        }
+        Err(e) => Err(format!("cannot read {}: {e}", path.display())),
+    }
+}
+
+/// Makes a new token for the default tenant, replacing the stored ones (the old tokens stop
+/// working at the next start); returns it.
+pub(crate) fn rotate_token(data_dir: &Path) -> Result<String, String> {
+    let token = new_token()?;
+    std::fs::create_dir_all(data_dir)
+        .map_err(|e| format!("cannot create {}: {e}", data_dir.display()))?;
+    super::disk::write_atomic(
+        &data_dir.join(TOKENS_FILE),
+        format!("{}\n", token_hash_text(&token)).as_bytes(),
+    )
+    .map_err(|e| format!("cannot write {}: {e}", data_dir.join(TOKENS_FILE).display()))?;
+    Ok(token)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn names_are_never_paths() {
+        for ok in ["news", "a", "news-js", "n_2", &"x".repeat(64)] {
+            assert!(valid_name(ok), "{ok}");
+        }
+        for bad in [
+            "",
+            ".",
+            "..",
+            "a/b",
+            "-a",
+            "_a",
+            "a.wasm",
+            "a b",
+            "é",
+            &"x".repeat(65),
+            "a\0",
+        ] {
+            assert!(!valid_name(bad), "{bad:?}");
+        }
+    }
+
+    #[test]
+    fn a_token_hash_reads_back() {
+        let t = new_token().unwrap();
+        assert_eq!(parse_hash(&token_hash_text(&t)).unwrap(), token_hash(&t));
+        assert!(parse_hash("sha256:zz").is_err());
+        assert!(parse_hash(&hex(&token_hash(&t))).is_err());
+    }
+}

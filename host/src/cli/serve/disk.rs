@@ -1,0 +1,110 @@
+//! What `serve` keeps on disk per tenant: its plugins' components and its flow files, each in a
+//! file named by the SHA-256 of its content (names from URLs never become paths), and an index
+//! from names to hashes, replaced atomically.
+
+use std::collections::BTreeMap;
+use std::io::Write;
+use std::path::{Path, PathBuf};
+
+use serde::{Deserialize, Serialize};
+
+/// Writes `bytes` to `path` through a temporary file, synced and renamed into place, then syncs
+/// the directory: a crash leaves the old file or the new one, never a part.
+pub(crate) fn write_atomic(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
+    let dir = path.parent().unwrap_or(Path::new("."));
+    let tmp = path.with_extension("tmp");
+    {
+        let mut f = std::fs::File::create(&tmp)?;
+        f.write_all(bytes)?;
+        f.sync_all()?;
+    }
+    std::fs::rename(&tmp, path)?;
+    std::fs::File::open(dir)?.sync_all()
+}
+
+/// A tenant's index: plugin names and flow ids to the hashes of their content.
+#[derive(Clone, Debug, Default, Serialize, Deserialize)]
+pub(crate) struct Index {
+    #[serde(default)]
+    pub plugins: BTreeMap<String, String>,
+    #[serde(default)]
+    pub flows: BTreeMap<String, String>,
+}
+
+/// One tenant's directory: `DATA/tenants/ID/` with `index.json` and `blobs/HASH`.
+#[derive(Clone, Debug)]
+pub(crate) struct TenantDir {
+    dir: PathBuf,
+}
+
+impl TenantDir {
+    /// Opens (creating it if needed) the directory of tenant `id` (a checked name).
+    pub fn open(data_dir: &Path, id: &str) -> std::io::Result<Self> {
+        let dir = data_dir.join("tenants").join(id);
+        std::fs::create_dir_all(dir.join("blobs"))?;
+        Ok(Self { dir })
+    }
+
+    /// The index (empty for a new tenant).
+    pub fn index(&self) -> Result<Index, String> {
+        let path = self.dir.join("index.json");
+        match std::fs::read(&path) {
+            Ok(bytes) => serde_json::from_slice(&bytes)
+                .map_err(|e| format!("{} is damaged: {e}", path.display())),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(Index::default()),
+            Err(e) => Err(format!("cannot read {}: {e}", path.display())),
+        }
+    }
+
+    /// Replaces the index, then removes the blobs it no longer names.
+    pub fn save_index(&self, index: &Index) -> std::io::Result<()> {
+        let bytes = serde_json::to_vec_pretty(index).map_err(std::io::Error::other)?;
+        write_atomic(&self.dir.join("index.json"), &bytes)?;
+        let named: std::collections::BTreeSet<&String> =
+            index.plugins.values().chain(index.flows.values()).collect();
+        if let Ok(entries) = std::fs::read_dir(self.dir.join("blobs")) {
+            for e in entries.flatten() {
+                let name = e.file_name().to_string_lossy().into_owned();
+                if !named.contains(&name) {
+                    let _ = std::fs::remove_file(e.path());
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// Stores a blob under its hash (once).
+    pub fn put_blob(&self, hash: &str, bytes: &[u8]) -> std::io::Result<()> {
+        let path = self.dir.join("blobs").join(hash);
+        if path.is_file() {
+            return Ok(());
+        }
+        write_atomic(&path, bytes)
+    }
+
+    /// The blob of `hash`.
+    pub fn blob(&self, hash: &str) -> std::io::Result<Vec<u8>> {
+        std::fs::read(self.dir.join("blobs").join(hash))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_index_and_its_blobs_survive_a_reopen_and_unnamed_blobs_go() {
+        let d = tempfile::tempdir().unwrap();
+        let t = TenantDir::open(d.path(), "acme").unwrap();
+        assert!(t.index().unwrap().plugins.is_empty());
+        t.put_blob("aa", b"one").unwrap();
+        t.put_blob("bb", b"two").unwrap();
+        let mut i = Index::default();
+        i.plugins.insert("p".into(), "aa".into());
+        t.save_index(&i).unwrap();
+        let t = TenantDir::open(d.path(), "acme").unwrap();
+        assert_eq!(t.index().unwrap().plugins["p"], "aa");
+        assert_eq!(t.blob("aa").unwrap(), b"one");
+        assert!(t.blob("bb").is_err(), "a blob no index names is removed");
+    }
+}

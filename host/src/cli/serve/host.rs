@@ -1,0 +1,955 @@
+//! The server's state and operations, apart from HTTP: tenants, their plugins, flows and jobs,
+//! on one WebAssembly engine and one runtime (one worker pool) for all of them. Every
+//! operation takes the tenant it acts for; what belongs to another tenant is never found.
+
+use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::path::Path;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::time::{Duration, SystemTime};
+
+use indexmap::IndexMap;
+use parking_lot::Mutex;
+use serde_json::{Map, Value, json};
+use sha2::{Digest, Sha256};
+use wasmtime::component::Component;
+
+use super::super::diag::{Diagnostic, Severity};
+use super::config::{Config, TenantConfig, hex, random_hex, valid_name};
+use super::disk::{Index, TenantDir};
+use crate::wasm::{Plugin, WasmEngine};
+use crate::{InputHold, Item, JobHandle, JobStatus, Runtime, RuntimeError};
+
+/// The most finished jobs a tenant's list keeps (the oldest are forgotten first).
+const KEPT_FINISHED_JOBS: usize = 1000;
+
+/// An error as the API answers it: an HTTP status, a stable code, a message, and details.
+#[derive(Debug)]
+pub(crate) struct ApiError {
+    pub status: u16,
+    pub code: &'static str,
+    pub message: String,
+    /// Extra fields of the error object (`diagnostics`, `accepted`, `quota`, …).
+    pub details: Map<String, Value>,
+    /// Seconds, for a `Retry-After` header.
+    pub retry_after: Option<u64>,
+}
+
+impl ApiError {
+    pub fn new(status: u16, code: &'static str, message: impl Into<String>) -> Self {
+        Self {
+            status,
+            code,
+            message: message.into(),
+            details: Map::new(),
+            retry_after: None,
+        }
+    }
+
+    pub fn with(mut self, key: &str, value: impl Into<Value>) -> Self {
+        self.details.insert(key.to_owned(), value.into());
+        self
+    }
+
+    /// 404 for something of this tenant that does not exist (or is another tenant's).
+    pub fn not_found(what: &str, name: &str) -> Self {
+        Self::new(
+            404,
+            "not_found",
+            format!("no {what} `{}`", crate::term::escape(name)),
+        )
+    }
+
+    pub fn bad_request(message: impl Into<String>) -> Self {
+        Self::new(400, "bad_request", message)
+    }
+
+    /// A quota on stored or running things: 413 for bytes, 429 for counts.
+    fn quota(status: u16, quota: &str, message: String) -> Self {
+        Self::new(status, "quota_exceeded", message).with("quota", quota)
+    }
+
+    fn internal(message: impl Into<String>) -> Self {
+        Self::new(500, "internal", message)
+    }
+
+    /// The JSON body.
+    pub fn body(&self) -> Value {
+        let mut e = Map::new();
+        e.insert("code".into(), self.code.into());
+        e.insert("message".into(), self.message.clone().into());
+        for (k, v) in &self.details {
+            e.insert(k.clone(), v.clone());
+        }
+        json!({ "error": e })
+    }
+}
+
+/// A diagnostic as JSON: severity, message, and (where known) line, column and the line's text.
+fn diagnostic_json(d: &Diagnostic) -> Value {
+    let mut o = Map::new();
+    o.insert(
+        "severity".into(),
+        match d.severity {
+            Severity::Error => "error",
+            Severity::Warning => "warning",
+        }
+        .into(),
+    );
+    o.insert("message".into(), d.message.clone().into());
+    if let Some(p) = &d.place {
+        o.insert("file".into(), p.file.display().to_string().into());
+        if p.line > 0 {
+            o.insert("line".into(), p.line.into());
+            o.insert("column".into(), p.column.into());
+        }
+        if let Some(t) = &p.text {
+            o.insert("text".into(), t.clone().into());
+        }
+    }
+    Value::Object(o)
+}
+
+struct StoredPlugin {
+    hash: String,
+    bytes: u64,
+    plugin: Plugin,
+}
+
+struct StoredFlow {
+    hash: String,
+    text: String,
+    /// Its name in the runtime's registry.
+    registered: String,
+    description: Option<String>,
+    routines: usize,
+    connections: usize,
+    entries: Vec<(String, String)>,
+    plugins: BTreeSet<String>,
+    input: Vec<((String, String), Vec<Item>)>,
+    timeout: Option<Duration>,
+    warnings: Vec<Value>,
+}
+
+/// A job of a tenant.
+pub(crate) struct JobRecord {
+    pub id: String,
+    pub flow: String,
+    pub handle: JobHandle,
+    /// Keeps the job open for input until `close`.
+    hold: Mutex<Option<InputHold>>,
+    entries: Vec<(String, String)>,
+    posted: AtomicU64,
+    created: SystemTime,
+    pub timeout: Option<Duration>,
+    pub timed_out: AtomicBool,
+}
+
+impl JobRecord {
+    /// Ends its input: it completes once quiescent.
+    pub fn close(&self) -> bool {
+        self.hold.lock().take().is_some()
+    }
+
+    fn is_closed(&self) -> bool {
+        self.hold.lock().is_none()
+    }
+
+    /// The slot a post goes to: `to` (`routine.slot`), or the flow's only entry slot.
+    fn target(&self, to: Option<&str>) -> Result<(String, String), ApiError> {
+        match to {
+            Some(t) => {
+                let Some((r, s)) = t.split_once('.') else {
+                    return Err(ApiError::bad_request(format!(
+                        "`to={}` must be written `routine.slot`",
+                        crate::term::escape(t)
+                    )));
+                };
+                Ok((r.to_owned(), s.to_owned()))
+            }
+            None => match self.entries.as_slice() {
+                [one] => Ok(one.clone()),
+                many => Err(ApiError::bad_request(format!(
+                    "say which slot with `?to=routine.slot`: flow `{}` has {} entry slots ({})",
+                    self.flow,
+                    many.len(),
+                    many.iter()
+                        .map(|(r, s)| format!("{r}.{s}"))
+                        .collect::<Vec<_>>()
+                        .join(", ")
+                ))),
+            },
+        }
+    }
+
+    /// Status and summary, as `GET /v1/jobs/{id}` answers.
+    pub fn view(&self) -> Value {
+        let mut summary = serde_json::to_value(self.handle.summary()).unwrap_or(Value::Null);
+        if let Some(o) = summary.as_object_mut() {
+            // The engine's own job number and registry name mean nothing to a tenant.
+            o.remove("job");
+            o.insert("flow".into(), self.flow.clone().into());
+        }
+        json!({
+            "id": self.id,
+            "flow": self.flow,
+            "status": self.handle.status(),
+            "closed": self.is_closed(),
+            "timed_out": self.timed_out.load(Ordering::Relaxed),
+            "posted": self.posted.load(Ordering::Relaxed),
+            "created": unix_ms(self.created),
+            "summary": summary,
+        })
+    }
+
+    fn line(&self) -> Value {
+        json!({
+            "id": self.id,
+            "flow": self.flow,
+            "status": self.handle.status(),
+            "created": unix_ms(self.created),
+        })
+    }
+}
+
+fn unix_ms(t: SystemTime) -> u64 {
+    t.duration_since(SystemTime::UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as u64)
+}
+
+#[derive(Default)]
+struct TenantState {
+    index: Index,
+    plugins: BTreeMap<String, StoredPlugin>,
+    flows: BTreeMap<String, StoredFlow>,
+    jobs: IndexMap<String, Arc<JobRecord>>,
+}
+
+/// One tenant: its configuration, directory and objects.
+pub(crate) struct Tenant {
+    pub config: TenantConfig,
+    dir: TenantDir,
+    state: Mutex<TenantState>,
+}
+
+/// The server.
+pub(crate) struct Host {
+    pub config: Config,
+    engine: WasmEngine,
+    runtime: Runtime,
+    tenants: BTreeMap<String, Arc<Tenant>>,
+    /// Compiled components by the SHA-256 of their bytes, shared by every tenant.
+    components: Mutex<HashMap<String, Component>>,
+    /// Taking work (false while starting and once stopping).
+    pub ready: AtomicBool,
+}
+
+/// Compares two hashes in time that does not depend on where they differ.
+fn same(a: &[u8; 32], b: &[u8; 32]) -> bool {
+    a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
+}
+
+impl Host {
+    /// Starts the engine and the pool, and loads every tenant's plugins and flows from the data
+    /// directory (one that no longer loads is reported and left on disk, not lost).
+    pub fn start(config: Config) -> Result<Arc<Host>, String> {
+        let engine = crate::wasm::WasmEngine::new(crate::wasm::WasmConfig::default())
+            .map_err(|e| format!("cannot start the WebAssembly engine: {e}"))?;
+        let runtime = Runtime::builder()
+            .thread_pool_size(config.threads)
+            .post_timeout(config.post_timeout)
+            .try_build()
+            .map_err(|e| format!("cannot start {} worker threads: {e}", config.threads))?;
+        let mut tenants = BTreeMap::new();
+        for t in &config.tenants {
+            let dir = TenantDir::open(&config.data_dir, &t.id).map_err(|e| {
+                format!(
+                    "cannot create the directory of tenant `{}` in {}: {e}",
+                    t.id,
+                    config.data_dir.display()
+                )
+            })?;
+            tenants.insert(
+                t.id.clone(),
+                Arc::new(Tenant {
+                    config: t.clone(),
+                    dir,
+                    state: Mutex::default(),
+                }),
+            );
+        }
+        let host = Arc::new(Host {
+            config,
+            engine,
+            runtime,
+            tenants,
+            components: Mutex::default(),
+            ready: AtomicBool::new(false),
+        });
+        for t in host.tenants.values() {
+            host.restore(t)?;
+        }
+        host.ready.store(true, Ordering::Release);
+        Ok(host)
+    }
+
+    /// Loads what tenant `t` stored.
+    fn restore(&self, t: &Tenant) -> Result<(), String> {
+        let index = t.dir.index()?;
+        let mut st = t.state.lock();
+        for (name, hash) in &index.plugins {
+            let loaded = t
+                .dir
+                .blob(hash)
+                .map_err(|e| e.to_string())
+                .and_then(|bytes| {
+                    let n = bytes.len() as u64;
+                    self.plugin_of(name, hash, &bytes)
+                        .map(|p| (p, n))
+                        .map_err(|e| e.message)
+                });
+            match loaded {
+                Ok((plugin, bytes)) => {
+                    st.plugins.insert(
+                        name.clone(),
+                        StoredPlugin {
+                            hash: hash.clone(),
+                            bytes,
+                            plugin,
+                        },
+                    );
+                }
+                Err(e) => tracing::error!(
+                    tenant = %t.config.id,
+                    "plugin `{name}` does not load any more (kept on disk): {e}"
+                ),
+            }
+        }
+        st.index.plugins = index.plugins.clone();
+        for (id, hash) in &index.flows {
+            let text = t
+                .dir
+                .blob(hash)
+                .map_err(|e| e.to_string())
+                .and_then(|b| String::from_utf8(b).map_err(|e| e.to_string()));
+            let result = text.and_then(|text| {
+                self.build_flow(t, &st, id, text)
+                    .map_err(|e| format!("{}: {:?}", e.message, e.details))
+            });
+            match result {
+                Ok(flow) => {
+                    st.flows.insert(id.clone(), flow);
+                }
+                Err(e) => tracing::error!(
+                    tenant = %t.config.id,
+                    "flow `{id}` does not load any more (kept on disk): {e}"
+                ),
+            }
+        }
+        st.index.flows = index.flows;
+        Ok(())
+    }
+
+    /// The tenant a bearer token belongs to; every tenant's hashes are compared, each in
+    /// constant time.
+    pub fn authenticate(&self, token: &str) -> Option<Arc<Tenant>> {
+        let h = super::config::token_hash(token);
+        let mut found = None;
+        for t in self.tenants.values() {
+            for th in &t.config.token_hashes {
+                if same(th, &h) {
+                    found = Some(t.clone());
+                }
+            }
+        }
+        found
+    }
+
+    /// A plugin of `bytes` named `name`, compiled once per content across tenants.
+    fn plugin_of(&self, name: &str, hash: &str, bytes: &[u8]) -> Result<Plugin, ApiError> {
+        let path = Path::new(name);
+        let cached = self.components.lock().get(hash).cloned();
+        let (component, from_cache) = match cached {
+            Some(c) => (c, true),
+            None => {
+                let (c, from_disk) = self
+                    .engine
+                    .compile_bytes(path, bytes)
+                    .map_err(|e| invalid_plugin(&e))?;
+                self.components.lock().insert(hash.to_owned(), c.clone());
+                (c, from_disk)
+            }
+        };
+        self.engine
+            .open_component(path, component, from_cache)
+            .map_err(|e| invalid_plugin(&e))
+    }
+
+    /// Whether tenant `t` may store a plugin named `name` (a count quota; bytes are checked
+    /// with the bytes).
+    pub fn plugin_room(&self, t: &Tenant, name: &str) -> Result<(), ApiError> {
+        check_name("plugin", name)?;
+        let st = t.state.lock();
+        let q = &t.config.quotas;
+        if !st.plugins.contains_key(name) && st.plugins.len() >= q.plugins {
+            return Err(ApiError::quota(
+                429,
+                "plugins",
+                format!("the tenant holds {} plugins, its quota", q.plugins),
+            ));
+        }
+        Ok(())
+    }
+
+    /// `PUT /v1/plugins/{name}`: validates and compiles the component, then stores it.
+    /// Returns whether it is new, and its description.
+    pub fn put_plugin(
+        &self,
+        t: &Tenant,
+        name: &str,
+        bytes: &[u8],
+    ) -> Result<(bool, Value), ApiError> {
+        check_name("plugin", name)?;
+        let q = &t.config.quotas;
+        let size = bytes.len() as u64;
+        let check = |st: &TenantState| -> Result<(), ApiError> {
+            let replaced = st.plugins.get(name).map_or(0, |p| p.bytes);
+            let total: u64 = st.plugins.values().map(|p| p.bytes).sum::<u64>() - replaced;
+            if !st.plugins.contains_key(name) && st.plugins.len() >= q.plugins {
+                return Err(ApiError::quota(
+                    429,
+                    "plugins",
+                    format!("the tenant holds {} plugins, its quota", q.plugins),
+                ));
+            }
+            if total + size > q.plugin_bytes {
+                return Err(ApiError::quota(
+                    413,
+                    "plugin_bytes",
+                    format!(
+                        "its plugins would take {}, over the tenant's quota of {}",
+                        crate::model::budget::bytes(total + size),
+                        crate::model::budget::bytes(q.plugin_bytes)
+                    ),
+                ));
+            }
+            Ok(())
+        };
+        check(&t.state.lock())?;
+        let hash = hex(&Sha256::digest(bytes));
+        let plugin = self.plugin_of(name, &hash, bytes)?;
+        let description = describe(name, &hash, size, &plugin);
+        let mut st = t.state.lock();
+        check(&st)?;
+        t.dir
+            .put_blob(&hash, bytes)
+            .map_err(|e| store_failed(&t.config.id, &e))?;
+        let mut index = st.index.clone();
+        index.plugins.insert(name.to_owned(), hash.clone());
+        t.dir
+            .save_index(&index)
+            .map_err(|e| store_failed(&t.config.id, &e))?;
+        st.index = index;
+        let new = st
+            .plugins
+            .insert(
+                name.to_owned(),
+                StoredPlugin {
+                    hash,
+                    bytes: size,
+                    plugin,
+                },
+            )
+            .is_none();
+        Ok((new, description))
+    }
+
+    pub fn plugins(&self, t: &Tenant) -> Value {
+        let st = t.state.lock();
+        Value::Array(
+            st.plugins
+                .iter()
+                .map(|(name, p)| json!({"name": name, "sha256": p.hash, "size_bytes": p.bytes}))
+                .collect(),
+        )
+    }
+
+    pub fn plugin(&self, t: &Tenant, name: &str) -> Result<Value, ApiError> {
+        let st = t.state.lock();
+        let p = st
+            .plugins
+            .get(name)
+            .ok_or_else(|| ApiError::not_found("plugin", name))?;
+        Ok(describe(name, &p.hash, p.bytes, &p.plugin))
+    }
+
+    /// `DELETE /v1/plugins/{name}`: refused (409) while a flow uses it.
+    pub fn delete_plugin(&self, t: &Tenant, name: &str) -> Result<(), ApiError> {
+        let mut st = t.state.lock();
+        if !st.plugins.contains_key(name) {
+            return Err(ApiError::not_found("plugin", name));
+        }
+        let users: Vec<&String> = st
+            .flows
+            .iter()
+            .filter(|(_, f)| f.plugins.contains(name))
+            .map(|(id, _)| id)
+            .collect();
+        if !users.is_empty() {
+            let users: Vec<String> = users.into_iter().cloned().collect();
+            return Err(ApiError::new(
+                409,
+                "in_use",
+                format!(
+                    "plugin `{name}` is used by flow{} {}: delete or change {} first",
+                    if users.len() == 1 { "" } else { "s" },
+                    users.join(", "),
+                    if users.len() == 1 { "it" } else { "them" }
+                ),
+            )
+            .with("flows", users));
+        }
+        let mut index = st.index.clone();
+        index.plugins.remove(name);
+        t.dir
+            .save_index(&index)
+            .map_err(|e| store_failed(&t.config.id, &e))?;
+        st.index = index;
+        st.plugins.remove(name);
+        Ok(())
+    }
+
+    /// Checks a tenant's flow text against its plugins.
+    fn build_flow(
+        &self,
+        t: &Tenant,
+        st: &TenantState,
+        id: &str,
+        text: String,
+    ) -> Result<StoredFlow, ApiError> {
+        let plugins: BTreeMap<String, Plugin> = st
+            .plugins
+            .iter()
+            .map(|(n, p)| (n.clone(), p.plugin.clone()))
+            .collect();
+        let hash = hex(&Sha256::digest(text.as_bytes()));
+        let file = format!("flows/{id}");
+        let loaded =
+            super::super::load::load_tenant_flow(&file, text.clone(), &self.engine, &plugins)
+                .map_err(|diags| {
+                    let errors = diags.iter().filter(|d| d.is_error()).count();
+                    ApiError::new(
+                        400,
+                        "invalid_flow",
+                        format!(
+                            "flow `{id}` is invalid: {errors} error{} found",
+                            if errors == 1 { "" } else { "s" }
+                        ),
+                    )
+                    .with(
+                        "diagnostics",
+                        diags.iter().map(diagnostic_json).collect::<Vec<_>>(),
+                    )
+                })?;
+        let registered = format!("{}/{id}", t.config.id);
+        self.runtime
+            .register(&registered, &loaded.flow)
+            .map_err(|e| ApiError::new(400, "invalid_flow", e.to_string()))?;
+        Ok(StoredFlow {
+            hash,
+            text,
+            registered,
+            description: loaded.description.clone(),
+            routines: loaded.flow.routines().count(),
+            connections: loaded.flow.connections().len(),
+            entries: loaded.entries.clone(),
+            plugins: loaded
+                .components
+                .iter()
+                .map(|(p, _)| p.display().to_string())
+                .collect(),
+            input: loaded.input.clone(),
+            timeout: loaded.timeout,
+            warnings: loaded.warnings.iter().map(diagnostic_json).collect(),
+        })
+    }
+
+    /// `PUT /v1/flows/{id}`: checks the flow whole, then stores it for new jobs (running jobs
+    /// keep the version they started with).
+    pub fn put_flow(&self, t: &Tenant, id: &str, text: String) -> Result<(bool, Value), ApiError> {
+        check_name("flow", id)?;
+        let mut st = t.state.lock();
+        if !st.flows.contains_key(id) && st.flows.len() >= t.config.quotas.flows {
+            return Err(ApiError::quota(
+                429,
+                "flows",
+                format!(
+                    "the tenant holds {} flows, its quota",
+                    t.config.quotas.flows
+                ),
+            ));
+        }
+        let flow = self.build_flow(t, &st, id, text)?;
+        t.dir
+            .put_blob(&flow.hash, flow.text.as_bytes())
+            .map_err(|e| store_failed(&t.config.id, &e))?;
+        let mut index = st.index.clone();
+        index.flows.insert(id.to_owned(), flow.hash.clone());
+        t.dir
+            .save_index(&index)
+            .map_err(|e| store_failed(&t.config.id, &e))?;
+        st.index = index;
+        let view = flow_view(id, &flow);
+        let new = st.flows.insert(id.to_owned(), flow).is_none();
+        Ok((new, view))
+    }
+
+    pub fn flows(&self, t: &Tenant) -> Value {
+        let st = t.state.lock();
+        Value::Array(st.flows.iter().map(|(id, f)| flow_view(id, f)).collect())
+    }
+
+    /// A flow's view, with its text.
+    pub fn flow(&self, t: &Tenant, id: &str) -> Result<Value, ApiError> {
+        let st = t.state.lock();
+        let f = st
+            .flows
+            .get(id)
+            .ok_or_else(|| ApiError::not_found("flow", id))?;
+        let mut v = flow_view(id, f);
+        v["text"] = f.text.clone().into();
+        Ok(v)
+    }
+
+    /// `DELETE /v1/flows/{id}`: refused (409) while a job of it runs.
+    pub fn delete_flow(&self, t: &Tenant, id: &str) -> Result<(), ApiError> {
+        let mut st = t.state.lock();
+        let Some(f) = st.flows.get(id) else {
+            return Err(ApiError::not_found("flow", id));
+        };
+        let registered = f.registered.clone();
+        let running: Vec<String> = st
+            .jobs
+            .values()
+            .filter(|j| j.flow == id && !j.handle.is_finished())
+            .map(|j| j.id.clone())
+            .collect();
+        if !running.is_empty() {
+            return Err(ApiError::new(
+                409,
+                "in_use",
+                format!(
+                    "flow `{id}` has {} running job{}: close or cancel {} first",
+                    running.len(),
+                    if running.len() == 1 { "" } else { "s" },
+                    if running.len() == 1 { "it" } else { "them" }
+                ),
+            )
+            .with("jobs", running));
+        }
+        let mut index = st.index.clone();
+        index.flows.remove(id);
+        t.dir
+            .save_index(&index)
+            .map_err(|e| store_failed(&t.config.id, &e))?;
+        st.index = index;
+        st.flows.remove(id);
+        self.runtime.registry().unregister(&registered);
+        Ok(())
+    }
+
+    /// `POST /v1/flows/{id}/jobs`: starts a job, open for input until closed. `input` (by
+    /// `routine.slot`) is posted first; without it, the flow file's own `input:`.
+    pub fn start_job(
+        &self,
+        t: &Tenant,
+        flow: &str,
+        input: Option<Map<String, Value>>,
+        close: bool,
+    ) -> Result<Arc<JobRecord>, ApiError> {
+        if !self.ready.load(Ordering::Acquire) {
+            return Err(stopping());
+        }
+        let record = {
+            let mut st = t.state.lock();
+            let f = st
+                .flows
+                .get(flow)
+                .ok_or_else(|| ApiError::not_found("flow", flow))?;
+            let running = st.jobs.values().filter(|j| !j.handle.is_finished()).count();
+            if running >= t.config.quotas.jobs {
+                return Err(ApiError::quota(
+                    429,
+                    "jobs",
+                    format!(
+                        "the tenant runs {running} jobs, its quota: close or cancel one, or wait"
+                    ),
+                ));
+            }
+            let (registered, entries, timeout) =
+                (f.registered.clone(), f.entries.clone(), f.timeout);
+            let flow_input = f.input.clone();
+            let handle = self.runtime.exec(&registered).map_err(runtime_error)?;
+            let hold = handle.hold_open().map_err(runtime_error)?;
+            let id = random_hex(16).map_err(ApiError::internal)?;
+            let record = Arc::new(JobRecord {
+                id: id.clone(),
+                flow: flow.to_owned(),
+                handle,
+                hold: Mutex::new(Some(hold)),
+                entries,
+                posted: AtomicU64::new(0),
+                created: SystemTime::now(),
+                timeout,
+                timed_out: AtomicBool::new(false),
+            });
+            st.jobs.insert(id, record.clone());
+            forget_old_jobs(&mut st.jobs);
+            (record, flow_input)
+        };
+        let (record, flow_input) = record;
+        let feeds: Vec<((String, String), Vec<Item>)> = match input {
+            None => flow_input,
+            Some(map) => {
+                let mut feeds = Vec::new();
+                for (to, items) in map {
+                    let target = record.target(Some(&to)).inspect_err(|_| {
+                        record.handle.cancel();
+                    })?;
+                    let Value::Array(values) = items else {
+                        record.handle.cancel();
+                        return Err(ApiError::bad_request(format!(
+                            "input `{}`: give a list of items",
+                            crate::term::escape(&to)
+                        )));
+                    };
+                    let mut list = Vec::new();
+                    for (i, v) in values.into_iter().enumerate() {
+                        list.push(Item::new(v).map_err(|e| {
+                            record.handle.cancel();
+                            ApiError::bad_request(format!(
+                                "input `{}`, item {i}: {e}",
+                                crate::term::escape(&to)
+                            ))
+                        })?);
+                    }
+                    feeds.push((target, list));
+                }
+                feeds
+            }
+        };
+        for ((r, s), items) in feeds {
+            let n = items.len();
+            if let Err(e) = self.post(&record, Some(&format!("{r}.{s}")), items) {
+                record.handle.cancel();
+                return Err(e.with("accepted", 0).with("input_items", n));
+            }
+        }
+        if close {
+            record.close();
+        }
+        Ok(record)
+    }
+
+    /// Posts `items` in order to a job's slot, each waiting up to the post timeout for room.
+    /// On an error, how many were accepted before it is in `accepted`.
+    pub fn post(
+        &self,
+        job: &JobRecord,
+        to: Option<&str>,
+        items: Vec<Item>,
+    ) -> Result<usize, ApiError> {
+        if job.is_closed() {
+            return Err(ApiError::new(
+                409,
+                "job_closed",
+                format!("job {} is closed: it takes no more input", job.id),
+            )
+            .with("accepted", 0));
+        }
+        let (r, s) = job.target(to)?;
+        let input = job.handle.input(&r, &s).map_err(runtime_error)?;
+        let mut accepted = 0;
+        for item in items {
+            if let Err(e) = input.post_item_timeout(item, self.config.post_timeout) {
+                return Err(runtime_error(e).with("accepted", accepted));
+            }
+            accepted += 1;
+            job.posted.fetch_add(1, Ordering::Relaxed);
+        }
+        Ok(accepted)
+    }
+
+    /// The job `id` of tenant `t`.
+    pub fn job(&self, t: &Tenant, id: &str) -> Result<Arc<JobRecord>, ApiError> {
+        t.state
+            .lock()
+            .jobs
+            .get(id)
+            .cloned()
+            .ok_or_else(|| ApiError::not_found("job", id))
+    }
+
+    pub fn jobs(&self, t: &Tenant) -> Value {
+        let st = t.state.lock();
+        Value::Array(st.jobs.values().map(|j| j.line()).collect())
+    }
+
+    /// Stops taking work: every job's input is closed, then running jobs get `drain` to finish
+    /// before the rest are cancelled. Returns how many finished and how many were cancelled.
+    pub fn shutdown(&self, drain: Duration) -> (usize, usize) {
+        self.ready.store(false, Ordering::Release);
+        let mut all = Vec::new();
+        for t in self.tenants.values() {
+            all.extend(t.state.lock().jobs.values().cloned());
+        }
+        let running: Vec<_> = all.iter().filter(|j| !j.handle.is_finished()).collect();
+        for j in &running {
+            j.close();
+        }
+        self.runtime.shutdown(crate::Shutdown::Drain(drain));
+        let cancelled = running
+            .iter()
+            .filter(|j| j.handle.status() == JobStatus::Cancelled)
+            .count();
+        (running.len() - cancelled, cancelled)
+    }
+}
+
+/// Forgets the oldest finished jobs past [`KEPT_FINISHED_JOBS`].
+fn forget_old_jobs(jobs: &mut IndexMap<String, Arc<JobRecord>>) {
+    let finished = jobs.values().filter(|j| j.handle.is_finished()).count();
+    if finished <= KEPT_FINISHED_JOBS {
+        return;
+    }
+    let mut extra = finished - KEPT_FINISHED_JOBS;
+    jobs.retain(|_, j| {
+        if extra > 0 && j.handle.is_finished() {
+            extra -= 1;
+            false
+        } else {
+            true
+        }
+    });
+}
+
+fn check_name(what: &str, name: &str) -> Result<(), ApiError> {
+    if valid_name(name) {
+        Ok(())
+    } else {
+        Err(ApiError::bad_request(format!(
+            "`{}` is not a valid {what} name: 1 to 64 letters, digits, `_` and `-`, starting \
+             with a letter or digit",
+            crate::term::escape(name)
+        )))
+    }
+}
+
+fn describe(name: &str, hash: &str, size: u64, plugin: &Plugin) -> Value {
+    let mut v = super::super::inspect::describe(plugin);
+    v["name"] = name.into();
+    v["sha256"] = hash.into();
+    v["size_bytes"] = size.into();
+    v
+}
+
+fn flow_view(id: &str, f: &StoredFlow) -> Value {
+    json!({
+        "id": id,
+        "sha256": f.hash,
+        "description": f.description,
+        "routines": f.routines,
+        "connections": f.connections,
+        "entries": f.entries.iter().map(|(r, s)| format!("{r}.{s}")).collect::<Vec<_>>(),
+        "plugins": f.plugins,
+        "warnings": f.warnings,
+    })
+}
+
+fn invalid_plugin(e: &crate::wasm::LoadError) -> ApiError {
+    ApiError::new(400, "invalid_plugin", e.to_string())
+}
+
+/// The tenant's storage failed (a full disk): nothing was stored; the message names no host
+/// path.
+fn store_failed(tenant: &str, e: &std::io::Error) -> ApiError {
+    tracing::error!(tenant, "cannot write the tenant's data: {e}");
+    let full = e.raw_os_error() == Some(28);
+    ApiError::new(
+        if full { 507 } else { 503 },
+        "storage",
+        if full {
+            "the server's storage is full: nothing was stored".to_owned()
+        } else {
+            "the server cannot write its storage: nothing was stored".to_owned()
+        },
+    )
+}
+
+fn stopping() -> ApiError {
+    let mut e = ApiError::new(
+        503,
+        "stopping",
+        "the server is stopping: it takes no new work",
+    );
+    e.retry_after = Some(5);
+    e
+}
+
+/// A runtime error as the API answers it (without the engine's own job numbers and flow
+/// names).
+fn runtime_error(e: RuntimeError) -> ApiError {
+    let esc = |s: &str| crate::term::escape(s).into_owned();
+    match e {
+        RuntimeError::QueueFull {
+            routine,
+            slot,
+            waited,
+            ..
+        } => {
+            let mut a = ApiError::new(
+                429,
+                "slot_full",
+                format!(
+                    "slot `{}.{}` is full and stayed full for {} ms: send the rest later",
+                    esc(&routine),
+                    esc(&slot),
+                    waited.as_millis()
+                ),
+            )
+            .with("waited_ms", waited.as_millis() as u64);
+            a.retry_after = Some(1);
+            a
+        }
+        RuntimeError::JobFinished { .. } => ApiError::new(
+            409,
+            "job_finished",
+            "the job has finished: it takes no more input",
+        ),
+        RuntimeError::JobHalted { status, .. } => ApiError::new(
+            409,
+            "job_finished",
+            format!("the job is {status}: it takes no more input"),
+        ),
+        RuntimeError::UnknownRoutine {
+            routine,
+            suggestion,
+            ..
+        } => ApiError::new(
+            404,
+            "not_found",
+            format!(
+                "the flow has no routine `{}`{}",
+                esc(&routine),
+                suggestion
+                    .map(|s| format!(" (did you mean `{}`?)", esc(&s)))
+                    .unwrap_or_default()
+            ),
+        ),
+        RuntimeError::UnknownSlot { .. } => ApiError::new(404, "not_found", e.to_string()),
+        RuntimeError::ItemTooLarge { .. } => ApiError::new(413, "item_too_large", e.to_string()),
+        RuntimeError::Item(_) => ApiError::bad_request(e.to_string()),
+        RuntimeError::ShutDown => stopping(),
+        other => ApiError::internal(other.to_string()),
+    }
+}

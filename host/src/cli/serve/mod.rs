@@ -1,0 +1,150 @@
+//! `routilux serve`: one long-running host for many tenants' flows behind an HTTP API. One
+//! WebAssembly engine, one compiled-component cache and one worker pool serve every tenant;
+//! the HTTP side runs on its own two tokio threads.
+
+mod api;
+pub(crate) mod config;
+mod disk;
+mod host;
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+
+use super::Code;
+
+/// What `routilux serve` was given.
+pub(crate) struct ServeArgs {
+    pub config: Option<PathBuf>,
+    pub listen: Option<SocketAddr>,
+    pub data_dir: Option<PathBuf>,
+}
+
+/// Runs the server until SIGTERM or SIGINT, then stops taking work, drains the running jobs
+/// up to the drain timeout and cancels the rest.
+pub(crate) fn serve(args: ServeArgs) -> Code {
+    let (config, new_token) = match config::load(args.config.as_deref(), args.listen, args.data_dir)
+    {
+        Ok(c) => c,
+        Err(diags) => {
+            super::print_diagnostics(&diags);
+            return Code::Invalid;
+        }
+    };
+    let drain = config.drain_timeout;
+    let listen = config.listen;
+    let data_dir = config.data_dir.clone();
+    let host = match host::Host::start(config) {
+        Ok(h) => h,
+        Err(e) => {
+            errln!("error: {e}");
+            return Code::Failed;
+        }
+    };
+    if let Some(token) = new_token {
+        errln!(
+            "a new API token for tenant `{}` (shown once; its hash is kept in {}):\n  {token}",
+            config::DEFAULT_TENANT,
+            data_dir.join("tokens").display()
+        );
+    }
+    let rt = match tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .thread_name("routilux-http")
+        .enable_all()
+        .build()
+    {
+        Ok(rt) => rt,
+        Err(e) => {
+            errln!("error: cannot start the HTTP threads: {e}");
+            return Code::Failed;
+        }
+    };
+    let served = rt.block_on(async {
+        let listener = tokio::net::TcpListener::bind(listen)
+            .await
+            .map_err(|e| format!("cannot listen on {listen}: {e}"))?;
+        let bound = listener
+            .local_addr()
+            .map_err(|e| format!("cannot listen on {listen}: {e}"))?;
+        errln!(
+            "routilux serve: listening on http://{bound} (data in {})",
+            data_dir.display()
+        );
+        let app = api::router(host.clone());
+        axum::serve(
+            listener,
+            app.into_make_service_with_connect_info::<SocketAddr>(),
+        )
+        .with_graceful_shutdown(stop_signal())
+        .await
+        .map_err(|e| format!("the server stopped: {e}"))
+    });
+    // The listener is closed: no request is taken any more.
+    let (drained, cancelled) = host.shutdown(drain);
+    rt.shutdown_timeout(std::time::Duration::from_secs(1));
+    errln!("routilux serve: stopped ({drained} running jobs drained, {cancelled} cancelled)");
+    match served {
+        Ok(()) => Code::Ok,
+        Err(e) => {
+            errln!("error: {e}");
+            Code::Failed
+        }
+    }
+}
+
+/// Resolves at the first SIGINT or SIGTERM.
+async fn stop_signal() {
+    let term = async {
+        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(mut s) => {
+                s.recv().await;
+            }
+            Err(e) => {
+                tracing::warn!("cannot catch SIGTERM: {e}");
+                std::future::pending::<()>().await;
+            }
+        }
+    };
+    tokio::select! {
+        _ = tokio::signal::ctrl_c() => {}
+        () = term => {}
+    }
+    errln!("routilux serve: stopping (no new requests; draining running jobs)");
+}
+
+/// `routilux serve token`: a new token for the default tenant (its hash replaces the stored
+/// ones), or, with `hash_only`, a token and the hash to put in a config file (nothing stored).
+pub(crate) fn token(data_dir: Option<PathBuf>, hash_only: bool) -> Code {
+    if hash_only {
+        return match config::new_token() {
+            Ok(t) => {
+                outln!("token: {t}");
+                outln!("hash:  {}", config::token_hash_text(&t));
+                Code::Ok
+            }
+            Err(e) => {
+                errln!("error: {e}");
+                Code::Failed
+            }
+        };
+    }
+    let Some(dir) = data_dir.or_else(config::default_data_dir) else {
+        errln!("error: no data directory: give --data-dir DIR");
+        return Code::Usage;
+    };
+    match config::rotate_token(&dir) {
+        Ok(t) => {
+            outln!("{t}");
+            errln!(
+                "a new token for tenant `{}`; the old ones stop working when the server next \
+                 starts",
+                config::DEFAULT_TENANT
+            );
+            Code::Ok
+        }
+        Err(e) => {
+            errln!("error: {e}");
+            Code::Failed
+        }
+    }
+}

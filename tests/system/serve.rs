@@ -1,0 +1,631 @@
+//! `routilux serve`: the real binary on 127.0.0.1 with two tenants, driven by a real HTTP
+//! client (the reference page's fan-out over HTTP; tenants never see each other; a tenant's
+//! flow grants itself nothing; quotas; items streamed in with backpressure; a restart keeps
+//! what was stored; SIGTERM drains).
+
+use std::io::{BufRead, BufReader};
+use std::path::Path;
+use std::process::{Child, Command, Stdio};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use serde_json::{Value, json};
+use sha2::{Digest, Sha256};
+
+use crate::cli::cache_dir;
+use crate::plugins::{plugin, plugin_dir, repo_root};
+use crate::reference::{by_speaker, expected_outputs, timestamp_checked};
+
+const TOKEN_A: &str = "rlx_tenant_a_0123456789abcdef0123456789abcdef";
+const TOKEN_B: &str = "rlx_tenant_b_fedcba9876543210fedcba9876543210";
+
+fn hash(token: &str) -> String {
+    let d = Sha256::digest(token.as_bytes());
+    format!(
+        "sha256:{}",
+        d.iter().map(|b| format!("{b:02x}")).collect::<String>()
+    )
+}
+
+/// Two tenants, `a` and `b`; `quotas_a` is YAML for tenant a's `quotas:` (or `{}`).
+fn two_tenants(quotas_a: &str, extra: &str) -> String {
+    format!(
+        "post_timeout: 300ms\ndrain_timeout: 10s\nthreads: 4\n{extra}\ntenants:\n  - id: a\n    tokens: [\"{}\"]\n    quotas: {quotas_a}\n  - id: b\n    tokens: [\"{}\"]\n",
+        hash(TOKEN_A),
+        hash(TOKEN_B)
+    )
+}
+
+struct Server {
+    child: Child,
+    base: String,
+    stderr: Arc<Mutex<String>>,
+    agent: ureq::Agent,
+}
+
+struct Resp {
+    status: u16,
+    json: Value,
+    retry_after: Option<String>,
+}
+
+impl Server {
+    /// Starts `routilux serve --config DIR/serve.yaml --listen 127.0.0.1:0` with `config`.
+    fn start(dir: &Path, config: &str) -> Server {
+        plugin_dir();
+        let path = dir.join("serve.yaml");
+        std::fs::write(&path, config).unwrap();
+        let mut child = Command::new(env!("CARGO_BIN_EXE_routilux"))
+            .args(["serve", "--config"])
+            .arg(&path)
+            .args(["--listen", "127.0.0.1:0", "--data-dir"])
+            .arg(dir.join("data"))
+            .env("ROUTILUX_CACHE_DIR", cache_dir())
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("start routilux serve");
+        let stderr = Arc::new(Mutex::new(String::new()));
+        let (tx, rx) = std::sync::mpsc::channel();
+        {
+            let (err, stderr) = (child.stderr.take().unwrap(), stderr.clone());
+            std::thread::spawn(move || {
+                for line in BufReader::new(err).lines() {
+                    let Ok(line) = line else { break };
+                    if let Some(rest) = line.split("listening on http://").nth(1) {
+                        let addr = rest.split_whitespace().next().unwrap_or("").to_owned();
+                        let _ = tx.send(addr);
+                    }
+                    let mut s = stderr.lock().unwrap();
+                    s.push_str(&line);
+                    s.push('\n');
+                }
+            });
+        }
+        let addr = match rx.recv_timeout(Duration::from_secs(120)) {
+            Ok(a) => a,
+            Err(_) => {
+                let _ = child.kill();
+                panic!("the server did not start: {}", stderr.lock().unwrap());
+            }
+        };
+        let agent: ureq::Agent = ureq::Agent::config_builder()
+            .http_status_as_error(false)
+            .timeout_global(Some(Duration::from_secs(60)))
+            .build()
+            .into();
+        Server {
+            child,
+            base: format!("http://{addr}"),
+            stderr,
+            agent,
+        }
+    }
+
+    fn req(
+        &self,
+        method: &str,
+        path: &str,
+        token: Option<&str>,
+        body: Option<(&str, Vec<u8>)>,
+    ) -> Resp {
+        let mut b = ureq::http::Request::builder()
+            .method(method)
+            .uri(format!("{}{path}", self.base));
+        if let Some(t) = token {
+            b = b.header("Authorization", format!("Bearer {t}"));
+        }
+        let result = match body {
+            Some((ct, bytes)) => self
+                .agent
+                .run(b.header("Content-Type", ct).body(bytes).unwrap()),
+            None => self.agent.run(b.body(()).unwrap()),
+        };
+        let mut r = result.unwrap_or_else(|e| panic!("{method} {path}: {e}"));
+        let status = r.status().as_u16();
+        let retry_after = r
+            .headers()
+            .get("retry-after")
+            .map(|v| v.to_str().unwrap().to_owned());
+        let text = r.body_mut().read_to_string().unwrap();
+        let json = if text.is_empty() {
+            Value::Null
+        } else {
+            serde_json::from_str(&text).unwrap_or_else(|e| panic!("{path}: {e}: {text}"))
+        };
+        Resp {
+            status,
+            json,
+            retry_after,
+        }
+    }
+
+    fn get(&self, path: &str, token: &str) -> Resp {
+        self.req("GET", path, Some(token), None)
+    }
+
+    fn put(&self, path: &str, token: &str, ct: &str, body: Vec<u8>) -> Resp {
+        self.req("PUT", path, Some(token), Some((ct, body)))
+    }
+
+    fn post(&self, path: &str, token: &str, body: Value) -> Resp {
+        self.req(
+            "POST",
+            path,
+            Some(token),
+            Some(("application/json", body.to_string().into_bytes())),
+        )
+    }
+
+    fn put_plugin(&self, token: &str, name: &str, file: &str) -> Resp {
+        self.put(
+            &format!("/v1/plugins/{name}"),
+            token,
+            "application/wasm",
+            std::fs::read(plugin(file)).unwrap(),
+        )
+    }
+
+    fn put_flow(&self, token: &str, id: &str, text: &str) -> Resp {
+        self.put(
+            &format!("/v1/flows/{id}"),
+            token,
+            "application/yaml",
+            text.as_bytes().to_vec(),
+        )
+    }
+
+    /// Waits until job `id` is no longer running; returns its view.
+    fn wait_job(&self, token: &str, id: &str) -> Value {
+        let started = Instant::now();
+        loop {
+            let r = self.get(&format!("/v1/jobs/{id}"), token);
+            assert_eq!(r.status, 200, "{}", r.json);
+            if r.json["status"] != "running" {
+                return r.json;
+            }
+            assert!(
+                started.elapsed() < Duration::from_secs(60),
+                "job {id} still runs: {}",
+                r.json
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    fn stderr(&self) -> String {
+        self.stderr.lock().unwrap().clone()
+    }
+
+    /// Sends SIGTERM and waits for the exit code.
+    fn terminate(mut self) -> (i32, String) {
+        let pid = self.child.id().to_string();
+        let ok = Command::new("kill")
+            .args(["-TERM", &pid])
+            .status()
+            .unwrap()
+            .success();
+        assert!(ok);
+        let started = Instant::now();
+        loop {
+            if let Some(s) = self.child.try_wait().unwrap() {
+                std::thread::sleep(Duration::from_millis(50));
+                return (s.code().unwrap_or(-1), self.stderr());
+            }
+            assert!(
+                started.elapsed() < Duration::from_secs(30),
+                "no exit after SIGTERM: {}",
+                self.stderr()
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+}
+
+impl Drop for Server {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// The example news fan-out as a tenant writes it: no plugin directory, no pool size.
+fn news_flow() -> String {
+    let text = std::fs::read_to_string(repo_root().join("examples/news_fanout.yaml")).unwrap();
+    text.lines()
+        .filter(|l| !l.starts_with("plugins:") && !l.contains("thread_pool_size"))
+        .collect::<Vec<_>>()
+        .join("\n")
+}
+
+fn scratch() -> tempfile::TempDir {
+    crate::cli::scratch()
+}
+
+#[test]
+fn the_reference_fan_out_runs_over_http_and_tenants_never_see_each_other() {
+    let dir = scratch();
+    let s = Server::start(dir.path(), &two_tenants("{}", ""));
+    assert_eq!(s.req("GET", "/healthz", None, None).status, 200);
+    assert_eq!(s.req("GET", "/readyz", None, None).json["ready"], true);
+
+    // No token, a wrong token: 401, and nothing is said about what exists.
+    let r = s.req("GET", "/v1/plugins", None, None);
+    assert_eq!(r.status, 401, "{}", r.json);
+    assert_eq!(s.get("/v1/plugins", "rlx_wrong").status, 401);
+
+    let r = s.put_plugin(TOKEN_A, "news", "news");
+    assert_eq!(r.status, 201, "{}", r.json);
+    let kinds: Vec<&str> = r.json["kinds"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|k| k["name"].as_str().unwrap())
+        .collect();
+    assert!(kinds.contains(&"broadcaster"), "{}", r.json);
+    let r = s.put_flow(TOKEN_A, "news", &news_flow());
+    assert_eq!(r.status, 201, "{}", r.json);
+    assert_eq!(r.json["routines"], 4);
+
+    let r = s.post("/v1/flows/news/jobs", TOKEN_A, json!({"close": true}));
+    assert_eq!(r.status, 201, "{}", r.json);
+    let id = r.json["id"].as_str().unwrap().to_owned();
+    assert_eq!(id.len(), 32, "an unguessable id: {id}");
+    let view = s.wait_job(TOKEN_A, &id);
+    assert_eq!(view["status"], "completed", "{view}");
+    let out = s.get(&format!("/v1/jobs/{id}/output"), TOKEN_A);
+    let lines: Vec<String> = out.json["lines"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|l| l["level"] == "stdout")
+        .map(|l| l["message"].as_str().unwrap().to_owned())
+        .collect();
+    let want = by_speaker(expected_outputs()[0].iter().cloned(), timestamp_checked);
+    assert_eq!(by_speaker(lines, timestamp_checked), want);
+
+    // Tenant b sees none of it: each answer is the one for something that does not exist.
+    let absent = s.get("/v1/jobs/0123456789abcdef0123456789abcdef", TOKEN_B);
+    assert_eq!(absent.status, 404);
+    for (method, path) in [
+        ("GET", format!("/v1/jobs/{id}")),
+        ("GET", format!("/v1/jobs/{id}/output")),
+        ("GET", format!("/v1/jobs/{id}/dead-letters")),
+        ("POST", format!("/v1/jobs/{id}/items")),
+        ("POST", format!("/v1/jobs/{id}/cancel")),
+        ("POST", format!("/v1/jobs/{id}/close")),
+        ("GET", "/v1/plugins/news".to_owned()),
+        ("DELETE", "/v1/plugins/news".to_owned()),
+        ("GET", "/v1/flows/news".to_owned()),
+        ("DELETE", "/v1/flows/news".to_owned()),
+        ("POST", "/v1/flows/news/jobs".to_owned()),
+    ] {
+        let r = s.req(
+            method,
+            &path,
+            Some(TOKEN_B),
+            Some(("application/json", b"{}".to_vec())),
+        );
+        assert_eq!(r.status, 404, "{method} {path}: {}", r.json);
+        assert_eq!(r.json["error"]["code"], "not_found", "{method} {path}");
+        assert!(
+            !r.json.to_string().contains("tenant") && !r.json.to_string().contains("\"a\""),
+            "{}",
+            r.json
+        );
+    }
+    for list in ["/v1/plugins", "/v1/flows", "/v1/jobs"] {
+        assert_eq!(s.get(list, TOKEN_B).json, json!([]), "{list}");
+        assert_eq!(s.get(list, TOKEN_A).json.as_array().unwrap().len(), 1);
+    }
+    // b's flow may not name a's plugin.
+    let r = s.put_flow(TOKEN_B, "news", &news_flow());
+    assert_eq!(r.status, 400, "{}", r.json);
+    let d = &r.json["error"]["diagnostics"][0];
+    assert!(
+        d["message"]
+            .as_str()
+            .unwrap()
+            .contains("unknown plugin `news`"),
+        "{d}"
+    );
+    assert!(d["line"].as_u64().unwrap() > 0, "{d}");
+
+    // A plugin in use by a flow cannot be deleted; the flow can, then the plugin.
+    let r = s.req("DELETE", "/v1/plugins/news", Some(TOKEN_A), None);
+    assert_eq!(r.status, 409, "{}", r.json);
+    assert_eq!(r.json["error"]["flows"], json!(["news"]));
+    assert_eq!(
+        s.req("DELETE", "/v1/flows/news", Some(TOKEN_A), None)
+            .status,
+        204
+    );
+    assert_eq!(
+        s.req("DELETE", "/v1/plugins/news", Some(TOKEN_A), None)
+            .status,
+        204
+    );
+    assert_eq!(s.get("/v1/plugins", TOKEN_A).json, json!([]));
+}
+
+#[test]
+fn a_tenants_flow_cannot_grant_itself_anything() {
+    let dir = scratch();
+    let s = Server::start(dir.path(), &two_tenants("{}", ""));
+    assert_eq!(s.put_plugin(TOKEN_A, "hostile", "hostile").status, 201);
+    let base = "flow_id: f\nroutines:\n  h:\n    plugin: hostile\n    kind: hostile\n";
+    for (extra, at_line, says) in [
+        (
+            "plugins: ../plugins\n",
+            6,
+            "`plugins:` names host directories",
+        ),
+        (
+            "execution:\n  thread_pool_size: 64\n",
+            7,
+            "thread_pool_size",
+        ),
+        (
+            "budgets:\n  memory: 64GiB\n",
+            7,
+            "budgets above the defaults (memory",
+        ),
+    ] {
+        let r = s.put_flow(TOKEN_A, "f", &format!("{base}{extra}"));
+        assert_eq!(r.status, 400, "{extra}: {}", r.json);
+        let d = &r.json["error"]["diagnostics"];
+        let hit = d
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|d| d["message"].as_str().unwrap().contains(says))
+            .unwrap_or_else(|| panic!("{extra}: {d}"));
+        assert_eq!(hit["line"], at_line, "{extra}: {hit}");
+        assert_eq!(hit["file"], "flows/f");
+    }
+    for (routine, says) in [
+        (
+            "    permissions:\n      read_only_dirs: [{host: /etc, guest: /etc}]\n",
+            "`permissions`: a tenant's flow may not set it",
+        ),
+        (
+            "    limits:\n      memory: 8GiB\n      timeout: 1h\n",
+            "limits above the defaults (memory 8.0 GiB, timeout 1h)",
+        ),
+    ] {
+        let r = s.put_flow(TOKEN_A, "f", &format!("{base}{routine}"));
+        assert_eq!(r.status, 400, "{routine}: {}", r.json);
+        let text = r.json.to_string();
+        assert!(text.contains(says), "{routine}: {text}");
+        assert!(!text.contains("/etc\\\" does not"), "{text}");
+    }
+    for path in [
+        "../plugins/target/hostile.wasm",
+        "/tmp/x.wasm",
+        "hostile.wasm",
+    ] {
+        let r = s.put_flow(
+            TOKEN_A,
+            "f",
+            &base.replace("plugin: hostile", &format!("plugin: {path}")),
+        );
+        assert_eq!(r.status, 400, "{path}: {}", r.json);
+        assert!(
+            r.json.to_string().contains("unknown plugin"),
+            "{path}: {}",
+            r.json
+        );
+    }
+    // Lowering a limit is fine.
+    let r = s.put_flow(
+        TOKEN_A,
+        "f",
+        &format!("{base}    limits:\n      memory: 16MiB\n"),
+    );
+    assert_eq!(r.status, 201, "{}", r.json);
+    // Names that could be paths are refused before anything is stored.
+    for name in ["..", "a.wasm", "-x"] {
+        let r = s.put_flow(TOKEN_A, name, base);
+        assert_eq!(r.status, 400, "{name}: {}", r.json);
+    }
+    let r = s.put(
+        "/v1/plugins/junk",
+        TOKEN_A,
+        "application/wasm",
+        b"not wasm".to_vec(),
+    );
+    assert_eq!(r.status, 400, "{}", r.json);
+    assert_eq!(r.json["error"]["code"], "invalid_plugin");
+}
+
+#[test]
+fn each_quota_on_stored_and_running_things_answers_naming_it() {
+    let dir = scratch();
+    let hostile_bytes = std::fs::metadata(plugin("hostile")).unwrap().len();
+    let quotas = format!(
+        "{{plugins: 1, flows: 1, jobs: 1, plugin_bytes: {}}}",
+        hostile_bytes + 10
+    );
+    let s = Server::start(dir.path(), &two_tenants(&quotas, ""));
+    assert_eq!(s.put_plugin(TOKEN_A, "hostile", "hostile").status, 201);
+    // Replacing it is not a second plugin.
+    assert_eq!(s.put_plugin(TOKEN_A, "hostile", "hostile").status, 200);
+    let r = s.put_plugin(TOKEN_A, "news", "news");
+    assert_eq!(r.status, 429, "{}", r.json);
+    assert_eq!(r.json["error"]["quota"], "plugins");
+    let flow = "flow_id: f\nroutines:\n  h:\n    plugin: hostile\n    kind: hostile\n";
+    assert_eq!(s.put_flow(TOKEN_A, "f", flow).status, 201);
+    let r = s.put_flow(TOKEN_A, "g", flow);
+    assert_eq!(r.status, 429, "{}", r.json);
+    assert_eq!(r.json["error"]["quota"], "flows");
+    let first = s.post("/v1/flows/f/jobs", TOKEN_A, json!({}));
+    assert_eq!(first.status, 201, "{}", first.json);
+    let r = s.post("/v1/flows/f/jobs", TOKEN_A, json!({}));
+    assert_eq!(r.status, 429, "{}", r.json);
+    assert_eq!(r.json["error"]["quota"], "jobs");
+    // Tenant b feels none of a's quotas.
+    assert_eq!(s.put_plugin(TOKEN_B, "hostile", "hostile").status, 201);
+    assert_eq!(s.put_plugin(TOKEN_B, "news", "news").status, 201);
+    assert_eq!(s.put_flow(TOKEN_B, "f", flow).status, 201);
+    assert_eq!(s.put_flow(TOKEN_B, "g", flow).status, 201);
+    for _ in 0..2 {
+        assert_eq!(s.post("/v1/flows/f/jobs", TOKEN_B, json!({})).status, 201);
+    }
+    // Closing a's job frees its slot.
+    let id = first.json["id"].as_str().unwrap();
+    s.post(&format!("/v1/jobs/{id}/close"), TOKEN_A, json!({}));
+    assert_eq!(s.wait_job(TOKEN_A, id)["status"], "completed");
+    assert_eq!(
+        s.post("/v1/flows/f/jobs", TOKEN_A, json!({"close": true}))
+            .status,
+        201
+    );
+
+    // plugin_bytes: a component larger than the quota is refused whole (413).
+    let dir2 = scratch();
+    let small = two_tenants(&format!("{{plugin_bytes: {}}}", hostile_bytes / 2), "");
+    let s2 = Server::start(dir2.path(), &small);
+    let r = s2.put_plugin(TOKEN_A, "hostile", "hostile");
+    assert_eq!(r.status, 413, "{}", r.json);
+    assert_eq!(s2.get("/v1/plugins", TOKEN_A).json, json!([]));
+}
+
+#[test]
+fn items_stream_in_with_backpressure_and_a_full_slot_answers_429_with_the_count_taken() {
+    let dir = scratch();
+    let s = Server::start(dir.path(), &two_tenants("{}", ""));
+    assert_eq!(s.put_plugin(TOKEN_A, "hostile", "hostile").status, 201);
+    let flow = "flow_id: slow\nroutines:\n  h:\n    plugin: hostile\n    kind: hostile\n    \
+                concurrency: 1\n    max_queue_length: {in: 2}\n";
+    assert_eq!(s.put_flow(TOKEN_A, "slow", flow).status, 201);
+    let r = s.post("/v1/flows/slow/jobs", TOKEN_A, json!({}));
+    let id = r.json["id"].as_str().unwrap().to_owned();
+    let items: Vec<String> = (0..12)
+        .map(|i| json!({"do": "sleep", "ms": 150, "i": i}).to_string())
+        .collect();
+    let items_path = format!("/v1/jobs/{id}/items");
+    let mut sent = 0;
+    let mut answers_429 = 0;
+    while sent < items.len() {
+        let body = items[sent..].join("\n") + "\n";
+        let r = s.req(
+            "POST",
+            &items_path,
+            Some(TOKEN_A),
+            Some(("application/x-ndjson", body.into_bytes())),
+        );
+        if r.status == 429 {
+            answers_429 += 1;
+            assert_eq!(r.json["error"]["code"], "slot_full", "{}", r.json);
+            assert_eq!(r.retry_after.as_deref(), Some("1"));
+            sent += r.json["error"]["accepted"].as_u64().unwrap() as usize;
+            std::thread::sleep(Duration::from_millis(200));
+        } else {
+            assert_eq!(r.status, 200, "{}", r.json);
+            sent += r.json["accepted"].as_u64().unwrap() as usize;
+        }
+    }
+    assert!(answers_429 > 0, "a slot of 2 behind a 150 ms routine fills");
+    // Once the routine has caught up:
+    let started = Instant::now();
+    while s.get(&format!("/v1/jobs/{id}"), TOKEN_A).json["summary"]["routines"]["h"]["processed"]
+        != 12
+    {
+        assert!(started.elapsed() < Duration::from_secs(30));
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    // A bad line: the lines before it are taken, it is named.
+    let r = s.req(
+        "POST",
+        &items_path,
+        Some(TOKEN_A),
+        Some((
+            "application/x-ndjson",
+            b"{\"i\": 100}\n[1, 2]\n{\"i\": 101}\n".to_vec(),
+        )),
+    );
+    assert_eq!(r.status, 400, "{}", r.json);
+    assert_eq!(r.json["error"]["line"], 2);
+    assert_eq!(r.json["error"]["accepted"], 1);
+    s.post(&format!("/v1/jobs/{id}/close"), TOKEN_A, json!({}));
+    let view = s.wait_job(TOKEN_A, &id);
+    assert_eq!(view["status"], "completed", "{view}");
+    assert_eq!(view["posted"], 13);
+    assert_eq!(view["summary"]["routines"]["h"]["items_in"], 13, "{view}");
+    // A closed job takes nothing.
+    let r = s.post(&items_path, TOKEN_A, json!({"i": 1}));
+    assert_eq!(r.status, 409, "{}", r.json);
+}
+
+#[test]
+fn a_restart_keeps_plugins_and_flows_and_sigterm_drains_running_jobs() {
+    let dir = scratch();
+    let config = two_tenants("{}", "");
+    let s = Server::start(dir.path(), &config);
+    assert_eq!(s.put_plugin(TOKEN_A, "hostile", "hostile").status, 201);
+    let flow = "flow_id: f\nroutines:\n  h:\n    plugin: hostile\n    kind: hostile\n";
+    assert_eq!(s.put_flow(TOKEN_A, "f", flow).status, 201);
+    let (code, err) = s.terminate();
+    assert_eq!(code, 0, "{err}");
+
+    let s = Server::start(dir.path(), &config);
+    assert_eq!(s.get("/v1/plugins", TOKEN_A).json[0]["name"], "hostile");
+    assert_eq!(s.get("/v1/flows/f", TOKEN_A).json["text"], flow);
+    // A running job (a 1 s activation) is drained by SIGTERM, not cut.
+    let r = s.post(
+        "/v1/flows/f/jobs",
+        TOKEN_A,
+        json!({"input": {"h.in": [{"do": "sleep", "ms": 1000}]}}),
+    );
+    assert_eq!(r.status, 201, "{}", r.json);
+    std::thread::sleep(Duration::from_millis(200));
+    let (code, err) = s.terminate();
+    assert_eq!(code, 0, "{err}");
+    assert!(
+        err.contains("stopped (1 running jobs drained, 0 cancelled)"),
+        "{err}"
+    );
+}
+
+#[test]
+fn with_no_config_one_tenant_gets_a_token_printed_once_and_stored_hashed() {
+    let dir = scratch();
+    let data = dir.path().join("data");
+    let mut child = Command::new(env!("CARGO_BIN_EXE_routilux"))
+        .args(["serve", "--listen", "127.0.0.1:0", "--data-dir"])
+        .arg(&data)
+        .env("ROUTILUX_CACHE_DIR", cache_dir())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut lines = BufReader::new(child.stderr.take().unwrap()).lines();
+    let mut token = None;
+    let mut addr = None;
+    for line in lines.by_ref() {
+        let line = line.unwrap();
+        if line.trim_start().starts_with("rlx_") {
+            token = Some(line.trim().to_owned());
+        }
+        if let Some(rest) = line.split("listening on http://").nth(1) {
+            addr = Some(rest.split_whitespace().next().unwrap().to_owned());
+            break;
+        }
+    }
+    std::thread::spawn(move || for _ in lines {});
+    let (token, addr) = (token.expect("a token printed"), addr.unwrap());
+    let stored = std::fs::read_to_string(data.join("tokens")).unwrap();
+    assert!(!stored.contains(&token), "the token is stored hashed");
+    assert_eq!(stored.trim(), hash(&token));
+    let agent: ureq::Agent = ureq::Agent::config_builder()
+        .http_status_as_error(false)
+        .build()
+        .into();
+    let ok = agent
+        .get(format!("http://{addr}/v1/plugins"))
+        .header("Authorization", format!("Bearer {token}"))
+        .call()
+        .unwrap();
+    assert_eq!(ok.status().as_u16(), 200);
+    let _ = child.kill();
+    let _ = child.wait();
+}
