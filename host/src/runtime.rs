@@ -802,6 +802,11 @@ impl Input {
     pub fn byte_budget(&self) -> u64 {
         self.job.flow.routines[self.node].queue_bytes[self.slot]
     }
+
+    /// The most items the slot holds.
+    pub fn capacity(&self) -> usize {
+        self.job.flow.routines[self.node].capacities[self.slot]
+    }
 }
 
 impl Drop for Input {

@@ -496,12 +496,12 @@ fn items_stream_in_with_backpressure_and_a_full_slot_answers_429_with_the_count_
     let s = Server::start(dir.path(), &two_tenants("{}", ""));
     assert_eq!(s.put_plugin(TOKEN_A, "hostile", "hostile").status, 201);
     let flow = "flow_id: slow\nroutines:\n  h:\n    plugin: hostile\n    kind: hostile\n    \
-                concurrency: 1\n    max_queue_length: {in: 2}\n";
+                concurrency: 1\n    max_queue_length: {in: 1}\n";
     assert_eq!(s.put_flow(TOKEN_A, "slow", flow).status, 201);
     let r = s.post("/v1/flows/slow/jobs", TOKEN_A, json!({}));
     let id = r.json["id"].as_str().unwrap().to_owned();
-    let items: Vec<String> = (0..12)
-        .map(|i| json!({"do": "sleep", "ms": 150, "i": i}).to_string())
+    let items: Vec<String> = (0..5)
+        .map(|i| json!({"do": "sleep", "ms": 600, "i": i}).to_string())
         .collect();
     let items_path = format!("/v1/jobs/{id}/items");
     let mut sent = 0;
@@ -525,11 +525,11 @@ fn items_stream_in_with_backpressure_and_a_full_slot_answers_429_with_the_count_
             sent += r.json["accepted"].as_u64().unwrap() as usize;
         }
     }
-    assert!(answers_429 > 0, "a slot of 2 behind a 150 ms routine fills");
+    assert!(answers_429 > 0, "a slot of 1 behind a 600 ms routine fills");
     // Once the routine has caught up:
     let started = Instant::now();
     while s.get(&format!("/v1/jobs/{id}"), TOKEN_A).json["summary"]["routines"]["h"]["processed"]
-        != 12
+        != 5
     {
         assert!(started.elapsed() < Duration::from_secs(30));
         std::thread::sleep(Duration::from_millis(50));
@@ -550,41 +550,65 @@ fn items_stream_in_with_backpressure_and_a_full_slot_answers_429_with_the_count_
     s.post(&format!("/v1/jobs/{id}/close"), TOKEN_A, json!({}));
     let view = s.wait_job(TOKEN_A, &id);
     assert_eq!(view["status"], "completed", "{view}");
-    assert_eq!(view["posted"], 13);
-    assert_eq!(view["summary"]["routines"]["h"]["items_in"], 13, "{view}");
+    assert_eq!(view["posted"], 6);
+    assert_eq!(view["summary"]["routines"]["h"]["items_in"], 6, "{view}");
     // A closed job takes nothing.
     let r = s.post(&items_path, TOKEN_A, json!({"i": 1}));
     assert_eq!(r.status, 409, "{}", r.json);
 }
 
 #[test]
-fn a_restart_keeps_plugins_and_flows_and_sigterm_drains_running_jobs() {
+fn a_restart_keeps_plugins_flows_and_jobs_and_sigterm_stops_jobs_to_resume() {
     let dir = scratch();
     let config = two_tenants("{}", "");
     let s = Server::start(dir.path(), &config);
     assert_eq!(s.put_plugin(TOKEN_A, "hostile", "hostile").status, 201);
-    let flow = "flow_id: f\nroutines:\n  h:\n    plugin: hostile\n    kind: hostile\n";
+    let flow = "flow_id: f\nroutines:\n  h:\n    plugin: hostile\n    kind: hostile\n    \
+                concurrency: 1\n    policy: {batch_size: 1}\n";
     assert_eq!(s.put_flow(TOKEN_A, "f", flow).status, 201);
+    // A finished job, then a running one: three 400 ms activations, one at a time.
+    let done = s.post("/v1/flows/f/jobs", TOKEN_A, json!({"close": true}));
+    let done = done.json["id"].as_str().unwrap().to_owned();
+    assert_eq!(s.wait_job(TOKEN_A, &done)["status"], "completed");
+    let sleep = json!({"do": "sleep", "ms": 400});
+    let r = s.post(
+        "/v1/flows/f/jobs",
+        TOKEN_A,
+        json!({"input": {"h.in": [sleep, sleep, sleep]}}),
+    );
+    assert_eq!(r.status, 201, "{}", r.json);
+    let id = r.json["id"].as_str().unwrap().to_owned();
+    std::thread::sleep(Duration::from_millis(200));
+    // SIGTERM: the running activation ends, the two queued items stay in the job's store.
     let (code, err) = s.terminate();
     assert_eq!(code, 0, "{err}");
+    assert!(
+        err.contains("0 jobs finished while draining, 1 kept in their stores"),
+        "{err}"
+    );
 
     let s = Server::start(dir.path(), &config);
     assert_eq!(s.get("/v1/plugins", TOKEN_A).json[0]["name"], "hostile");
     assert_eq!(s.get("/v1/flows/f", TOKEN_A).json["text"], flow);
-    // A running job (a 1 s activation) is drained by SIGTERM, not cut.
-    let r = s.post(
-        "/v1/flows/f/jobs",
-        TOKEN_A,
-        json!({"input": {"h.in": [{"do": "sleep", "ms": 1000}]}}),
+    let jobs = s.get("/v1/jobs", TOKEN_A).json;
+    assert_eq!(jobs.as_array().unwrap().len(), 2, "{jobs}");
+    assert_eq!(
+        s.get(&format!("/v1/jobs/{done}"), TOKEN_A).json["status"],
+        "completed"
     );
-    assert_eq!(r.status, 201, "{}", r.json);
-    std::thread::sleep(Duration::from_millis(200));
-    let (code, err) = s.terminate();
-    assert_eq!(code, 0, "{err}");
-    assert!(
-        err.contains("stopped (1 running jobs drained, 0 cancelled)"),
-        "{err}"
+    let view = s.get(&format!("/v1/jobs/{id}"), TOKEN_A).json;
+    assert_eq!(view["status"], "running", "{view}");
+    assert_eq!(view["resumed"]["queued"], 2, "{view}");
+    // It is still open for input: one more item, then close; it completes with all three.
+    assert_eq!(
+        s.post(&format!("/v1/jobs/{id}/items"), TOKEN_A, json!({"n": 1}))
+            .status,
+        200
     );
+    s.post(&format!("/v1/jobs/{id}/close"), TOKEN_A, json!({}));
+    let view = s.wait_job(TOKEN_A, &id);
+    assert_eq!(view["status"], "completed", "{view}");
+    assert_eq!(view["summary"]["routines"]["h"]["activations"], 3, "{view}");
 }
 
 #[test]

@@ -172,6 +172,9 @@ pub(crate) fn router(host: Arc<Host>) -> Router {
         .route("/v1/jobs/{id}/items", post(post_items))
         .route("/v1/jobs/{id}/close", post(close_job))
         .route("/v1/jobs/{id}/cancel", post(cancel_job))
+        .route("/v1/jobs/{id}/pause", post(pause_job))
+        .route("/v1/jobs/{id}/resume", post(resume_job))
+        .route("/v1/jobs/{id}/state", get(job_state))
         .route("/v1/jobs/{id}/output", get(job_output))
         .route("/v1/jobs/{id}/dead-letters", get(job_dead_letters))
         .fallback(|| async { ApiError::new(404, "not_found", "no such endpoint") })
@@ -181,14 +184,13 @@ pub(crate) fn router(host: Arc<Host>) -> Router {
 }
 
 async fn readyz(State(s): State<AppState>) -> Response {
-    if s.host.ready.load(std::sync::atomic::Ordering::Acquire) {
-        Json(json!({"ready": true})).into_response()
-    } else {
-        (
+    match s.host.readiness() {
+        Ok(()) => Json(json!({"ready": true})).into_response(),
+        Err(why) => (
             StatusCode::SERVICE_UNAVAILABLE,
-            Json(json!({"ready": false})),
+            Json(json!({"ready": false, "reason": why})),
         )
-            .into_response()
+            .into_response(),
     }
 }
 
@@ -219,10 +221,14 @@ async fn put_plugin(
     Path(name): Path<String>,
     body: Body,
 ) -> Result<Response, ApiError> {
-    // A count quota answers before the body is read; the body is read up to the byte quota.
-    s.host.plugin_room(&t, &name)?;
+    // A count quota answers before the component is checked (the body is still read, so
+    // that the client's connection stays usable); the body is read up to the byte quota.
     let quota = t.config.quotas.plugin_bytes;
     let limit = quota.min(crate::wasm::MAX_COMPONENT_BYTES);
+    if let Err(e) = s.host.plugin_room(&t, &name) {
+        let _ = read_body(body, usize::try_from(limit).unwrap_or(usize::MAX), "").await;
+        return Err(e);
+    }
     let bytes = read_body(
         body,
         usize::try_from(limit).unwrap_or(usize::MAX),
@@ -328,10 +334,10 @@ async fn start_job(
         let job = job.clone();
         tokio::spawn(async move {
             tokio::time::sleep(d).await;
-            if !job.handle.is_finished() {
+            if !job.is_finished() {
                 job.timed_out
                     .store(true, std::sync::atomic::Ordering::Relaxed);
-                job.handle.cancel();
+                job.cancel();
             }
         });
     }
@@ -366,9 +372,39 @@ async fn cancel_job(
     Path(id): Path<String>,
 ) -> Result<Json<Value>, ApiError> {
     let job = s.host.job(&t, &id)?;
-    job.close();
-    job.handle.cancel();
+    job.cancel();
     Ok(Json(job.view()))
+}
+
+/// `POST /v1/jobs/{id}/pause`: no new activation (the running ones end), queues kept, posts
+/// still taken within the bounds; the job does not finish while paused, and stays paused
+/// across a restart.
+async fn pause_job(
+    State(s): State<AppState>,
+    Auth(t): Auth,
+    Path(id): Path<String>,
+) -> Result<Json<Value>, ApiError> {
+    let job = s.host.job(&t, &id)?;
+    job.live()?.pause();
+    Ok(Json(job.view()))
+}
+
+async fn resume_job(
+    State(s): State<AppState>,
+    Auth(t): Auth,
+    Path(id): Path<String>,
+) -> Result<Json<Value>, ApiError> {
+    let job = s.host.job(&t, &id)?;
+    job.live()?.resume();
+    Ok(Json(job.view()))
+}
+
+async fn job_state(
+    State(s): State<AppState>,
+    Auth(t): Auth,
+    Path(id): Path<String>,
+) -> Result<Json<Value>, ApiError> {
+    Ok(Json(s.host.job(&t, &id)?.state()))
 }
 
 async fn job_output(
@@ -376,11 +412,7 @@ async fn job_output(
     Auth(t): Auth,
     Path(id): Path<String>,
 ) -> Result<Json<Value>, ApiError> {
-    let job = s.host.job(&t, &id)?;
-    Ok(Json(json!({
-        "lines": job.handle.output(),
-        "dropped": job.handle.summary().output_lines_dropped,
-    })))
+    Ok(Json(s.host.job(&t, &id)?.output()))
 }
 
 async fn job_dead_letters(
@@ -388,8 +420,7 @@ async fn job_dead_letters(
     Auth(t): Auth,
     Path(id): Path<String>,
 ) -> Result<Json<Value>, ApiError> {
-    let job = s.host.job(&t, &id)?;
-    Ok(Json(json!(job.handle.dead_letters())))
+    Ok(Json(s.host.job(&t, &id)?.dead_letters()))
 }
 
 #[derive(Deserialize)]

@@ -19,6 +19,9 @@ pub(crate) const DEFAULT_LISTEN: &str = "127.0.0.1:7878";
 /// The tenant of the embedded default configuration.
 pub(crate) const DEFAULT_TENANT: &str = "default";
 
+/// How long a finished job is kept when the config says nothing.
+const DEFAULT_JOB_RETENTION: Duration = Duration::from_secs(7 * 86_400);
+
 /// The file (in the data directory) holding the default tenant's token hashes.
 const TOKENS_FILE: &str = "tokens";
 
@@ -38,6 +41,9 @@ struct ConfigFile {
     /// How long an item post waits for room in a full slot before answering 429.
     #[serde(default)]
     post_timeout: Option<Dur>,
+    /// How long a finished job (its status, summary and directory) is kept.
+    #[serde(default)]
+    job_retention: Option<Dur>,
     tenants: Vec<Spanned<TenantDef>>,
 }
 
@@ -101,6 +107,8 @@ pub(crate) struct Config {
     pub threads: usize,
     pub drain_timeout: Duration,
     pub post_timeout: Duration,
+    /// How long a finished job is kept (then its directory is removed).
+    pub job_retention: Duration,
     pub tenants: Vec<TenantConfig>,
 }
 
@@ -192,6 +200,7 @@ pub(crate) fn load(
             threads: threads_default,
             drain_timeout: Duration::from_secs(30),
             post_timeout: Duration::from_secs(5),
+            job_retention: DEFAULT_JOB_RETENTION,
             tenants: vec![TenantConfig {
                 id: DEFAULT_TENANT.to_owned(),
                 token_hashes: hashes,
@@ -321,6 +330,7 @@ pub(crate) fn load(
             threads,
             drain_timeout: f.drain_timeout.map_or(Duration::from_secs(30), |d| d.0),
             post_timeout: f.post_timeout.map_or(Duration::from_secs(5), |d| d.0),
+            job_retention: f.job_retention.map_or(DEFAULT_JOB_RETENTION, |d| d.0),
             tenants,
         },
         None,

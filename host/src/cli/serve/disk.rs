@@ -56,12 +56,21 @@ impl TenantDir {
         }
     }
 
-    /// Replaces the index, then removes the blobs it no longer names.
-    pub fn save_index(&self, index: &Index) -> std::io::Result<()> {
+    /// Replaces the index, then removes the blobs neither it nor `keep` (what unfinished
+    /// jobs run) names.
+    pub fn save_index(
+        &self,
+        index: &Index,
+        keep: &std::collections::BTreeSet<String>,
+    ) -> std::io::Result<()> {
         let bytes = serde_json::to_vec_pretty(index).map_err(std::io::Error::other)?;
         write_atomic(&self.dir.join("index.json"), &bytes)?;
-        let named: std::collections::BTreeSet<&String> =
-            index.plugins.values().chain(index.flows.values()).collect();
+        let named: std::collections::BTreeSet<&String> = index
+            .plugins
+            .values()
+            .chain(index.flows.values())
+            .chain(keep)
+            .collect();
         if let Ok(entries) = std::fs::read_dir(self.dir.join("blobs")) {
             for e in entries.flatten() {
                 let name = e.file_name().to_string_lossy().into_owned();
@@ -71,6 +80,11 @@ impl TenantDir {
             }
         }
         Ok(())
+    }
+
+    /// Where the tenant's jobs are, one directory each.
+    pub fn jobs_dir(&self) -> PathBuf {
+        self.dir.join("jobs")
     }
 
     /// Stores a blob under its hash (once).
@@ -88,6 +102,31 @@ impl TenantDir {
     }
 }
 
+/// What a job runs and whether its input is closed: `JOB/job.json`, beside its store.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub(crate) struct JobMeta {
+    pub flow: String,
+    /// The flow file's blob.
+    pub flow_sha256: String,
+    /// Each plugin the flow uses, by name, and its blob.
+    pub plugins: BTreeMap<String, String>,
+    pub created_ms: u64,
+    pub closed: bool,
+}
+
+impl JobMeta {
+    pub fn read(dir: &Path) -> Result<Self, String> {
+        let path = dir.join("job.json");
+        let bytes = std::fs::read(&path).map_err(|e| format!("{}: {e}", path.display()))?;
+        serde_json::from_slice(&bytes).map_err(|e| format!("{}: {e}", path.display()))
+    }
+
+    pub fn write(&self, dir: &Path) -> std::io::Result<()> {
+        let bytes = serde_json::to_vec_pretty(self).map_err(std::io::Error::other)?;
+        write_atomic(&dir.join("job.json"), &bytes)
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -101,7 +140,7 @@ mod tests {
         t.put_blob("bb", b"two").unwrap();
         let mut i = Index::default();
         i.plugins.insert("p".into(), "aa".into());
-        t.save_index(&i).unwrap();
+        t.save_index(&i, &Default::default()).unwrap();
         let t = TenantDir::open(d.path(), "acme").unwrap();
         assert_eq!(t.index().unwrap().plugins["p"], "aa");
         assert_eq!(t.blob("aa").unwrap(), b"one");

@@ -16,9 +16,9 @@ use wasmtime::component::Component;
 
 use super::super::diag::{Diagnostic, Severity};
 use super::config::{Config, TenantConfig, hex, random_hex, valid_name};
-use super::disk::{Index, TenantDir};
+use super::disk::{Index, JobMeta, TenantDir};
 use crate::wasm::{Plugin, WasmEngine};
-use crate::{InputHold, Item, JobHandle, JobStatus, Runtime, RuntimeError};
+use crate::{InputHold, Item, JobHandle, JobStatus, JobStore, Runtime, RuntimeError};
 
 /// The most finished jobs a tenant's list keeps (the oldest are forgotten first).
 const KEPT_FINISHED_JOBS: usize = 1000;
@@ -125,17 +125,23 @@ struct StoredFlow {
     routines: usize,
     connections: usize,
     entries: Vec<(String, String)>,
-    plugins: BTreeSet<String>,
+    /// The plugins it uses, by name, with the blob of each.
+    plugins: BTreeMap<String, String>,
     input: Vec<((String, String), Vec<Item>)>,
     timeout: Option<Duration>,
     warnings: Vec<Value>,
 }
 
-/// A job of a tenant.
+/// A job of a tenant. Every job is durable, in `DATA/tenants/ID/jobs/JOB/`: its store, and
+/// `job.json` (what it runs; whether its input is closed). A job that finished before the
+/// server restarted is shown from its `summary.json`.
 pub(crate) struct JobRecord {
     pub id: String,
     pub flow: String,
-    pub handle: JobHandle,
+    /// The running job (none for one that finished before a restart).
+    handle: Option<JobHandle>,
+    /// Once finished: its final view (also in `summary.json`), and when it finished.
+    archived: Mutex<Option<(Value, SystemTime)>>,
     /// Keeps the job open for input until `close`.
     hold: Mutex<Option<InputHold>>,
     entries: Vec<(String, String)>,
@@ -143,16 +149,62 @@ pub(crate) struct JobRecord {
     created: SystemTime,
     pub timeout: Option<Duration>,
     pub timed_out: AtomicBool,
+    dir: std::path::PathBuf,
+    meta: Mutex<JobMeta>,
+    /// What its store held when the server reopened it after a restart.
+    resumed: Option<Value>,
 }
 
 impl JobRecord {
-    /// Ends its input: it completes once quiescent.
+    /// The running job; a job that finished before the restart takes nothing.
+    pub fn live(&self) -> Result<&JobHandle, ApiError> {
+        self.handle.as_ref().ok_or_else(|| {
+            ApiError::new(
+                409,
+                "job_finished",
+                "the job has finished: it takes no more input",
+            )
+        })
+    }
+
+    pub fn is_finished(&self) -> bool {
+        self.handle.as_ref().is_none_or(JobHandle::is_finished)
+    }
+
+    fn status(&self) -> Value {
+        match &self.handle {
+            Some(h) => json!(h.status()),
+            None => self
+                .archived
+                .lock()
+                .as_ref()
+                .map_or(Value::Null, |(v, _)| v["status"].clone()),
+        }
+    }
+
+    /// Ends its input: it completes once quiescent. Kept across a restart.
     pub fn close(&self) -> bool {
-        self.hold.lock().take().is_some()
+        let closed = self.hold.lock().take().is_some();
+        if closed {
+            let mut meta = self.meta.lock();
+            meta.closed = true;
+            if let Err(e) = meta.write(&self.dir) {
+                tracing::error!(job = %self.id, "cannot record that the job is closed: {e}");
+            }
+        }
+        closed
     }
 
     fn is_closed(&self) -> bool {
         self.hold.lock().is_none()
+    }
+
+    /// Cancels it (and closes its input).
+    pub fn cancel(&self) {
+        self.close();
+        if let Some(h) = &self.handle {
+            h.cancel();
+        }
     }
 
     /// The slot a post goes to: `to` (`routine.slot`), or the flow's only entry slot.
@@ -184,7 +236,14 @@ impl JobRecord {
 
     /// Status and summary, as `GET /v1/jobs/{id}` answers.
     pub fn view(&self) -> Value {
-        let mut summary = serde_json::to_value(self.handle.summary()).unwrap_or(Value::Null);
+        let Some(h) = &self.handle else {
+            return self
+                .archived
+                .lock()
+                .as_ref()
+                .map_or(Value::Null, |(v, _)| v.clone());
+        };
+        let mut summary = serde_json::to_value(h.summary()).unwrap_or(Value::Null);
         if let Some(o) = summary.as_object_mut() {
             // The engine's own job number and registry name mean nothing to a tenant.
             o.remove("job");
@@ -193,22 +252,99 @@ impl JobRecord {
         json!({
             "id": self.id,
             "flow": self.flow,
-            "status": self.handle.status(),
+            "status": h.status(),
+            "paused": h.is_paused(),
             "closed": self.is_closed(),
             "timed_out": self.timed_out.load(Ordering::Relaxed),
             "posted": self.posted.load(Ordering::Relaxed),
             "created": unix_ms(self.created),
+            "resumed": self.resumed,
             "summary": summary,
         })
+    }
+
+    /// Its output lines (a job that finished before a restart keeps none).
+    pub fn output(&self) -> Value {
+        match &self.handle {
+            Some(h) => json!({
+                "lines": h.output(),
+                "dropped": h.summary().output_lines_dropped,
+            }),
+            None => json!({"lines": [], "dropped": 0}),
+        }
+    }
+
+    /// Its dead letters.
+    pub fn dead_letters(&self) -> Value {
+        match &self.handle {
+            Some(h) => json!(h.dead_letters()),
+            None => self
+                .archived
+                .lock()
+                .as_ref()
+                .map_or(json!([]), |(v, _)| v["dead_letters"].clone()),
+        }
+    }
+
+    /// Each routine's WorkerState.
+    pub fn state(&self) -> Value {
+        let Some(h) = &self.handle else {
+            return self
+                .archived
+                .lock()
+                .as_ref()
+                .map_or(json!({}), |(v, _)| v["state"].clone());
+        };
+        let mut out = Map::new();
+        for r in h.counters().keys() {
+            if let Some(s) = h.worker_state(r) {
+                out.insert(r.clone(), Value::Object(s));
+            }
+        }
+        Value::Object(out)
     }
 
     fn line(&self) -> Value {
         json!({
             "id": self.id,
             "flow": self.flow,
-            "status": self.handle.status(),
+            "status": self.status(),
             "created": unix_ms(self.created),
         })
+    }
+
+    /// The blobs it runs (kept while it is unfinished).
+    fn pins(&self) -> Vec<String> {
+        let m = self.meta.lock();
+        std::iter::once(m.flow_sha256.clone())
+            .chain(m.plugins.values().cloned())
+            .collect()
+    }
+
+    /// Once finished: writes `summary.json` (its view, dead letters and WorkerState) and
+    /// keeps that view. Returns whether it did so now.
+    fn archive(&self) -> bool {
+        // A job stopped by the server's stop stays in its store, to resume at the next start.
+        if self.archived.lock().is_some()
+            || !self.is_finished()
+            || self
+                .handle
+                .as_ref()
+                .is_some_and(|h| h.status() == JobStatus::Stopped)
+        {
+            return false;
+        }
+        let mut v = self.view();
+        v["dead_letters"] = self.dead_letters();
+        v["state"] = self.state();
+        if let Err(e) = super::disk::write_atomic(
+            &self.dir.join("summary.json"),
+            &serde_json::to_vec(&v).unwrap_or_default(),
+        ) {
+            tracing::error!(job = %self.id, "cannot write the job's summary: {e}");
+        }
+        *self.archived.lock() = Some((v, SystemTime::now()));
+        true
     }
 }
 
@@ -242,6 +378,8 @@ pub(crate) struct Host {
     components: Mutex<HashMap<String, Component>>,
     /// Taking work (false while starting and once stopping).
     pub ready: AtomicBool,
+    /// Why the server's storage last failed (a full disk), until a write succeeds again.
+    storage_error: Mutex<Option<String>>,
 }
 
 /// Compares two hashes in time that does not depend on where they differ.
@@ -285,12 +423,100 @@ impl Host {
             tenants,
             components: Mutex::default(),
             ready: AtomicBool::new(false),
+            storage_error: Mutex::default(),
         });
         for t in host.tenants.values() {
             host.restore(t)?;
+            host.resume_jobs(t);
         }
+        let weak = Arc::downgrade(&host);
+        std::thread::Builder::new()
+            .name("routilux-serve-jobs".into())
+            .spawn(move || {
+                while let Some(host) = weak.upgrade() {
+                    host.tend_jobs();
+                    drop(host);
+                    std::thread::sleep(Duration::from_millis(100));
+                }
+            })
+            .map_err(|e| format!("cannot start the job keeper thread: {e}"))?;
         host.ready.store(true, Ordering::Release);
         Ok(host)
+    }
+
+    /// Whether the server can take work: started, not stopping, its storage writable.
+    pub fn readiness(&self) -> Result<(), String> {
+        if !self.ready.load(Ordering::Acquire) {
+            return Err("the server is starting or stopping".into());
+        }
+        match &*self.storage_error.lock() {
+            Some(e) => Err(e.clone()),
+            None => Ok(()),
+        }
+    }
+
+    /// Records the outcome of a write to storage (for `/readyz`).
+    fn storage<T>(&self, r: Result<T, ApiError>) -> Result<T, ApiError> {
+        match &r {
+            Ok(_) => *self.storage_error.lock() = None,
+            Err(e) if e.code == "storage" => {
+                *self.storage_error.lock() = Some(e.message.clone());
+            }
+            Err(_) => {}
+        }
+        r
+    }
+
+    /// Archives finished jobs, and removes those finished longer ago than the retention
+    /// (their directories too), oldest first past the most kept.
+    fn tend_jobs(&self) {
+        let retention = self.config.job_retention;
+        for t in self.tenants.values() {
+            let records: Vec<Arc<JobRecord>> = t.state.lock().jobs.values().cloned().collect();
+            for r in &records {
+                r.archive();
+            }
+            let now = SystemTime::now();
+            let mut finished: Vec<(SystemTime, String)> = records
+                .iter()
+                .filter_map(|r| {
+                    r.archived
+                        .lock()
+                        .as_ref()
+                        .map(|(_, at)| (*at, r.id.clone()))
+                })
+                .collect();
+            finished.sort();
+            let extra = finished.len().saturating_sub(KEPT_FINISHED_JOBS);
+            let gone: Vec<String> = finished
+                .iter()
+                .enumerate()
+                .filter(|(i, (at, _))| {
+                    *i < extra || now.duration_since(*at).unwrap_or_default() >= retention
+                })
+                .map(|(_, (_, id))| id.clone())
+                .collect();
+            if gone.is_empty() {
+                continue;
+            }
+            let mut st = t.state.lock();
+            for id in gone {
+                if let Some(r) = st.jobs.shift_remove(&id)
+                    && let Err(e) = std::fs::remove_dir_all(&r.dir)
+                {
+                    tracing::error!(job = %id, "cannot remove the finished job's directory: {e}");
+                }
+            }
+        }
+    }
+
+    /// The blobs unfinished jobs of `st` run (kept when the index no longer names them).
+    fn pinned(st: &TenantState) -> BTreeSet<String> {
+        st.jobs
+            .values()
+            .filter(|j| j.archived.lock().is_none())
+            .flat_map(|j| j.pins())
+            .collect()
     }
 
     /// Loads what tenant `t` stored.
@@ -447,7 +673,7 @@ impl Host {
         let mut index = st.index.clone();
         index.plugins.insert(name.to_owned(), hash.clone());
         t.dir
-            .save_index(&index)
+            .save_index(&index, &Self::pinned(&st))
             .map_err(|e| store_failed(&t.config.id, &e))?;
         st.index = index;
         let new = st
@@ -492,7 +718,7 @@ impl Host {
         let users: Vec<&String> = st
             .flows
             .iter()
-            .filter(|(_, f)| f.plugins.contains(name))
+            .filter(|(_, f)| f.plugins.contains_key(name))
             .map(|(id, _)| id)
             .collect();
         if !users.is_empty() {
@@ -512,7 +738,7 @@ impl Host {
         let mut index = st.index.clone();
         index.plugins.remove(name);
         t.dir
-            .save_index(&index)
+            .save_index(&index, &Self::pinned(&st))
             .map_err(|e| store_failed(&t.config.id, &e))?;
         st.index = index;
         st.plugins.remove(name);
@@ -527,10 +753,26 @@ impl Host {
         id: &str,
         text: String,
     ) -> Result<StoredFlow, ApiError> {
-        let plugins: BTreeMap<String, Plugin> = st
+        let plugins: BTreeMap<String, (String, Plugin)> = st
             .plugins
             .iter()
-            .map(|(n, p)| (n.clone(), p.plugin.clone()))
+            .map(|(n, p)| (n.clone(), (p.hash.clone(), p.plugin.clone())))
+            .collect();
+        self.build_flow_with(t, &plugins, id, text)
+    }
+
+    /// Checks a flow text against `plugins` (by name: blob and plugin) and registers it under
+    /// a name of its content (running jobs keep the version they started with).
+    fn build_flow_with(
+        &self,
+        t: &Tenant,
+        all: &BTreeMap<String, (String, Plugin)>,
+        id: &str,
+        text: String,
+    ) -> Result<StoredFlow, ApiError> {
+        let plugins: BTreeMap<String, Plugin> = all
+            .iter()
+            .map(|(n, (_, p))| (n.clone(), p.clone()))
             .collect();
         let hash = hex(&Sha256::digest(text.as_bytes()));
         let file = format!("flows/{id}");
@@ -551,7 +793,7 @@ impl Host {
                         diags.iter().map(diagnostic_json).collect::<Vec<_>>(),
                     )
                 })?;
-        let registered = format!("{}/{id}", t.config.id);
+        let registered = format!("{}/{id}#{}", t.config.id, &hash[..16]);
         self.runtime
             .register(&registered, &loaded.flow)
             .map_err(|e| ApiError::new(400, "invalid_flow", e.to_string()))?;
@@ -566,7 +808,10 @@ impl Host {
             plugins: loaded
                 .components
                 .iter()
-                .map(|(p, _)| p.display().to_string())
+                .filter_map(|(p, _)| {
+                    let name = p.display().to_string();
+                    all.get(&name).map(|(h, _)| (name, h.clone()))
+                })
                 .collect(),
             input: loaded.input.clone(),
             timeout: loaded.timeout,
@@ -596,12 +841,19 @@ impl Host {
         let mut index = st.index.clone();
         index.flows.insert(id.to_owned(), flow.hash.clone());
         t.dir
-            .save_index(&index)
+            .save_index(&index, &Self::pinned(&st))
             .map_err(|e| store_failed(&t.config.id, &e))?;
         st.index = index;
         let view = flow_view(id, &flow);
-        let new = st.flows.insert(id.to_owned(), flow).is_none();
-        Ok((new, view))
+        let registered = flow.registered.clone();
+        let old = st.flows.insert(id.to_owned(), flow);
+        // Running jobs keep the compiled flow they started with; new ones take this version.
+        if let Some(old) = &old
+            && old.registered != registered
+        {
+            self.runtime.registry().unregister(&old.registered);
+        }
+        Ok((old.is_none(), view))
     }
 
     pub fn flows(&self, t: &Tenant) -> Value {
@@ -631,7 +883,7 @@ impl Host {
         let running: Vec<String> = st
             .jobs
             .values()
-            .filter(|j| j.flow == id && !j.handle.is_finished())
+            .filter(|j| j.flow == id && !j.is_finished())
             .map(|j| j.id.clone())
             .collect();
         if !running.is_empty() {
@@ -650,7 +902,7 @@ impl Host {
         let mut index = st.index.clone();
         index.flows.remove(id);
         t.dir
-            .save_index(&index)
+            .save_index(&index, &Self::pinned(&st))
             .map_err(|e| store_failed(&t.config.id, &e))?;
         st.index = index;
         st.flows.remove(id);
@@ -658,8 +910,8 @@ impl Host {
         Ok(())
     }
 
-    /// `POST /v1/flows/{id}/jobs`: starts a job, open for input until closed. `input` (by
-    /// `routine.slot`) is posted first; without it, the flow file's own `input:`.
+    /// `POST /v1/flows/{id}/jobs`: starts a durable job, open for input until closed.
+    /// `input` (by `routine.slot`) is posted first; without it, the flow file's own `input:`.
     pub fn start_job(
         &self,
         t: &Tenant,
@@ -670,13 +922,13 @@ impl Host {
         if !self.ready.load(Ordering::Acquire) {
             return Err(stopping());
         }
-        let record = {
+        let (record, flow_input) = {
             let mut st = t.state.lock();
             let f = st
                 .flows
                 .get(flow)
                 .ok_or_else(|| ApiError::not_found("flow", flow))?;
-            let running = st.jobs.values().filter(|j| !j.handle.is_finished()).count();
+            let running = st.jobs.values().filter(|j| !j.is_finished()).count();
             if running >= t.config.quotas.jobs {
                 return Err(ApiError::quota(
                     429,
@@ -686,38 +938,63 @@ impl Host {
                     ),
                 ));
             }
-            let (registered, entries, timeout) =
-                (f.registered.clone(), f.entries.clone(), f.timeout);
-            let flow_input = f.input.clone();
-            let handle = self.runtime.exec(&registered).map_err(runtime_error)?;
-            let hold = handle.hold_open().map_err(runtime_error)?;
             let id = random_hex(16).map_err(ApiError::internal)?;
+            let meta = JobMeta {
+                flow: flow.to_owned(),
+                flow_sha256: f.hash.clone(),
+                plugins: f.plugins.clone(),
+                created_ms: unix_ms(SystemTime::now()),
+                closed: false,
+            };
+            let dir = t.dir.jobs_dir().join(&id);
+            let opened = std::fs::create_dir_all(&dir)
+                .and_then(|()| meta.write(&dir))
+                .map_err(|e| store_failed(&t.config.id, &e))
+                .and_then(|()| {
+                    JobStore::open(&dir, &job_header(&meta))
+                        .map_err(|e| store_error(&t.config.id, &e))
+                });
+            let store = match self.storage(opened) {
+                Ok(s) => s,
+                Err(e) => {
+                    let _ = std::fs::remove_dir_all(&dir);
+                    return Err(e);
+                }
+            };
+            let (handle, hold) = match self.runtime.exec_durable(&f.registered, store) {
+                Ok(h) => h,
+                Err(e) => {
+                    let _ = std::fs::remove_dir_all(&dir);
+                    return Err(runtime_error(e));
+                }
+            };
             let record = Arc::new(JobRecord {
                 id: id.clone(),
                 flow: flow.to_owned(),
-                handle,
+                handle: Some(handle),
+                archived: Mutex::default(),
                 hold: Mutex::new(Some(hold)),
-                entries,
+                entries: f.entries.clone(),
                 posted: AtomicU64::new(0),
                 created: SystemTime::now(),
-                timeout,
+                timeout: f.timeout,
                 timed_out: AtomicBool::new(false),
+                dir,
+                meta: Mutex::new(meta),
+                resumed: None,
             });
+            let flow_input = f.input.clone();
             st.jobs.insert(id, record.clone());
-            forget_old_jobs(&mut st.jobs);
             (record, flow_input)
         };
-        let (record, flow_input) = record;
         let feeds: Vec<((String, String), Vec<Item>)> = match input {
             None => flow_input,
             Some(map) => {
                 let mut feeds = Vec::new();
                 for (to, items) in map {
-                    let target = record.target(Some(&to)).inspect_err(|_| {
-                        record.handle.cancel();
-                    })?;
+                    let target = record.target(Some(&to)).inspect_err(|_| record.cancel())?;
                     let Value::Array(values) = items else {
-                        record.handle.cancel();
+                        record.cancel();
                         return Err(ApiError::bad_request(format!(
                             "input `{}`: give a list of items",
                             crate::term::escape(&to)
@@ -726,7 +1003,7 @@ impl Host {
                     let mut list = Vec::new();
                     for (i, v) in values.into_iter().enumerate() {
                         list.push(Item::new(v).map_err(|e| {
-                            record.handle.cancel();
+                            record.cancel();
                             ApiError::bad_request(format!(
                                 "input `{}`, item {i}: {e}",
                                 crate::term::escape(&to)
@@ -741,8 +1018,8 @@ impl Host {
         for ((r, s), items) in feeds {
             let n = items.len();
             if let Err(e) = self.post(&record, Some(&format!("{r}.{s}")), items) {
-                record.handle.cancel();
-                return Err(e.with("accepted", 0).with("input_items", n));
+                record.cancel();
+                return Err(e.with("input_items", n));
             }
         }
         if close {
@@ -751,14 +1028,138 @@ impl Host {
         Ok(record)
     }
 
-    /// Posts `items` in order to a job's slot, each waiting up to the post timeout for room.
-    /// On an error, how many were accepted before it is in `accepted`.
+    /// Resumes the unfinished jobs of tenant `t` that its directory holds (after a stop or a
+    /// crash), each on the flow and plugins it started with; those that had finished are
+    /// listed from their summaries.
+    fn resume_jobs(&self, t: &Tenant) {
+        let Ok(entries) = std::fs::read_dir(t.dir.jobs_dir()) else {
+            return;
+        };
+        let mut found: Vec<(u64, Arc<JobRecord>)> = Vec::new();
+        for e in entries.flatten() {
+            let dir = e.path();
+            let id = e.file_name().to_string_lossy().into_owned();
+            match self.resume_job(t, &id, &dir) {
+                Ok(r) => {
+                    let created = r.meta.lock().created_ms;
+                    found.push((created, r));
+                }
+                Err(e) => tracing::error!(
+                    tenant = %t.config.id,
+                    job = %id,
+                    "cannot resume the job (its directory is kept): {e}"
+                ),
+            }
+        }
+        found.sort_by_key(|(created, _)| *created);
+        let mut st = t.state.lock();
+        for (_, r) in found {
+            st.jobs.insert(r.id.clone(), r);
+        }
+    }
+
+    fn resume_job(&self, t: &Tenant, id: &str, dir: &Path) -> Result<Arc<JobRecord>, String> {
+        let meta = JobMeta::read(dir)?;
+        let created = SystemTime::UNIX_EPOCH + Duration::from_millis(meta.created_ms);
+        let record = |handle: Option<JobHandle>,
+                      archived: Option<(Value, SystemTime)>,
+                      hold: Option<InputHold>,
+                      flow: Option<&StoredFlow>,
+                      resumed: Option<Value>| {
+            Arc::new(JobRecord {
+                id: id.to_owned(),
+                flow: meta.flow.clone(),
+                handle,
+                archived: Mutex::new(archived),
+                hold: Mutex::new(hold),
+                entries: flow.map(|f| f.entries.clone()).unwrap_or_default(),
+                posted: AtomicU64::new(0),
+                created,
+                timeout: None,
+                timed_out: AtomicBool::new(false),
+                dir: dir.to_owned(),
+                meta: Mutex::new(meta.clone()),
+                resumed,
+            })
+        };
+        let summary = dir.join("summary.json");
+        if let Ok(bytes) = std::fs::read(&summary) {
+            let v: Value = serde_json::from_slice(&bytes)
+                .map_err(|e| format!("{}: {e}", summary.display()))?;
+            let at = std::fs::metadata(&summary)
+                .and_then(|m| m.modified())
+                .unwrap_or_else(|_| SystemTime::now());
+            return Ok(record(None, Some((v, at)), None, None, None));
+        }
+        let text = t
+            .dir
+            .blob(&meta.flow_sha256)
+            .map_err(|e| format!("the flow it runs: {e}"))
+            .and_then(|b| String::from_utf8(b).map_err(|e| e.to_string()))?;
+        let mut plugins = BTreeMap::new();
+        for (name, hash) in &meta.plugins {
+            let bytes = t
+                .dir
+                .blob(hash)
+                .map_err(|e| format!("plugin `{name}`: {e}"))?;
+            let p = self
+                .plugin_of(name, hash, &bytes)
+                .map_err(|e| format!("plugin `{name}`: {}", e.message))?;
+            plugins.insert(name.clone(), (hash.clone(), p));
+        }
+        let flow = self
+            .build_flow_with(t, &plugins, &meta.flow, text)
+            .map_err(|e| format!("its flow: {} {:?}", e.message, e.details))?;
+        let store = JobStore::open(dir, &job_header(&meta))?;
+        let r = store.resumed().clone();
+        if r.status
+            .as_deref()
+            .is_some_and(|s| s != "stopped" && s != "running")
+        {
+            // It finished before the crash, and its summary was not written yet.
+            let v = json!({
+                "id": id,
+                "flow": meta.flow,
+                "status": r.status,
+                "created": meta.created_ms,
+                "dead_letters": store.dead_letters().filter_map(|d| serde_json::from_str::<Value>(d).ok()).collect::<Vec<_>>(),
+            });
+            drop(store);
+            let _ =
+                super::disk::write_atomic(&summary, &serde_json::to_vec(&v).unwrap_or_default());
+            return Ok(record(None, Some((v, SystemTime::now())), None, None, None));
+        }
+        let resumed = json!({
+            "queued": r.queued,
+            "dead_letters": r.dead_letters,
+            "state_keys": r.state_keys,
+            "paused": r.paused,
+            "armed_retries": r.armed_retries,
+        });
+        let (handle, hold) = self
+            .runtime
+            .exec_durable(&flow.registered, store)
+            .map_err(|e| e.to_string())?;
+        let closed = meta.closed;
+        let rec = record(Some(handle), None, Some(hold), Some(&flow), Some(resumed));
+        if closed {
+            rec.hold.lock().take();
+        }
+        tracing::info!(tenant = %t.config.id, job = %id, "resumed the job");
+        Ok(rec)
+    }
+
+    /// Posts `items` in order to a job's slot, in units committed to the job's store before
+    /// they are acknowledged; each unit waits up to the post timeout for room. On an error,
+    /// how many were accepted before it is in `accepted` (a unit is taken whole or not at
+    /// all).
     pub fn post(
         &self,
         job: &JobRecord,
         to: Option<&str>,
         items: Vec<Item>,
     ) -> Result<usize, ApiError> {
+        let handle = job.live()?;
         if job.is_closed() {
             return Err(ApiError::new(
                 409,
@@ -768,14 +1169,31 @@ impl Host {
             .with("accepted", 0));
         }
         let (r, s) = job.target(to)?;
-        let input = job.handle.input(&r, &s).map_err(runtime_error)?;
+        let input = handle.input(&r, &s).map_err(runtime_error)?;
         let mut accepted = 0;
-        for item in items {
-            if let Err(e) = input.post_item_timeout(item, self.config.post_timeout) {
-                return Err(runtime_error(e).with("accepted", accepted));
+        // A unit is committed once the slot has room for its first item, then queued item by
+        // item as room comes: no larger than the slot's bounds, so that what is acknowledged
+        // but not yet queued stays within one slot's worth.
+        let (max_items, max_bytes) = (input.capacity().clamp(1, POST_UNIT), input.byte_budget());
+        let mut items = items.into_iter().peekable();
+        while items.peek().is_some() {
+            let mut unit: Vec<Item> = Vec::new();
+            let mut bytes = 0u64;
+            while let Some(next) = items.peek() {
+                let len = next.byte_len() as u64;
+                if !unit.is_empty() && (unit.len() >= max_items || bytes + len > max_bytes) {
+                    break;
+                }
+                bytes += len;
+                unit.extend(items.next());
             }
-            accepted += 1;
-            job.posted.fetch_add(1, Ordering::Relaxed);
+            let n = unit.len();
+            if let Err(e) = self.storage(input.post_items(unit, Vec::new()).map_err(runtime_error))
+            {
+                return Err(e.with("accepted", accepted));
+            }
+            accepted += n;
+            job.posted.fetch_add(n as u64, Ordering::Relaxed);
         }
         Ok(accepted)
     }
@@ -795,42 +1213,61 @@ impl Host {
         Value::Array(st.jobs.values().map(|j| j.line()).collect())
     }
 
-    /// Stops taking work: every job's input is closed, then running jobs get `drain` to finish
-    /// before the rest are cancelled. Returns how many finished and how many were cancelled.
+    /// Stops taking work: running jobs get `drain` to finish (those open for input stay
+    /// open, kept in their stores, and resume at the next start), then the rest are stopped
+    /// (their queues stay in their stores). Returns how many finished and how many were
+    /// left to resume.
     pub fn shutdown(&self, drain: Duration) -> (usize, usize) {
         self.ready.store(false, Ordering::Release);
         let mut all = Vec::new();
         for t in self.tenants.values() {
             all.extend(t.state.lock().jobs.values().cloned());
         }
-        let running: Vec<_> = all.iter().filter(|j| !j.handle.is_finished()).collect();
+        let running: Vec<_> = all.iter().filter(|j| !j.is_finished()).collect();
+        let deadline = std::time::Instant::now() + drain;
         for j in &running {
-            j.close();
+            if let Some(h) = &j.handle
+                && j.is_closed()
+            {
+                h.wait(deadline.saturating_duration_since(std::time::Instant::now()));
+            }
         }
-        self.runtime.shutdown(crate::Shutdown::Drain(drain));
-        let cancelled = running
-            .iter()
-            .filter(|j| j.handle.status() == JobStatus::Cancelled)
-            .count();
-        (running.len() - cancelled, cancelled)
+        let mut left = Vec::new();
+        for j in &running {
+            if let Some(h) = &j.handle
+                && !h.is_finished()
+            {
+                h.stop();
+                // Not `close`: its input stays open across the restart.
+                drop(j.hold.lock().take());
+                left.push(h);
+            }
+        }
+        for h in &left {
+            h.wait(Duration::from_secs(5));
+        }
+        self.runtime
+            .shutdown(crate::Shutdown::Drain(Duration::from_secs(1)));
+        let left = left.len();
+        for j in &all {
+            j.archive();
+        }
+        (running.len() - left, left)
     }
 }
 
-/// Forgets the oldest finished jobs past [`KEPT_FINISHED_JOBS`].
-fn forget_old_jobs(jobs: &mut IndexMap<String, Arc<JobRecord>>) {
-    let finished = jobs.values().filter(|j| j.handle.is_finished()).count();
-    if finished <= KEPT_FINISHED_JOBS {
-        return;
-    }
-    let mut extra = finished - KEPT_FINISHED_JOBS;
-    jobs.retain(|_, j| {
-        if extra > 0 && j.handle.is_finished() {
-            extra -= 1;
-            false
-        } else {
-            true
-        }
-    });
+/// The most items committed in one unit of a post.
+const POST_UNIT: usize = 256;
+
+/// A job store's header: what the job runs, by blob.
+fn job_header(meta: &JobMeta) -> Vec<u8> {
+    serde_json::to_vec(&json!({
+        "serve": 1,
+        "flow": meta.flow,
+        "flow_sha256": meta.flow_sha256,
+        "plugins": meta.plugins,
+    }))
+    .unwrap_or_default()
 }
 
 fn check_name(what: &str, name: &str) -> Result<(), ApiError> {
@@ -861,7 +1298,7 @@ fn flow_view(id: &str, f: &StoredFlow) -> Value {
         "routines": f.routines,
         "connections": f.connections,
         "entries": f.entries.iter().map(|(r, s)| format!("{r}.{s}")).collect::<Vec<_>>(),
-        "plugins": f.plugins,
+        "plugins": f.plugins.keys().collect::<Vec<_>>(),
         "warnings": f.warnings,
     })
 }
@@ -882,6 +1319,21 @@ fn store_failed(tenant: &str, e: &std::io::Error) -> ApiError {
             "the server's storage is full: nothing was stored".to_owned()
         } else {
             "the server cannot write its storage: nothing was stored".to_owned()
+        },
+    )
+}
+
+/// A job store that cannot be made or opened (a full or failing disk).
+fn store_error(tenant: &str, e: &str) -> ApiError {
+    tracing::error!(tenant, "cannot open a job store: {e}");
+    let full = e.contains("No space left");
+    ApiError::new(
+        if full { 507 } else { 503 },
+        "storage",
+        if full {
+            "the server's storage is full: the job was not started"
+        } else {
+            "the server cannot write its storage: the job was not started"
         },
     )
 }
@@ -950,6 +1402,20 @@ fn runtime_error(e: RuntimeError) -> ApiError {
         RuntimeError::ItemTooLarge { .. } => ApiError::new(413, "item_too_large", e.to_string()),
         RuntimeError::Item(_) => ApiError::bad_request(e.to_string()),
         RuntimeError::ShutDown => stopping(),
+        RuntimeError::Store { reason, .. } => {
+            tracing::error!("a job store failed to commit: {reason}");
+            let full = reason.contains("No space left");
+            ApiError::new(
+                if full { 507 } else { 503 },
+                "storage",
+                if full {
+                    "the server's storage is full: the post was not taken, and the job has failed"
+                } else {
+                    "the server cannot write its storage: the post was not taken, and the job has \
+                     failed"
+                },
+            )
+        }
         other => ApiError::internal(other.to_string()),
     }
 }

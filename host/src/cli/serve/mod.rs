@@ -19,8 +19,9 @@ pub(crate) struct ServeArgs {
     pub data_dir: Option<PathBuf>,
 }
 
-/// Runs the server until SIGTERM or SIGINT, then stops taking work, drains the running jobs
-/// up to the drain timeout and cancels the rest.
+/// Runs the server until SIGTERM or SIGINT, then stops taking work: jobs whose input is
+/// closed get the drain timeout to finish; the rest are stopped (their running activations
+/// end) and stay in their stores, to resume at the next start.
 pub(crate) fn serve(args: ServeArgs) -> Code {
     let (config, new_token) = match config::load(args.config.as_deref(), args.listen, args.data_dir)
     {
@@ -80,9 +81,12 @@ pub(crate) fn serve(args: ServeArgs) -> Code {
         .map_err(|e| format!("the server stopped: {e}"))
     });
     // The listener is closed: no request is taken any more.
-    let (drained, cancelled) = host.shutdown(drain);
+    let (drained, kept) = host.shutdown(drain);
     rt.shutdown_timeout(std::time::Duration::from_secs(1));
-    errln!("routilux serve: stopped ({drained} running jobs drained, {cancelled} cancelled)");
+    errln!(
+        "routilux serve: stopped ({drained} jobs finished while draining, {kept} kept in their \
+         stores to resume at the next start)"
+    );
     match served {
         Ok(()) => Code::Ok,
         Err(e) => {
