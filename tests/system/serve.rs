@@ -52,14 +52,20 @@ struct Resp {
 impl Server {
     /// Starts `routilux serve --config DIR/serve.yaml --listen 127.0.0.1:0` with `config`.
     fn start(dir: &Path, config: &str) -> Server {
-        plugin_dir();
         let path = dir.join("serve.yaml");
         std::fs::write(&path, config).unwrap();
-        let mut child = Command::new(env!("CARGO_BIN_EXE_routilux"))
-            .args(["serve", "--config"])
+        let mut cmd = Command::new(env!("CARGO_BIN_EXE_routilux"));
+        cmd.args(["serve", "--config"])
             .arg(&path)
             .args(["--listen", "127.0.0.1:0", "--data-dir"])
-            .arg(dir.join("data"))
+            .arg(dir.join("data"));
+        Server::spawn(cmd)
+    }
+
+    /// Starts the server `cmd` runs (the process must be the server itself, or `exec` it).
+    fn spawn(mut cmd: Command) -> Server {
+        plugin_dir();
+        let mut child = cmd
             .env("ROUTILUX_CACHE_DIR", cache_dir())
             .stdout(Stdio::null())
             .stderr(Stdio::piped())
@@ -652,4 +658,254 @@ fn with_no_config_one_tenant_gets_a_token_printed_once_and_stored_hashed() {
     assert_eq!(ok.status().as_u16(), 200);
     let _ = child.kill();
     let _ = child.wait();
+}
+
+/// A flow of one hostile routine that adds 1 to WorkerState key `k{i}` for item `i`.
+const TALLY_FLOW: &str = "flow_id: t\nroutines:\n  h:\n    plugin: hostile\n    kind: hostile\n";
+
+fn tally(i: u64) -> String {
+    json!({"do": "calls", "calls": [{"f": "state_add", "a": format!("k{i}"), "n": 1}]}).to_string()
+}
+
+/// kill -9 of the server while a client streams items in: after each restart the job is
+/// there, running, and at the end every acknowledged item was processed exactly once (its
+/// WorkerState key is 1), an unacknowledged one at most once, and none twice.
+#[test]
+fn acknowledged_items_survive_kill_9_of_the_server_and_are_processed_exactly_once() {
+    let rounds: u64 = std::env::var("ROUTILUX_SERVE_CRASH_ROUNDS")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(5);
+    let dir = scratch();
+    let config = two_tenants("{}", "");
+    let mut s = Server::start(dir.path(), &config);
+    assert_eq!(s.put_plugin(TOKEN_A, "hostile", "hostile").status, 201);
+    assert_eq!(s.put_flow(TOKEN_A, "t", TALLY_FLOW).status, 201);
+    let id = s.post("/v1/flows/t/jobs", TOKEN_A, json!({})).json["id"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    let mut acked: Vec<u64> = Vec::new();
+    let mut maybe: Vec<u64> = Vec::new();
+    let mut next = 0u64;
+    let mut rng = fastrand::Rng::with_seed(7);
+    for round in 0..rounds {
+        let base = s.base.clone();
+        let path = format!("{base}/v1/jobs/{id}/items");
+        let stop_at = Instant::now() + Duration::from_millis(rng.u64(50..400));
+        let start = next;
+        // The client: requests of 10 items until the server is gone.
+        let client = std::thread::spawn(move || {
+            let agent: ureq::Agent = ureq::Agent::config_builder()
+                .http_status_as_error(false)
+                .build()
+                .into();
+            let (mut acked, mut maybe) = (Vec::new(), Vec::new());
+            let mut i = start;
+            loop {
+                let ids: Vec<u64> = (i..i + 10).collect();
+                i += 10;
+                let body: String = ids.iter().map(|&n| tally(n) + "\n").collect();
+                match agent
+                    .post(&path)
+                    .header("Authorization", format!("Bearer {TOKEN_A}"))
+                    .header("Content-Type", "application/x-ndjson")
+                    .send(body.as_bytes())
+                {
+                    Ok(mut r) if r.status().as_u16() == 200 => {
+                        let v: Value = r.body_mut().read_json().unwrap();
+                        assert_eq!(v["accepted"], 10);
+                        acked.extend(ids);
+                    }
+                    Ok(mut r) => {
+                        let v: Value = r.body_mut().read_json().unwrap_or(Value::Null);
+                        let n = v["error"]["accepted"].as_u64().unwrap_or(0) as usize;
+                        acked.extend(&ids[..n]);
+                        maybe.extend(&ids[n..]);
+                    }
+                    Err(_) => {
+                        maybe.extend(ids);
+                        return (acked, maybe, i);
+                    }
+                }
+            }
+        });
+        std::thread::sleep(stop_at.saturating_duration_since(Instant::now()));
+        s.child.kill().unwrap();
+        s.child.wait().unwrap();
+        let (a, m, n) = client.join().unwrap();
+        assert!(!a.is_empty() || round > 0 || !m.is_empty());
+        acked.extend(a);
+        maybe.extend(m);
+        next = n;
+        s = Server::start(dir.path(), &config);
+        let view = s.get(&format!("/v1/jobs/{id}"), TOKEN_A).json;
+        assert_eq!(view["status"], "running", "round {round}: {view}");
+    }
+    s.post(&format!("/v1/jobs/{id}/close"), TOKEN_A, json!({}));
+    let view = s.wait_job(TOKEN_A, &id);
+    assert_eq!(view["status"], "completed", "{view}");
+    let state = s.get(&format!("/v1/jobs/{id}/state"), TOKEN_A).json;
+    let h = state["h"].as_object().unwrap();
+    for i in &acked {
+        assert_eq!(
+            h.get(&format!("k{i}")),
+            Some(&json!(1)),
+            "acknowledged item {i}"
+        );
+    }
+    for i in &maybe {
+        let v = h.get(&format!("k{i}")).and_then(Value::as_i64).unwrap_or(0);
+        assert!(v <= 1, "unacknowledged item {i} processed {v} times");
+    }
+    assert!(h.len() <= acked.len() + maybe.len(), "no item made up");
+    eprintln!(
+        "{rounds} kills: {} items acknowledged (all processed once), {} in flight at a kill \
+         ({} of them processed), 0 lost, 0 twice",
+        acked.len(),
+        maybe.len(),
+        maybe
+            .iter()
+            .filter(|i| h.contains_key(&format!("k{i}")))
+            .count()
+    );
+}
+
+#[test]
+fn a_paused_job_stays_paused_across_a_restart_and_finished_jobs_go_after_their_retention() {
+    let dir = scratch();
+    let config = two_tenants("{}", "job_retention: 1s");
+    let s = Server::start(dir.path(), &config);
+    assert_eq!(s.put_plugin(TOKEN_A, "hostile", "hostile").status, 201);
+    assert_eq!(s.put_flow(TOKEN_A, "t", TALLY_FLOW).status, 201);
+    let id = s.post("/v1/flows/t/jobs", TOKEN_A, json!({})).json["id"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    let r = s.post(&format!("/v1/jobs/{id}/pause"), TOKEN_A, json!({}));
+    assert_eq!(r.json["paused"], true, "{}", r.json);
+    let items = format!("/v1/jobs/{id}/items");
+    let r = s.req(
+        "POST",
+        &items,
+        Some(TOKEN_A),
+        Some((
+            "application/x-ndjson",
+            (tally(1) + "\n" + &tally(2)).into_bytes(),
+        )),
+    );
+    assert_eq!(r.json["accepted"], 2, "posts are taken while paused");
+    std::thread::sleep(Duration::from_millis(300));
+    let state = format!("/v1/jobs/{id}/state");
+    assert_eq!(s.get(&state, TOKEN_A).json["h"], json!({}), "nothing ran");
+    let (code, err) = s.terminate();
+    assert_eq!(code, 0, "{err}");
+
+    let s = Server::start(dir.path(), &config);
+    let view = s.get(&format!("/v1/jobs/{id}"), TOKEN_A).json;
+    assert_eq!(view["paused"], true, "{view}");
+    assert_eq!(view["resumed"]["queued"], 2, "{view}");
+    std::thread::sleep(Duration::from_millis(300));
+    assert_eq!(s.get(&state, TOKEN_A).json["h"], json!({}));
+    s.post(&format!("/v1/jobs/{id}/resume"), TOKEN_A, json!({}));
+    s.post(&format!("/v1/jobs/{id}/close"), TOKEN_A, json!({}));
+    assert_eq!(s.wait_job(TOKEN_A, &id)["status"], "completed");
+    assert_eq!(s.get(&state, TOKEN_A).json["h"], json!({"k1": 1, "k2": 1}));
+    // Retention: a second after it finished, the job and its directory are gone.
+    let job_dir = dir.path().join("data/tenants/a/jobs").join(&id);
+    assert!(job_dir.is_dir());
+    let started = Instant::now();
+    while s.get(&format!("/v1/jobs/{id}"), TOKEN_A).status != 404 {
+        assert!(started.elapsed() < Duration::from_secs(10), "still kept");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    assert!(started.elapsed() >= Duration::from_millis(500));
+    assert!(!job_dir.exists(), "its directory is removed");
+}
+
+/// A full disk under the server (a tmpfs mounted over its data directory in a user and mount
+/// namespace of its own): posts answer 507 naming no host path, `/readyz` turns false with the
+/// reason, nothing panics; once the disk has room again, a write succeeds, `/readyz` is true
+/// and a new job runs.
+#[test]
+fn a_full_disk_answers_507_and_turns_readyz_false_until_there_is_room() {
+    const SCRIPT: &str = r#"
+        mount -t tmpfs -o "size=$SIZE" routilux-full "$MNT" || exit 90
+        ( i=0; while [ ! -e "$GROW" ] && [ $i -lt 1200 ]; do sleep 0.05; i=$((i+1)); done
+          mount -o remount,size=64m "$MNT" ) &
+        exec "$@" --data-dir "$MNT/data"
+    "#;
+    let dir = scratch();
+    let config = dir.path().join("serve.yaml");
+    std::fs::write(&config, two_tenants("{}", "")).unwrap();
+    let (mnt, grow) = (dir.path().join("mnt"), dir.path().join("grow"));
+    std::fs::create_dir_all(&mnt).unwrap();
+    let size = std::fs::metadata(plugin("hostile")).unwrap().len() + (1536 << 10);
+    let mut cmd = Command::new("unshare");
+    cmd.args(["-rm", "bash", "-c", SCRIPT, "full-disk"])
+        .arg(env!("CARGO_BIN_EXE_routilux"))
+        .args(["serve", "--listen", "127.0.0.1:0", "--config"])
+        .arg(&config)
+        .env("SIZE", size.to_string())
+        .env("MNT", &mnt)
+        .env("GROW", &grow);
+    let s = Server::spawn(cmd);
+    assert_eq!(s.put_plugin(TOKEN_A, "hostile", "hostile").status, 201);
+    assert_eq!(s.put_flow(TOKEN_A, "t", TALLY_FLOW).status, 201);
+    let r = s.post("/v1/flows/t/jobs", TOKEN_A, json!({}));
+    assert_eq!(r.status, 201, "{}", r.json);
+    let id = r.json["id"].as_str().unwrap().to_owned();
+    let pad = "x".repeat(60 << 10);
+    let mut full = None;
+    for round in 0..400 {
+        let body: String = (0..4)
+            .map(|k| {
+                json!({"do": "calls", "calls": [], "i": round * 4 + k, "pad": pad}).to_string()
+                    + "\n"
+            })
+            .collect();
+        let r = s.req(
+            "POST",
+            &format!("/v1/jobs/{id}/items"),
+            Some(TOKEN_A),
+            Some(("application/x-ndjson", body.into_bytes())),
+        );
+        if r.status != 200 {
+            full = Some(r);
+            break;
+        }
+    }
+    let r = full.expect("the disk fills up");
+    assert_eq!(r.status, 507, "{}", r.json);
+    assert_eq!(r.json["error"]["code"], "storage");
+    let text = r.json.to_string();
+    assert!(
+        text.contains("full") && !text.contains(&mnt.display().to_string()),
+        "{text}"
+    );
+    let ready = s.req("GET", "/readyz", None, None);
+    assert_eq!(ready.status, 503, "{}", ready.json);
+    assert!(
+        ready.json["reason"].as_str().unwrap().contains("full"),
+        "{}",
+        ready.json
+    );
+    assert_eq!(s.wait_job(TOKEN_A, &id)["status"], "failed");
+    // Room again: the next write succeeds and the server is ready.
+    std::fs::write(&grow, "").unwrap();
+    let started = Instant::now();
+    loop {
+        let r = s.post("/v1/flows/t/jobs", TOKEN_A, json!({"close": true}));
+        if r.status == 201 {
+            assert_eq!(
+                s.wait_job(TOKEN_A, r.json["id"].as_str().unwrap())["status"],
+                "completed"
+            );
+            break;
+        }
+        assert!(started.elapsed() < Duration::from_secs(20), "{}", r.json);
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    assert_eq!(s.req("GET", "/readyz", None, None).status, 200);
+    assert!(!s.stderr().contains("panicked"), "{}", s.stderr());
 }

@@ -49,6 +49,12 @@ impl IntoResponse for ApiError {
             r.headers_mut()
                 .insert(header::RETRY_AFTER, HeaderValue::from(s));
         }
+        // A body refused part-read (too large) leaves the connection unusable: say so, so
+        // that the client does not send its next request on it.
+        if self.status == 413 {
+            r.headers_mut()
+                .insert(header::CONNECTION, HeaderValue::from_static("close"));
+        }
         if self.status == 401 {
             r.headers_mut().insert(
                 header::WWW_AUTHENTICATE,
@@ -178,9 +184,39 @@ pub(crate) fn router(host: Arc<Host>) -> Router {
         .route("/v1/jobs/{id}/output", get(job_output))
         .route("/v1/jobs/{id}/dead-letters", get(job_dead_letters))
         .fallback(|| async { ApiError::new(404, "not_found", "no such endpoint") })
+        .layer(axum::middleware::from_fn(read_small_bodies))
         // Bodies are read by the handlers, each with its own limit.
         .layer(DefaultBodyLimit::disable())
         .with_state(state)
+}
+
+/// The most a body is read before routing, when its length says it is small.
+const SMALL_BODY: u64 = 64 << 10;
+
+/// Reads a small body (by its `Content-Length`) whole before the handler runs, so that an
+/// answer that ignores the body (an error, an endpoint that takes none) still leaves the
+/// connection usable for the client's next request. Larger and streamed bodies are read by
+/// their handlers.
+async fn read_small_bodies(req: axum::extract::Request, next: axum::middleware::Next) -> Response {
+    let small = req
+        .headers()
+        .get(header::CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.parse::<u64>().ok())
+        .is_some_and(|n| n <= SMALL_BODY);
+    if !small {
+        return next.run(req).await;
+    }
+    let (parts, body) = req.into_parts();
+    match axum::body::to_bytes(body, SMALL_BODY as usize).await {
+        Ok(bytes) => {
+            next.run(axum::extract::Request::from_parts(parts, Body::from(bytes)))
+                .await
+        }
+        Err(e) => {
+            ApiError::bad_request(format!("cannot read the request body: {e}")).into_response()
+        }
+    }
 }
 
 async fn readyz(State(s): State<AppState>) -> Response {

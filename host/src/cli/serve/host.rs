@@ -474,7 +474,12 @@ impl Host {
         for t in self.tenants.values() {
             let records: Vec<Arc<JobRecord>> = t.state.lock().jobs.values().cloned().collect();
             for r in &records {
-                r.archive();
+                if r.archive()
+                    && let Some(h) = &r.handle
+                    && let Some(e) = store_failure(h)
+                {
+                    *self.storage_error.lock() = Some(e.message);
+                }
             }
             let now = SystemTime::now();
             let mut finished: Vec<(SystemTime, String)> = records
@@ -1188,8 +1193,11 @@ impl Host {
                 unit.extend(items.next());
             }
             let n = unit.len();
-            if let Err(e) = self.storage(input.post_items(unit, Vec::new()).map_err(runtime_error))
-            {
+            let posted = input.post_items(unit, Vec::new()).map_err(|e| {
+                // The job may have failed on its store (an activation's commit): say so.
+                store_failure(handle).unwrap_or_else(|| runtime_error(e))
+            });
+            if let Err(e) = self.storage(posted) {
                 return Err(e.with("accepted", accepted));
             }
             accepted += n;
@@ -1321,6 +1329,28 @@ fn store_failed(tenant: &str, e: &std::io::Error) -> ApiError {
             "the server cannot write its storage: nothing was stored".to_owned()
         },
     )
+}
+
+/// The storage error of a job that failed because its store could not commit.
+fn store_failure(h: &JobHandle) -> Option<ApiError> {
+    if h.status() != JobStatus::Failed {
+        return None;
+    }
+    let f = h.failure()?;
+    if !f.contains("job store") {
+        return None;
+    }
+    let full = f.contains("No space left");
+    Some(ApiError::new(
+        if full { 507 } else { 503 },
+        "storage",
+        if full {
+            "the server's storage is full: the job has failed (what it acknowledged is kept)"
+        } else {
+            "the server cannot write its storage: the job has failed (what it acknowledged is \
+             kept)"
+        },
+    ))
 }
 
 /// A job store that cannot be made or opened (a full or failing disk).
