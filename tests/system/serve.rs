@@ -584,9 +584,23 @@ fn a_restart_keeps_plugins_flows_and_jobs_and_sigterm_stops_jobs_to_resume() {
     );
     assert_eq!(r.status, 201, "{}", r.json);
     let id = r.json["id"].as_str().unwrap().to_owned();
+    // A reader of its events, whose stream the stop must end (not wait for).
+    let url = format!("{}/v1/jobs/{id}/events", s.base);
+    let reader = std::thread::spawn(move || {
+        let agent: ureq::Agent = ureq::Agent::config_builder().build().into();
+        let mut r = agent
+            .get(&url)
+            .header("Authorization", format!("Bearer {TOKEN_A}"))
+            .call()
+            .unwrap();
+        let _ = r.body_mut().read_to_string();
+    });
     std::thread::sleep(Duration::from_millis(200));
     // SIGTERM: the running activation ends, the two queued items stay in the job's store.
+    let stopping = Instant::now();
     let (code, err) = s.terminate();
+    assert!(stopping.elapsed() < Duration::from_secs(5), "{err}");
+    reader.join().unwrap();
     assert_eq!(code, 0, "{err}");
     assert!(
         err.contains("0 jobs finished while draining, 1 kept in their stores"),
@@ -908,4 +922,83 @@ fn a_full_disk_answers_507_and_turns_readyz_false_until_there_is_room() {
     }
     assert_eq!(s.req("GET", "/readyz", None, None).status, 200);
     assert!(!s.stderr().contains("panicked"), "{}", s.stderr());
+}
+
+/// Reads a server-sent event stream to its end: (id, event, data) of each event.
+fn read_events(s: &Server, path: &str, last: Option<u64>) -> Vec<(Option<u64>, String, Value)> {
+    let mut req = s
+        .agent
+        .get(format!("{}{path}", s.base))
+        .header("Authorization", format!("Bearer {TOKEN_A}"));
+    if let Some(l) = last {
+        req = req.header("Last-Event-ID", l.to_string());
+    }
+    let mut r = req.call().unwrap();
+    assert_eq!(r.status().as_u16(), 200);
+    let ct = r.headers()["content-type"].to_str().unwrap().to_owned();
+    assert!(ct.starts_with("text/event-stream"), "{ct}");
+    let reader = BufReader::new(r.body_mut().as_reader());
+    let mut out = Vec::new();
+    let (mut id, mut event, mut data) = (None, String::new(), String::new());
+    for line in reader.lines() {
+        let line = line.unwrap();
+        if line.is_empty() {
+            if !event.is_empty() {
+                out.push((
+                    id.take(),
+                    std::mem::take(&mut event),
+                    serde_json::from_str(&data).unwrap(),
+                ));
+            }
+            data.clear();
+        } else if let Some(v) = line.strip_prefix("id:") {
+            id = Some(v.trim().parse().unwrap());
+        } else if let Some(v) = line.strip_prefix("event:") {
+            event = v.trim().to_owned();
+        } else if let Some(v) = line.strip_prefix("data:") {
+            data.push_str(v.trim_start());
+        }
+    }
+    out
+}
+
+#[test]
+fn a_jobs_events_stream_its_output_and_status_and_resume_after_last_event_id() {
+    let dir = scratch();
+    let s = Server::start(dir.path(), &two_tenants("{}", ""));
+    assert_eq!(s.put_plugin(TOKEN_A, "news", "news").status, 201);
+    assert_eq!(s.put_flow(TOKEN_A, "news", &news_flow()).status, 201);
+    let r = s.post("/v1/flows/news/jobs", TOKEN_A, json!({"close": true}));
+    let id = r.json["id"].as_str().unwrap().to_owned();
+    let path = format!("/v1/jobs/{id}/events");
+    // Read while it runs: the stream ends with the final status.
+    let events = read_events(&s, &path, None);
+    let (_, last, data) = events.last().unwrap();
+    assert_eq!(
+        (last.as_str(), &data["status"]),
+        ("status", &json!("completed"))
+    );
+    let printed: Vec<String> = events
+        .iter()
+        .filter(|(_, e, d)| e == "output" && d["level"] == "stdout")
+        .map(|(_, _, d)| d["message"].as_str().unwrap().to_owned())
+        .collect();
+    let want = by_speaker(expected_outputs()[0].iter().cloned(), timestamp_checked);
+    assert_eq!(by_speaker(printed, timestamp_checked), want);
+    assert!(
+        events.iter().any(|(_, e, _)| e == "activations"),
+        "{events:?}"
+    );
+    let ids: Vec<u64> = events.iter().filter_map(|(i, _, _)| *i).collect();
+    assert!(ids.windows(2).all(|w| w[0] < w[1]), "{ids:?}");
+    // Reconnecting after event N gives exactly the events after it.
+    let n = ids[ids.len() / 2];
+    let again = read_events(&s, &path, Some(n));
+    let rest: Vec<u64> = again.iter().filter_map(|(i, _, _)| *i).collect();
+    assert_eq!(
+        rest,
+        ids.iter().copied().filter(|&i| i > n).collect::<Vec<_>>()
+    );
+    // Another tenant's stream is a 404 like any other.
+    assert_eq!(s.get(&path, TOKEN_B).status, 404);
 }

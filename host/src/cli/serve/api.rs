@@ -182,6 +182,7 @@ pub(crate) fn router(host: Arc<Host>) -> Router {
         .route("/v1/jobs/{id}/resume", post(resume_job))
         .route("/v1/jobs/{id}/state", get(job_state))
         .route("/v1/jobs/{id}/output", get(job_output))
+        .route("/v1/jobs/{id}/events", get(job_events))
         .route("/v1/jobs/{id}/dead-letters", get(job_dead_letters))
         .fallback(|| async { ApiError::new(404, "not_found", "no such endpoint") })
         .layer(axum::middleware::from_fn(read_small_bodies))
@@ -449,6 +450,77 @@ async fn job_output(
     Path(id): Path<String>,
 ) -> Result<Json<Value>, ApiError> {
     Ok(Json(s.host.job(&t, &id)?.output()))
+}
+
+#[derive(Deserialize)]
+struct EventsQuery {
+    /// The number of the last event seen (as `Last-Event-ID`).
+    after: Option<u64>,
+}
+
+/// `GET /v1/jobs/{id}/events`: server-sent events, from after `Last-Event-ID` (or `?after=N`):
+/// `output` (a line a routine printed or logged), `activations` (counters per routine),
+/// `error` (an activation's failure), `status` (running, paused, and the final one, after
+/// which the stream ends), and `dropped` (how many events were past the job's bound before
+/// the reader came back). A keep-alive comment every 15 s.
+async fn job_events(
+    State(s): State<AppState>,
+    Auth(t): Auth,
+    Path(id): Path<String>,
+    Query(q): Query<EventsQuery>,
+    headers: HeaderMap,
+) -> Result<Response, ApiError> {
+    use axum::response::sse::{Event, KeepAlive, Sse};
+    let job = s.host.job(&t, &id)?;
+    let seen = headers
+        .get("last-event-id")
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.trim().parse::<u64>().ok())
+        .or(q.after)
+        .unwrap_or(0);
+    let events = job.events.clone();
+    let pending: std::collections::VecDeque<Event> = Default::default();
+    let stream = futures_util::stream::unfold(
+        (events, seen, pending),
+        |(events, mut seen, mut pending)| async move {
+            loop {
+                if let Some(e) = pending.pop_front() {
+                    return Some((
+                        Ok::<_, std::convert::Infallible>(e),
+                        (events, seen, pending),
+                    ));
+                }
+                match events.next(seen).await {
+                    super::events::Next::End => return None,
+                    super::events::Next::Wait => {}
+                    super::events::Next::Some {
+                        dropped,
+                        events: batch,
+                    } => {
+                        if dropped > 0 {
+                            pending.push_back(
+                                Event::default()
+                                    .event("dropped")
+                                    .data(json!({ "dropped": dropped }).to_string()),
+                            );
+                        }
+                        for e in batch {
+                            seen = e.id;
+                            pending.push_back(
+                                Event::default()
+                                    .id(e.id.to_string())
+                                    .event(e.kind)
+                                    .data(e.data),
+                            );
+                        }
+                    }
+                }
+            }
+        },
+    );
+    Ok(Sse::new(stream)
+        .keep_alive(KeepAlive::new().interval(Duration::from_secs(15)))
+        .into_response())
 }
 
 async fn job_dead_letters(

@@ -17,8 +17,9 @@ use wasmtime::component::Component;
 use super::super::diag::{Diagnostic, Severity};
 use super::config::{Config, TenantConfig, hex, random_hex, valid_name};
 use super::disk::{Index, JobMeta, TenantDir};
+use super::events::Events;
 use crate::wasm::{Plugin, WasmEngine};
-use crate::{InputHold, Item, JobHandle, JobStatus, JobStore, Runtime, RuntimeError};
+use crate::{InputHold, Item, JobHandle, JobId, JobStatus, JobStore, Runtime, RuntimeError};
 
 /// The most finished jobs a tenant's list keeps (the oldest are forgotten first).
 const KEPT_FINISHED_JOBS: usize = 1000;
@@ -153,6 +154,10 @@ pub(crate) struct JobRecord {
     meta: Mutex<JobMeta>,
     /// What its store held when the server reopened it after a restart.
     resumed: Option<Value>,
+    /// Its server-sent events.
+    pub events: Arc<Events>,
+    /// What its events last said: status, activations, errors.
+    seen: Mutex<(String, u64, usize)>,
 }
 
 impl JobRecord {
@@ -343,8 +348,35 @@ impl JobRecord {
         ) {
             tracing::error!(job = %self.id, "cannot write the job's summary: {e}");
         }
+        self.events.close(v["status"].clone());
         *self.archived.lock() = Some((v, SystemTime::now()));
         true
+    }
+
+    /// Pushes the events of what changed since the last call: its status (and pause),
+    /// activation counts, new errors.
+    fn report(&self) {
+        let Some(h) = &self.handle else { return };
+        let status = if h.is_paused() && h.status() == JobStatus::Running {
+            "paused".to_owned()
+        } else {
+            h.status().to_string()
+        };
+        let counters = h.counters();
+        let activations: u64 = counters.values().map(|c| c.activations).sum();
+        let errors = h.errors();
+        let mut seen = self.seen.lock();
+        for e in errors.iter().skip(seen.2) {
+            self.events.push("error", json!(e));
+        }
+        if activations != seen.1 {
+            self.events
+                .push("activations", json!({ "routines": counters }));
+        }
+        if status != seen.0 && !h.is_finished() {
+            self.events.push("status", json!({ "status": status }));
+        }
+        *seen = (status, activations, errors.len());
     }
 }
 
@@ -380,6 +412,8 @@ pub(crate) struct Host {
     pub ready: AtomicBool,
     /// Why the server's storage last failed (a full disk), until a write succeeds again.
     storage_error: Mutex<Option<String>>,
+    /// The events of each running job, by the engine's job id (where output lines go).
+    routes: Arc<Mutex<HashMap<JobId, Arc<Events>>>>,
 }
 
 /// Compares two hashes in time that does not depend on where they differ.
@@ -393,7 +427,15 @@ impl Host {
     pub fn start(config: Config) -> Result<Arc<Host>, String> {
         let engine = crate::wasm::WasmEngine::new(crate::wasm::WasmConfig::default())
             .map_err(|e| format!("cannot start the WebAssembly engine: {e}"))?;
+        let routes: Arc<Mutex<HashMap<JobId, Arc<Events>>>> = Arc::default();
+        let to = routes.clone();
         let runtime = Runtime::builder()
+            .on_output(move |job, line| {
+                let events = to.lock().get(&job).cloned();
+                if let Some(e) = events {
+                    e.push("output", json!(line));
+                }
+            })
             .thread_pool_size(config.threads)
             .post_timeout(config.post_timeout)
             .try_build()
@@ -424,6 +466,7 @@ impl Host {
             components: Mutex::default(),
             ready: AtomicBool::new(false),
             storage_error: Mutex::default(),
+            routes,
         });
         for t in host.tenants.values() {
             host.restore(t)?;
@@ -442,6 +485,15 @@ impl Host {
             .map_err(|e| format!("cannot start the job keeper thread: {e}"))?;
         host.ready.store(true, Ordering::Release);
         Ok(host)
+    }
+
+    /// Ends every event stream (the server is stopping: its connections must close).
+    pub fn end_streams(&self) {
+        for t in self.tenants.values() {
+            for j in t.state.lock().jobs.values() {
+                j.events.end();
+            }
+        }
     }
 
     /// Whether the server can take work: started, not stopping, its storage writable.
@@ -474,11 +526,17 @@ impl Host {
         for t in self.tenants.values() {
             let records: Vec<Arc<JobRecord>> = t.state.lock().jobs.values().cloned().collect();
             for r in &records {
+                r.report();
                 if r.archive()
                     && let Some(h) = &r.handle
                     && let Some(e) = store_failure(h)
                 {
                     *self.storage_error.lock() = Some(e.message);
+                }
+                if r.archived.lock().is_some()
+                    && let Some(h) = &r.handle
+                {
+                    self.routes.lock().remove(&h.id());
                 }
             }
             let now = SystemTime::now();
@@ -987,7 +1045,12 @@ impl Host {
                 dir,
                 meta: Mutex::new(meta),
                 resumed: None,
+                events: Events::new(),
+                seen: Mutex::default(),
             });
+            self.routes
+                .lock()
+                .insert(record.live()?.id(), record.events.clone());
             let flow_input = f.input.clone();
             st.jobs.insert(id, record.clone());
             (record, flow_input)
@@ -1085,6 +1148,8 @@ impl Host {
                 dir: dir.to_owned(),
                 meta: Mutex::new(meta.clone()),
                 resumed,
+                events: Events::new(),
+                seen: Mutex::default(),
             })
         };
         let summary = dir.join("summary.json");
@@ -1094,7 +1159,9 @@ impl Host {
             let at = std::fs::metadata(&summary)
                 .and_then(|m| m.modified())
                 .unwrap_or_else(|_| SystemTime::now());
-            return Ok(record(None, Some((v, at)), None, None, None));
+            let r = record(None, Some((v.clone(), at)), None, None, None);
+            r.events.close(v["status"].clone());
+            return Ok(r);
         }
         let text = t
             .dir
@@ -1132,7 +1199,9 @@ impl Host {
             drop(store);
             let _ =
                 super::disk::write_atomic(&summary, &serde_json::to_vec(&v).unwrap_or_default());
-            return Ok(record(None, Some((v, SystemTime::now())), None, None, None));
+            let r = record(None, Some((v.clone(), SystemTime::now())), None, None, None);
+            r.events.close(v["status"].clone());
+            return Ok(r);
         }
         let resumed = json!({
             "queued": r.queued,
@@ -1146,7 +1215,9 @@ impl Host {
             .exec_durable(&flow.registered, store)
             .map_err(|e| e.to_string())?;
         let closed = meta.closed;
+        let engine_id = handle.id();
         let rec = record(Some(handle), None, Some(hold), Some(&flow), Some(resumed));
+        self.routes.lock().insert(engine_id, rec.events.clone());
         if closed {
             rec.hold.lock().take();
         }

@@ -5,6 +5,7 @@
 mod api;
 pub(crate) mod config;
 mod disk;
+mod events;
 mod host;
 
 use std::net::SocketAddr;
@@ -72,13 +73,37 @@ pub(crate) fn serve(args: ServeArgs) -> Code {
             data_dir.display()
         );
         let app = api::router(host.clone());
-        axum::serve(
-            listener,
-            app.into_make_service_with_connect_info::<SocketAddr>(),
-        )
-        .with_graceful_shutdown(stop_signal())
-        .await
-        .map_err(|e| format!("the server stopped: {e}"))
+        let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+        let mut server = tokio::spawn(
+            axum::serve(
+                listener,
+                app.into_make_service_with_connect_info::<SocketAddr>(),
+            )
+            .with_graceful_shutdown(async move {
+                let _ = stopped.await;
+            })
+            .into_future(),
+        );
+        tokio::select! {
+            r = &mut server => {
+                return r
+                    .map_err(|e| format!("the server stopped: {e}"))?
+                    .map_err(|e| format!("the server stopped: {e}"));
+            }
+            () = stop_signal() => {}
+        }
+        // No new connection; event streams end; requests in flight get a few seconds.
+        host.end_streams();
+        let _ = stop.send(());
+        match tokio::time::timeout(std::time::Duration::from_secs(10), server).await {
+            Ok(r) => r
+                .map_err(|e| format!("the server stopped: {e}"))?
+                .map_err(|e| format!("the server stopped: {e}")),
+            Err(_) => {
+                errln!("routilux serve: requests still open after 10 s are cut");
+                Ok(())
+            }
+        }
     });
     // The listener is closed: no request is taken any more.
     let (drained, kept) = host.shutdown(drain);
