@@ -921,7 +921,12 @@ fn a_full_disk_answers_507_and_turns_readyz_false_until_there_is_room() {
         std::thread::sleep(Duration::from_millis(100));
     }
     assert_eq!(s.req("GET", "/readyz", None, None).status, 200);
-    assert!(!s.stderr().contains("panicked"), "{}", s.stderr());
+    let err = s.stderr();
+    assert!(
+        !err.lines()
+            .any(|l| l.contains("panicked") && !l.contains("guest:")),
+        "the host panicked: {err}"
+    );
 }
 
 /// Reads a server-sent event stream to its end: (id, event, data) of each event.
@@ -1001,4 +1006,65 @@ fn a_jobs_events_stream_its_output_and_status_and_resume_after_last_event_id() {
     );
     // Another tenant's stream is a 404 like any other.
     assert_eq!(s.get(&path, TOKEN_B).status, 404);
+}
+
+/// Tenant a's hostile plugin traps, busy-loops to its deadline, grows its memory, floods
+/// output and emits past its budget, while tenant b's fan-out runs: b's job completes with
+/// the page's output, a's failures are a's (its job's errors), and the server stays up.
+#[test]
+fn a_hostile_tenant_does_not_disturb_another_tenants_job() {
+    let dir = scratch();
+    let s = Server::start(dir.path(), &two_tenants("{}", ""));
+    assert_eq!(s.put_plugin(TOKEN_A, "hostile", "hostile").status, 201);
+    let flow = "flow_id: h\nroutines:\n  h:\n    plugin: hostile\n    kind: hostile\n    \
+                on_error: continue\n    policy: {batch_size: 1}\n    limits: {timeout: 300ms, memory: 32MiB}\n";
+    assert_eq!(s.put_flow(TOKEN_A, "h", flow).status, 201, "{flow}");
+    assert_eq!(s.put_plugin(TOKEN_B, "news", "news").status, 201);
+    assert_eq!(s.put_flow(TOKEN_B, "news", &news_flow()).status, 201);
+    let attacks = vec![
+        json!({"do": "fault", "kind": "trap", "emits": 1, "at": 0}),
+        json!({"do": "fault", "kind": "deadline", "emits": 1, "at": 0}),
+        json!({"do": "grow", "bytes": 64 << 20}),
+        json!({"do": "print", "count": 20000, "bytes": 200}),
+        json!({"do": "fault", "kind": "budget", "bytes": 64 << 20, "emits": 1, "at": 0}),
+        json!({"do": "fail", "bytes": 1 << 20}),
+    ];
+    let mut a_jobs = Vec::new();
+    for _ in 0..3 {
+        let r = s.post(
+            "/v1/flows/h/jobs",
+            TOKEN_A,
+            json!({"input": {"h.in": attacks}, "close": true}),
+        );
+        assert_eq!(r.status, 201, "{}", r.json);
+        a_jobs.push(r.json["id"].as_str().unwrap().to_owned());
+    }
+    let r = s.post("/v1/flows/news/jobs", TOKEN_B, json!({"close": true}));
+    let b = r.json["id"].as_str().unwrap().to_owned();
+    let view = s.wait_job(TOKEN_B, &b);
+    assert_eq!(view["status"], "completed", "{view}");
+    assert_eq!(view["summary"]["errors"], json!([]), "{view}");
+    let out = s.get(&format!("/v1/jobs/{b}/output"), TOKEN_B).json;
+    let lines: Vec<String> = out["lines"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|l| l["level"] == "stdout")
+        .map(|l| l["message"].as_str().unwrap().to_owned())
+        .collect();
+    let want = by_speaker(expected_outputs()[0].iter().cloned(), timestamp_checked);
+    assert_eq!(by_speaker(lines, timestamp_checked), want);
+    for a in &a_jobs {
+        let v = s.wait_job(TOKEN_A, a);
+        assert_eq!(v["status"], "completed", "{v}");
+        let errors = v["summary"]["errors"].as_array().unwrap();
+        assert!(errors.len() >= 4, "a's failures are in a's job: {v}");
+    }
+    assert_eq!(s.req("GET", "/readyz", None, None).status, 200);
+    let err = s.stderr();
+    assert!(
+        !err.lines()
+            .any(|l| l.contains("panicked") && !l.contains("guest:")),
+        "the host panicked: {err}"
+    );
 }
