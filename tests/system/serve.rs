@@ -1068,3 +1068,149 @@ fn a_hostile_tenant_does_not_disturb_another_tenants_job() {
         "the host panicked: {err}"
     );
 }
+
+/// The hostile component with a custom section appended: the same kinds, another version
+/// (another SHA-256).
+fn another_version(tag: &str) -> Vec<u8> {
+    let mut bytes = std::fs::read(plugin("hostile")).unwrap();
+    let name = b"routilux-test-version";
+    let payload = tag.as_bytes();
+    let len = 1 + name.len() + payload.len();
+    assert!(len < 128, "one-byte LEB128 lengths");
+    bytes.extend([0u8, len as u8, name.len() as u8]);
+    bytes.extend(name);
+    bytes.extend(payload);
+    bytes
+}
+
+/// A new version of a plugin swaps in for new jobs (its flows rebuilt, each checked whole),
+/// running jobs keep theirs, a version that breaks a flow changes nothing (409), and after a
+/// kill -9 every job resumes on the version it started with.
+#[test]
+fn a_new_plugin_version_swaps_in_for_new_jobs_and_running_jobs_keep_theirs_across_a_crash() {
+    let dir = scratch();
+    let config = two_tenants("{}", "");
+    let mut s = Server::start(dir.path(), &config);
+    let v1 = another_version("one");
+    assert_eq!(
+        s.put("/v1/plugins/p", TOKEN_A, "application/wasm", v1)
+            .status,
+        201
+    );
+    let flow = TALLY_FLOW.replace("plugin: hostile", "plugin: p");
+    assert_eq!(s.put_flow(TOKEN_A, "t", &flow).status, 201);
+    let start = |s: &Server| {
+        let r = s.post("/v1/flows/t/jobs", TOKEN_A, json!({}));
+        assert_eq!(r.status, 201, "{}", r.json);
+        r.json["id"].as_str().unwrap().to_owned()
+    };
+    let j1 = start(&s);
+    let r = s.put(
+        "/v1/plugins/p",
+        TOKEN_A,
+        "application/wasm",
+        another_version("two"),
+    );
+    assert_eq!(r.status, 200, "{}", r.json);
+    let v2 = r.json["sha256"].as_str().unwrap().to_owned();
+    let j2 = start(&s);
+    // A "new version" without the flow's kind is refused whole.
+    let r = s.put(
+        "/v1/plugins/p",
+        TOKEN_A,
+        "application/wasm",
+        std::fs::read(plugin("news")).unwrap(),
+    );
+    assert_eq!(r.status, 409, "{}", r.json);
+    assert_eq!(r.json["error"]["code"], "breaks_flows");
+    assert!(r.json["error"]["flows"]["t"].is_object(), "{}", r.json);
+    assert_eq!(s.get("/v1/plugins/p", TOKEN_A).json["sha256"], v2);
+    for (i, j) in [&j1, &j2].into_iter().enumerate() {
+        let r = s.post(
+            &format!("/v1/jobs/{j}/items"),
+            TOKEN_A,
+            serde_json::from_str(&tally(i as u64)).unwrap(),
+        );
+        assert_eq!(r.status, 200, "{}", r.json);
+    }
+    s.child.kill().unwrap();
+    s.child.wait().unwrap();
+    s = Server::start(dir.path(), &config);
+    for (i, j) in [&j1, &j2].into_iter().enumerate() {
+        let view = s.get(&format!("/v1/jobs/{j}"), TOKEN_A).json;
+        assert_eq!(
+            view["status"],
+            "running",
+            "{j} resumed: {view}\n{}",
+            s.stderr()
+        );
+        s.post(&format!("/v1/jobs/{j}/close"), TOKEN_A, json!({}));
+        assert_eq!(s.wait_job(TOKEN_A, j)["status"], "completed");
+        let state = s.get(&format!("/v1/jobs/{j}/state"), TOKEN_A).json;
+        assert_eq!(state["h"][format!("k{i}")], 1, "{state}");
+    }
+    assert!(!s.stderr().contains("cannot resume"), "{}", s.stderr());
+}
+
+fn fds_and_threads(pid: u32) -> (usize, usize) {
+    let count = |d: &str| {
+        std::fs::read_dir(format!("/proc/{pid}/{d}"))
+            .unwrap()
+            .count()
+    };
+    (count("fd"), count("task"))
+}
+
+/// Finished jobs let their engine job, store file and writer thread go: the server's open
+/// files and threads do not grow with the jobs it has run.
+#[test]
+fn finished_jobs_hold_no_files_or_threads() {
+    let dir = scratch();
+    let s = Server::start(dir.path(), &two_tenants("{jobs: 4}", ""));
+    assert_eq!(s.put_plugin(TOKEN_A, "hostile", "hostile").status, 201);
+    assert_eq!(s.put_flow(TOKEN_A, "t", TALLY_FLOW).status, 201);
+    let run = |n: u64| {
+        for i in 0..n {
+            let r = s.post(
+                "/v1/flows/t/jobs",
+                TOKEN_A,
+                json!({"input": {"h.in": [serde_json::from_str::<Value>(&tally(i)).unwrap()]}, "close": true}),
+            );
+            assert_eq!(r.status, 201, "{}", r.json);
+            s.wait_job(TOKEN_A, r.json["id"].as_str().unwrap());
+        }
+        std::thread::sleep(Duration::from_millis(400));
+    };
+    run(10);
+    let before = fds_and_threads(s.child.id());
+    run(150);
+    let after = fds_and_threads(s.child.id());
+    assert!(
+        after.0 <= before.0 + 8 && after.1 <= before.1 + 8,
+        "open files and threads after 10 jobs {before:?}, after 160 {after:?}"
+    );
+    assert_eq!(
+        s.get("/v1/jobs", TOKEN_A).json.as_array().unwrap().len(),
+        160
+    );
+}
+
+/// Token guessing from an address is limited; a valid token is never refused.
+#[test]
+fn failed_tokens_are_rate_limited_per_address_and_a_valid_token_still_works() {
+    let dir = scratch();
+    let s = Server::start(dir.path(), &two_tenants("{}", ""));
+    let mut limited = false;
+    for i in 0..30 {
+        let r = s.get("/v1/plugins", &format!("rlx_guess_{i}"));
+        if r.status == 429 {
+            assert_eq!(r.json["error"]["code"], "too_many_failures");
+            assert!(r.retry_after.is_some());
+            limited = true;
+        } else {
+            assert_eq!(r.status, 401);
+        }
+    }
+    assert!(limited, "30 bad tokens in a row are limited");
+    assert_eq!(s.get("/v1/plugins", TOKEN_A).status, 200);
+}

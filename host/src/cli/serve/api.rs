@@ -31,6 +31,8 @@ const MAX_START_BYTES: usize = 16 << 20;
 const MAX_ITEM_BYTES: usize = 16 << 20;
 /// Failed authentications allowed per client address per minute; more answer 429.
 const AUTH_FAILURES_PER_MINUTE: u32 = 20;
+/// The most client addresses whose failures are counted at once.
+const MAX_FAILING_ADDRESSES: usize = 10_000;
 
 #[derive(Clone)]
 pub(crate) struct AppState {
@@ -76,39 +78,39 @@ impl FromRequestParts<AppState> for Auth {
             .extensions
             .get::<ConnectInfo<SocketAddr>>()
             .map(|c| c.0.ip());
-        if let Some(ip) = ip {
-            let f = state.failures.lock();
-            if let Some((since, n)) = f.get(&ip)
-                && since.elapsed() < Duration::from_secs(60)
-                && *n >= AUTH_FAILURES_PER_MINUTE
-            {
-                let mut e = ApiError::new(
-                    429,
-                    "too_many_failures",
-                    "too many failed authentications from this address: wait a minute",
-                );
-                e.retry_after = Some(60 - since.elapsed().as_secs().min(59));
-                return Err(e);
-            }
-        }
         let token = parts
             .headers
             .get(header::AUTHORIZATION)
             .and_then(|v| v.to_str().ok())
             .and_then(|v| v.strip_prefix("Bearer "))
             .map(str::trim);
+        // A valid token is never refused (clients behind one proxy share its address); the
+        // failures of an address are what is limited.
         if let Some(t) = token.and_then(|t| state.host.authenticate(t)) {
             return Ok(Auth(t));
         }
         if let Some(ip) = ip {
             let mut f = state.failures.lock();
+            if f.len() >= MAX_FAILING_ADDRESSES && !f.contains_key(&ip) {
+                f.retain(|_, (since, _)| since.elapsed() < Duration::from_secs(60));
+                if f.len() >= MAX_FAILING_ADDRESSES {
+                    // Past the bound the limit is let go rather than the memory.
+                    f.clear();
+                }
+            }
             let e = f.entry(ip).or_insert((Instant::now(), 0));
             if e.0.elapsed() >= Duration::from_secs(60) {
                 *e = (Instant::now(), 0);
             }
             e.1 += 1;
-            if f.len() > 100_000 {
-                f.retain(|_, (since, _)| since.elapsed() < Duration::from_secs(60));
+            if e.1 > AUTH_FAILURES_PER_MINUTE {
+                let mut err = ApiError::new(
+                    429,
+                    "too_many_failures",
+                    "too many failed authentications from this address: wait a minute",
+                );
+                err.retry_after = Some(60 - e.0.elapsed().as_secs().min(59));
+                return Err(err);
             }
         }
         Err(ApiError::new(
@@ -302,7 +304,8 @@ async fn delete_plugin(
     Auth(t): Auth,
     Path(name): Path<String>,
 ) -> Result<StatusCode, ApiError> {
-    s.host.delete_plugin(&t, &name)?;
+    let host = s.host.clone();
+    blocking(move || host.delete_plugin(&t, &name)).await?;
     Ok(StatusCode::NO_CONTENT)
 }
 
@@ -337,7 +340,8 @@ async fn delete_flow(
     Auth(t): Auth,
     Path(id): Path<String>,
 ) -> Result<StatusCode, ApiError> {
-    s.host.delete_flow(&t, &id)?;
+    let host = s.host.clone();
+    blocking(move || host.delete_flow(&t, &id)).await?;
     Ok(StatusCode::NO_CONTENT)
 }
 
@@ -367,17 +371,6 @@ async fn start_job(
     };
     let host = s.host.clone();
     let job = blocking(move || host.start_job(&t, &flow, start.input, start.close)).await?;
-    if let Some(d) = job.timeout {
-        let job = job.clone();
-        tokio::spawn(async move {
-            tokio::time::sleep(d).await;
-            if !job.is_finished() {
-                job.timed_out
-                    .store(true, std::sync::atomic::Ordering::Relaxed);
-                job.cancel();
-            }
-        });
-    }
     Ok((StatusCode::CREATED, Json(job.view())).into_response())
 }
 
@@ -399,7 +392,8 @@ async fn close_job(
     Path(id): Path<String>,
 ) -> Result<Json<Value>, ApiError> {
     let job = s.host.job(&t, &id)?;
-    job.close();
+    let j = job.clone();
+    blocking(move || j.close()).await?;
     Ok(Json(job.view()))
 }
 
@@ -599,6 +593,7 @@ async fn post_items(
     let mut body = body;
     let mut buf: Vec<u8> = Vec::new();
     let mut line_no = 0u64;
+    let mut scanned = 0usize;
     loop {
         let frame = body.frame().await;
         let done = frame.is_none();
@@ -618,10 +613,14 @@ async fn post_items(
         }
         let mut items = Vec::new();
         let mut start = 0;
+        // The unfinished line is not scanned again for each piece of it that arrives.
+        let mut from = scanned;
         let mut bad = None;
-        while let Some(i) = buf[start..].iter().position(|&b| b == b'\n') {
-            let line = &buf[start..start + i];
-            start += i + 1;
+        while let Some(i) = buf[from..].iter().position(|&b| b == b'\n') {
+            let end = from + i;
+            let line = &buf[start..end];
+            start = end + 1;
+            from = start;
             line_no += 1;
             if line.iter().all(u8::is_ascii_whitespace) {
                 continue;
@@ -635,6 +634,7 @@ async fn post_items(
             }
         }
         buf.drain(..start);
+        scanned = buf.len();
         if done && bad.is_none() && !buf.iter().all(u8::is_ascii_whitespace) {
             line_no += 1;
             match parse_item(&buf, Some(line_no)) {

@@ -249,11 +249,11 @@ pub(crate) fn load(
     let mut seen_hashes = std::collections::HashMap::new();
     for t in &f.tenants {
         let def = &t.value;
-        if !valid_name(&def.id.value) {
+        if !valid_name(&def.id.value) || def.id.value.bytes().any(|b| b.is_ascii_uppercase()) {
             diags.push(src.error(
                 &def.id.referenced,
-                "a tenant id is 1 to 64 letters, digits, `_` and `-`, starting with a letter or \
-                 digit",
+                "a tenant id is 1 to 64 lowercase letters, digits, `_` and `-`, starting with a \
+                 letter or digit (it names a directory, also on filesystems that ignore case)",
             ));
         }
         if tenants.iter().any(|o| o.id == def.id.value) {
@@ -369,7 +369,7 @@ fn default_tokens(data_dir: &Path) -> Result<(Vec<[u8; 32]>, Option<String>), St
 /// working at the next start); returns it.
 pub(crate) fn rotate_token(data_dir: &Path) -> Result<String, String> {
     let token = new_token()?;
-    std::fs::create_dir_all(data_dir)
+    super::disk::private_dir(data_dir)
         .map_err(|e| format!("cannot create {}: {e}", data_dir.display()))?;
     super::disk::write_atomic(
         &data_dir.join(TOKENS_FILE),

@@ -22,6 +22,17 @@ pub(crate) fn write_atomic(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
     std::fs::File::open(dir)?.sync_all()
 }
 
+/// Creates `dir` (and its parents) readable by this user only, and makes an existing one so:
+/// it holds every tenant's plugins, flows and items.
+pub(crate) fn private_dir(dir: &Path) -> std::io::Result<()> {
+    use std::os::unix::fs::{DirBuilderExt, PermissionsExt};
+    std::fs::DirBuilder::new()
+        .recursive(true)
+        .mode(0o700)
+        .create(dir)?;
+    std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o700))
+}
+
 /// A tenant's index: plugin names and flow ids to the hashes of their content.
 #[derive(Clone, Debug, Default, Serialize, Deserialize)]
 pub(crate) struct Index {
@@ -40,6 +51,7 @@ pub(crate) struct TenantDir {
 impl TenantDir {
     /// Opens (creating it if needed) the directory of tenant `id` (a checked name).
     pub fn open(data_dir: &Path, id: &str) -> std::io::Result<Self> {
+        private_dir(data_dir)?;
         let dir = data_dir.join("tenants").join(id);
         std::fs::create_dir_all(dir.join("blobs"))?;
         Ok(Self { dir })
@@ -112,6 +124,9 @@ pub(crate) struct JobMeta {
     pub plugins: BTreeMap<String, String>,
     pub created_ms: u64,
     pub closed: bool,
+    /// When the flow's `execution.timeout` cancels it (milliseconds since the epoch).
+    #[serde(default)]
+    pub deadline_ms: Option<u64>,
 }
 
 impl JobMeta {

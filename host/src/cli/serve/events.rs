@@ -91,6 +91,17 @@ impl Events {
         self.notify.notify_waiters();
     }
 
+    /// Keeps only the last event (a finished job's final status).
+    pub fn shrink(&self) {
+        let mut log = self.log.lock();
+        while log.events.len() > 1 {
+            if let Some(e) = log.events.pop_front() {
+                log.bytes -= e.data.len();
+            }
+        }
+        log.events.shrink_to_fit();
+    }
+
     fn after(&self, seen: u64) -> Next {
         let log = self.log.lock();
         let first = log.events.front().map_or(log.next, |e| e.id);

@@ -24,6 +24,12 @@ use crate::{InputHold, Item, JobHandle, JobId, JobStatus, JobStore, Runtime, Run
 /// The most finished jobs a tenant's list keeps (the oldest are forgotten first).
 const KEPT_FINISHED_JOBS: usize = 1000;
 
+/// How long a finished job's events are kept whole for a reader to come back to.
+const FINISHED_EVENTS_KEPT: Duration = Duration::from_secs(60);
+
+/// The most dead letters a finished job's summary keeps.
+const MAX_ARCHIVED_DEAD_LETTERS: usize = 1000;
+
 /// An error as the API answers it: an HTTP status, a stable code, a message, and details.
 #[derive(Debug)]
 pub(crate) struct ApiError {
@@ -139,8 +145,9 @@ struct StoredFlow {
 pub(crate) struct JobRecord {
     pub id: String,
     pub flow: String,
-    /// The running job (none for one that finished before a restart).
-    handle: Option<JobHandle>,
+    /// The running job (none for one that finished before a restart, or once archived: the
+    /// engine's job, its store and its buffers are let go then).
+    handle: Mutex<Option<JobHandle>>,
     /// Once finished: its final view (also in `summary.json`), and when it finished.
     archived: Mutex<Option<(Value, SystemTime)>>,
     /// Keeps the job open for input until `close`.
@@ -148,7 +155,6 @@ pub(crate) struct JobRecord {
     entries: Vec<(String, String)>,
     posted: AtomicU64,
     created: SystemTime,
-    pub timeout: Option<Duration>,
     pub timed_out: AtomicBool,
     dir: std::path::PathBuf,
     meta: Mutex<JobMeta>,
@@ -161,9 +167,13 @@ pub(crate) struct JobRecord {
 }
 
 impl JobRecord {
-    /// The running job; a job that finished before the restart takes nothing.
-    pub fn live(&self) -> Result<&JobHandle, ApiError> {
-        self.handle.as_ref().ok_or_else(|| {
+    fn handle(&self) -> Option<JobHandle> {
+        self.handle.lock().clone()
+    }
+
+    /// The running job; a finished job takes nothing.
+    pub fn live(&self) -> Result<JobHandle, ApiError> {
+        self.handle().ok_or_else(|| {
             ApiError::new(
                 409,
                 "job_finished",
@@ -173,11 +183,11 @@ impl JobRecord {
     }
 
     pub fn is_finished(&self) -> bool {
-        self.handle.as_ref().is_none_or(JobHandle::is_finished)
+        self.handle().as_ref().is_none_or(JobHandle::is_finished)
     }
 
     fn status(&self) -> Value {
-        match &self.handle {
+        match &self.handle() {
             Some(h) => json!(h.status()),
             None => self
                 .archived
@@ -187,29 +197,36 @@ impl JobRecord {
         }
     }
 
-    /// Ends its input: it completes once quiescent. Kept across a restart.
-    pub fn close(&self) -> bool {
-        let closed = self.hold.lock().take().is_some();
-        if closed {
-            let mut meta = self.meta.lock();
-            meta.closed = true;
-            if let Err(e) = meta.write(&self.dir) {
-                tracing::error!(job = %self.id, "cannot record that the job is closed: {e}");
-            }
+    /// Ends its input: it completes once quiescent. Recorded first, so that a restart keeps
+    /// it closed (if it cannot be recorded, the job stays open and the error says why).
+    pub fn close(&self) -> Result<(), ApiError> {
+        let mut hold = self.hold.lock();
+        if hold.is_none() {
+            return Ok(());
         }
-        closed
+        let mut meta = self.meta.lock();
+        if !meta.closed {
+            let mut closed = meta.clone();
+            closed.closed = true;
+            closed
+                .write(&self.dir)
+                .map_err(|e| store_failed(&self.id, &e))?;
+            *meta = closed;
+        }
+        drop(hold.take());
+        Ok(())
     }
 
     fn is_closed(&self) -> bool {
         self.hold.lock().is_none()
     }
 
-    /// Cancels it (and closes its input).
+    /// Cancels it (and lets its input go).
     pub fn cancel(&self) {
-        self.close();
-        if let Some(h) = &self.handle {
+        if let Some(h) = &self.handle() {
             h.cancel();
         }
+        drop(self.hold.lock().take());
     }
 
     /// The slot a post goes to: `to` (`routine.slot`), or the flow's only entry slot.
@@ -241,7 +258,7 @@ impl JobRecord {
 
     /// Status and summary, as `GET /v1/jobs/{id}` answers.
     pub fn view(&self) -> Value {
-        let Some(h) = &self.handle else {
+        let Some(h) = &self.handle() else {
             return self
                 .archived
                 .lock()
@@ -254,7 +271,7 @@ impl JobRecord {
             o.remove("job");
             o.insert("flow".into(), self.flow.clone().into());
         }
-        json!({
+        let v = json!({
             "id": self.id,
             "flow": self.flow,
             "status": h.status(),
@@ -265,40 +282,53 @@ impl JobRecord {
             "created": unix_ms(self.created),
             "resumed": self.resumed,
             "summary": summary,
-        })
+        });
+        // A store's error names its directory: not the tenant's business.
+        let text = v.to_string();
+        let dir = serde_json::to_string(&self.dir.display().to_string()).unwrap_or_default();
+        let dir = dir.trim_matches('"');
+        if !dir.is_empty() && text.contains(dir) {
+            serde_json::from_str(&text.replace(dir, "(the job's directory)")).unwrap_or(v)
+        } else {
+            v
+        }
     }
 
-    /// Its output lines (a job that finished before a restart keeps none).
+    /// A part of a finished job's `summary.json` (read when asked: a finished job keeps
+    /// only its view in memory).
+    fn summary_part(&self, key: &str) -> Option<Value> {
+        let bytes = std::fs::read(self.dir.join("summary.json")).ok()?;
+        let mut v: Value = serde_json::from_slice(&bytes).ok()?;
+        Some(v.get_mut(key)?.take())
+    }
+
+    /// Its output lines (within its output budget).
     pub fn output(&self) -> Value {
-        match &self.handle {
+        match &self.handle() {
             Some(h) => json!({
                 "lines": h.output(),
                 "dropped": h.summary().output_lines_dropped,
             }),
-            None => json!({"lines": [], "dropped": 0}),
+            None => self
+                .summary_part("output")
+                .unwrap_or_else(|| json!({"lines": [], "dropped": 0})),
         }
     }
 
     /// Its dead letters.
     pub fn dead_letters(&self) -> Value {
-        match &self.handle {
+        match &self.handle() {
             Some(h) => json!(h.dead_letters()),
             None => self
-                .archived
-                .lock()
-                .as_ref()
-                .map_or(json!([]), |(v, _)| v["dead_letters"].clone()),
+                .summary_part("dead_letters")
+                .unwrap_or_else(|| json!([])),
         }
     }
 
     /// Each routine's WorkerState.
     pub fn state(&self) -> Value {
-        let Some(h) = &self.handle else {
-            return self
-                .archived
-                .lock()
-                .as_ref()
-                .map_or(json!({}), |(v, _)| v["state"].clone());
+        let Some(h) = &self.handle() else {
+            return self.summary_part("state").unwrap_or_else(|| json!({}));
         };
         let mut out = Map::new();
         for r in h.counters().keys() {
@@ -318,6 +348,14 @@ impl JobRecord {
         })
     }
 
+    /// When the flow's timeout cancels it.
+    fn deadline(&self) -> Option<SystemTime> {
+        self.meta
+            .lock()
+            .deadline_ms
+            .map(|ms| SystemTime::UNIX_EPOCH + Duration::from_millis(ms))
+    }
+
     /// The blobs it runs (kept while it is unfinished).
     fn pins(&self) -> Vec<String> {
         let m = self.meta.lock();
@@ -326,37 +364,41 @@ impl JobRecord {
             .collect()
     }
 
-    /// Once finished: writes `summary.json` (its view, dead letters and WorkerState) and
-    /// keeps that view. Returns whether it did so now.
-    fn archive(&self) -> bool {
+    /// Once finished: writes `summary.json` (its view, dead letters and WorkerState), keeps
+    /// that view, and lets the engine's job go (its store closes, its buffers are freed).
+    /// Returns the job it let go.
+    fn archive(&self) -> Option<JobHandle> {
         // A job stopped by the server's stop stays in its store, to resume at the next start.
-        if self.archived.lock().is_some()
-            || !self.is_finished()
-            || self
-                .handle
-                .as_ref()
-                .is_some_and(|h| h.status() == JobStatus::Stopped)
-        {
-            return false;
+        let h = self.handle()?;
+        if self.archived.lock().is_some() || !h.is_finished() || h.status() == JobStatus::Stopped {
+            return None;
         }
-        let mut v = self.view();
-        v["dead_letters"] = self.dead_letters();
-        v["state"] = self.state();
+        let v = self.view();
+        let mut full = v.clone();
+        let letters = h.dead_letters();
+        full["dead_letters"] = json!(
+            letters
+                .iter()
+                .take(MAX_ARCHIVED_DEAD_LETTERS)
+                .collect::<Vec<_>>()
+        );
+        full["state"] = self.state();
+        full["output"] = self.output();
         if let Err(e) = super::disk::write_atomic(
             &self.dir.join("summary.json"),
-            &serde_json::to_vec(&v).unwrap_or_default(),
+            &serde_json::to_vec(&full).unwrap_or_default(),
         ) {
             tracing::error!(job = %self.id, "cannot write the job's summary: {e}");
         }
         self.events.close(v["status"].clone());
         *self.archived.lock() = Some((v, SystemTime::now()));
-        true
+        self.handle.lock().take()
     }
 
     /// Pushes the events of what changed since the last call: its status (and pause),
     /// activation counts, new errors.
     fn report(&self) {
-        let Some(h) = &self.handle else { return };
+        let Some(h) = &self.handle() else { return };
         let status = if h.is_paused() && h.status() == JobStatus::Running {
             "paused".to_owned()
         } else {
@@ -391,6 +433,9 @@ struct TenantState {
     plugins: BTreeMap<String, StoredPlugin>,
     flows: BTreeMap<String, StoredFlow>,
     jobs: IndexMap<String, Arc<JobRecord>>,
+    /// Blobs of jobs that could not be resumed (kept, with their directories, for the
+    /// operator).
+    unresumed: BTreeSet<String>,
 }
 
 /// One tenant: its configuration, directory and objects.
@@ -525,19 +570,32 @@ impl Host {
         let retention = self.config.job_retention;
         for t in self.tenants.values() {
             let records: Vec<Arc<JobRecord>> = t.state.lock().jobs.values().cloned().collect();
+            let mut let_go = false;
             for r in &records {
                 r.report();
-                if r.archive()
-                    && let Some(h) = &r.handle
-                    && let Some(e) = store_failure(h)
-                {
-                    *self.storage_error.lock() = Some(e.message);
-                }
-                if r.archived.lock().is_some()
-                    && let Some(h) = &r.handle
-                {
+                if let Some(h) = r.archive() {
+                    if let Some(e) = store_failure(&h) {
+                        *self.storage_error.lock() = Some(e.message);
+                    }
                     self.routes.lock().remove(&h.id());
+                    let_go = true;
                 }
+                // A minute after it finished, a job's events shrink to its final status.
+                if r.archived.lock().as_ref().is_some_and(|(_, at)| {
+                    SystemTime::now().duration_since(*at).unwrap_or_default() > FINISHED_EVENTS_KEPT
+                }) {
+                    r.events.shrink();
+                }
+                if let Some(d) = r.deadline()
+                    && SystemTime::now() >= d
+                    && !r.is_finished()
+                {
+                    r.timed_out.store(true, Ordering::Relaxed);
+                    r.cancel();
+                }
+            }
+            if let_go {
+                self.runtime.forget_finished_jobs();
             }
             let now = SystemTime::now();
             let mut finished: Vec<(SystemTime, String)> = records
@@ -562,23 +620,29 @@ impl Host {
             if gone.is_empty() {
                 continue;
             }
-            let mut st = t.state.lock();
-            for id in gone {
-                if let Some(r) = st.jobs.shift_remove(&id)
-                    && let Err(e) = std::fs::remove_dir_all(&r.dir)
-                {
-                    tracing::error!(job = %id, "cannot remove the finished job's directory: {e}");
+            let removed: Vec<Arc<JobRecord>> = {
+                let mut st = t.state.lock();
+                gone.iter()
+                    .filter_map(|id| st.jobs.shift_remove(id))
+                    .collect()
+            };
+            for r in removed {
+                if let Err(e) = std::fs::remove_dir_all(&r.dir) {
+                    tracing::error!(job = %r.id, "cannot remove the finished job's directory: {e}");
                 }
             }
         }
     }
 
-    /// The blobs unfinished jobs of `st` run (kept when the index no longer names them).
+    /// The blobs kept although the index may no longer name them: those the stored flows
+    /// were built with, and those unfinished jobs (or jobs that could not be resumed) run.
     fn pinned(st: &TenantState) -> BTreeSet<String> {
         st.jobs
             .values()
             .filter(|j| j.archived.lock().is_none())
             .flat_map(|j| j.pins())
+            .chain(st.flows.values().flat_map(|f| f.plugins.values().cloned()))
+            .chain(st.unresumed.iter().cloned())
             .collect()
     }
 
@@ -730,9 +794,62 @@ impl Host {
         let description = describe(name, &hash, size, &plugin);
         let mut st = t.state.lock();
         check(&st)?;
+        // The flows using it are rebuilt on the new version, each checked whole; if one no
+        // longer holds, nothing changes.
+        let mut all: BTreeMap<String, (String, Plugin)> = st
+            .plugins
+            .iter()
+            .map(|(n, p)| (n.clone(), (p.hash.clone(), p.plugin.clone())))
+            .collect();
+        all.insert(name.to_owned(), (hash.clone(), plugin.clone()));
+        let users: Vec<(String, String)> = st
+            .flows
+            .iter()
+            .filter(|(_, f)| f.plugins.contains_key(name))
+            .map(|(id, f)| (id.clone(), f.text.clone()))
+            .collect();
+        let mut rebuilt = Vec::new();
+        let mut broken = Map::new();
+        for (id, text) in users {
+            match self.build_flow_with(t, &all, &id, text) {
+                Ok(f) => rebuilt.push((id, f)),
+                Err(e) => {
+                    broken.insert(id, e.body()["error"].clone());
+                }
+            }
+        }
+        if !broken.is_empty() {
+            for (id, f) in &rebuilt {
+                if st
+                    .flows
+                    .get(id)
+                    .is_none_or(|old| old.registered != f.registered)
+                {
+                    self.runtime.registry().unregister(&f.registered);
+                }
+            }
+            return Err(ApiError::new(
+                409,
+                "breaks_flows",
+                format!(
+                    "this version of plugin `{name}` does not fit flow{} {}: nothing was changed",
+                    if broken.len() == 1 { "" } else { "s" },
+                    broken.keys().cloned().collect::<Vec<_>>().join(", ")
+                ),
+            )
+            .with("flows", Value::Object(broken)));
+        }
         t.dir
             .put_blob(&hash, bytes)
             .map_err(|e| store_failed(&t.config.id, &e))?;
+        // The flows' new versions first, so that the index saved below keeps what they use.
+        for (id, f) in rebuilt {
+            if let Some(old) = st.flows.insert(id, f)
+                && !st.flows.values().any(|n| n.registered == old.registered)
+            {
+                self.runtime.registry().unregister(&old.registered);
+            }
+        }
         let mut index = st.index.clone();
         index.plugins.insert(name.to_owned(), hash.clone());
         t.dir
@@ -856,7 +973,22 @@ impl Host {
                         diags.iter().map(diagnostic_json).collect::<Vec<_>>(),
                     )
                 })?;
-        let registered = format!("{}/{id}#{}", t.config.id, &hash[..16]);
+        let used: BTreeMap<String, String> = loaded
+            .components
+            .iter()
+            .filter_map(|(p, _)| {
+                let name = p.display().to_string();
+                all.get(&name).map(|(h, _)| (name, h.clone()))
+            })
+            .collect();
+        // Named by its text and its plugins' versions: a flow rebuilt on a new plugin, or a
+        // resumed job's older version, never takes another's place in the registry.
+        let mut version = Sha256::new();
+        version.update(hash.as_bytes());
+        for (n, h) in &used {
+            version.update(format!("\n{n}={h}").as_bytes());
+        }
+        let registered = format!("{}/{id}#{}", t.config.id, &hex(&version.finalize())[..16]);
         self.runtime
             .register(&registered, &loaded.flow)
             .map_err(|e| ApiError::new(400, "invalid_flow", e.to_string()))?;
@@ -868,14 +1000,7 @@ impl Host {
             routines: loaded.flow.routines().count(),
             connections: loaded.flow.connections().len(),
             entries: loaded.entries.clone(),
-            plugins: loaded
-                .components
-                .iter()
-                .filter_map(|(p, _)| {
-                    let name = p.display().to_string();
-                    all.get(&name).map(|(h, _)| (name, h.clone()))
-                })
-                .collect(),
+            plugins: used,
             input: loaded.input.clone(),
             timeout: loaded.timeout,
             warnings: loaded.warnings.iter().map(diagnostic_json).collect(),
@@ -1008,6 +1133,10 @@ impl Host {
                 plugins: f.plugins.clone(),
                 created_ms: unix_ms(SystemTime::now()),
                 closed: false,
+                deadline_ms: f
+                    .timeout
+                    .and_then(|t| SystemTime::now().checked_add(t))
+                    .map(unix_ms),
             };
             let dir = t.dir.jobs_dir().join(&id);
             let opened = std::fs::create_dir_all(&dir)
@@ -1034,13 +1163,12 @@ impl Host {
             let record = Arc::new(JobRecord {
                 id: id.clone(),
                 flow: flow.to_owned(),
-                handle: Some(handle),
+                handle: Mutex::new(Some(handle)),
                 archived: Mutex::default(),
                 hold: Mutex::new(Some(hold)),
                 entries: f.entries.clone(),
                 posted: AtomicU64::new(0),
                 created: SystemTime::now(),
-                timeout: f.timeout,
                 timed_out: AtomicBool::new(false),
                 dir,
                 meta: Mutex::new(meta),
@@ -1091,7 +1219,7 @@ impl Host {
             }
         }
         if close {
-            record.close();
+            record.close()?;
         }
         Ok(record)
     }
@@ -1112,11 +1240,18 @@ impl Host {
                     let created = r.meta.lock().created_ms;
                     found.push((created, r));
                 }
-                Err(e) => tracing::error!(
+                Err(e) => {
+                    if let Ok(m) = JobMeta::read(&dir) {
+                        let mut st = t.state.lock();
+                        st.unresumed.insert(m.flow_sha256);
+                        st.unresumed.extend(m.plugins.into_values());
+                    }
+                    tracing::error!(
                     tenant = %t.config.id,
                     job = %id,
                     "cannot resume the job (its directory is kept): {e}"
-                ),
+                    )
+                }
             }
         }
         found.sort_by_key(|(created, _)| *created);
@@ -1137,13 +1272,12 @@ impl Host {
             Arc::new(JobRecord {
                 id: id.to_owned(),
                 flow: meta.flow.clone(),
-                handle,
+                handle: Mutex::new(handle),
                 archived: Mutex::new(archived),
                 hold: Mutex::new(hold),
                 entries: flow.map(|f| f.entries.clone()).unwrap_or_default(),
                 posted: AtomicU64::new(0),
                 created,
-                timeout: None,
                 timed_out: AtomicBool::new(false),
                 dir: dir.to_owned(),
                 meta: Mutex::new(meta.clone()),
@@ -1154,8 +1288,13 @@ impl Host {
         };
         let summary = dir.join("summary.json");
         if let Ok(bytes) = std::fs::read(&summary) {
-            let v: Value = serde_json::from_slice(&bytes)
+            let mut v: Value = serde_json::from_slice(&bytes)
                 .map_err(|e| format!("{}: {e}", summary.display()))?;
+            if let Some(o) = v.as_object_mut() {
+                for k in ["dead_letters", "state", "output"] {
+                    o.remove(k);
+                }
+            }
             let at = std::fs::metadata(&summary)
                 .and_then(|m| m.modified())
                 .unwrap_or_else(|_| SystemTime::now());
@@ -1199,6 +1338,10 @@ impl Host {
             drop(store);
             let _ =
                 super::disk::write_atomic(&summary, &serde_json::to_vec(&v).unwrap_or_default());
+            let mut v = v;
+            if let Some(o) = v.as_object_mut() {
+                o.remove("dead_letters");
+            }
             let r = record(None, Some((v.clone(), SystemTime::now())), None, None, None);
             r.events.close(v["status"].clone());
             return Ok(r);
@@ -1266,7 +1409,7 @@ impl Host {
             let n = unit.len();
             let posted = input.post_items(unit, Vec::new()).map_err(|e| {
                 // The job may have failed on its store (an activation's commit): say so.
-                store_failure(handle).unwrap_or_else(|| runtime_error(e))
+                store_failure(&handle).unwrap_or_else(|| runtime_error(e))
             });
             if let Err(e) = self.storage(posted) {
                 return Err(e.with("accepted", accepted));
@@ -1292,42 +1435,43 @@ impl Host {
         Value::Array(st.jobs.values().map(|j| j.line()).collect())
     }
 
-    /// Stops taking work: running jobs get `drain` to finish (those open for input stay
-    /// open, kept in their stores, and resume at the next start), then the rest are stopped
-    /// (their queues stay in their stores). Returns how many finished and how many were
-    /// left to resume.
+    /// Stops taking work: jobs whose input is closed get `drain` to finish; the rest are
+    /// stopped (no new activation; the running ones end) and stay in their stores, open for
+    /// input if they were, to resume at the next start. Nothing is cancelled: an activation
+    /// still running when the process exits re-runs after the restart, as after a crash.
+    /// Returns how many finished while draining and how many were kept to resume.
     pub fn shutdown(&self, drain: Duration) -> (usize, usize) {
         self.ready.store(false, Ordering::Release);
         let mut all = Vec::new();
         for t in self.tenants.values() {
             all.extend(t.state.lock().jobs.values().cloned());
         }
-        let running: Vec<_> = all.iter().filter(|j| !j.is_finished()).collect();
+        let running: Vec<(Arc<JobRecord>, JobHandle)> = all
+            .iter()
+            .filter_map(|j| {
+                j.handle()
+                    .filter(|h| !h.is_finished())
+                    .map(|h| (j.clone(), h))
+            })
+            .collect();
         let deadline = std::time::Instant::now() + drain;
-        for j in &running {
-            if let Some(h) = &j.handle
-                && j.is_closed()
-            {
+        for (j, h) in &running {
+            if j.is_closed() {
                 h.wait(deadline.saturating_duration_since(std::time::Instant::now()));
             }
         }
-        let mut left = Vec::new();
-        for j in &running {
-            if let Some(h) = &j.handle
-                && !h.is_finished()
-            {
+        let mut left = 0;
+        for (j, h) in &running {
+            if !h.is_finished() {
                 h.stop();
                 // Not `close`: its input stays open across the restart.
                 drop(j.hold.lock().take());
-                left.push(h);
+                left += 1;
             }
         }
-        for h in &left {
+        for (_, h) in &running {
             h.wait(Duration::from_secs(5));
         }
-        self.runtime
-            .shutdown(crate::Shutdown::Drain(Duration::from_secs(1)));
-        let left = left.len();
         for j in &all {
             j.archive();
         }
@@ -1517,6 +1661,9 @@ fn runtime_error(e: RuntimeError) -> ApiError {
                 },
             )
         }
-        other => ApiError::internal(other.to_string()),
+        other => {
+            tracing::error!("{other}");
+            ApiError::internal("the server could not do it (its log says why)")
+        }
     }
 }

@@ -95,11 +95,12 @@ pub(crate) fn serve(args: ServeArgs) -> Code {
         // No new connection; event streams end; requests in flight get a few seconds.
         host.end_streams();
         let _ = stop.send(());
-        match tokio::time::timeout(std::time::Duration::from_secs(10), server).await {
+        match tokio::time::timeout(std::time::Duration::from_secs(10), &mut server).await {
             Ok(r) => r
                 .map_err(|e| format!("the server stopped: {e}"))?
                 .map_err(|e| format!("the server stopped: {e}")),
             Err(_) => {
+                server.abort();
                 errln!("routilux serve: requests still open after 10 s are cut");
                 Ok(())
             }
