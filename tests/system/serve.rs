@@ -1214,3 +1214,70 @@ fn failed_tokens_are_rate_limited_per_address_and_a_valid_token_still_works() {
     assert!(limited, "30 bad tokens in a row are limited");
     assert_eq!(s.get("/v1/plugins", TOKEN_A).status, 200);
 }
+
+/// The CLI as a client: `deploy` the example flow file (its plugins found as `run` finds
+/// them), `post --flow … --follow` prints the page's lines as they come, `jobs` lists it; the
+/// other tenant's token sees none of it.
+#[test]
+fn the_cli_deploys_a_flow_file_posts_and_follows_a_job() {
+    let dir = scratch();
+    let s = Server::start(dir.path(), &two_tenants("{}", ""));
+    let cli = |token: &str, args: &[&str]| {
+        let out = Command::new(env!("CARGO_BIN_EXE_routilux"))
+            .args(args)
+            .current_dir(repo_root())
+            .env("ROUTILUX_SERVER", &s.base)
+            .env("ROUTILUX_TOKEN", token)
+            .env("ROUTILUX_CACHE_DIR", cache_dir())
+            .env_remove("CARGO_TARGET_DIR")
+            .output()
+            .unwrap();
+        (
+            out.status.code().unwrap_or(-1),
+            String::from_utf8_lossy(&out.stdout).into_owned(),
+            String::from_utf8_lossy(&out.stderr).into_owned(),
+        )
+    };
+    let (code, out, err) = cli(TOKEN_A, &["deploy", "examples/news_fanout.yaml"]);
+    assert_eq!(code, 0, "{out}{err}");
+    assert!(
+        out.contains("flow `news_fanout` deployed (4 routines"),
+        "{out}"
+    );
+    assert!(err.contains("plugin `news`: uploaded"), "{err}");
+    let (code, out, err) = cli(TOKEN_A, &["post", "--flow", "news_fanout", "--follow"]);
+    assert_eq!(code, 0, "{out}{err}");
+    let printed: Vec<String> = out.lines().skip(1).map(str::to_owned).collect();
+    let id = out.lines().next().unwrap().to_owned();
+    let want = by_speaker(expected_outputs()[0].iter().cloned(), timestamp_checked);
+    assert_eq!(by_speaker(printed, timestamp_checked), want, "{err}");
+    assert!(err.contains(&format!("job {id}: completed")), "{err}");
+    // Items from a file, to a job kept open, then followed.
+    let (code, out, err) = cli(
+        TOKEN_A,
+        &[
+            "post",
+            "--flow",
+            "news_fanout",
+            "--keep-open",
+            "--input",
+            "examples/news_headlines.jsonl",
+        ],
+    );
+    assert_eq!(code, 0, "{out}{err}");
+    assert!(err.contains("3 items posted"), "{err}");
+    let open = out.trim().to_owned();
+    let (code, out, _) = cli(TOKEN_A, &["jobs"]);
+    assert_eq!(code, 0);
+    assert!(
+        out.contains(&format!("{id}  completed")) && out.contains(&open),
+        "{out}"
+    );
+    s.post(&format!("/v1/jobs/{open}/close"), TOKEN_A, json!({}));
+    let (code, out, err) = cli(TOKEN_A, &["jobs", &open, "--follow"]);
+    assert_eq!(code, 0, "{out}{err}");
+    // The other tenant: a 404, as for a job that does not exist.
+    let (code, _, err) = cli(TOKEN_B, &["jobs", &id]);
+    assert_eq!(code, 1);
+    assert!(err.contains("404"), "{err}");
+}

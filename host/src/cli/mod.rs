@@ -24,6 +24,7 @@ macro_rules! errln {
     ($($t:tt)*) => { $crate::cli::err_line(format_args!($($t)*)) };
 }
 
+mod client;
 mod diag;
 mod durable;
 mod file;
@@ -197,6 +198,52 @@ enum Command {
         #[arg(long, value_name = "DIR")]
         data_dir: Option<PathBuf>,
     },
+    /// Deploy a flow file and the plugins it uses to a server (`routilux serve`).
+    Deploy {
+        /// The flow file (YAML or JSON); checked here first.
+        flow: PathBuf,
+        #[command(flatten)]
+        plugins: PluginArgs,
+        #[command(flatten)]
+        remote: RemoteArgs,
+    },
+    /// Post items to a server's job: start one of a flow (`--flow ID`), or post to a running
+    /// one (`--job ID`).
+    Post {
+        /// Start a job of this deployed flow (its id is printed), closed after the items.
+        #[arg(long, value_name = "ID", conflicts_with = "job")]
+        flow: Option<String>,
+        /// Post to this running job.
+        #[arg(long, value_name = "ID")]
+        job: Option<String>,
+        /// The target slot, `routine.slot` (default: the flow's only entry slot).
+        #[arg(long, value_name = "ROUTINE.SLOT")]
+        to: Option<String>,
+        /// An item (a JSON object); repeatable.
+        #[arg(long = "post", value_name = "JSON")]
+        posts: Vec<String>,
+        /// A file of items, one JSON object per line; repeatable.
+        #[arg(long = "input", value_name = "FILE.jsonl")]
+        inputs: Vec<PathBuf>,
+        /// Leave a started job open for more input.
+        #[arg(long)]
+        keep_open: bool,
+        /// Then follow the job's events to its end (as `jobs ID --follow`).
+        #[arg(long)]
+        follow: bool,
+        #[command(flatten)]
+        remote: RemoteArgs,
+    },
+    /// A server's jobs: all of them, one (status and summary), or one followed to its end.
+    Jobs {
+        /// A job id.
+        id: Option<String>,
+        /// Follow its events: routine output as it comes, until the job ends.
+        #[arg(long, requires = "id")]
+        follow: bool,
+        #[command(flatten)]
+        remote: RemoteArgs,
+    },
     /// Check a flow file and its plugins; report every problem at once.
     Validate {
         /// The flow file (YAML or JSON).
@@ -240,6 +287,26 @@ enum Command {
         #[arg(long, value_enum, default_value = "quickjs")]
         js_engine: guests::JsEngine,
     },
+}
+
+/// Which server, and the tenant's token.
+#[derive(clap::Args)]
+struct RemoteArgs {
+    /// The server's URL.
+    #[arg(long, env = "ROUTILUX_SERVER", default_value = "http://127.0.0.1:7878")]
+    server: String,
+    /// The tenant's API token.
+    #[arg(long, env = "ROUTILUX_TOKEN", hide_env_values = true)]
+    token: String,
+}
+
+impl From<RemoteArgs> for client::Remote {
+    fn from(a: RemoteArgs) -> Self {
+        client::Remote {
+            server: a.server,
+            token: a.token,
+        }
+    }
 }
 
 #[derive(Subcommand)]
@@ -393,6 +460,33 @@ pub fn main() -> ExitCode {
             listen,
             data_dir,
         }),
+        Command::Deploy {
+            flow,
+            plugins,
+            remote,
+        } => client::deploy(&remote.into(), &flow, &plugins.into()),
+        Command::Post {
+            flow,
+            job,
+            to,
+            posts,
+            inputs,
+            keep_open,
+            follow,
+            remote,
+        } => client::post(
+            &remote.into(),
+            client::PostArgs {
+                flow,
+                job,
+                to,
+                posts,
+                inputs,
+                keep_open,
+                follow,
+            },
+        ),
+        Command::Jobs { id, follow, remote } => client::jobs(&remote.into(), id.as_deref(), follow),
         Command::Validate { flow, plugins } => validate(flow, plugins.into()),
         Command::Job { dir, json } => durable::show(&dir, json),
         Command::Inspect { path, json } => inspect::inspect(&path, json),
