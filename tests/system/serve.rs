@@ -1281,3 +1281,60 @@ fn the_cli_deploys_a_flow_file_posts_and_follows_a_job() {
     assert_eq!(code, 1);
     assert!(err.contains("404"), "{err}");
 }
+
+/// A tenant's disk quota: its plugins, flows and jobs' stores together; past it, posts answer
+/// 507 naming the quota (with the count taken) while the other tenant and `/readyz` are
+/// untouched.
+#[test]
+fn a_tenants_disk_quota_stops_its_posts_only() {
+    let dir = scratch();
+    let hostile = std::fs::metadata(plugin("hostile")).unwrap().len();
+    let quotas = format!("{{disk_bytes: {}}}", hostile + (3 << 20));
+    let s = Server::start(dir.path(), &two_tenants(&quotas, ""));
+    for t in [TOKEN_A, TOKEN_B] {
+        assert_eq!(s.put_plugin(t, "hostile", "hostile").status, 201);
+        assert_eq!(s.put_flow(t, "t", TALLY_FLOW).status, 201);
+    }
+    let ja = s.post("/v1/flows/t/jobs", TOKEN_A, json!({})).json["id"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    let jb = s.post("/v1/flows/t/jobs", TOKEN_B, json!({})).json["id"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    s.post(&format!("/v1/jobs/{ja}/pause"), TOKEN_A, json!({}));
+    let pad = "x".repeat(60 << 10);
+    let body = |n: usize| -> Vec<u8> {
+        (0..n)
+            .map(|k| json!({"do": "calls", "calls": [], "k": k, "pad": pad}).to_string() + "\n")
+            .collect::<String>()
+            .into_bytes()
+    };
+    let mut refused = None;
+    for _ in 0..200 {
+        let r = s.req(
+            "POST",
+            &format!("/v1/jobs/{ja}/items"),
+            Some(TOKEN_A),
+            Some(("application/x-ndjson", body(4))),
+        );
+        if r.status != 200 {
+            refused = Some(r);
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let r = refused.expect("the quota is reached");
+    assert_eq!(r.status, 507, "{}", r.json);
+    assert_eq!(r.json["error"]["quota"], "disk_bytes", "{}", r.json);
+    assert!(r.json["error"]["accepted"].is_u64());
+    let r = s.req(
+        "POST",
+        &format!("/v1/jobs/{jb}/items"),
+        Some(TOKEN_B),
+        Some(("application/x-ndjson", body(4))),
+    );
+    assert_eq!(r.status, 200, "the other tenant posts: {}", r.json);
+    assert_eq!(s.req("GET", "/readyz", None, None).status, 200);
+}

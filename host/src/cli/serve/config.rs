@@ -64,6 +64,7 @@ struct QuotasDef {
     plugin_bytes: Option<Size>,
     flows: Option<usize>,
     jobs: Option<usize>,
+    disk_bytes: Option<Size>,
 }
 
 /// What a tenant may hold and run at once.
@@ -77,6 +78,8 @@ pub(crate) struct Quotas {
     pub flows: usize,
     /// Jobs running at once.
     pub jobs: usize,
+    /// Bytes of its data directory: plugins, flows, and its jobs' stores.
+    pub disk_bytes: u64,
 }
 
 impl Default for Quotas {
@@ -86,6 +89,7 @@ impl Default for Quotas {
             plugin_bytes: 256 << 20,
             flows: 128,
             jobs: 16,
+            disk_bytes: 10 << 30,
         }
     }
 }
@@ -301,6 +305,9 @@ pub(crate) fn load(
         }
         if let Some(n) = q.jobs {
             quotas.jobs = n;
+        }
+        if let Some(n) = q.disk_bytes {
+            quotas.disk_bytes = n.0;
         }
         tenants.push(TenantConfig {
             id: def.id.value.clone(),

@@ -94,6 +94,24 @@ impl TenantDir {
         Ok(())
     }
 
+    /// The bytes of every file under the tenant's directory.
+    pub fn usage(&self) -> u64 {
+        fn walk(dir: &Path) -> u64 {
+            let Ok(entries) = std::fs::read_dir(dir) else {
+                return 0;
+            };
+            entries
+                .flatten()
+                .map(|e| match e.file_type() {
+                    Ok(t) if t.is_dir() => walk(&e.path()),
+                    Ok(t) if t.is_file() => e.metadata().map_or(0, |m| m.len()),
+                    _ => 0,
+                })
+                .sum()
+        }
+        walk(&self.dir)
+    }
+
     /// Where the tenant's jobs are, one directory each.
     pub fn jobs_dir(&self) -> PathBuf {
         self.dir.join("jobs")

@@ -144,6 +144,8 @@ struct StoredFlow {
 /// server restarted is shown from its `summary.json`.
 pub(crate) struct JobRecord {
     pub id: String,
+    /// Its tenant's id.
+    tenant: String,
     pub flow: String,
     /// The running job (none for one that finished before a restart, or once archived: the
     /// engine's job, its store and its buffers are let go then).
@@ -443,6 +445,32 @@ pub(crate) struct Tenant {
     pub config: TenantConfig,
     dir: TenantDir,
     state: Mutex<TenantState>,
+    /// Bytes of its data directory, measured every second.
+    disk_used: AtomicU64,
+}
+
+impl Tenant {
+    /// Refuses a write of `more` bytes past the tenant's disk quota (507, naming it). Its use
+    /// is measured each second, so a burst can pass it by what one second writes.
+    fn disk_room(&self, more: u64) -> Result<(), ApiError> {
+        let (used, quota) = (
+            self.disk_used.load(Ordering::Relaxed),
+            self.config.quotas.disk_bytes,
+        );
+        if used.saturating_add(more) > quota {
+            return Err(ApiError::quota(
+                507,
+                "disk_bytes",
+                format!(
+                    "the tenant's data takes {}, its disk quota is {}: delete plugins, flows or \
+                     jobs, or wait for finished jobs to go",
+                    crate::model::budget::bytes(used),
+                    crate::model::budget::bytes(quota)
+                ),
+            ));
+        }
+        Ok(())
+    }
 }
 
 /// The server.
@@ -459,6 +487,8 @@ pub(crate) struct Host {
     storage_error: Mutex<Option<String>>,
     /// The events of each running job, by the engine's job id (where output lines go).
     routes: Arc<Mutex<HashMap<JobId, Arc<Events>>>>,
+    /// Rounds of `tend_jobs` (every tenth measures the tenants' disk use).
+    ticks: AtomicU64,
 }
 
 /// Compares two hashes in time that does not depend on where they differ.
@@ -498,6 +528,7 @@ impl Host {
                 t.id.clone(),
                 Arc::new(Tenant {
                     config: t.clone(),
+                    disk_used: AtomicU64::new(dir.usage()),
                     dir,
                     state: Mutex::default(),
                 }),
@@ -512,6 +543,7 @@ impl Host {
             ready: AtomicBool::new(false),
             storage_error: Mutex::default(),
             routes,
+            ticks: AtomicU64::new(0),
         });
         for t in host.tenants.values() {
             host.restore(t)?;
@@ -568,7 +600,14 @@ impl Host {
     /// (their directories too), oldest first past the most kept.
     fn tend_jobs(&self) {
         let retention = self.config.job_retention;
+        let measure = self
+            .ticks
+            .fetch_add(1, Ordering::Relaxed)
+            .is_multiple_of(10);
         for t in self.tenants.values() {
+            if measure {
+                t.disk_used.store(t.dir.usage(), Ordering::Relaxed);
+            }
             let records: Vec<Arc<JobRecord>> = t.state.lock().jobs.values().cloned().collect();
             let mut let_go = false;
             for r in &records {
@@ -620,16 +659,18 @@ impl Host {
             if gone.is_empty() {
                 continue;
             }
-            let removed: Vec<Arc<JobRecord>> = {
-                let mut st = t.state.lock();
-                gone.iter()
-                    .filter_map(|id| st.jobs.shift_remove(id))
-                    .collect()
-            };
-            for r in removed {
-                if let Err(e) = std::fs::remove_dir_all(&r.dir) {
+            // Its directory first (outside the tenant's lock), then the record: a job that
+            // answers 404 has no directory left.
+            for r in records.iter().filter(|r| gone.contains(&r.id)) {
+                if let Err(e) = std::fs::remove_dir_all(&r.dir)
+                    && e.kind() != std::io::ErrorKind::NotFound
+                {
                     tracing::error!(job = %r.id, "cannot remove the finished job's directory: {e}");
                 }
+            }
+            let mut st = t.state.lock();
+            for id in &gone {
+                st.jobs.shift_remove(id);
             }
         }
     }
@@ -789,6 +830,7 @@ impl Host {
             Ok(())
         };
         check(&t.state.lock())?;
+        t.disk_room(size)?;
         let hash = hex(&Sha256::digest(bytes));
         let plugin = self.plugin_of(name, &hash, bytes)?;
         let description = describe(name, &hash, size, &plugin);
@@ -1011,6 +1053,7 @@ impl Host {
     /// keep the version they started with).
     pub fn put_flow(&self, t: &Tenant, id: &str, text: String) -> Result<(bool, Value), ApiError> {
         check_name("flow", id)?;
+        t.disk_room(text.len() as u64)?;
         let mut st = t.state.lock();
         if !st.flows.contains_key(id) && st.flows.len() >= t.config.quotas.flows {
             return Err(ApiError::quota(
@@ -1110,6 +1153,7 @@ impl Host {
         if !self.ready.load(Ordering::Acquire) {
             return Err(stopping());
         }
+        t.disk_room(0)?;
         let (record, flow_input) = {
             let mut st = t.state.lock();
             let f = st
@@ -1162,6 +1206,7 @@ impl Host {
             };
             let record = Arc::new(JobRecord {
                 id: id.clone(),
+                tenant: t.config.id.clone(),
                 flow: flow.to_owned(),
                 handle: Mutex::new(Some(handle)),
                 archived: Mutex::default(),
@@ -1271,6 +1316,7 @@ impl Host {
                       resumed: Option<Value>| {
             Arc::new(JobRecord {
                 id: id.to_owned(),
+                tenant: t.config.id.clone(),
                 flow: meta.flow.clone(),
                 handle: Mutex::new(handle),
                 archived: Mutex::new(archived),
@@ -1389,6 +1435,7 @@ impl Host {
         }
         let (r, s) = job.target(to)?;
         let input = handle.input(&r, &s).map_err(runtime_error)?;
+        let tenant = self.tenants.get(&job.tenant);
         let mut accepted = 0;
         // A unit is committed once the slot has room for its first item, then queued item by
         // item as room comes: no larger than the slot's bounds, so that what is acknowledged
@@ -1407,6 +1454,10 @@ impl Host {
                 unit.extend(items.next());
             }
             let n = unit.len();
+            if let Some(t) = tenant {
+                t.disk_room(bytes)
+                    .map_err(|e| e.with("accepted", accepted))?;
+            }
             let posted = input.post_items(unit, Vec::new()).map_err(|e| {
                 // The job may have failed on its store (an activation's commit): say so.
                 store_failure(&handle).unwrap_or_else(|| runtime_error(e))
