@@ -80,6 +80,18 @@ impl Remote {
         })
     }
 
+    /// `call`, then `ok`: the answer's body, or what went wrong as a message.
+    fn request(
+        &self,
+        what: &str,
+        method: &str,
+        path: &str,
+        body: Option<(&str, Vec<u8>)>,
+    ) -> Result<Value, String> {
+        let a = self.call(method, path, body)?;
+        self.ok(what, a)
+    }
+
     /// The answer's body, or its error as a message.
     fn ok(&self, what: &str, a: Answer) -> Result<Value, String> {
         if (200..300).contains(&a.status) {
@@ -189,15 +201,12 @@ pub(crate) fn deploy(remote: &Remote, flow: &Path, options: &PluginOptions) -> C
             Ok(b) => b,
             Err(e) => return fail(format!("cannot read {}: {e}", path.display())),
         };
-        let a = match remote.call(
+        match remote.request(
+            &format!("plugin `{name}`"),
             "PUT",
             &format!("/v1/plugins/{name}"),
             Some(("application/wasm", bytes)),
         ) {
-            Ok(a) => a,
-            Err(e) => return fail(e),
-        };
-        match remote.ok(&format!("plugin `{name}`"), a) {
             Ok(v) => errln!(
                 "plugin `{name}`: uploaded ({} bytes, sha256 {}…)",
                 v["size_bytes"],
@@ -207,15 +216,12 @@ pub(crate) fn deploy(remote: &Remote, flow: &Path, options: &PluginOptions) -> C
         }
     }
     let id = loaded.flow_id.clone();
-    let a = match remote.call(
+    match remote.request(
+        &format!("flow `{id}`"),
         "PUT",
         &format!("/v1/flows/{id}"),
         Some(("application/json", doc.to_string().into_bytes())),
     ) {
-        Ok(a) => a,
-        Err(e) => return fail(e),
-    };
-    match remote.ok(&format!("flow `{id}`"), a) {
         Ok(v) => {
             let entries: Vec<&str> = v["entries"]
                 .as_array()
@@ -257,15 +263,12 @@ pub(crate) fn post(remote: &Remote, args: PostArgs) -> Code {
             } else {
                 json!({})
             };
-            let a = match remote.call(
+            match remote.request(
+                &format!("starting a job of `{flow}`"),
                 "POST",
                 &format!("/v1/flows/{flow}/jobs"),
                 Some(("application/json", body.to_string().into_bytes())),
             ) {
-                Ok(a) => a,
-                Err(e) => return fail(e),
-            };
-            match remote.ok(&format!("starting a job of `{flow}`"), a) {
                 Ok(v) => {
                     let id = v["id"].as_str().unwrap_or("").to_owned();
                     outln!("{id}");
@@ -338,20 +341,17 @@ pub(crate) fn post(remote: &Remote, args: PostArgs) -> Code {
     if sent > 0 {
         errln!("{sent} items posted to job {job}");
     }
-    if args.flow.is_some() && !args.keep_open && !(args.posts.is_empty() && args.inputs.is_empty())
-    {
-        match remote.call(
+    if args.flow.is_some()
+        && !args.keep_open
+        && !(args.posts.is_empty() && args.inputs.is_empty())
+        && let Err(e) = remote.request(
+            "closing the job",
             "POST",
             &format!("/v1/jobs/{job}/close"),
             Some(("application/json", b"{}".to_vec())),
-        ) {
-            Ok(a) => {
-                if let Err(e) = remote.ok("closing the job", a) {
-                    return fail(e);
-                }
-            }
-            Err(e) => return fail(e),
-        }
+        )
+    {
+        return fail(e);
     }
     if args.follow {
         return follow(remote, &job);
@@ -365,31 +365,27 @@ pub(crate) fn post(remote: &Remote, args: PostArgs) -> Code {
 pub(crate) fn jobs(remote: &Remote, id: Option<&str>, follow_it: bool) -> Code {
     match (id, follow_it) {
         (Some(id), true) => follow(remote, id),
-        (Some(id), false) => match remote.call("GET", &format!("/v1/jobs/{id}"), None) {
-            Ok(a) => match remote.ok(&format!("job {id}"), a) {
+        (Some(id), false) => {
+            match remote.request(&format!("job {id}"), "GET", &format!("/v1/jobs/{id}"), None) {
                 Ok(v) => {
                     outln!("{}", serde_json::to_string_pretty(&v).unwrap_or_default());
                     Code::Ok
                 }
                 Err(e) => fail(e),
-            },
-            Err(e) => fail(e),
-        },
-        (None, _) => match remote.call("GET", "/v1/jobs", None) {
-            Ok(a) => match remote.ok("jobs", a) {
-                Ok(v) => {
-                    for j in v.as_array().into_iter().flatten() {
-                        outln!(
-                            "{}  {:<10}  {}",
-                            j["id"].as_str().unwrap_or(""),
-                            j["status"].as_str().unwrap_or(""),
-                            crate::term::escape(j["flow"].as_str().unwrap_or(""))
-                        );
-                    }
-                    Code::Ok
+            }
+        }
+        (None, _) => match remote.request("jobs", "GET", "/v1/jobs", None) {
+            Ok(v) => {
+                for j in v.as_array().into_iter().flatten() {
+                    outln!(
+                        "{}  {:<10}  {}",
+                        j["id"].as_str().unwrap_or(""),
+                        j["status"].as_str().unwrap_or(""),
+                        crate::term::escape(j["flow"].as_str().unwrap_or(""))
+                    );
                 }
-                Err(e) => fail(e),
-            },
+                Code::Ok
+            }
             Err(e) => fail(e),
         },
     }

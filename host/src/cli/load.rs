@@ -81,19 +81,8 @@ pub(crate) fn load(
 ) -> Result<Loaded, Vec<Diagnostic>> {
     let src = Source::read(path).map_err(|d| vec![d])?;
     let file: FlowFile = src.parse().map_err(|d| vec![d])?;
-    let mut b = Builder {
-        src: &src,
-        engine,
-        diags: Vec::new(),
-        dirs: PluginDirs::default(),
-        loaded: HashMap::new(),
-        manifests: HashMap::new(),
-        base: path.parent().unwrap_or(Path::new(".")).to_owned(),
-        protected: Protected::of_this_host(engine.cache_dir()),
-        grant_requests: options.grant_requests,
-        grants: Vec::new(),
-        tenant: false,
-    };
+    let base = path.parent().unwrap_or(Path::new(".")).to_owned();
+    let mut b = Builder::new(&src, engine, base, options.grant_requests, false);
     b.scan_dirs(&file, options);
     build(b, &file)
 }
@@ -110,19 +99,7 @@ pub(crate) fn load_tenant_flow(
 ) -> Result<Loaded, Vec<Diagnostic>> {
     let src = Source::from_text(Path::new(name), text);
     let file: FlowFile = src.parse().map_err(|d| vec![d])?;
-    let mut b = Builder {
-        src: &src,
-        engine,
-        diags: Vec::new(),
-        dirs: PluginDirs::default(),
-        loaded: HashMap::new(),
-        manifests: HashMap::new(),
-        base: PathBuf::new(),
-        protected: Protected::of_this_host(engine.cache_dir()),
-        grant_requests: false,
-        grants: Vec::new(),
-        tenant: true,
-    };
+    let mut b = Builder::new(&src, engine, PathBuf::new(), false, true);
     for (name, plugin) in plugins {
         let key = PathBuf::from(name);
         b.loaded.insert(key.clone(), Ok(plugin.clone()));
@@ -691,7 +668,29 @@ struct Builder<'a> {
     tenant: bool,
 }
 
-impl Builder<'_> {
+impl<'a> Builder<'a> {
+    fn new(
+        src: &'a Source,
+        engine: &'a WasmEngine,
+        base: PathBuf,
+        grant_requests: bool,
+        tenant: bool,
+    ) -> Self {
+        Builder {
+            src,
+            engine,
+            diags: Vec::new(),
+            dirs: PluginDirs::default(),
+            loaded: HashMap::new(),
+            manifests: HashMap::new(),
+            base,
+            protected: Protected::of_this_host(engine.cache_dir()),
+            grant_requests,
+            grants: Vec::new(),
+            tenant,
+        }
+    }
+
     fn scan_dirs(&mut self, file: &FlowFile, options: &PluginOptions) {
         let mut dirs: Vec<(PathBuf, Option<Location>)> =
             options.dirs.iter().map(|d| (d.clone(), None)).collect();

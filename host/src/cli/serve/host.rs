@@ -267,13 +267,22 @@ impl JobRecord {
                 .as_ref()
                 .map_or(Value::Null, |(v, _)| v.clone());
         };
-        let mut summary = serde_json::to_value(h.summary()).unwrap_or(Value::Null);
+        let mut s = h.summary();
+        // A store's error (the one failure that names a host path) names its directory: not
+        // the tenant's business.
+        if let Some(f) = &mut s.failure {
+            let dir = self.dir.display().to_string();
+            if f.contains(&dir) {
+                *f = f.replace(&dir, "(the job's directory)");
+            }
+        }
+        let mut summary = serde_json::to_value(s).unwrap_or(Value::Null);
         if let Some(o) = summary.as_object_mut() {
             // The engine's own job number and registry name mean nothing to a tenant.
             o.remove("job");
             o.insert("flow".into(), self.flow.clone().into());
         }
-        let v = json!({
+        json!({
             "id": self.id,
             "flow": self.flow,
             "status": h.status(),
@@ -284,16 +293,7 @@ impl JobRecord {
             "created": unix_ms(self.created),
             "resumed": self.resumed,
             "summary": summary,
-        });
-        // A store's error names its directory: not the tenant's business.
-        let text = v.to_string();
-        let dir = serde_json::to_string(&self.dir.display().to_string()).unwrap_or_default();
-        let dir = dir.trim_matches('"');
-        if !dir.is_empty() && text.contains(dir) {
-            serde_json::from_str(&text.replace(dir, "(the job's directory)")).unwrap_or(v)
-        } else {
-            v
-        }
+        })
     }
 
     /// A part of a finished job's `summary.json` (read when asked: a finished job keeps
@@ -1585,16 +1585,30 @@ fn invalid_plugin(e: &crate::wasm::LoadError) -> ApiError {
 /// path.
 fn store_failed(tenant: &str, e: &std::io::Error) -> ApiError {
     tracing::error!(tenant, "cannot write the tenant's data: {e}");
-    let full = e.raw_os_error() == Some(28);
-    ApiError::new(
-        if full { 507 } else { 503 },
-        "storage",
-        if full {
-            "the server's storage is full: nothing was stored".to_owned()
-        } else {
-            "the server cannot write its storage: nothing was stored".to_owned()
-        },
-    )
+    storage(e.raw_os_error() == Some(28), "nothing was stored")
+}
+
+/// The answer to a full (507) or failing (503) storage, saying what became of the request;
+/// it names no host path (the log has the detail).
+fn storage(full: bool, outcome: &str) -> ApiError {
+    if full {
+        ApiError::new(
+            507,
+            "storage",
+            format!("the server's storage is full: {outcome}"),
+        )
+    } else {
+        ApiError::new(
+            503,
+            "storage",
+            format!("the server cannot write its storage: {outcome}"),
+        )
+    }
+}
+
+/// Whether a store's error text says the disk is full.
+fn is_full(text: &str) -> bool {
+    text.contains("No space left")
 }
 
 /// The storage error of a job that failed because its store could not commit.
@@ -1603,35 +1617,18 @@ fn store_failure(h: &JobHandle) -> Option<ApiError> {
         return None;
     }
     let f = h.failure()?;
-    if !f.contains("job store") {
-        return None;
-    }
-    let full = f.contains("No space left");
-    Some(ApiError::new(
-        if full { 507 } else { 503 },
-        "storage",
-        if full {
-            "the server's storage is full: the job has failed (what it acknowledged is kept)"
-        } else {
-            "the server cannot write its storage: the job has failed (what it acknowledged is \
-             kept)"
-        },
-    ))
+    f.contains("job store").then(|| {
+        storage(
+            is_full(&f),
+            "the job has failed (what it acknowledged is kept)",
+        )
+    })
 }
 
 /// A job store that cannot be made or opened (a full or failing disk).
 fn store_error(tenant: &str, e: &str) -> ApiError {
     tracing::error!(tenant, "cannot open a job store: {e}");
-    let full = e.contains("No space left");
-    ApiError::new(
-        if full { 507 } else { 503 },
-        "storage",
-        if full {
-            "the server's storage is full: the job was not started"
-        } else {
-            "the server cannot write its storage: the job was not started"
-        },
-    )
+    storage(is_full(e), "the job was not started")
 }
 
 fn stopping() -> ApiError {
@@ -1700,16 +1697,9 @@ fn runtime_error(e: RuntimeError) -> ApiError {
         RuntimeError::ShutDown => stopping(),
         RuntimeError::Store { reason, .. } => {
             tracing::error!("a job store failed to commit: {reason}");
-            let full = reason.contains("No space left");
-            ApiError::new(
-                if full { 507 } else { 503 },
-                "storage",
-                if full {
-                    "the server's storage is full: the post was not taken, and the job has failed"
-                } else {
-                    "the server cannot write its storage: the post was not taken, and the job has \
-                     failed"
-                },
+            storage(
+                is_full(&reason),
+                "the post was not taken, and the job has failed",
             )
         }
         other => {
