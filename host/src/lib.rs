@@ -45,7 +45,8 @@ pub use model::spec::{
 };
 pub use model::state::{MAX_STATE_KEY_BYTES, StateError, StateRef};
 pub use runtime::{
-    Input, InputHold, JobHandle, JobSummary, Runtime, RuntimeBuilder, RuntimeError, Shutdown,
+    Group, GroupUsage, Input, InputHold, JobHandle, JobSummary, Runtime, RuntimeBuilder,
+    RuntimeError, Shutdown,
 };
 
 /// The README's example, compiled and run as a doctest so it cannot rot.

@@ -142,6 +142,31 @@ fn refused(job: JobId, why: Refused) -> RuntimeError {
     }
 }
 
+/// A share of a runtime's workers that jobs run on: a tenant of `routilux serve`. See
+/// [`RuntimeBuilder::fair`] and [`Runtime::add_group`].
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct Group(usize);
+
+impl Group {
+    /// The group every runtime has (weight 1), of jobs started without one.
+    pub const DEFAULT: Group = Group(0);
+    /// The largest weight a group may have (larger ones are clamped to it).
+    pub const MAX_WEIGHT: u32 = scheduler::MAX_WEIGHT;
+}
+
+/// What a [`Group`]'s jobs have used of the workers ([`Runtime::group_usage`]).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct GroupUsage {
+    /// Its weight now.
+    pub weight: u32,
+    /// The wall time its tasks have occupied workers (charged in a fair pool only).
+    pub busy: Duration,
+    /// Workers running one of its tasks now (fair pool only).
+    pub running: usize,
+    /// Its tasks waiting for a worker (fair pool only).
+    pub queued_tasks: usize,
+}
+
 /// How [`Runtime::shutdown`] treats unfinished jobs.
 #[derive(Clone, Copy, Debug)]
 pub enum Shutdown {
@@ -161,9 +186,22 @@ pub struct RuntimeBuilder {
     on_output: Option<OutputFn>,
     on_dead_letter: Option<DeadLetterFn>,
     park_timeout: Duration,
+    fair: bool,
 }
 
 impl RuntimeBuilder {
+    /// Serves [`Group`]s (tenants) by weight instead of first come, first served (default:
+    /// off). Each group's tasks then wait in its own queue; a free worker goes to the group
+    /// furthest below its weighted share of the workers, charged the wall time its
+    /// activations occupy them (a guest that sleeps costs its own group), and a running check
+    /// lets its worker go between two activations once another group deserves it more. It is
+    /// work-conserving: one busy group alone uses every worker. The scheduler module's docs
+    /// give the rules; the serve bench measures them.
+    pub fn fair(mut self, on: bool) -> Self {
+        self.fair = on;
+        self
+    }
+
     /// Worker threads (honoured exactly; at least 1). Default: the machine's parallelism.
     pub fn thread_pool_size(mut self, n: usize) -> Self {
         self.threads = n.max(1);
@@ -233,7 +271,7 @@ impl RuntimeBuilder {
     /// Starts the worker threads and the timer, or says why the operating system would not
     /// (the threads already started are stopped again).
     pub fn try_build(self) -> Result<Runtime, RuntimeError> {
-        let (pool, locals) = Pool::new(self.threads, self.park_timeout);
+        let (pool, locals) = Pool::new(self.threads, self.park_timeout, self.fair);
         let shared = Arc::new(Shared {
             pool: Arc::new(pool),
             timer: Timer::default(),
@@ -351,6 +389,30 @@ impl Runtime {
             on_output: None,
             on_dead_letter: None,
             park_timeout: Duration::from_millis(100),
+            fair: false,
+        }
+    }
+
+    /// Adds a group (a tenant) of `weight` (1 to [`Group::MAX_WEIGHT`]): its jobs' share of a
+    /// [`fair`](RuntimeBuilder::fair) pool is `weight` over the sum of the weights of the
+    /// groups with work. In a pool that is not fair groups only label jobs.
+    pub fn add_group(&self, weight: u32) -> Group {
+        Group(self.shared.pool.add_group(weight))
+    }
+
+    /// Changes a group's weight (clamped to 1 to [`Group::MAX_WEIGHT`]); it counts from the next choice on.
+    pub fn set_group_weight(&self, group: Group, weight: u32) {
+        self.shared.pool.set_weight(group.0, weight);
+    }
+
+    /// What a group's jobs have used of the workers.
+    pub fn group_usage(&self, group: Group) -> GroupUsage {
+        let u = self.shared.pool.usage(group.0).unwrap_or_default();
+        GroupUsage {
+            weight: u.weight,
+            busy: Duration::from_nanos(u.busy_ns),
+            running: u.running,
+            queued_tasks: u.queued,
         }
     }
 
@@ -388,9 +450,14 @@ impl Runtime {
     /// Starts a job of the named flow. It runs once input is posted to it, and completes by
     /// itself when it becomes quiescent.
     pub fn exec(&self, flow_name: &str) -> Result<JobHandle, RuntimeError> {
+        self.exec_in(Group::DEFAULT, flow_name)
+    }
+
+    /// [`Runtime::exec`] for a job of `group`.
+    pub fn exec_in(&self, group: Group, flow_name: &str) -> Result<JobHandle, RuntimeError> {
         let flow = self.flow_to_start(flow_name)?;
         let id = JobId(self.next_job.fetch_add(1, Ordering::Relaxed));
-        let job = Job::new(id, flow_name, &flow, self.shared.clone());
+        let job = Job::new(id, flow_name, &flow, self.shared.clone(), group.0);
         self.jobs.lock().push(job.clone());
         Ok(JobHandle {
             job,
@@ -408,9 +475,19 @@ impl Runtime {
         flow_name: &str,
         store: JobStore,
     ) -> Result<(JobHandle, InputHold), RuntimeError> {
+        self.exec_durable_in(Group::DEFAULT, flow_name, store)
+    }
+
+    /// [`Runtime::exec_durable`] for a job of `group`.
+    pub fn exec_durable_in(
+        &self,
+        group: Group,
+        flow_name: &str,
+        store: JobStore,
+    ) -> Result<(JobHandle, InputHold), RuntimeError> {
         let flow = self.flow_to_start(flow_name)?;
         let id = JobId(self.next_job.fetch_add(1, Ordering::Relaxed));
-        let job = Job::durable(id, flow_name, &flow, self.shared.clone(), store)
+        let job = Job::durable(id, flow_name, &flow, self.shared.clone(), group.0, store)
             .map_err(RuntimeError::Durable)?;
         job.hold().map_err(|e| refused(id, e))?;
         let hold = InputHold { job: job.clone() };

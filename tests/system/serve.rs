@@ -1338,3 +1338,149 @@ fn a_tenants_disk_quota_stops_its_posts_only() {
     assert_eq!(r.status, 200, "the other tenant posts: {}", r.json);
     assert_eq!(s.req("GET", "/readyz", None, None).status, 200);
 }
+
+/// Reads what the server sends on `conn` until it closes it (or `within` passes: then
+/// `None`).
+fn read_until_closed(conn: &mut std::net::TcpStream, within: Duration) -> Option<String> {
+    use std::io::Read;
+    conn.set_read_timeout(Some(within)).unwrap();
+    let mut got = Vec::new();
+    let mut buf = [0u8; 4096];
+    loop {
+        match conn.read(&mut buf) {
+            Ok(0) => return Some(String::from_utf8_lossy(&got).into_owned()),
+            Ok(n) => got.extend_from_slice(&buf[..n]),
+            Err(e) if e.kind() == std::io::ErrorKind::ConnectionReset => {
+                return Some(String::from_utf8_lossy(&got).into_owned());
+            }
+            Err(_) => return None,
+        }
+    }
+}
+
+/// Slow and idle clients are cut after the header timeout, and no address holds more than
+/// its connections: one more is answered 503 and closed at once, and the server's
+/// descriptors come back when the clients go.
+#[test]
+fn slow_and_idle_clients_are_cut_and_connections_are_bounded() {
+    use std::io::Write;
+    let dir = scratch();
+    let s = Server::start(
+        dir.path(),
+        &two_tenants(
+            "{}",
+            "max_connections: 16\nmax_connections_per_address: 4\nheader_timeout: 700ms",
+        ),
+    );
+    let addr = s.base.trim_start_matches("http://").to_owned();
+    // Requests on connections of their own (the test's HTTP client would keep one open).
+    let healthz = || {
+        let mut c = std::net::TcpStream::connect(&addr).unwrap();
+        c.write_all(b"GET /healthz HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+            .unwrap();
+        read_until_closed(&mut c, Duration::from_secs(5)).unwrap()
+    };
+    assert!(healthz().starts_with("HTTP/1.1 200"));
+    std::thread::sleep(Duration::from_millis(100));
+    let (fds_before, _) = fds_and_threads(s.child.id());
+    let started = Instant::now();
+    // Four connections: three idle, one trickling a request's head a byte at a time.
+    let mut held: Vec<std::net::TcpStream> = (0..4)
+        .map(|_| std::net::TcpStream::connect(&addr).unwrap())
+        .collect();
+    std::thread::sleep(Duration::from_millis(100));
+    // A fifth from this address: refused at once, saying why.
+    let mut fifth = std::net::TcpStream::connect(&addr).unwrap();
+    let answer = read_until_closed(&mut fifth, Duration::from_secs(5)).expect("closed at once");
+    assert!(answer.starts_with("HTTP/1.1 503"), "{answer}");
+    assert!(answer.contains("too_many_connections"), "{answer}");
+    assert!(answer.to_lowercase().contains("retry-after: 1"), "{answer}");
+    // The slow loris keeps sending, a byte every 100 ms, and is still cut.
+    let mut loris = held.pop().unwrap();
+    let head = b"GET /healthz HTTP/1.1\r\nHost: x\r\nX-Slow: aaaaaaaaaaaaaaaaaaaaaaaaaaaa";
+    let mut cut = false;
+    for b in head {
+        if loris.write_all(&[*b]).is_err() {
+            cut = true;
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let rest = read_until_closed(&mut loris, Duration::from_secs(5));
+    assert!(cut || rest.is_some(), "the slow client is still connected");
+    // The idle ones are closed too, with nothing sent.
+    for c in &mut held {
+        let got = read_until_closed(c, Duration::from_secs(5)).expect("an idle connection is cut");
+        assert!(!got.starts_with("HTTP/1.1 2"), "{got}");
+    }
+    assert!(started.elapsed() < Duration::from_secs(10));
+    // Room again: a request is served, and the descriptors are back.
+    drop(held);
+    assert!(healthz().starts_with("HTTP/1.1 200"));
+    let mut fds_after = usize::MAX;
+    for _ in 0..50 {
+        fds_after = fds_and_threads(s.child.id()).0;
+        if fds_after <= fds_before {
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    assert!(
+        fds_after <= fds_before,
+        "{fds_before} descriptors before, {fds_after} after"
+    );
+    // A limit out of range is refused, with its place.
+    let bad = dir.path().join("bad.yaml");
+    std::fs::write(&bad, two_tenants("{}", "max_connections: 0")).unwrap();
+    let out = Command::new(env!("CARGO_BIN_EXE_routilux"))
+        .args(["serve", "--config"])
+        .arg(&bad)
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success());
+    assert!(
+        err.contains("max_connections: 0") && err.contains("bad.yaml:4"),
+        "{err}"
+    );
+}
+
+/// Each tenant is charged the wall time its activations occupy the shared workers (what fair
+/// shares weigh): a tenant's guest that sleeps costs that tenant, not the other, and
+/// `GET /v1/usage` shows it with the tenant's weight and what it holds against its quotas.
+#[test]
+fn a_tenant_is_charged_its_guests_worker_time_and_usage_shows_its_quotas() {
+    let dir = scratch();
+    let s = Server::start(dir.path(), &two_tenants("{plugins: 5}\n    weight: 3", ""));
+    assert_eq!(s.put_plugin(TOKEN_A, "hostile", "hostile").status, 201);
+    let flow = "flow_id: h\nroutines:\n  h:\n    plugin: hostile\n    kind: hostile\n    \
+                policy: {batch_size: 1}\n";
+    assert_eq!(s.put_flow(TOKEN_A, "h", flow).status, 201);
+    let sleeps: Vec<Value> = (0..4).map(|_| json!({"do": "sleep", "ms": 100})).collect();
+    let r = s.post(
+        "/v1/flows/h/jobs",
+        TOKEN_A,
+        json!({"input": {"h.in": sleeps}, "close": true}),
+    );
+    assert_eq!(r.status, 201, "{}", r.json);
+    let id = r.json["id"].as_str().unwrap().to_owned();
+    assert_eq!(s.wait_job(TOKEN_A, &id)["status"], "completed");
+    let a = s.get("/v1/usage", TOKEN_A).json;
+    let b = s.get("/v1/usage", TOKEN_B).json;
+    assert_eq!(
+        (a["tenant"].clone(), a["weight"].clone()),
+        (json!("a"), json!(3)),
+        "{a}"
+    );
+    assert_eq!(b["weight"], 1, "{b}");
+    let busy = |v: &Value| v["workers"]["busy_seconds"].as_f64().unwrap();
+    assert!(busy(&a) >= 0.4, "a's four 100 ms sleeps: {a}");
+    assert!(busy(&b) < 0.05, "b ran nothing: {b}");
+    assert_eq!(a["workers"]["running"], 0, "{a}");
+    assert_eq!(a["workers"]["of"], 4, "{a}");
+    assert_eq!(a["plugins"], json!({"used": 1, "quota": 5}), "{a}");
+    assert_eq!(a["flows"]["used"], 1, "{a}");
+    assert_eq!(b["plugins"]["used"], 0, "{b}");
+    assert!(a["disk_bytes"]["used"].as_u64().is_some(), "{a}");
+    assert_eq!(s.req("GET", "/v1/usage", None, None).status, 401);
+}

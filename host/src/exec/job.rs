@@ -186,6 +186,8 @@ pub(crate) struct Job {
     /// The logic of each routine, by the plan's routine index.
     pub(crate) logic: Arc<[Arc<dyn Logic>]>,
     pub(crate) shared: Arc<Shared>,
+    /// The group (tenant) of a fair pool whose share its tasks run on.
+    pub(crate) group: usize,
     pub(crate) nodes: Box<[Node]>,
     /// The store of a durable job (see the durable module).
     pub(crate) durable: Option<Durable>,
@@ -250,8 +252,9 @@ impl Job {
         flow_name: &str,
         flow: &Compiled,
         shared: Arc<Shared>,
+        group: usize,
     ) -> Arc<Self> {
-        Self::make(id, flow_name, flow, shared, None)
+        Self::make(id, flow_name, flow, shared, group, None)
     }
 
     /// A durable job on `store`, holding what the store recovered (queued items, WorkerState,
@@ -262,6 +265,7 @@ impl Job {
         flow_name: &str,
         flow: &Compiled,
         shared: Arc<Shared>,
+        group: usize,
         store: JobStore,
     ) -> Result<Arc<Self>, String> {
         let JobStore {
@@ -298,6 +302,7 @@ impl Job {
             flow_name,
             flow,
             shared,
+            group,
             Some(Durable::new(store, recovered.next_seq)),
         );
         // The items of an armed retry are its batch again; the rest are queued.
@@ -413,6 +418,7 @@ impl Job {
         flow_name: &str,
         flow: &Compiled,
         shared: Arc<Shared>,
+        group: usize,
         durable: Option<Durable>,
     ) -> Arc<Self> {
         let plan = flow.plan.clone();
@@ -443,6 +449,7 @@ impl Job {
             me: me.clone(),
             logic: flow.logic.clone(),
             shared,
+            group,
             nodes,
             durable,
             recovered_retries: Mutex::new(Vec::new()),

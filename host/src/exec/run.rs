@@ -80,6 +80,10 @@ impl Run for Task {
         Arc::as_ptr(self.job()) as usize
     }
 
+    fn group(&self) -> usize {
+        self.job().group
+    }
+
     fn refused(&self) -> Option<String> {
         let job = self.job();
         job.stopping().then(|| format!("job {}", job.status()))
@@ -192,13 +196,16 @@ impl Job {
                 self.settle(node, &mut unsettled, full, w);
             }
             let freed_full;
+            // Yield the worker after MAX_ROUNDS, or in a fair pool as soon as another group
+            // deserves it more (asked before the queue lock is taken).
+            let yielding = round >= MAX_ROUNDS || (round > 0 && w.should_yield());
             let batch = {
                 let mut q = n.queues.lock();
                 let others = q.running - usize::from(holding);
                 let now = Instant::now();
                 let decision = if self.stopping() || self.paused() || others >= r.concurrency {
                     None
-                } else if round >= MAX_ROUNDS {
+                } else if yielding {
                     Some(Decision::Idle)
                 } else {
                     Some(r.policy.decide(&r.slot_names, &q.slots, q.last_fire, now))
@@ -216,13 +223,15 @@ impl Job {
                 let Some(decision) = decision else {
                     return ran;
                 };
-                if round >= MAX_ROUNDS {
-                    // Yield the worker: others' tasks wait behind us. Continue as a new task.
+                if yielding {
+                    // Yield the worker: others' tasks wait behind us. Continue as a new task,
+                    // at the back of the shared queue (this worker's own deque is taken first,
+                    // so a check queued there would starve every task queued from outside).
                     if !q.scheduled && q.any_queued() {
                         q.scheduled = true;
                         drop(q);
                         self.add_pending();
-                        w.sched().schedule(Task::Check {
+                        self.shared.pool.inject(Task::Check {
                             job: self.clone(),
                             node,
                         });

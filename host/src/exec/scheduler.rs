@@ -50,6 +50,34 @@
 //! Every overrun item is counted per routine (`overflowed`); it is never dropped; and a slot is
 //! overrun only so far (its bound again, or 1,024 items), past which the emit fails.
 
+//! # Fair shares (tenants)
+//!
+//! A pool built `fair` serves **groups** (the tenants of `routilux serve`) by weight instead
+//! of first come, first served. Every task belongs to a group (its job's). Tasks then wait in
+//! one FIFO queue per group, not in the workers' deques, and a worker looking for work takes
+//! the next task of the group that deserves the worker most ([`Pool::choose`]):
+//! 1. a group that would still be within its weighted share of the workers if it got this one
+//!    comes before one that would be past it (the share: `size × weight / Σ weights` of the
+//!    groups with work queued or running);
+//! 2. then the group with the least **virtual time**: the wall time its tasks have occupied
+//!    workers, divided by its weight. A worker is charged from the moment it takes a task until
+//!    it returns, so a guest that sleeps, blocks in an emit or spins to its deadline costs its
+//!    own group;
+//! 3. then the group running on fewer workers.
+//!
+//! It is work-conserving: a worker idles only when no group has a task queued. Between two
+//! activations a check asks whether it should let its worker go ([`WorkerLocal::should_yield`]:
+//! whether the choice above, made now, would pick another group); if so it queues itself again
+//! at the back of its group's queue and returns, so another group's task waits at most for one
+//! activation of a running one, however long the running group's queue. A group that wakes
+//! from idle starts at most [`WAKE_CREDIT`] of virtual time behind the least-served active
+//! group and at most that far ahead of it: idle time earns no credit, and past use no lasting
+//! debt. A blocked emitter helps only its own group's tasks, so a group's backpressure is never
+//! relieved with another group's worker time.
+//!
+//! Choosing scans the groups (a few atomics each), which suits tens to hundreds of groups.
+//! A pool that is not `fair` ignores groups and keeps the per-worker deques above.
+//!
 //! # Shutdown
 //!
 //! 1. The runtime cancels every unfinished job: checks stop releasing batches, blocked emitters
@@ -67,17 +95,79 @@ use std::cell::{Cell, RefCell};
 use std::iter;
 use std::rc::Rc;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, AtomicUsize, Ordering};
 use std::thread::LocalKey;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use crossbeam_deque::{Injector, Steal, Stealer, Worker};
 use crossbeam_utils::sync::{Parker, Unparker};
-use parking_lot::{Condvar, Mutex};
+use parking_lot::{Condvar, Mutex, RwLock};
 use routilux_protocol::wake::Sleepers;
 
 /// How deep a blocked emitter may nest helping activations on its own stack.
 pub(crate) const MAX_HELP_DEPTH: u32 = 16;
+
+/// Virtual time is charged wall time in nanoseconds times this, divided by the group's weight
+/// (so that a weight of up to [`MAX_WEIGHT`] keeps sub-microsecond precision; a u64 holds 36
+/// years of weight-1 time).
+const VTIME_SCALE: u64 = 16;
+
+/// The largest weight a group may have.
+pub(crate) const MAX_WEIGHT: u32 = 10_000;
+
+/// How far behind (or ahead of) the least-served active group a group that wakes from idle
+/// may start, in virtual time: 2 ms of weight-1 time.
+pub(crate) const WAKE_CREDIT: u64 = 2_000_000 * VTIME_SCALE;
+
+/// A group's place in a fair pool (see the module docs).
+pub(crate) struct Share<T> {
+    queue: Injector<T>,
+    weight: AtomicU32,
+    /// Charged wall time, scaled by [`VTIME_SCALE`] and divided by the weight.
+    vtime: AtomicU64,
+    /// Workers running one of its tasks now.
+    running: AtomicUsize,
+    /// Wall time its tasks have occupied workers, in nanoseconds.
+    busy_ns: AtomicU64,
+}
+
+impl<T> Share<T> {
+    fn new(weight: u32, vtime: u64) -> Self {
+        Share {
+            queue: Injector::new(),
+            weight: AtomicU32::new(weight.clamp(1, MAX_WEIGHT)),
+            vtime: AtomicU64::new(vtime),
+            running: AtomicUsize::new(0),
+            busy_ns: AtomicU64::new(0),
+        }
+    }
+
+    fn active(&self) -> bool {
+        !self.queue.is_empty() || self.running.load(Ordering::SeqCst) > 0
+    }
+
+    fn charge(&self, d: Duration) {
+        let ns = u64::try_from(d.as_nanos()).unwrap_or(u64::MAX);
+        self.busy_ns.fetch_add(ns, Ordering::Relaxed);
+        let w = u64::from(self.weight.load(Ordering::Relaxed).max(1));
+        let v = ns.saturating_mul(VTIME_SCALE) / w;
+        // Saturating: a u64 of virtual time is decades, but never wrap into priority.
+        let _ = self
+            .vtime
+            .fetch_update(Ordering::SeqCst, Ordering::SeqCst, |t| {
+                Some(t.saturating_add(v))
+            });
+    }
+}
+
+/// What a group has used of a fair pool.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub(crate) struct ShareUsage {
+    pub(crate) weight: u32,
+    pub(crate) busy_ns: u64,
+    pub(crate) running: usize,
+    pub(crate) queued: usize,
+}
 
 /// A unit of work for the pool: what the engine schedules (the execution layer's `Task`).
 /// The pool only moves tasks between threads and runs them; what running one does is the
@@ -90,6 +180,8 @@ pub(crate) trait Run: Send + Sized + 'static {
     fn abandon(self, why: &str);
     /// Who the task belongs to (its job's address), to disarm a job's timers together.
     fn owner(&self) -> usize;
+    /// The group (tenant) whose share of a fair pool the task runs on.
+    fn group(&self) -> usize;
     /// Why the task may no longer be armed on the timer (its job takes no new work), if so.
     fn refused(&self) -> Option<String>;
     /// The thread-local slot that holds the worker running on this thread, if it is one
@@ -119,6 +211,13 @@ pub(crate) struct Pool<T> {
     size: usize,
     /// How long an idle worker sleeps without a wake-up before it looks again.
     park_timeout: Duration,
+    /// Tasks wait in their group's queue and workers choose by share (module docs).
+    fair: bool,
+    /// The groups of a fair pool, by index (group 0 always exists; groups are never removed).
+    groups: RwLock<Vec<Arc<Share<T>>>>,
+    /// Tasks in the groups' queues (counted before a push and after a steal, so never less
+    /// than there are): with none, a running check has no reason to yield.
+    queued: AtomicUsize,
 }
 
 /// What each worker thread owns; handed to logic through the activation context.
@@ -131,7 +230,12 @@ pub(crate) struct WorkerLocal<T> {
     foreign: Cell<u32>,
     /// The activations on this thread's stack, outermost first, as (job address, routine).
     active: RefCell<Vec<(usize, usize)>>,
+    /// In a fair pool, the group of the task this worker runs and since when it is uncharged.
+    charging: RefCell<Option<Charging<T>>>,
 }
+
+/// The group a worker is charging (its index and share) and since when it is uncharged.
+type Charging<T> = (usize, Arc<Share<T>>, Instant);
 
 /// Where a newly ready task goes: the current worker's deque, or the injector.
 pub(crate) enum Sched<'a, T> {
@@ -152,7 +256,11 @@ impl<T: Run> Sched<'_, T> {
     pub(crate) fn schedule(self, task: T) {
         match self {
             Sched::Worker(w) => {
-                w.deque.push(task);
+                if w.pool.fair {
+                    w.pool.push_fair(task);
+                } else {
+                    w.deque.push(task);
+                }
                 w.pool.notify_one();
             }
             Sched::External(pool) => pool.inject(task),
@@ -165,7 +273,7 @@ pub(crate) type Local<T> = (Worker<T>, Parker);
 
 impl<T: Run> Pool<T> {
     /// Creates the pool's shared half and the per-worker deques and parkers.
-    pub(crate) fn new(size: usize, park_timeout: Duration) -> (Pool<T>, Vec<Local<T>>) {
+    pub(crate) fn new(size: usize, park_timeout: Duration, fair: bool) -> (Pool<T>, Vec<Local<T>>) {
         let locals: Vec<Local<T>> = (0..size)
             .map(|_| (Worker::new_fifo(), Parker::new()))
             .collect();
@@ -182,12 +290,147 @@ impl<T: Run> Pool<T> {
             progress_waiters: AtomicUsize::new(0),
             size,
             park_timeout,
+            fair,
+            groups: RwLock::new(vec![Arc::new(Share::new(1, 0))]),
+            queued: AtomicUsize::new(0),
         };
         (pool, locals)
     }
 
+    /// Adds a group of `weight` (clamped to 1..=[`MAX_WEIGHT`]); returns its index.
+    pub(crate) fn add_group(&self, weight: u32) -> usize {
+        let mut groups = self.groups.write();
+        // It starts level with the least-served active group, like a group waking from idle.
+        let floor = Self::floor(&groups, usize::MAX).unwrap_or(0);
+        groups.push(Arc::new(Share::new(weight, floor)));
+        groups.len() - 1
+    }
+
+    /// Sets a group's weight; false if there is no such group.
+    pub(crate) fn set_weight(&self, group: usize, weight: u32) -> bool {
+        match self.groups.read().get(group) {
+            Some(s) => {
+                s.weight
+                    .store(weight.clamp(1, MAX_WEIGHT), Ordering::Relaxed);
+                true
+            }
+            None => false,
+        }
+    }
+
+    /// What a group has used (`None`: no such group).
+    pub(crate) fn usage(&self, group: usize) -> Option<ShareUsage> {
+        self.groups.read().get(group).map(|s| ShareUsage {
+            weight: s.weight.load(Ordering::Relaxed),
+            busy_ns: s.busy_ns.load(Ordering::Relaxed),
+            running: s.running.load(Ordering::SeqCst),
+            queued: s.queue.len(),
+        })
+    }
+
+    /// A group's index and share (an unknown group runs as group 0).
+    fn share(&self, group: usize) -> (usize, Arc<Share<T>>) {
+        let groups = self.groups.read();
+        match groups.get(group) {
+            Some(s) => (group, s.clone()),
+            None => (0, groups[0].clone()),
+        }
+    }
+
+    /// The least virtual time among active groups other than `except`.
+    fn floor(groups: &[Arc<Share<T>>], except: usize) -> Option<u64> {
+        groups
+            .iter()
+            .enumerate()
+            .filter(|&(i, s)| i != except && s.active())
+            .map(|(_, s)| s.vtime.load(Ordering::SeqCst))
+            .min()
+    }
+
+    /// Queues a task of a fair pool in its group's queue.
+    fn push_fair(&self, task: T) {
+        let groups = self.groups.read();
+        let g = if task.group() < groups.len() {
+            task.group()
+        } else {
+            0
+        };
+        let s = &groups[g];
+        if !s.active() {
+            // Waking from idle: within WAKE_CREDIT of the least-served active group.
+            if let Some(floor) = Self::floor(&groups, g) {
+                let lo = floor.saturating_sub(WAKE_CREDIT);
+                let hi = floor.saturating_add(WAKE_CREDIT);
+                let _ = s
+                    .vtime
+                    .fetch_update(Ordering::SeqCst, Ordering::SeqCst, |t| {
+                        Some(t.clamp(lo, hi))
+                    });
+            }
+        }
+        self.queued.fetch_add(1, Ordering::SeqCst);
+        s.queue.push(task);
+    }
+
+    /// The group that deserves the next free worker, among those with a task queued (and
+    /// `current`, a group running on the asking worker, which counts as if it let the worker
+    /// go): (would it pass its share with one more worker, its virtual time, its workers).
+    fn choose(&self, groups: &[Arc<Share<T>>], current: Option<usize>) -> Option<usize> {
+        let total: u64 = groups
+            .iter()
+            .enumerate()
+            .filter(|&(i, s)| Some(i) == current || s.active())
+            .map(|(_, s)| u64::from(s.weight.load(Ordering::Relaxed)))
+            .sum();
+        let size = self.size as u64;
+        groups
+            .iter()
+            .enumerate()
+            .filter(|&(i, s)| Some(i) == current || !s.queue.is_empty())
+            .map(|(i, s)| {
+                let running = s
+                    .running
+                    .load(Ordering::SeqCst)
+                    .saturating_sub(usize::from(Some(i) == current));
+                let weight = u64::from(s.weight.load(Ordering::Relaxed));
+                let past_share = (running as u64 + 1) * total > size * weight;
+                (
+                    (past_share, s.vtime.load(Ordering::SeqCst), running),
+                    // On a full tie the running group keeps its worker.
+                    Some(i) != current,
+                    i,
+                )
+            })
+            .min()
+            .map(|(_, _, i)| i)
+    }
+
+    /// Takes the next task of a fair pool: of the group [`Pool::choose`] picks, or only of
+    /// group `only` (a blocked emitter helping its own group).
+    fn take_fair(&self, only: Option<usize>) -> Option<T> {
+        let groups = self.groups.read();
+        loop {
+            let g = match only {
+                Some(g) => groups.get(g).filter(|s| !s.queue.is_empty()).map(|_| g)?,
+                None => self.choose(&groups, None)?,
+            };
+            match groups[g].queue.steal() {
+                Steal::Success(t) => {
+                    self.queued.fetch_sub(1, Ordering::SeqCst);
+                    return Some(t);
+                }
+                // Lost a race for the last task, or for a block: choose again.
+                Steal::Empty | Steal::Retry => {}
+            }
+        }
+    }
+
     pub(crate) fn inject(&self, task: T) {
-        self.injector.push(task);
+        if self.fair {
+            self.push_fair(task);
+        } else {
+            self.injector.push(task);
+        }
         if self.shutdown.load(Ordering::SeqCst) {
             // The workers may be gone: nobody else would ever take it. (Steals are exclusive,
             // so a task is abandoned or run once, whoever gets it.)
@@ -209,6 +452,9 @@ impl<T: Run> Pool<T> {
     }
 
     fn has_work(&self) -> bool {
+        if self.fair {
+            return self.groups.read().iter().any(|s| !s.queue.is_empty());
+        }
         !self.injector.is_empty() || self.stealers.iter().any(|s| !s.is_empty())
     }
 
@@ -290,24 +536,37 @@ impl<T: Run> Pool<T> {
         }
     }
 
-    /// Takes whatever is left in the injector (after the workers have exited).
+    /// Takes whatever is left in the injector and the groups' queues (after the workers have
+    /// exited).
     pub(crate) fn drain_injector(&self) -> Vec<T> {
-        iter::from_fn(|| {
-            loop {
-                match self.injector.steal() {
-                    Steal::Success(t) => return Some(t),
-                    Steal::Empty => return None,
-                    Steal::Retry => {}
+        let drain = |q: &Injector<T>| {
+            iter::from_fn(|| {
+                loop {
+                    match q.steal() {
+                        Steal::Success(t) => return Some(t),
+                        Steal::Empty => return None,
+                        Steal::Retry => {}
+                    }
                 }
+            })
+            .collect::<Vec<T>>()
+        };
+        let mut left = drain(&self.injector);
+        if self.fair {
+            for s in self.groups.read().iter() {
+                left.extend(drain(&s.queue));
             }
-        })
-        .collect()
+        }
+        left
     }
 }
 
 impl<T: Run> WorkerLocal<T> {
     fn find_task(&self) -> Option<T> {
         let pool = &self.pool;
+        if pool.fair {
+            return pool.take_fair(None);
+        }
         self.deque.pop().or_else(|| {
             iter::repeat_with(|| {
                 pool.injector
@@ -335,7 +594,15 @@ impl<T: Run> WorkerLocal<T> {
         if self.depth.get() >= MAX_HELP_DEPTH {
             return false;
         }
-        match self.find_task() {
+        let task = if self.pool.fair {
+            // Only its own group's tasks: another group's would run on this group's time,
+            // and relieve its backpressure with a worker that is not its to give.
+            let own = self.charging.borrow().as_ref().map_or(0, |c| c.0);
+            self.pool.take_fair(Some(own))
+        } else {
+            self.find_task()
+        };
+        match task {
             Some(task) => {
                 let _foreign = Restore::add(&self.foreign, 1);
                 self.nested(|| task.run(self)).is_some()
@@ -368,6 +635,42 @@ impl<T: Run> WorkerLocal<T> {
 
     pub(crate) fn sched(&self) -> Sched<'_, T> {
         Sched::Worker(self)
+    }
+
+    /// Runs a top-level task of a fair pool, charging its group for the wall time.
+    fn run_charged(&self, task: T) {
+        let (g, share) = self.pool.share(task.group());
+        share.running.fetch_add(1, Ordering::SeqCst);
+        *self.charging.borrow_mut() = Some((g, share.clone(), Instant::now()));
+        task.run(self);
+        self.checkpoint();
+        *self.charging.borrow_mut() = None;
+        share.running.fetch_sub(1, Ordering::SeqCst);
+    }
+
+    /// Charges the running task's group for the time since the last charge.
+    fn checkpoint(&self) {
+        if let Some((_, share, since)) = self.charging.borrow_mut().as_mut() {
+            let now = Instant::now();
+            share.charge(now - *since);
+            *since = now;
+        }
+    }
+
+    /// Whether a check between two activations should let its worker go, because another
+    /// group deserves it more (module docs): only in a fair pool, and only at the bottom of
+    /// the stack (a nested frame's worker is held by the frames below it anyway).
+    pub(crate) fn should_yield(&self) -> bool {
+        if !self.pool.fair || self.depth.get() > 0 || self.pool.queued.load(Ordering::SeqCst) == 0 {
+            // (Nothing waits: the task is charged when it ends.)
+            return false;
+        }
+        self.checkpoint();
+        let Some(g) = self.charging.borrow().as_ref().map(|c| c.0) else {
+            return false;
+        };
+        let groups = self.pool.groups.read();
+        self.pool.choose(&groups, Some(g)).is_some_and(|h| h != g)
     }
 }
 
@@ -408,6 +711,7 @@ pub(crate) fn worker_main<T: Run>(pool: Arc<Pool<T>>, index: usize, (deque, park
         depth: Cell::new(0),
         foreign: Cell::new(0),
         active: RefCell::new(Vec::new()),
+        charging: RefCell::new(None),
     });
     T::current().with(|c| *c.borrow_mut() = Some(local.clone()));
     run_worker(&local, index, &parker);
@@ -425,7 +729,11 @@ fn run_worker<T: Run>(local: &WorkerLocal<T>, index: usize, parker: &Parker) {
                 // ramps up to every worker.
                 pool.notify_one();
             }
-            task.run(local);
+            if pool.fair {
+                local.run_charged(task);
+            } else {
+                task.run(local);
+            }
             continue;
         }
         pool.sleepers.give_up(std::mem::take(&mut searching));

@@ -7,6 +7,7 @@ mod common;
 mod durable;
 mod errors;
 mod examples;
+mod fairness;
 mod policies;
 mod property;
 mod runtime;

@@ -164,6 +164,7 @@ pub(crate) fn router(host: Arc<Host>) -> Router {
     Router::new()
         .route("/healthz", get(|| async { Json(json!({"status": "ok"})) }))
         .route("/readyz", get(readyz))
+        .route("/v1/usage", get(usage))
         .route("/v1/plugins", get(list_plugins))
         .route(
             "/v1/plugins/{name}",
@@ -240,6 +241,10 @@ fn created(new: bool, v: Value) -> Response {
         StatusCode::OK
     };
     (status, Json(v)).into_response()
+}
+
+async fn usage(State(s): State<AppState>, Auth(t): Auth) -> Json<Value> {
+    Json(s.host.usage(&t))
 }
 
 async fn list_plugins(State(s): State<AppState>, Auth(t): Auth) -> Json<Value> {

@@ -25,6 +25,12 @@ const DEFAULT_JOB_RETENTION: Duration = Duration::from_secs(7 * 86_400);
 /// The file (in the data directory) holding the default tenant's token hashes.
 const TOKENS_FILE: &str = "tokens";
 
+/// The most connections the server may be configured to hold open.
+const MAX_CONNECTIONS: usize = 65_536;
+
+/// The largest weight a tenant may have (the engine's).
+const MAX_WEIGHT: u32 = crate::Group::MAX_WEIGHT;
+
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
 struct ConfigFile {
@@ -41,6 +47,14 @@ struct ConfigFile {
     /// How long an item post waits for room in a full slot before answering 429.
     #[serde(default)]
     post_timeout: Option<Dur>,
+    /// Connections open at once, in all and from one address.
+    #[serde(default)]
+    max_connections: Option<Spanned<usize>>,
+    #[serde(default)]
+    max_connections_per_address: Option<Spanned<usize>>,
+    /// How long a client has to send a request's headers (and an idle connection lives).
+    #[serde(default)]
+    header_timeout: Option<Dur>,
     /// How long a finished job (its status, summary and directory) is kept.
     #[serde(default)]
     job_retention: Option<Dur>,
@@ -53,6 +67,9 @@ struct TenantDef {
     id: Spanned<String>,
     /// `sha256:HEX` of each token (`routilux serve token` makes one and prints both).
     tokens: Vec<Spanned<String>>,
+    /// Its share of the worker pool against the other tenants with work (1 to 10,000).
+    #[serde(default)]
+    weight: Option<Spanned<u32>>,
     #[serde(default)]
     quotas: QuotasDef,
 }
@@ -100,6 +117,8 @@ pub(crate) struct TenantConfig {
     pub id: String,
     /// SHA-256 of each of its tokens.
     pub token_hashes: Vec<[u8; 32]>,
+    /// Its share of the workers against the other tenants with work.
+    pub weight: u32,
     pub quotas: Quotas,
 }
 
@@ -113,7 +132,31 @@ pub(crate) struct Config {
     pub post_timeout: Duration,
     /// How long a finished job is kept (then its directory is removed).
     pub job_retention: Duration,
+    pub connections: Connections,
     pub tenants: Vec<TenantConfig>,
+}
+
+/// What the server lets clients hold open.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) struct Connections {
+    /// Connections open at once; one more is closed as soon as it is accepted.
+    pub max: usize,
+    /// Connections open at once from one IP address.
+    pub per_address: usize,
+    /// How long a client has to send a request's headers, counted from the connection's
+    /// start or the end of its previous response (so an idle keep-alive connection closes
+    /// after it too).
+    pub header_timeout: Duration,
+}
+
+impl Default for Connections {
+    fn default() -> Self {
+        Self {
+            max: 1_024,
+            per_address: 64,
+            header_timeout: Duration::from_secs(10),
+        }
+    }
 }
 
 /// Whether `s` is a name the server accepts for a tenant, plugin or flow: 1 to 64 ASCII
@@ -205,9 +248,11 @@ pub(crate) fn load(
             drain_timeout: Duration::from_secs(30),
             post_timeout: Duration::from_secs(5),
             job_retention: DEFAULT_JOB_RETENTION,
+            connections: Connections::default(),
             tenants: vec![TenantConfig {
                 id: DEFAULT_TENANT.to_owned(),
                 token_hashes: hashes,
+                weight: 1,
                 quotas: Quotas::default(),
             }],
         };
@@ -292,6 +337,20 @@ pub(crate) fn load(
                 ),
             ));
         }
+        let weight = match &def.weight {
+            None => 1,
+            Some(w) if (1..=MAX_WEIGHT).contains(&w.value) => w.value,
+            Some(w) => {
+                diags.push(src.error(
+                    &w.referenced,
+                    format!(
+                        "weight {} of tenant `{}` is out of range: a weight is 1 to {MAX_WEIGHT}",
+                        w.value, def.id.value
+                    ),
+                ));
+                1
+            }
+        };
         let mut quotas = Quotas::default();
         let q = &def.quotas;
         if let Some(n) = q.plugins {
@@ -312,6 +371,7 @@ pub(crate) fn load(
         tenants.push(TenantConfig {
             id: def.id.value.clone(),
             token_hashes: hashes,
+            weight,
             quotas,
         });
     }
@@ -320,6 +380,42 @@ pub(crate) fn load(
             "{}: `tenants` is empty: nobody could use the server",
             path.display()
         )));
+    }
+    let mut connections = Connections::default();
+    let mut count = |v: &Option<Spanned<usize>>, what: &str, max: usize, out: &mut usize| {
+        if let Some(n) = v {
+            if (1..=max).contains(&n.value) {
+                *out = n.value;
+            } else {
+                diags.push(src.error(
+                    &n.referenced,
+                    format!("`{what}: {}` is out of range: 1 to {max}", n.value),
+                ));
+            }
+        }
+    };
+    count(
+        &f.max_connections,
+        "max_connections",
+        MAX_CONNECTIONS,
+        &mut connections.max,
+    );
+    count(
+        &f.max_connections_per_address,
+        "max_connections_per_address",
+        MAX_CONNECTIONS,
+        &mut connections.per_address,
+    );
+    connections.per_address = connections.per_address.min(connections.max);
+    if let Some(d) = &f.header_timeout {
+        if d.0.is_zero() || d.0 > Duration::from_secs(3_600) {
+            diags.push(Diagnostic::error(format!(
+                "{}: `header_timeout` is out of range: more than 0 and at most 1h",
+                path.display()
+            )));
+        } else {
+            connections.header_timeout = d.0;
+        }
     }
     let Some(data_dir) = data_dir else {
         diags.push(Diagnostic::error(
@@ -338,6 +434,7 @@ pub(crate) fn load(
             drain_timeout: f.drain_timeout.map_or(Duration::from_secs(30), |d| d.0),
             post_timeout: f.post_timeout.map_or(Duration::from_secs(5), |d| d.0),
             job_retention: f.job_retention.map_or(DEFAULT_JOB_RETENTION, |d| d.0),
+            connections,
             tenants,
         },
         None,
@@ -418,5 +515,37 @@ mod tests {
         assert_eq!(parse_hash(&token_hash_text(&t)).unwrap(), token_hash(&t));
         assert!(parse_hash("sha256:zz").is_err());
         assert!(parse_hash(&hex(&token_hash(&t))).is_err());
+    }
+
+    #[test]
+    fn weights_are_read_and_bounded() {
+        let dir = std::env::temp_dir().join(format!("rlx-cfg-{}", random_hex(8).unwrap()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let (ha, hb) = (
+            token_hash_text(&new_token().unwrap()),
+            token_hash_text(&new_token().unwrap()),
+        );
+        let file = dir.join("serve.yaml");
+        let write = |weights: &str| {
+            std::fs::write(
+                &file,
+                format!(
+                    "data_dir: data\ntenants:\n  - id: a\n    tokens: [\"{ha}\"]\n{weights}  - id: b\n    tokens: [\"{hb}\"]\n"
+                ),
+            )
+            .unwrap();
+        };
+        write("    weight: 3\n");
+        let (c, _) = load(Some(&file), None, None).unwrap();
+        let w: Vec<u32> = c.tenants.iter().map(|t| t.weight).collect();
+        assert_eq!(w, [3, 1]);
+        for bad in ["0", "10001"] {
+            write(&format!("    weight: {bad}\n"));
+            let d = load(Some(&file), None, None).unwrap_err();
+            assert_eq!(d.len(), 1, "{d:?}");
+            assert!(d[0].message.contains("out of range"), "{}", d[0].message);
+            assert_eq!(d[0].place.as_ref().map(|p| p.line), Some(5), "{d:?}");
+        }
+        let _ = std::fs::remove_dir_all(&dir);
     }
 }

@@ -19,7 +19,7 @@ use super::config::{Config, TenantConfig, hex, random_hex, valid_name};
 use super::disk::{Index, JobMeta, TenantDir};
 use super::events::Events;
 use crate::wasm::{Plugin, WasmEngine};
-use crate::{InputHold, Item, JobHandle, JobId, JobStatus, JobStore, Runtime, RuntimeError};
+use crate::{Group, InputHold, Item, JobHandle, JobId, JobStatus, JobStore, Runtime, RuntimeError};
 
 /// The most finished jobs a tenant's list keeps (the oldest are forgotten first).
 const KEPT_FINISHED_JOBS: usize = 1000;
@@ -443,6 +443,8 @@ struct TenantState {
 /// One tenant: its configuration, directory and objects.
 pub(crate) struct Tenant {
     pub config: TenantConfig,
+    /// Its share of the worker pool (the runtime is fair: weights from the config).
+    group: Group,
     dir: TenantDir,
     state: Mutex<TenantState>,
     /// Bytes of its data directory, measured every second.
@@ -513,6 +515,7 @@ impl Host {
             })
             .thread_pool_size(config.threads)
             .post_timeout(config.post_timeout)
+            .fair(true)
             .try_build()
             .map_err(|e| format!("cannot start {} worker threads: {e}", config.threads))?;
         let mut tenants = BTreeMap::new();
@@ -528,6 +531,7 @@ impl Host {
                 t.id.clone(),
                 Arc::new(Tenant {
                     config: t.clone(),
+                    group: runtime.add_group(t.weight),
                     disk_used: AtomicU64::new(dir.usage()),
                     dir,
                     state: Mutex::default(),
@@ -912,6 +916,37 @@ impl Host {
         Ok((new, description))
     }
 
+    /// What the tenant uses against its quotas, and its share of the workers: the wall time
+    /// its activations have occupied them since the server started (what fairness charges).
+    pub fn usage(&self, t: &Tenant) -> Value {
+        let (plugins, plugin_bytes, flows, jobs) = {
+            let st = t.state.lock();
+            (
+                st.plugins.len(),
+                st.plugins.values().map(|p| p.bytes).sum::<u64>(),
+                st.flows.len(),
+                st.jobs.values().filter(|j| !j.is_finished()).count(),
+            )
+        };
+        let w = self.runtime.group_usage(t.group);
+        let q = &t.config.quotas;
+        json!({
+            "tenant": t.config.id,
+            "weight": w.weight,
+            "workers": {
+                "busy_seconds": w.busy.as_secs_f64(),
+                "running": w.running,
+                "queued_tasks": w.queued_tasks,
+                "of": self.runtime.thread_pool_size(),
+            },
+            "plugins": {"used": plugins, "quota": q.plugins},
+            "plugin_bytes": {"used": plugin_bytes, "quota": q.plugin_bytes},
+            "flows": {"used": flows, "quota": q.flows},
+            "jobs": {"used": jobs, "quota": q.jobs},
+            "disk_bytes": {"used": t.disk_used.load(Ordering::Relaxed), "quota": q.disk_bytes},
+        })
+    }
+
     pub fn plugins(&self, t: &Tenant) -> Value {
         let st = t.state.lock();
         Value::Array(
@@ -1197,7 +1232,7 @@ impl Host {
                     return Err(e);
                 }
             };
-            let (handle, hold) = match self.runtime.exec_durable(&f.registered, store) {
+            let (handle, hold) = match self.runtime.exec_durable_in(t.group, &f.registered, store) {
                 Ok(h) => h,
                 Err(e) => {
                     let _ = std::fs::remove_dir_all(&dir);
@@ -1401,7 +1436,7 @@ impl Host {
         });
         let (handle, hold) = self
             .runtime
-            .exec_durable(&flow.registered, store)
+            .exec_durable_in(t.group, &flow.registered, store)
             .map_err(|e| e.to_string())?;
         let closed = meta.closed;
         let engine_id = handle.id();

@@ -7,6 +7,7 @@ pub(crate) mod config;
 mod disk;
 mod events;
 mod host;
+mod listen;
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
@@ -73,38 +74,9 @@ pub(crate) fn serve(args: ServeArgs) -> Code {
             data_dir.display()
         );
         let app = api::router(host.clone());
-        let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
-        let mut server = tokio::spawn(
-            axum::serve(
-                listener,
-                app.into_make_service_with_connect_info::<SocketAddr>(),
-            )
-            .with_graceful_shutdown(async move {
-                let _ = stopped.await;
-            })
-            .into_future(),
-        );
-        tokio::select! {
-            r = &mut server => {
-                return r
-                    .map_err(|e| format!("the server stopped: {e}"))?
-                    .map_err(|e| format!("the server stopped: {e}"));
-            }
-            () = stop_signal() => {}
-        }
-        // No new connection; event streams end; requests in flight get a few seconds.
-        host.end_streams();
-        let _ = stop.send(());
-        match tokio::time::timeout(std::time::Duration::from_secs(10), &mut server).await {
-            Ok(r) => r
-                .map_err(|e| format!("the server stopped: {e}"))?
-                .map_err(|e| format!("the server stopped: {e}")),
-            Err(_) => {
-                server.abort();
-                errln!("routilux serve: requests still open after 10 s are cut");
-                Ok(())
-            }
-        }
+        let limits = host.config.connections;
+        listen::serve(listener, app, limits, stop_signal(), || host.end_streams()).await;
+        Ok::<(), String>(())
     });
     // The listener is closed: no request is taken any more.
     let (drained, kept) = host.shutdown(drain);
