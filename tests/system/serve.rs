@@ -39,6 +39,8 @@ fn two_tenants(quotas_a: &str, extra: &str) -> String {
 struct Server {
     child: Child,
     base: String,
+    /// The config file it was started with, if any (rewritten to test a reload).
+    config_path: Option<std::path::PathBuf>,
     stderr: Arc<Mutex<String>>,
     agent: ureq::Agent,
 }
@@ -59,7 +61,9 @@ impl Server {
             .arg(&path)
             .args(["--listen", "127.0.0.1:0", "--data-dir"])
             .arg(dir.join("data"));
-        Server::spawn(cmd)
+        let mut s = Server::spawn(cmd);
+        s.config_path = Some(path);
+        s
     }
 
     /// Starts the server `cmd` runs (the process must be the server itself, or `exec` it).
@@ -103,6 +107,7 @@ impl Server {
         Server {
             child,
             base: format!("http://{addr}"),
+            config_path: None,
             stderr,
             agent,
         }
@@ -670,6 +675,39 @@ fn with_no_config_one_tenant_gets_a_token_printed_once_and_stored_hashed() {
         .call()
         .unwrap();
     assert_eq!(ok.status().as_u16(), 200);
+    // `serve token` rotates it; a SIGHUP makes the server take the new one at once.
+    let out = Command::new(env!("CARGO_BIN_EXE_routilux"))
+        .args(["serve", "token", "--data-dir"])
+        .arg(&data)
+        .output()
+        .unwrap();
+    assert!(out.status.success());
+    let new = String::from_utf8(out.stdout).unwrap().trim().to_owned();
+    assert!(String::from_utf8_lossy(&out.stderr).contains("SIGHUP"));
+    let status = |t: &str| {
+        agent
+            .get(format!("http://{addr}/v1/plugins"))
+            .header("Authorization", format!("Bearer {t}"))
+            .call()
+            .unwrap()
+            .status()
+            .as_u16()
+    };
+    assert_eq!(status(&token), 200, "the old token works until a reload");
+    let hup = Command::new("kill")
+        .args(["-HUP", &child.id().to_string()])
+        .status()
+        .unwrap();
+    assert!(hup.success());
+    let started = Instant::now();
+    while status(&new) != 200 {
+        assert!(
+            started.elapsed() < Duration::from_secs(20),
+            "the new token never worked"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    assert_eq!(status(&token), 401, "the old token stopped working");
     let _ = child.kill();
     let _ = child.wait();
 }
@@ -1483,4 +1521,137 @@ fn a_tenant_is_charged_its_guests_worker_time_and_usage_shows_its_quotas() {
     assert_eq!(b["plugins"]["used"], 0, "{b}");
     assert!(a["disk_bytes"]["used"].as_u64().is_some(), "{a}");
     assert_eq!(s.req("GET", "/v1/usage", None, None).status, 401);
+}
+
+/// Sends SIGHUP to the server and waits for it to say how the reload went.
+fn reload(s: &Server, config: &str) -> String {
+    let path = s.config_path.clone().expect("started from a config file");
+    std::fs::write(&path, config).unwrap();
+    let before = s.stderr().matches("routilux serve: configuration ").count();
+    let ok = Command::new("kill")
+        .args(["-HUP", &s.child.id().to_string()])
+        .status()
+        .unwrap()
+        .success();
+    assert!(ok);
+    let started = Instant::now();
+    loop {
+        let err = s.stderr();
+        if err.matches("routilux serve: configuration ").count() > before {
+            return err;
+        }
+        assert!(
+            started.elapsed() < Duration::from_secs(30),
+            "no reload: {err}"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+/// SIGHUP reloads the configuration: tokens rotate, weights and quotas change at once, a new
+/// tenant comes in, a removed one loses its tokens and its open job is stopped into its store
+/// (and back, open, when the tenant is), a broken file is refused with the running
+/// configuration kept; what only a restart changes is said so.
+#[test]
+fn sighup_reloads_tenants_tokens_weights_and_quotas_and_keeps_a_removed_tenants_jobs() {
+    const TOKEN_A2: &str = "rlx_tenant_a_rotated_0123456789abcdef012345";
+    const TOKEN_C: &str = "rlx_tenant_c_0123456789abcdef0123456789abcd";
+    let tenant = |id: &str, token: &str, more: &str| {
+        format!("  - id: {id}\n    tokens: [\"{}\"]\n{more}", hash(token))
+    };
+    let head = "post_timeout: 300ms\ndrain_timeout: 10s\nthreads: 4\ntenants:\n";
+    let dir = scratch();
+    let first = format!(
+        "{head}{}{}",
+        tenant("a", TOKEN_A, ""),
+        tenant("b", TOKEN_B, "")
+    );
+    let s = Server::start(dir.path(), &first);
+    assert_eq!(s.put_plugin(TOKEN_B, "hostile", "hostile").status, 201);
+    assert_eq!(s.put_flow(TOKEN_B, "t", TALLY_FLOW).status, 201);
+    let r = s.post("/v1/flows/t/jobs", TOKEN_B, json!({}));
+    assert_eq!(r.status, 201, "{}", r.json);
+    let b_job = r.json["id"].as_str().unwrap().to_owned();
+    let items = format!("/v1/jobs/{b_job}/items?to=h.in");
+    assert_eq!(
+        s.post(
+            &items,
+            TOKEN_B,
+            serde_json::from_str::<Value>(&tally(1)).unwrap()
+        )
+        .status,
+        200
+    );
+
+    // a's token rotated, weight and a quota changed; b removed; c added.
+    let second = format!(
+        "{head}{}{}",
+        tenant("a", TOKEN_A2, "    weight: 5\n    quotas: {plugins: 1}\n"),
+        tenant("c", TOKEN_C, "")
+    );
+    let err = reload(&s, &second);
+    assert!(err.contains("configuration reloaded"), "{err}");
+    assert!(
+        err.contains("tenant `b` removed") && err.contains("1 unfinished jobs"),
+        "{err}"
+    );
+    assert!(
+        err.contains("tenant `c` added") && err.contains("tenant `a` updated"),
+        "{err}"
+    );
+    assert_eq!(s.get("/v1/usage", TOKEN_A).status, 401);
+    assert_eq!(s.get("/v1/usage", TOKEN_B).status, 401);
+    let a = s.get("/v1/usage", TOKEN_A2).json;
+    assert_eq!(
+        (a["weight"].clone(), a["plugins"]["quota"].clone()),
+        (json!(5), json!(1)),
+        "{a}"
+    );
+    assert_eq!(s.put_plugin(TOKEN_A2, "one", "hostile").status, 201);
+    let second_plugin = s.put_plugin(TOKEN_A2, "two", "hostile");
+    assert_eq!(second_plugin.status, 429, "{}", second_plugin.json);
+    assert_eq!(s.get("/v1/usage", TOKEN_C).json["tenant"], "c");
+
+    // A broken file: refused, located, and the running configuration kept.
+    let err = reload(&s, &format!("{second}  - id: Bad Name\n"));
+    assert!(err.contains("configuration not reloaded"), "{err}");
+    assert!(err.contains("serve.yaml:"), "{err}");
+    assert_eq!(s.get("/v1/usage", TOKEN_A2).status, 200);
+
+    // b comes back: its job is resumed, still open for input, the item it had still there.
+    let third = format!(
+        "{head}{}{}threads: 2\n",
+        tenant("a", TOKEN_A2, ""),
+        tenant("b", TOKEN_B, "")
+    )
+    .replacen("threads: 4\n", "", 1);
+    let err = reload(&s, &third);
+    assert!(err.contains("tenant `b` added (1 jobs found)"), "{err}");
+    assert!(err.contains("change only at a restart"), "{err}");
+    assert!(err.contains("tenant `c` removed"), "{err}");
+    let v = s.get(&format!("/v1/jobs/{b_job}"), TOKEN_B).json;
+    assert_eq!(v["status"], "running", "{v}");
+    assert_eq!(
+        s.post(
+            &items,
+            TOKEN_B,
+            serde_json::from_str::<Value>(&tally(2)).unwrap()
+        )
+        .status,
+        200
+    );
+    assert_eq!(
+        s.post(&format!("/v1/jobs/{b_job}/close"), TOKEN_B, json!({}))
+            .status,
+        200
+    );
+    let v = s.wait_job(TOKEN_B, &b_job);
+    assert_eq!(v["status"], "completed", "{v}");
+    assert_eq!(v["resumed"]["state_keys"], 1, "{v}");
+    let state = s.get(&format!("/v1/jobs/{b_job}/state"), TOKEN_B).json;
+    assert_eq!(
+        state["h"],
+        json!({"k1": 1, "k2": 1}),
+        "each item once: {state}"
+    );
 }

@@ -65,15 +65,25 @@
 //!    own group;
 //! 3. then the group running on fewer workers.
 //!
-//! It is work-conserving: a worker idles only when no group has a task queued. Between two
-//! activations a check asks whether it should let its worker go ([`WorkerLocal::should_yield`]:
-//! whether the choice above, made now, would pick another group); if so it queues itself again
-//! at the back of its group's queue and returns, so another group's task waits at most for one
-//! activation of a running one, however long the running group's queue. A group that wakes
-//! from idle starts at most [`WAKE_CREDIT`] of virtual time behind the least-served active
-//! group and at most that far ahead of it: idle time earns no credit, and past use no lasting
-//! debt. A blocked emitter helps only its own group's tasks, so a group's backpressure is never
-//! relieved with another group's worker time.
+//! It is work-conserving: a worker takes a task whenever any group has one queued. Between
+//! two activations a check asks whether it should let its worker go
+//! ([`WorkerLocal::should_yield`]: whether the choice above, made now, would pick another
+//! group, no worker being idle); if so it queues itself again at the back of its group's
+//! queue and returns, so another group's task waits for one activation of a running one,
+//! however long the running group's queue. (Not while a worker is inside an activation: a
+//! blocked emitter, the nested frames it runs and a retry's inline waits end first; they are
+//! charged to their group.)
+//!
+//! Virtual time is compared against the pool's virtual clock, the least virtual time of the
+//! active groups, which never goes back. A group that wakes from idle is raised to at most
+//! [`WAKE_CREDIT`] behind that clock: idle time earns no credit, while a debt it ran up (more
+//! than its share while others waited, a long activation) is kept, so a bursty group that
+//! goes idle between bursts pays for them.
+//!
+//! A blocked emitter helps only its own group's tasks, so a group's backpressure is never
+//! relieved with another group's worker time. One with nothing of its own to help waits on
+//! its worker (charged to its group) until its slot has room or the pool stalls (every worker
+//! waiting or asleep: then the item overruns, as in any pool).
 //!
 //! Choosing scans the groups (a few atomics each), which suits tens to hundreds of groups.
 //! A pool that is not `fair` ignores groups and keeps the per-worker deques above.
@@ -115,8 +125,8 @@ const VTIME_SCALE: u64 = 16;
 /// The largest weight a group may have.
 pub(crate) const MAX_WEIGHT: u32 = 10_000;
 
-/// How far behind (or ahead of) the least-served active group a group that wakes from idle
-/// may start, in virtual time: 2 ms of weight-1 time.
+/// How far behind the pool's virtual clock a group that wakes from idle may start, in
+/// virtual time: 2 ms of weight-1 time.
 pub(crate) const WAKE_CREDIT: u64 = 2_000_000 * VTIME_SCALE;
 
 /// A group's place in a fair pool (see the module docs).
@@ -218,6 +228,10 @@ pub(crate) struct Pool<T> {
     /// Tasks in the groups' queues (counted before a push and after a steal, so never less
     /// than there are): with none, a running check has no reason to yield.
     queued: AtomicUsize,
+    /// The pool's virtual clock: the least virtual time of the active groups, never going
+    /// back (advanced as tasks end and as groups wake). A group waking from idle starts no
+    /// further behind it than [`WAKE_CREDIT`].
+    vclock: AtomicU64,
 }
 
 /// What each worker thread owns; handed to logic through the activation context.
@@ -293,6 +307,7 @@ impl<T: Run> Pool<T> {
             fair,
             groups: RwLock::new(vec![Arc::new(Share::new(1, 0))]),
             queued: AtomicUsize::new(0),
+            vclock: AtomicU64::new(0),
         };
         (pool, locals)
     }
@@ -301,8 +316,11 @@ impl<T: Run> Pool<T> {
     pub(crate) fn add_group(&self, weight: u32) -> usize {
         let mut groups = self.groups.write();
         // It starts level with the least-served active group, like a group waking from idle.
-        let floor = Self::floor(&groups, usize::MAX).unwrap_or(0);
-        groups.push(Arc::new(Share::new(weight, floor)));
+        if let Some(floor) = Self::floor(&groups, usize::MAX) {
+            self.vclock.fetch_max(floor, Ordering::SeqCst);
+        }
+        let start = self.vclock.load(Ordering::SeqCst);
+        groups.push(Arc::new(Share::new(weight, start)));
         groups.len() - 1
     }
 
@@ -357,16 +375,16 @@ impl<T: Run> Pool<T> {
         };
         let s = &groups[g];
         if !s.active() {
-            // Waking from idle: within WAKE_CREDIT of the least-served active group.
+            // Waking from idle: no credit for the time it was idle (it starts at most
+            // WAKE_CREDIT behind the pool's virtual clock); a debt it ran up is kept.
             if let Some(floor) = Self::floor(&groups, g) {
-                let lo = floor.saturating_sub(WAKE_CREDIT);
-                let hi = floor.saturating_add(WAKE_CREDIT);
-                let _ = s
-                    .vtime
-                    .fetch_update(Ordering::SeqCst, Ordering::SeqCst, |t| {
-                        Some(t.clamp(lo, hi))
-                    });
+                self.vclock.fetch_max(floor, Ordering::SeqCst);
             }
+            let lo = self
+                .vclock
+                .load(Ordering::SeqCst)
+                .saturating_sub(WAKE_CREDIT);
+            s.vtime.fetch_max(lo, Ordering::SeqCst);
         }
         self.queued.fetch_add(1, Ordering::SeqCst);
         s.queue.push(task);
@@ -554,7 +572,9 @@ impl<T: Run> Pool<T> {
         let mut left = drain(&self.injector);
         if self.fair {
             for s in self.groups.read().iter() {
-                left.extend(drain(&s.queue));
+                let d = drain(&s.queue);
+                self.queued.fetch_sub(d.len(), Ordering::SeqCst);
+                left.extend(d);
             }
         }
         left
@@ -641,11 +661,10 @@ impl<T: Run> WorkerLocal<T> {
     fn run_charged(&self, task: T) {
         let (g, share) = self.pool.share(task.group());
         share.running.fetch_add(1, Ordering::SeqCst);
-        *self.charging.borrow_mut() = Some((g, share.clone(), Instant::now()));
+        *self.charging.borrow_mut() = Some((g, share, Instant::now()));
+        // Charged and counted out even if the task unwinds.
+        let _charged = Charged(self);
         task.run(self);
-        self.checkpoint();
-        *self.charging.borrow_mut() = None;
-        share.running.fetch_sub(1, Ordering::SeqCst);
     }
 
     /// Charges the running task's group for the time since the last charge.
@@ -671,6 +690,26 @@ impl<T: Run> WorkerLocal<T> {
         };
         let groups = self.pool.groups.read();
         self.pool.choose(&groups, Some(g)).is_some_and(|h| h != g)
+    }
+}
+
+/// Ends a worker's charging for its task (see [`WorkerLocal::run_charged`]): the last charge,
+/// the pool's virtual clock advanced, the group's running count given back.
+struct Charged<'a, T: Run>(&'a WorkerLocal<T>);
+
+impl<T: Run> Drop for Charged<'_, T> {
+    fn drop(&mut self) {
+        let w = self.0;
+        w.checkpoint();
+        if let Some((_, share, _)) = w.charging.borrow_mut().take() {
+            {
+                let groups = w.pool.groups.read();
+                if let Some(floor) = Pool::floor(&groups, usize::MAX) {
+                    w.pool.vclock.fetch_max(floor, Ordering::SeqCst);
+                }
+            }
+            share.running.fetch_sub(1, Ordering::SeqCst);
+        }
     }
 }
 

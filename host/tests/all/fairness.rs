@@ -215,8 +215,46 @@ fn a_group_is_charged_the_time_its_guests_sleep() {
     let (job, hold) = flood(&rt, ga, "sleepy", 4);
     drop(hold);
     assert!(job.wait(WAIT));
+    // (The job finishes inside its last task: the worker counts itself out just after.)
+    assert!(eventually(|| rt.group_usage(ga).running == 0));
     let (ua, ub) = (rt.group_usage(ga), rt.group_usage(gb));
     assert!(ua.busy >= Duration::from_millis(200), "{ua:?}");
     assert_eq!(ub.busy, Duration::ZERO);
-    assert_eq!((ua.running, ua.queued_tasks), (0, 0));
+    assert_eq!(ua.queued_tasks, 0, "{ua:?}");
+}
+
+#[test]
+fn a_bursty_group_keeps_the_debt_of_its_bursts_across_idle_moments() {
+    // One worker. H posts one 20 ms activation at a time and waits for it (so it is idle
+    // between bursts); L floods 2 ms activations. Same weight: H must not get its bursts
+    // as if each one were its first (its debt forgiven at every idle moment would give it
+    // about 90 % of the worker).
+    let rt = fair(1);
+    let (h_done, l_done) = (Arc::new(AtomicU64::new(0)), Arc::new(AtomicU64::new(0)));
+    rt.register("h", &counting_flow(Duration::from_millis(20), &h_done, 10))
+        .unwrap();
+    rt.register(
+        "l",
+        &counting_flow(Duration::from_millis(2), &l_done, 1_000),
+    )
+    .unwrap();
+    let (gh, gl) = (rt.add_group(1), rt.add_group(1));
+    let (l_job, l_hold) = flood(&rt, gl, "l", 1_000);
+    let h_job = rt.exec_in(gh, "h").unwrap();
+    let h_hold = h_job.hold_open().unwrap();
+    for i in 0..25 {
+        h_job.post("work", "in", &json!({"i": i})).unwrap();
+        let want = i + 1;
+        assert!(eventually(|| h_done.load(Ordering::SeqCst) >= want));
+    }
+    let (uh, ul) = (rt.group_usage(gh), rt.group_usage(gl));
+    l_job.cancel();
+    drop((l_hold, h_hold));
+    let ratio = uh.busy.as_secs_f64() / ul.busy.as_secs_f64().max(1e-9);
+    assert!(
+        ratio < 2.0,
+        "H took {:?} of the worker and L {:?} ({ratio:.2}:1)",
+        uh.busy,
+        ul.busy
+    );
 }

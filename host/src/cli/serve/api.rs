@@ -267,7 +267,7 @@ async fn put_plugin(
 ) -> Result<Response, ApiError> {
     // A count quota answers before the component is checked (the body is still read, so
     // that the client's connection stays usable); the body is read up to the byte quota.
-    let quota = t.config.quotas.plugin_bytes;
+    let quota = t.quotas().plugin_bytes;
     let limit = quota.min(crate::wasm::MAX_COMPONENT_BYTES);
     if let Err(e) = s.host.plugin_room(&t, &name) {
         let _ = read_body(body, usize::try_from(limit).unwrap_or(usize::MAX), "").await;

@@ -85,7 +85,7 @@ struct QuotasDef {
 }
 
 /// What a tenant may hold and run at once.
-#[derive(Clone, Debug, PartialEq, Eq)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub(crate) struct Quotas {
     /// Plugins stored.
     pub plugins: usize,
@@ -112,7 +112,7 @@ impl Default for Quotas {
 }
 
 /// One tenant of the configuration.
-#[derive(Clone, Debug)]
+#[derive(Clone, Debug, PartialEq, Eq)]
 pub(crate) struct TenantConfig {
     pub id: String,
     /// SHA-256 of each of its tokens.

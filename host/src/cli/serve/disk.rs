@@ -57,6 +57,11 @@ impl TenantDir {
         Ok(Self { dir })
     }
 
+    /// The directory itself.
+    pub fn root(&self) -> &Path {
+        &self.dir
+    }
+
     /// The index (empty for a new tenant).
     pub fn index(&self) -> Result<Index, String> {
         let path = self.dir.join("index.json");

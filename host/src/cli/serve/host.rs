@@ -9,13 +9,13 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::{Duration, SystemTime};
 
 use indexmap::IndexMap;
-use parking_lot::Mutex;
+use parking_lot::{Mutex, RwLock};
 use serde_json::{Map, Value, json};
 use sha2::{Digest, Sha256};
 use wasmtime::component::Component;
 
 use super::super::diag::{Diagnostic, Severity};
-use super::config::{Config, TenantConfig, hex, random_hex, valid_name};
+use super::config::{Config, Quotas, TenantConfig, hex, random_hex, valid_name};
 use super::disk::{Index, JobMeta, TenantDir};
 use super::events::Events;
 use crate::wasm::{Plugin, WasmEngine};
@@ -442,7 +442,12 @@ struct TenantState {
 
 /// One tenant: its configuration, directory and objects.
 pub(crate) struct Tenant {
-    pub config: TenantConfig,
+    pub id: String,
+    /// Its tokens, weight and quotas: replaced when the configuration is reloaded.
+    live: RwLock<TenantConfig>,
+    /// Taken out of the configuration by a reload: requests still in flight with it start
+    /// no job.
+    removed: AtomicBool,
     /// Its share of the worker pool (the runtime is fair: weights from the config).
     group: Group,
     dir: TenantDir,
@@ -452,12 +457,17 @@ pub(crate) struct Tenant {
 }
 
 impl Tenant {
+    /// Its quotas now.
+    pub fn quotas(&self) -> Quotas {
+        self.live.read().quotas
+    }
+
     /// Refuses a write of `more` bytes past the tenant's disk quota (507, naming it). Its use
     /// is measured each second, so a burst can pass it by what one second writes.
     fn disk_room(&self, more: u64) -> Result<(), ApiError> {
         let (used, quota) = (
             self.disk_used.load(Ordering::Relaxed),
-            self.config.quotas.disk_bytes,
+            self.quotas().disk_bytes,
         );
         if used.saturating_add(more) > quota {
             return Err(ApiError::quota(
@@ -480,7 +490,9 @@ pub(crate) struct Host {
     pub config: Config,
     engine: WasmEngine,
     runtime: Runtime,
-    tenants: BTreeMap<String, Arc<Tenant>>,
+    tenants: RwLock<BTreeMap<String, Arc<Tenant>>>,
+    /// Each tenant's share of the workers, kept across a reload that removes it.
+    groups: Mutex<HashMap<String, Group>>,
     /// Compiled components by the SHA-256 of their bytes, shared by every tenant.
     components: Mutex<HashMap<String, Component>>,
     /// Taking work (false while starting and once stopping).
@@ -518,40 +530,24 @@ impl Host {
             .fair(true)
             .try_build()
             .map_err(|e| format!("cannot start {} worker threads: {e}", config.threads))?;
-        let mut tenants = BTreeMap::new();
-        for t in &config.tenants {
-            let dir = TenantDir::open(&config.data_dir, &t.id).map_err(|e| {
-                format!(
-                    "cannot create the directory of tenant `{}` in {}: {e}",
-                    t.id,
-                    config.data_dir.display()
-                )
-            })?;
-            tenants.insert(
-                t.id.clone(),
-                Arc::new(Tenant {
-                    config: t.clone(),
-                    group: runtime.add_group(t.weight),
-                    disk_used: AtomicU64::new(dir.usage()),
-                    dir,
-                    state: Mutex::default(),
-                }),
-            );
-        }
+        let tenants = config.tenants.clone();
         let host = Arc::new(Host {
             config,
             engine,
             runtime,
-            tenants,
+            tenants: RwLock::default(),
+            groups: Mutex::default(),
             components: Mutex::default(),
             ready: AtomicBool::new(false),
             storage_error: Mutex::default(),
             routes,
             ticks: AtomicU64::new(0),
         });
-        for t in host.tenants.values() {
-            host.restore(t)?;
-            host.resume_jobs(t);
+        for c in &tenants {
+            let t = host.open_tenant(c)?;
+            host.restore(&t)?;
+            host.resume_jobs(&t);
+            host.tenants.write().insert(c.id.clone(), t);
         }
         let weak = Arc::downgrade(&host);
         std::thread::Builder::new()
@@ -568,9 +564,136 @@ impl Host {
         Ok(host)
     }
 
+    /// A tenant of the configuration, with its directory (created if new) and its share of
+    /// the workers (the same group again if it was removed and comes back).
+    fn open_tenant(&self, c: &TenantConfig) -> Result<Arc<Tenant>, String> {
+        let dir = TenantDir::open(&self.config.data_dir, &c.id).map_err(|e| {
+            format!(
+                "cannot create the directory of tenant `{}` in {}: {e}",
+                c.id,
+                self.config.data_dir.display()
+            )
+        })?;
+        let group = *self
+            .groups
+            .lock()
+            .entry(c.id.clone())
+            .or_insert_with(|| self.runtime.add_group(c.weight));
+        self.runtime.set_group_weight(group, c.weight);
+        Ok(Arc::new(Tenant {
+            id: c.id.clone(),
+            live: RwLock::new(c.clone()),
+            removed: AtomicBool::new(false),
+            group,
+            disk_used: AtomicU64::new(dir.usage()),
+            dir,
+            state: Mutex::default(),
+        }))
+    }
+
+    /// The tenants now (a reload may change them).
+    fn tenant_list(&self) -> Vec<Arc<Tenant>> {
+        self.tenants.read().values().cloned().collect()
+    }
+
+    /// Applies a reloaded configuration: tenants' tokens, weights and quotas change at once;
+    /// a new tenant is opened (its stored plugins, flows and jobs loaded as at a start); a
+    /// tenant no longer named loses its tokens (401) and its unfinished jobs are stopped
+    /// into their stores, its data kept on disk, to resume if it comes back. What only a
+    /// restart changes (listen, data_dir, threads, timeouts, connection limits) is reported,
+    /// not applied. Returns one line per thing done or refused.
+    pub fn reload(&self, new: &Config) -> Vec<String> {
+        let mut said = Vec::new();
+        let old = &self.config;
+        if new.listen != old.listen
+            || new.data_dir != old.data_dir
+            || new.threads != old.threads
+            || new.drain_timeout != old.drain_timeout
+            || new.post_timeout != old.post_timeout
+            || new.job_retention != old.job_retention
+            || new.connections != old.connections
+        {
+            said.push(
+                "listen, data_dir, threads, timeouts, job_retention and connection limits                  change only at a restart: kept as they were"
+                    .to_owned(),
+            );
+        }
+        let wanted: BTreeSet<&str> = new.tenants.iter().map(|t| t.id.as_str()).collect();
+        let gone: Vec<Arc<Tenant>> = self
+            .tenant_list()
+            .into_iter()
+            .filter(|t| !wanted.contains(t.id.as_str()))
+            .collect();
+        for t in gone {
+            self.tenants.write().remove(&t.id);
+            t.removed.store(true, Ordering::SeqCst);
+            let stopped = self.stop_tenant_jobs(&t);
+            said.push(format!(
+                "tenant `{}` removed: its tokens no longer work; {stopped} unfinished jobs                  stopped into their stores (its data is kept in {})",
+                t.id,
+                t.dir.root().display()
+            ));
+        }
+        for c in &new.tenants {
+            let existing = self.tenants.read().get(&c.id).cloned();
+            match existing {
+                Some(t) => {
+                    let mut live = t.live.write();
+                    if *live != *c {
+                        *live = c.clone();
+                        self.runtime.set_group_weight(t.group, c.weight);
+                        said.push(format!("tenant `{}` updated", c.id));
+                    }
+                }
+                None => {
+                    let opened = self.open_tenant(c).and_then(|t| {
+                        self.restore(&t)?;
+                        self.resume_jobs(&t);
+                        Ok(t)
+                    });
+                    match opened {
+                        Ok(t) => {
+                            let jobs = t.state.lock().jobs.len();
+                            self.tenants.write().insert(c.id.clone(), t);
+                            said.push(format!("tenant `{}` added ({jobs} jobs found)", c.id));
+                        }
+                        Err(e) => said.push(format!("tenant `{}` not added: {e}", c.id)),
+                    }
+                }
+            }
+        }
+        said
+    }
+
+    /// Stops a removed tenant's unfinished jobs (kept in their stores, as at a server stop)
+    /// and lets their records go; returns how many were stopped.
+    fn stop_tenant_jobs(&self, t: &Tenant) -> usize {
+        let records: Vec<Arc<JobRecord>> = t.state.lock().jobs.values().cloned().collect();
+        let mut stopped = Vec::new();
+        for r in &records {
+            r.events.end();
+            if let Some(h) = r.handle().filter(|h| !h.is_finished()) {
+                h.stop();
+                drop(r.hold.lock().take());
+                stopped.push(h);
+            }
+        }
+        for h in &stopped {
+            h.wait(Duration::from_secs(5));
+            self.routes.lock().remove(&h.id());
+        }
+        for r in &records {
+            r.archive();
+            r.handle.lock().take();
+        }
+        t.state.lock().jobs.clear();
+        self.runtime.forget_finished_jobs();
+        stopped.len()
+    }
+
     /// Ends every event stream (the server is stopping: its connections must close).
     pub fn end_streams(&self) {
-        for t in self.tenants.values() {
+        for t in &self.tenant_list() {
             for j in t.state.lock().jobs.values() {
                 j.events.end();
             }
@@ -608,7 +731,7 @@ impl Host {
             .ticks
             .fetch_add(1, Ordering::Relaxed)
             .is_multiple_of(10);
-        for t in self.tenants.values() {
+        for t in &self.tenant_list() {
             if measure {
                 t.disk_used.store(t.dir.usage(), Ordering::Relaxed);
             }
@@ -718,7 +841,7 @@ impl Host {
                     );
                 }
                 Err(e) => tracing::error!(
-                    tenant = %t.config.id,
+                    tenant = %t.id,
                     "plugin `{name}` does not load any more (kept on disk): {e}"
                 ),
             }
@@ -739,7 +862,7 @@ impl Host {
                     st.flows.insert(id.clone(), flow);
                 }
                 Err(e) => tracing::error!(
-                    tenant = %t.config.id,
+                    tenant = %t.id,
                     "flow `{id}` does not load any more (kept on disk): {e}"
                 ),
             }
@@ -753,8 +876,8 @@ impl Host {
     pub fn authenticate(&self, token: &str) -> Option<Arc<Tenant>> {
         let h = super::config::token_hash(token);
         let mut found = None;
-        for t in self.tenants.values() {
-            for th in &t.config.token_hashes {
+        for t in &self.tenant_list() {
+            for th in &t.live.read().token_hashes {
                 if same(th, &h) {
                     found = Some(t.clone());
                 }
@@ -788,7 +911,7 @@ impl Host {
     pub fn plugin_room(&self, t: &Tenant, name: &str) -> Result<(), ApiError> {
         check_name("plugin", name)?;
         let st = t.state.lock();
-        let q = &t.config.quotas;
+        let q = &t.quotas();
         if !st.plugins.contains_key(name) && st.plugins.len() >= q.plugins {
             return Err(ApiError::quota(
                 429,
@@ -808,7 +931,7 @@ impl Host {
         bytes: &[u8],
     ) -> Result<(bool, Value), ApiError> {
         check_name("plugin", name)?;
-        let q = &t.config.quotas;
+        let q = &t.quotas();
         let size = bytes.len() as u64;
         let check = |st: &TenantState| -> Result<(), ApiError> {
             let replaced = st.plugins.get(name).map_or(0, |p| p.bytes);
@@ -887,7 +1010,7 @@ impl Host {
         }
         t.dir
             .put_blob(&hash, bytes)
-            .map_err(|e| store_failed(&t.config.id, &e))?;
+            .map_err(|e| store_failed(&t.id, &e))?;
         // The flows' new versions first, so that the index saved below keeps what they use.
         for (id, f) in rebuilt {
             if let Some(old) = st.flows.insert(id, f)
@@ -900,7 +1023,7 @@ impl Host {
         index.plugins.insert(name.to_owned(), hash.clone());
         t.dir
             .save_index(&index, &Self::pinned(&st))
-            .map_err(|e| store_failed(&t.config.id, &e))?;
+            .map_err(|e| store_failed(&t.id, &e))?;
         st.index = index;
         let new = st
             .plugins
@@ -929,9 +1052,9 @@ impl Host {
             )
         };
         let w = self.runtime.group_usage(t.group);
-        let q = &t.config.quotas;
+        let q = &t.quotas();
         json!({
-            "tenant": t.config.id,
+            "tenant": t.id,
             "weight": w.weight,
             "workers": {
                 "busy_seconds": w.busy.as_secs_f64(),
@@ -996,7 +1119,7 @@ impl Host {
         index.plugins.remove(name);
         t.dir
             .save_index(&index, &Self::pinned(&st))
-            .map_err(|e| store_failed(&t.config.id, &e))?;
+            .map_err(|e| store_failed(&t.id, &e))?;
         st.index = index;
         st.plugins.remove(name);
         Ok(())
@@ -1065,7 +1188,7 @@ impl Host {
         for (n, h) in &used {
             version.update(format!("\n{n}={h}").as_bytes());
         }
-        let registered = format!("{}/{id}#{}", t.config.id, &hex(&version.finalize())[..16]);
+        let registered = format!("{}/{id}#{}", t.id, &hex(&version.finalize())[..16]);
         self.runtime
             .register(&registered, &loaded.flow)
             .map_err(|e| ApiError::new(400, "invalid_flow", e.to_string()))?;
@@ -1090,25 +1213,22 @@ impl Host {
         check_name("flow", id)?;
         t.disk_room(text.len() as u64)?;
         let mut st = t.state.lock();
-        if !st.flows.contains_key(id) && st.flows.len() >= t.config.quotas.flows {
+        if !st.flows.contains_key(id) && st.flows.len() >= t.quotas().flows {
             return Err(ApiError::quota(
                 429,
                 "flows",
-                format!(
-                    "the tenant holds {} flows, its quota",
-                    t.config.quotas.flows
-                ),
+                format!("the tenant holds {} flows, its quota", t.quotas().flows),
             ));
         }
         let flow = self.build_flow(t, &st, id, text)?;
         t.dir
             .put_blob(&flow.hash, flow.text.as_bytes())
-            .map_err(|e| store_failed(&t.config.id, &e))?;
+            .map_err(|e| store_failed(&t.id, &e))?;
         let mut index = st.index.clone();
         index.flows.insert(id.to_owned(), flow.hash.clone());
         t.dir
             .save_index(&index, &Self::pinned(&st))
-            .map_err(|e| store_failed(&t.config.id, &e))?;
+            .map_err(|e| store_failed(&t.id, &e))?;
         st.index = index;
         let view = flow_view(id, &flow);
         let registered = flow.registered.clone();
@@ -1169,7 +1289,7 @@ impl Host {
         index.flows.remove(id);
         t.dir
             .save_index(&index, &Self::pinned(&st))
-            .map_err(|e| store_failed(&t.config.id, &e))?;
+            .map_err(|e| store_failed(&t.id, &e))?;
         st.index = index;
         st.flows.remove(id);
         self.runtime.registry().unregister(&registered);
@@ -1191,12 +1311,20 @@ impl Host {
         t.disk_room(0)?;
         let (record, flow_input) = {
             let mut st = t.state.lock();
+            if t.removed.load(Ordering::SeqCst) {
+                // Removed by a reload while this request was in flight.
+                return Err(ApiError::new(
+                    401,
+                    "unauthorized",
+                    "the token is no longer valid",
+                ));
+            }
             let f = st
                 .flows
                 .get(flow)
                 .ok_or_else(|| ApiError::not_found("flow", flow))?;
             let running = st.jobs.values().filter(|j| !j.is_finished()).count();
-            if running >= t.config.quotas.jobs {
+            if running >= t.quotas().jobs {
                 return Err(ApiError::quota(
                     429,
                     "jobs",
@@ -1220,10 +1348,9 @@ impl Host {
             let dir = t.dir.jobs_dir().join(&id);
             let opened = std::fs::create_dir_all(&dir)
                 .and_then(|()| meta.write(&dir))
-                .map_err(|e| store_failed(&t.config.id, &e))
+                .map_err(|e| store_failed(&t.id, &e))
                 .and_then(|()| {
-                    JobStore::open(&dir, &job_header(&meta))
-                        .map_err(|e| store_error(&t.config.id, &e))
+                    JobStore::open(&dir, &job_header(&meta)).map_err(|e| store_error(&t.id, &e))
                 });
             let store = match self.storage(opened) {
                 Ok(s) => s,
@@ -1241,7 +1368,7 @@ impl Host {
             };
             let record = Arc::new(JobRecord {
                 id: id.clone(),
-                tenant: t.config.id.clone(),
+                tenant: t.id.clone(),
                 flow: flow.to_owned(),
                 handle: Mutex::new(Some(handle)),
                 archived: Mutex::default(),
@@ -1327,7 +1454,7 @@ impl Host {
                         st.unresumed.extend(m.plugins.into_values());
                     }
                     tracing::error!(
-                    tenant = %t.config.id,
+                    tenant = %t.id,
                     job = %id,
                     "cannot resume the job (its directory is kept): {e}"
                     )
@@ -1351,7 +1478,7 @@ impl Host {
                       resumed: Option<Value>| {
             Arc::new(JobRecord {
                 id: id.to_owned(),
-                tenant: t.config.id.clone(),
+                tenant: t.id.clone(),
                 flow: meta.flow.clone(),
                 handle: Mutex::new(handle),
                 archived: Mutex::new(archived),
@@ -1445,7 +1572,7 @@ impl Host {
         if closed {
             rec.hold.lock().take();
         }
-        tracing::info!(tenant = %t.config.id, job = %id, "resumed the job");
+        tracing::info!(tenant = %t.id, job = %id, "resumed the job");
         Ok(rec)
     }
 
@@ -1470,7 +1597,7 @@ impl Host {
         }
         let (r, s) = job.target(to)?;
         let input = handle.input(&r, &s).map_err(runtime_error)?;
-        let tenant = self.tenants.get(&job.tenant);
+        let tenant = self.tenants.read().get(&job.tenant).cloned();
         let mut accepted = 0;
         // A unit is committed once the slot has room for its first item, then queued item by
         // item as room comes: no larger than the slot's bounds, so that what is acknowledged
@@ -1489,7 +1616,7 @@ impl Host {
                 unit.extend(items.next());
             }
             let n = unit.len();
-            if let Some(t) = tenant {
+            if let Some(t) = &tenant {
                 t.disk_room(bytes)
                     .map_err(|e| e.with("accepted", accepted))?;
             }
@@ -1529,7 +1656,7 @@ impl Host {
     pub fn shutdown(&self, drain: Duration) -> (usize, usize) {
         self.ready.store(false, Ordering::Release);
         let mut all = Vec::new();
-        for t in self.tenants.values() {
+        for t in &self.tenant_list() {
             all.extend(t.state.lock().jobs.values().cloned());
         }
         let running: Vec<(Arc<JobRecord>, JobHandle)> = all

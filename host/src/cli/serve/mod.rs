@@ -25,14 +25,14 @@ pub(crate) struct ServeArgs {
 /// closed get the drain timeout to finish; the rest are stopped (their running activations
 /// end) and stay in their stores, to resume at the next start.
 pub(crate) fn serve(args: ServeArgs) -> Code {
-    let (config, new_token) = match config::load(args.config.as_deref(), args.listen, args.data_dir)
-    {
-        Ok(c) => c,
-        Err(diags) => {
-            super::print_diagnostics(&diags);
-            return Code::Invalid;
-        }
-    };
+    let (config, new_token) =
+        match config::load(args.config.as_deref(), args.listen, args.data_dir.clone()) {
+            Ok(c) => c,
+            Err(diags) => {
+                super::print_diagnostics(&diags);
+                return Code::Invalid;
+            }
+        };
     let drain = config.drain_timeout;
     let listen = config.listen;
     let data_dir = config.data_dir.clone();
@@ -75,6 +75,12 @@ pub(crate) fn serve(args: ServeArgs) -> Code {
         );
         let app = api::router(host.clone());
         let limits = host.config.connections;
+        tokio::spawn(reload_on_sighup(
+            host.clone(),
+            args.config.clone(),
+            args.listen,
+            args.data_dir.clone(),
+        ));
         listen::serve(listener, app, limits, stop_signal(), || host.end_streams()).await;
         Ok::<(), String>(())
     });
@@ -90,6 +96,61 @@ pub(crate) fn serve(args: ServeArgs) -> Code {
         Err(e) => {
             errln!("error: {e}");
             Code::Failed
+        }
+    }
+}
+
+/// Reloads the configuration at each SIGHUP (the same file and command-line overrides as
+/// at the start; with no file, the default tenant's tokens in `DATA/tokens`). A file that no
+/// longer holds is reported, every problem located, and the running configuration kept.
+async fn reload_on_sighup(
+    host: std::sync::Arc<host::Host>,
+    file: Option<PathBuf>,
+    listen: Option<SocketAddr>,
+    data_dir: Option<PathBuf>,
+) {
+    let mut hup = match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup()) {
+        Ok(s) => s,
+        Err(e) => {
+            tracing::warn!("cannot catch SIGHUP (no config reload): {e}");
+            return;
+        }
+    };
+    while hup.recv().await.is_some() {
+        let (host, file, data_dir) = (host.clone(), file.clone(), data_dir.clone());
+        let done = tokio::task::spawn_blocking(move || {
+            // Without a file the default tenant's tokens are re-read from where they are
+            // kept, which the start also used.
+            let dir = match &file {
+                None => data_dir.or_else(|| Some(host.config.data_dir.clone())),
+                Some(_) => data_dir,
+            };
+            match config::load(file.as_deref(), listen, dir) {
+                Ok((c, token)) => {
+                    if let Some(t) = token {
+                        errln!(
+                            "a new API token for tenant `{}` (shown once):\n  {t}",
+                            config::DEFAULT_TENANT
+                        );
+                    }
+                    let said = host.reload(&c);
+                    for line in &said {
+                        errln!("routilux serve: reload: {line}");
+                    }
+                    errln!(
+                        "routilux serve: configuration reloaded ({} changes)",
+                        said.len()
+                    );
+                }
+                Err(diags) => {
+                    super::print_diagnostics(&diags);
+                    errln!("routilux serve: configuration not reloaded: the running one is kept");
+                }
+            }
+        })
+        .await;
+        if let Err(e) = done {
+            errln!("routilux serve: the reload failed: {e}");
         }
     }
 }
@@ -138,8 +199,8 @@ pub(crate) fn token(data_dir: Option<PathBuf>, hash_only: bool) -> Code {
         Ok(t) => {
             outln!("{t}");
             errln!(
-                "a new token for tenant `{}`; the old ones stop working when the server next \
-                 starts",
+                "a new token for tenant `{}`; the old ones stop working when the server reloads \
+                 (SIGHUP) or next starts",
                 config::DEFAULT_TENANT
             );
             Code::Ok
