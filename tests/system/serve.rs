@@ -1655,3 +1655,91 @@ fn sighup_reloads_tenants_tokens_weights_and_quotas_and_keeps_a_removed_tenants_
         "each item once: {state}"
     );
 }
+
+/// `GET /v1/openapi.json` is made from the handlers themselves: it names every route the
+/// server answers (and no other), each with its parameters and answers, behind the bearer
+/// scheme; a request to each documented operation reaches a handler, never the fallback.
+#[test]
+fn the_openapi_document_names_every_route_the_server_answers() {
+    let dir = scratch();
+    let s = Server::start(dir.path(), &two_tenants("{}", ""));
+    let r = s.req("GET", "/v1/openapi.json", None, None);
+    assert_eq!(r.status, 200);
+    let doc = r.json;
+    assert!(doc["openapi"].as_str().unwrap().starts_with("3."), "{doc}");
+    assert_eq!(doc["info"]["title"], "routilux serve");
+    assert_eq!(
+        doc["components"]["securitySchemes"]["bearer"]["scheme"],
+        "bearer"
+    );
+    let mut documented: Vec<(String, String)> = Vec::new();
+    for (path, item) in doc["paths"].as_object().unwrap() {
+        for (method, op) in item.as_object().unwrap() {
+            documented.push((method.to_uppercase(), path.clone()));
+            assert!(op["summary"].is_string(), "{method} {path}: no summary");
+            assert!(
+                op["responses"]["200"].is_object()
+                    || op["responses"]["201"].is_object()
+                    || op["responses"]["204"].is_object(),
+                "{method} {path}: no success answer"
+            );
+            if path.starts_with("/v1/") {
+                assert_eq!(op["security"], json!([{"bearer": []}]), "{method} {path}");
+                assert!(op["responses"]["401"].is_object(), "{method} {path}");
+            }
+            if path.contains('{') {
+                assert!(
+                    op["parameters"].as_array().is_some_and(|p| !p.is_empty()),
+                    "{method} {path}"
+                );
+            }
+        }
+    }
+    documented.sort();
+    let mut routes: Vec<(String, String)> = [
+        ("GET", "/healthz"),
+        ("GET", "/readyz"),
+        ("GET", "/v1/usage"),
+        ("GET", "/v1/plugins"),
+        ("GET", "/v1/plugins/{name}"),
+        ("PUT", "/v1/plugins/{name}"),
+        ("DELETE", "/v1/plugins/{name}"),
+        ("GET", "/v1/flows"),
+        ("GET", "/v1/flows/{id}"),
+        ("PUT", "/v1/flows/{id}"),
+        ("DELETE", "/v1/flows/{id}"),
+        ("POST", "/v1/flows/{id}/jobs"),
+        ("GET", "/v1/jobs"),
+        ("GET", "/v1/jobs/{id}"),
+        ("POST", "/v1/jobs/{id}/items"),
+        ("POST", "/v1/jobs/{id}/close"),
+        ("POST", "/v1/jobs/{id}/cancel"),
+        ("POST", "/v1/jobs/{id}/pause"),
+        ("POST", "/v1/jobs/{id}/resume"),
+        ("GET", "/v1/jobs/{id}/state"),
+        ("GET", "/v1/jobs/{id}/output"),
+        ("GET", "/v1/jobs/{id}/events"),
+        ("GET", "/v1/jobs/{id}/dead-letters"),
+    ]
+    .iter()
+    .map(|(m, p)| (m.to_string(), p.to_string()))
+    .collect();
+    routes.sort();
+    assert_eq!(documented, routes);
+    let fallback = |r: &Resp| r.status == 405 || r.json["error"]["message"] == "no such endpoint";
+    for (method, path) in &documented {
+        let concrete = path.replace("{name}", "nope").replace("{id}", "nope");
+        let r = s.req(method, &concrete, Some(TOKEN_A), None);
+        assert!(
+            !fallback(&r),
+            "{method} {concrete} is documented and not routed: {}",
+            r.json
+        );
+    }
+    assert!(fallback(&s.req(
+        "GET",
+        "/v1/nothing-here",
+        Some(TOKEN_A),
+        None
+    )));
+}

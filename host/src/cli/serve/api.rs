@@ -14,11 +14,14 @@ use axum::extract::{ConnectInfo, DefaultBodyLimit, FromRequestParts, Path, Query
 use axum::http::request::Parts;
 use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
 use axum::response::{IntoResponse, Response};
-use axum::routing::{get, post};
+use axum::routing::get;
 use http_body_util::BodyExt;
 use parking_lot::Mutex;
 use serde::Deserialize;
 use serde_json::{Value, json};
+use utoipa::OpenApi as _;
+use utoipa_axum::router::OpenApiRouter;
+use utoipa_axum::routes;
 
 use super::host::{ApiError, Host, JobRecord, Tenant};
 use crate::Item;
@@ -155,38 +158,114 @@ async fn read_body(body: Body, limit: usize, what: &str) -> Result<axum::body::B
     })
 }
 
+/// The OpenAPI document's frame; the paths come from the handlers' `#[utoipa::path]`.
+#[derive(utoipa::OpenApi)]
+#[openapi(
+    info(
+        title = "routilux serve",
+        description = "One long-running host for many tenants' flows of sandboxed WebAssembly \
+                       routines. Every `/v1` request but this document carries `Authorization: \
+                       Bearer TOKEN`; a token sees only its tenant's plugins, flows and jobs, and \
+                       anything of another tenant answers 404. Errors are `{\"error\": {\"code\", \
+                       \"message\", ...}}`."
+    ),
+    modifiers(&BearerAuth),
+    components(schemas(ErrorBody, ErrorDetail, StartDoc)),
+    tags(
+        (name = "plugins", description = "WebAssembly components, kept per tenant"),
+        (name = "flows", description = "Flow files naming the tenant's plugins"),
+        (name = "jobs", description = "Durable runs of a flow: input, status, events, results"),
+        (name = "tenant", description = "What the tenant uses"),
+        (name = "health", description = "Liveness and readiness (no token)"),
+    )
+)]
+struct ApiDoc;
+
+/// Declares the bearer token scheme the operations name.
+struct BearerAuth;
+
+impl utoipa::Modify for BearerAuth {
+    fn modify(&self, openapi: &mut utoipa::openapi::OpenApi) {
+        use utoipa::openapi::security::{HttpAuthScheme, HttpBuilder, SecurityScheme};
+        openapi
+            .components
+            .get_or_insert_with(Default::default)
+            .add_security_scheme(
+                "bearer",
+                SecurityScheme::Http(HttpBuilder::new().scheme(HttpAuthScheme::Bearer).build()),
+            );
+    }
+}
+
+/// An error answer (documentation only: answers are made by `ApiError`).
+#[derive(utoipa::ToSchema)]
+#[allow(dead_code)]
+struct ErrorBody {
+    error: ErrorDetail,
+}
+
+/// What went wrong.
+#[derive(utoipa::ToSchema)]
+#[allow(dead_code)]
+struct ErrorDetail {
+    /// A stable code: `not_found`, `unauthorized`, `quota_exceeded`, `invalid_flow`, `bad_request`, ...
+    code: String,
+    message: String,
+    /// The quota passed, if one was.
+    quota: Option<String>,
+    /// A flow's located problems (file, line, column, the line's text), as `validate` prints.
+    diagnostics: Option<Vec<serde_json::Value>>,
+    /// Items taken before the error (item posts).
+    accepted: Option<u64>,
+}
+
+/// The body of `POST /v1/flows/{id}/jobs` (documentation of [`StartBody`]).
+#[derive(utoipa::ToSchema)]
+#[allow(dead_code)]
+struct StartDoc {
+    /// Items by `routine.slot`, posted first (instead of the flow file's `input:`).
+    input: Option<std::collections::BTreeMap<String, Vec<serde_json::Value>>>,
+    /// No more input after these: the job completes once quiescent.
+    close: Option<bool>,
+}
+
 pub(crate) fn router(host: Arc<Host>) -> Router {
     let state = AppState {
         host,
         compile: Arc::new(tokio::sync::Semaphore::new(2)),
         failures: Arc::default(),
     };
-    Router::new()
-        .route("/healthz", get(|| async { Json(json!({"status": "ok"})) }))
-        .route("/readyz", get(readyz))
-        .route("/v1/usage", get(usage))
-        .route("/v1/plugins", get(list_plugins))
+    // One list makes both the routes and the OpenAPI document: they cannot drift apart.
+    let (router, doc) = OpenApiRouter::with_openapi(ApiDoc::openapi())
+        .routes(routes!(healthz))
+        .routes(routes!(readyz))
+        .routes(routes!(usage))
+        .routes(routes!(list_plugins))
+        .routes(routes!(get_plugin, put_plugin, delete_plugin))
+        .routes(routes!(list_flows))
+        .routes(routes!(get_flow, put_flow, delete_flow))
+        .routes(routes!(start_job))
+        .routes(routes!(list_jobs))
+        .routes(routes!(get_job))
+        .routes(routes!(post_items))
+        .routes(routes!(close_job))
+        .routes(routes!(cancel_job))
+        .routes(routes!(pause_job))
+        .routes(routes!(resume_job))
+        .routes(routes!(job_state))
+        .routes(routes!(job_output))
+        .routes(routes!(job_events))
+        .routes(routes!(job_dead_letters))
+        .split_for_parts();
+    let doc = Arc::new(doc);
+    router
         .route(
-            "/v1/plugins/{name}",
-            get(get_plugin).put(put_plugin).delete(delete_plugin),
+            "/v1/openapi.json",
+            get(move || {
+                let doc = doc.clone();
+                async move { Json(doc) }
+            }),
         )
-        .route("/v1/flows", get(list_flows))
-        .route(
-            "/v1/flows/{id}",
-            get(get_flow).put(put_flow).delete(delete_flow),
-        )
-        .route("/v1/flows/{id}/jobs", post(start_job))
-        .route("/v1/jobs", get(list_jobs))
-        .route("/v1/jobs/{id}", get(get_job))
-        .route("/v1/jobs/{id}/items", post(post_items))
-        .route("/v1/jobs/{id}/close", post(close_job))
-        .route("/v1/jobs/{id}/cancel", post(cancel_job))
-        .route("/v1/jobs/{id}/pause", post(pause_job))
-        .route("/v1/jobs/{id}/resume", post(resume_job))
-        .route("/v1/jobs/{id}/state", get(job_state))
-        .route("/v1/jobs/{id}/output", get(job_output))
-        .route("/v1/jobs/{id}/events", get(job_events))
-        .route("/v1/jobs/{id}/dead-letters", get(job_dead_letters))
         .fallback(|| async { ApiError::new(404, "not_found", "no such endpoint") })
         .layer(axum::middleware::from_fn(read_small_bodies))
         // Bodies are read by the handlers, each with its own limit.
@@ -223,6 +302,27 @@ async fn read_small_bodies(req: axum::extract::Request, next: axum::middleware::
     }
 }
 
+#[utoipa::path(
+    get,
+    path = "/healthz",
+    tag = "health",
+    summary = "The server is alive",
+    responses((status = 200, description = "Alive", body = serde_json::Value)),
+)]
+async fn healthz() -> Json<Value> {
+    Json(json!({"status": "ok"}))
+}
+
+#[utoipa::path(
+    get,
+    path = "/readyz",
+    tag = "health",
+    summary = "The server takes work",
+    responses(
+        (status = 200, description = "Ready", body = serde_json::Value),
+        (status = 503, description = "Starting, stopping, or its storage fails (with the reason)", body = serde_json::Value),
+    ),
+)]
 async fn readyz(State(s): State<AppState>) -> Response {
     match s.host.readiness() {
         Ok(()) => Json(json!({"ready": true})).into_response(),
@@ -243,14 +343,54 @@ fn created(new: bool, v: Value) -> Response {
     (status, Json(v)).into_response()
 }
 
+#[utoipa::path(
+    get,
+    path = "/v1/usage",
+    tag = "tenant",
+    summary = "The tenant's weight, the worker time its activations took, and what it holds against each quota",
+    responses(
+        (status = 200, description = "Its usage", body = serde_json::Value),
+        (status = 401, description = "No token, or not a valid one", body = ErrorBody),
+        (status = 429, description = "Too many failed tokens from this address: wait a minute", body = ErrorBody),
+    ),
+    security(("bearer" = [])),
+)]
 async fn usage(State(s): State<AppState>, Auth(t): Auth) -> Json<Value> {
     Json(s.host.usage(&t))
 }
 
+#[utoipa::path(
+    get,
+    path = "/v1/plugins",
+    tag = "plugins",
+    summary = "The tenant's plugins",
+    responses(
+        (status = 200, description = "Each plugin: name, SHA-256, size, kinds", body = serde_json::Value),
+        (status = 401, description = "No token, or not a valid one", body = ErrorBody),
+        (status = 429, description = "Too many failed tokens from this address: wait a minute", body = ErrorBody),
+    ),
+    security(("bearer" = [])),
+)]
 async fn list_plugins(State(s): State<AppState>, Auth(t): Auth) -> Json<Value> {
     Json(s.host.plugins(&t))
 }
 
+#[utoipa::path(
+    get,
+    path = "/v1/plugins/{name}",
+    tag = "plugins",
+    summary = "A plugin: its kinds, slots, events and imports (what `inspect --json` shows)",
+    params(
+        ("name" = String, Path, description = "The plugin's name: 1 to 64 letters, digits, `_` and `-`"),
+    ),
+    responses(
+        (status = 200, description = "The plugin", body = serde_json::Value),
+        (status = 404, description = "No such plugin (of this tenant)", body = ErrorBody),
+        (status = 401, description = "No token, or not a valid one", body = ErrorBody),
+        (status = 429, description = "Too many failed tokens from this address: wait a minute", body = ErrorBody),
+    ),
+    security(("bearer" = [])),
+)]
 async fn get_plugin(
     State(s): State<AppState>,
     Auth(t): Auth,
@@ -259,6 +399,28 @@ async fn get_plugin(
     s.host.plugin(&t, &name).map(Json)
 }
 
+#[utoipa::path(
+    put,
+    path = "/v1/plugins/{name}",
+    tag = "plugins",
+    summary = "Uploads a component: validated, compiled once per content hash, stored; a new version rebuilds the flows using it",
+    params(
+        ("name" = String, Path, description = "The plugin's name: 1 to 64 letters, digits, `_` and `-`"),
+    ),
+    request_body(content = String, content_type = "application/wasm", description = "The component's bytes (at most the tenant's `plugin_bytes`)"),
+    responses(
+        (status = 200, description = "Replaced", body = serde_json::Value),
+        (status = 201, description = "Stored", body = serde_json::Value),
+        (status = 400, description = "Not a component routilux can run", body = ErrorBody),
+        (status = 409, description = "The new version would break flows (named, with their diagnostics)", body = ErrorBody),
+        (status = 413, description = "Past the `plugin_bytes` quota", body = ErrorBody),
+        (status = 429, description = "Past the `plugins` quota", body = ErrorBody),
+        (status = 507, description = "Past the `disk_bytes` quota, or the disk is full", body = ErrorBody),
+        (status = 401, description = "No token, or not a valid one", body = ErrorBody),
+        (status = 429, description = "Too many failed tokens from this address: wait a minute", body = ErrorBody),
+    ),
+    security(("bearer" = [])),
+)]
 async fn put_plugin(
     State(s): State<AppState>,
     Auth(t): Auth,
@@ -304,6 +466,23 @@ async fn put_plugin(
     Ok(created(new, v))
 }
 
+#[utoipa::path(
+    delete,
+    path = "/v1/plugins/{name}",
+    tag = "plugins",
+    summary = "Deletes a plugin",
+    params(
+        ("name" = String, Path, description = "The plugin's name: 1 to 64 letters, digits, `_` and `-`"),
+    ),
+    responses(
+        (status = 204, description = "Deleted"),
+        (status = 404, description = "No such plugin (of this tenant)", body = ErrorBody),
+        (status = 409, description = "Flows use it (named)", body = ErrorBody),
+        (status = 401, description = "No token, or not a valid one", body = ErrorBody),
+        (status = 429, description = "Too many failed tokens from this address: wait a minute", body = ErrorBody),
+    ),
+    security(("bearer" = [])),
+)]
 async fn delete_plugin(
     State(s): State<AppState>,
     Auth(t): Auth,
@@ -314,10 +493,38 @@ async fn delete_plugin(
     Ok(StatusCode::NO_CONTENT)
 }
 
+#[utoipa::path(
+    get,
+    path = "/v1/flows",
+    tag = "flows",
+    summary = "The tenant's flows",
+    responses(
+        (status = 200, description = "Each flow", body = serde_json::Value),
+        (status = 401, description = "No token, or not a valid one", body = ErrorBody),
+        (status = 429, description = "Too many failed tokens from this address: wait a minute", body = ErrorBody),
+    ),
+    security(("bearer" = [])),
+)]
 async fn list_flows(State(s): State<AppState>, Auth(t): Auth) -> Json<Value> {
     Json(s.host.flows(&t))
 }
 
+#[utoipa::path(
+    get,
+    path = "/v1/flows/{id}",
+    tag = "flows",
+    summary = "A flow: its file and what it runs",
+    params(
+        ("id" = String, Path, description = "The flow's id"),
+    ),
+    responses(
+        (status = 200, description = "The flow", body = serde_json::Value),
+        (status = 404, description = "No such flow (of this tenant)", body = ErrorBody),
+        (status = 401, description = "No token, or not a valid one", body = ErrorBody),
+        (status = 429, description = "Too many failed tokens from this address: wait a minute", body = ErrorBody),
+    ),
+    security(("bearer" = [])),
+)]
 async fn get_flow(
     State(s): State<AppState>,
     Auth(t): Auth,
@@ -326,6 +533,26 @@ async fn get_flow(
     s.host.flow(&t, &id).map(Json)
 }
 
+#[utoipa::path(
+    put,
+    path = "/v1/flows/{id}",
+    tag = "flows",
+    summary = "Stores a flow file (YAML or JSON; `plugin:` names the tenant's plugins), checked whole, for new jobs",
+    params(
+        ("id" = String, Path, description = "The flow's id"),
+    ),
+    request_body(content = String, content_type = "application/yaml", description = "A flow file, at most 4 MiB"),
+    responses(
+        (status = 200, description = "Replaced", body = serde_json::Value),
+        (status = 201, description = "Stored", body = serde_json::Value),
+        (status = 400, description = "The flow does not hold: located diagnostics, as `validate` prints them", body = ErrorBody),
+        (status = 429, description = "Past the `flows` quota", body = ErrorBody),
+        (status = 507, description = "Past the `disk_bytes` quota, or the disk is full", body = ErrorBody),
+        (status = 401, description = "No token, or not a valid one", body = ErrorBody),
+        (status = 429, description = "Too many failed tokens from this address: wait a minute", body = ErrorBody),
+    ),
+    security(("bearer" = [])),
+)]
 async fn put_flow(
     State(s): State<AppState>,
     Auth(t): Auth,
@@ -340,6 +567,23 @@ async fn put_flow(
     Ok(created(new, v))
 }
 
+#[utoipa::path(
+    delete,
+    path = "/v1/flows/{id}",
+    tag = "flows",
+    summary = "Deletes a flow",
+    params(
+        ("id" = String, Path, description = "The flow's id"),
+    ),
+    responses(
+        (status = 204, description = "Deleted"),
+        (status = 404, description = "No such flow (of this tenant)", body = ErrorBody),
+        (status = 409, description = "Jobs of it run (named)", body = ErrorBody),
+        (status = 401, description = "No token, or not a valid one", body = ErrorBody),
+        (status = 429, description = "Too many failed tokens from this address: wait a minute", body = ErrorBody),
+    ),
+    security(("bearer" = [])),
+)]
 async fn delete_flow(
     State(s): State<AppState>,
     Auth(t): Auth,
@@ -361,6 +605,26 @@ struct StartBody {
     close: bool,
 }
 
+#[utoipa::path(
+    post,
+    path = "/v1/flows/{id}/jobs",
+    tag = "jobs",
+    summary = "Starts a durable job of the flow, open for input until closed",
+    params(
+        ("id" = String, Path, description = "The flow's id"),
+    ),
+    request_body(content = StartDoc, content_type = "application/json", description = "Optional: items by `routine.slot` (else the flow file's `input:`), and whether to close it"),
+    responses(
+        (status = 201, description = "The job, with its unguessable id", body = serde_json::Value),
+        (status = 400, description = "A bad input", body = ErrorBody),
+        (status = 404, description = "No such flow (of this tenant)", body = ErrorBody),
+        (status = 429, description = "Past the `jobs` quota, or a slot stayed full", body = ErrorBody),
+        (status = 507, description = "Past the `disk_bytes` quota, or the disk is full", body = ErrorBody),
+        (status = 401, description = "No token, or not a valid one", body = ErrorBody),
+        (status = 429, description = "Too many failed tokens from this address: wait a minute", body = ErrorBody),
+    ),
+    security(("bearer" = [])),
+)]
 async fn start_job(
     State(s): State<AppState>,
     Auth(t): Auth,
@@ -379,10 +643,38 @@ async fn start_job(
     Ok((StatusCode::CREATED, Json(job.view())).into_response())
 }
 
+#[utoipa::path(
+    get,
+    path = "/v1/jobs",
+    tag = "jobs",
+    summary = "The tenant's jobs",
+    responses(
+        (status = 200, description = "Each job's status", body = serde_json::Value),
+        (status = 401, description = "No token, or not a valid one", body = ErrorBody),
+        (status = 429, description = "Too many failed tokens from this address: wait a minute", body = ErrorBody),
+    ),
+    security(("bearer" = [])),
+)]
 async fn list_jobs(State(s): State<AppState>, Auth(t): Auth) -> Json<Value> {
     Json(s.host.jobs(&t))
 }
 
+#[utoipa::path(
+    get,
+    path = "/v1/jobs/{id}",
+    tag = "jobs",
+    summary = "A job: status, paused, items posted, what a restart found in its store, and the summary `run --json` prints",
+    params(
+        ("id" = String, Path, description = "The job's id"),
+    ),
+    responses(
+        (status = 200, description = "The job", body = serde_json::Value),
+        (status = 404, description = "No such job (of this tenant)", body = ErrorBody),
+        (status = 401, description = "No token, or not a valid one", body = ErrorBody),
+        (status = 429, description = "Too many failed tokens from this address: wait a minute", body = ErrorBody),
+    ),
+    security(("bearer" = [])),
+)]
 async fn get_job(
     State(s): State<AppState>,
     Auth(t): Auth,
@@ -391,6 +683,22 @@ async fn get_job(
     Ok(Json(s.host.job(&t, &id)?.view()))
 }
 
+#[utoipa::path(
+    post,
+    path = "/v1/jobs/{id}/close",
+    tag = "jobs",
+    summary = "No more input: the job completes once quiescent",
+    params(
+        ("id" = String, Path, description = "The job's id"),
+    ),
+    responses(
+        (status = 200, description = "The job", body = serde_json::Value),
+        (status = 404, description = "No such job (of this tenant)", body = ErrorBody),
+        (status = 401, description = "No token, or not a valid one", body = ErrorBody),
+        (status = 429, description = "Too many failed tokens from this address: wait a minute", body = ErrorBody),
+    ),
+    security(("bearer" = [])),
+)]
 async fn close_job(
     State(s): State<AppState>,
     Auth(t): Auth,
@@ -402,6 +710,22 @@ async fn close_job(
     Ok(Json(job.view()))
 }
 
+#[utoipa::path(
+    post,
+    path = "/v1/jobs/{id}/cancel",
+    tag = "jobs",
+    summary = "Cancels the job",
+    params(
+        ("id" = String, Path, description = "The job's id"),
+    ),
+    responses(
+        (status = 200, description = "The job", body = serde_json::Value),
+        (status = 404, description = "No such job (of this tenant)", body = ErrorBody),
+        (status = 401, description = "No token, or not a valid one", body = ErrorBody),
+        (status = 429, description = "Too many failed tokens from this address: wait a minute", body = ErrorBody),
+    ),
+    security(("bearer" = [])),
+)]
 async fn cancel_job(
     State(s): State<AppState>,
     Auth(t): Auth,
@@ -415,6 +739,22 @@ async fn cancel_job(
 /// `POST /v1/jobs/{id}/pause`: no new activation (the running ones end), queues kept, posts
 /// still taken within the bounds; the job does not finish while paused, and stays paused
 /// across a restart.
+#[utoipa::path(
+    post,
+    path = "/v1/jobs/{id}/pause",
+    tag = "jobs",
+    summary = "No new activation (queues kept, posts still taken within the bounds); stays paused across a restart",
+    params(
+        ("id" = String, Path, description = "The job's id"),
+    ),
+    responses(
+        (status = 200, description = "The job", body = serde_json::Value),
+        (status = 404, description = "No such job (of this tenant)", body = ErrorBody),
+        (status = 401, description = "No token, or not a valid one", body = ErrorBody),
+        (status = 429, description = "Too many failed tokens from this address: wait a minute", body = ErrorBody),
+    ),
+    security(("bearer" = [])),
+)]
 async fn pause_job(
     State(s): State<AppState>,
     Auth(t): Auth,
@@ -425,6 +765,22 @@ async fn pause_job(
     Ok(Json(job.view()))
 }
 
+#[utoipa::path(
+    post,
+    path = "/v1/jobs/{id}/resume",
+    tag = "jobs",
+    summary = "Resumes a paused job",
+    params(
+        ("id" = String, Path, description = "The job's id"),
+    ),
+    responses(
+        (status = 200, description = "The job", body = serde_json::Value),
+        (status = 404, description = "No such job (of this tenant)", body = ErrorBody),
+        (status = 401, description = "No token, or not a valid one", body = ErrorBody),
+        (status = 429, description = "Too many failed tokens from this address: wait a minute", body = ErrorBody),
+    ),
+    security(("bearer" = [])),
+)]
 async fn resume_job(
     State(s): State<AppState>,
     Auth(t): Auth,
@@ -435,6 +791,22 @@ async fn resume_job(
     Ok(Json(job.view()))
 }
 
+#[utoipa::path(
+    get,
+    path = "/v1/jobs/{id}/state",
+    tag = "jobs",
+    summary = "Each routine's WorkerState",
+    params(
+        ("id" = String, Path, description = "The job's id"),
+    ),
+    responses(
+        (status = 200, description = "The state by routine", body = serde_json::Value),
+        (status = 404, description = "No such job (of this tenant)", body = ErrorBody),
+        (status = 401, description = "No token, or not a valid one", body = ErrorBody),
+        (status = 429, description = "Too many failed tokens from this address: wait a minute", body = ErrorBody),
+    ),
+    security(("bearer" = [])),
+)]
 async fn job_state(
     State(s): State<AppState>,
     Auth(t): Auth,
@@ -443,6 +815,22 @@ async fn job_state(
     Ok(Json(s.host.job(&t, &id)?.state()))
 }
 
+#[utoipa::path(
+    get,
+    path = "/v1/jobs/{id}/output",
+    tag = "jobs",
+    summary = "The job's output lines (within its output budget)",
+    params(
+        ("id" = String, Path, description = "The job's id"),
+    ),
+    responses(
+        (status = 200, description = "The lines", body = serde_json::Value),
+        (status = 404, description = "No such job (of this tenant)", body = ErrorBody),
+        (status = 401, description = "No token, or not a valid one", body = ErrorBody),
+        (status = 429, description = "Too many failed tokens from this address: wait a minute", body = ErrorBody),
+    ),
+    security(("bearer" = [])),
+)]
 async fn job_output(
     State(s): State<AppState>,
     Auth(t): Auth,
@@ -462,6 +850,24 @@ struct EventsQuery {
 /// `error` (an activation's failure), `status` (running, paused, and the final one, after
 /// which the stream ends), and `dropped` (how many events were past the job's bound before
 /// the reader came back). A keep-alive comment every 15 s.
+#[utoipa::path(
+    get,
+    path = "/v1/jobs/{id}/events",
+    tag = "jobs",
+    summary = "Server-sent events: `output`, `activations`, `error`, `status` (the last one ends the stream), `dropped`; numbered, resumable with `Last-Event-ID`",
+    params(
+        ("id" = String, Path, description = "The job's id"),
+        ("after" = Option<u64>, Query, description = "Resume after this event number (as `Last-Event-ID`)"),
+        ("Last-Event-ID" = Option<u64>, Header, description = "Resume after this event number"),
+    ),
+    responses(
+        (status = 200, description = "The event stream", content_type = "text/event-stream", body = String),
+        (status = 404, description = "No such job (of this tenant)", body = ErrorBody),
+        (status = 401, description = "No token, or not a valid one", body = ErrorBody),
+        (status = 429, description = "Too many failed tokens from this address: wait a minute", body = ErrorBody),
+    ),
+    security(("bearer" = [])),
+)]
 async fn job_events(
     State(s): State<AppState>,
     Auth(t): Auth,
@@ -522,6 +928,22 @@ async fn job_events(
         .into_response())
 }
 
+#[utoipa::path(
+    get,
+    path = "/v1/jobs/{id}/dead-letters",
+    tag = "jobs",
+    summary = "The job's dead letters: failed batches, their items and why",
+    params(
+        ("id" = String, Path, description = "The job's id"),
+    ),
+    responses(
+        (status = 200, description = "The dead letters", body = serde_json::Value),
+        (status = 404, description = "No such job (of this tenant)", body = ErrorBody),
+        (status = 401, description = "No token, or not a valid one", body = ErrorBody),
+        (status = 429, description = "Too many failed tokens from this address: wait a minute", body = ErrorBody),
+    ),
+    security(("bearer" = [])),
+)]
 async fn job_dead_letters(
     State(s): State<AppState>,
     Auth(t): Auth,
@@ -572,6 +994,34 @@ async fn post_batch(
 /// (backpressure). A slot full past the post timeout answers 429 with `accepted`, the number of
 /// items taken (a client resends exactly the rest); so does a bad line (400, with its line
 /// number). Nothing taken is dropped.
+#[utoipa::path(
+    post,
+    path = "/v1/jobs/{id}/items",
+    tag = "jobs",
+    summary = "Posts one JSON item, or an NDJSON body streamed in with backpressure; answers once the items are committed",
+    params(
+        ("id" = String, Path, description = "The job's id"),
+        ("to" = Option<String>, Query, description = "The target slot, `routine.slot` (optional when the flow has one entry slot)"),
+    ),
+    request_body(
+        content(
+            (serde_json::Value = "application/json"),
+            (String = "application/x-ndjson")
+        ),
+        description = "One item (a JSON object), or NDJSON: one per line"
+    ),
+    responses(
+        (status = 200, description = "`accepted`: the number of items taken", body = serde_json::Value),
+        (status = 400, description = "A bad item or line (with its `line` and `accepted`)", body = ErrorBody),
+        (status = 404, description = "No such job (of this tenant)", body = ErrorBody),
+        (status = 409, description = "The job is closed or finished", body = ErrorBody),
+        (status = 429, description = "A slot stayed full past the post timeout: `accepted` says how many were taken, `Retry-After` when to resend the rest", body = ErrorBody),
+        (status = 507, description = "Past the `disk_bytes` quota, or the disk is full (with `accepted`)", body = ErrorBody),
+        (status = 401, description = "No token, or not a valid one", body = ErrorBody),
+        (status = 429, description = "Too many failed tokens from this address: wait a minute", body = ErrorBody),
+    ),
+    security(("bearer" = [])),
+)]
 async fn post_items(
     State(s): State<AppState>,
     Auth(t): Auth,
