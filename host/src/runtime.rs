@@ -165,6 +165,10 @@ pub struct GroupUsage {
     pub running: usize,
     /// Its tasks waiting for a worker (fair pool only).
     pub queued_tasks: usize,
+    /// Activations its rate limit held back (each waited for a token).
+    pub throttled: u64,
+    /// Its activation rate limit, per second, if it has one.
+    pub rate: Option<u32>,
 }
 
 /// How [`Runtime::shutdown`] treats unfinished jobs.
@@ -405,6 +409,14 @@ impl Runtime {
         self.shared.pool.set_weight(group.0, weight);
     }
 
+    /// Limits a group's jobs to `per_second` activations together (bursts of as many), or
+    /// lifts the limit (`None`). An activation past it waits, its batch still queued, until
+    /// the group's next token: its routine is woken by the timer, its worker meanwhile free
+    /// for others. (Retries of failed batches are not held back.)
+    pub fn set_group_rate(&self, group: Group, per_second: Option<u32>) {
+        self.shared.pool.set_rate(group.0, per_second);
+    }
+
     /// What a group's jobs have used of the workers.
     pub fn group_usage(&self, group: Group) -> GroupUsage {
         let u = self.shared.pool.usage(group.0).unwrap_or_default();
@@ -413,6 +425,8 @@ impl Runtime {
             busy: Duration::from_nanos(u.busy_ns),
             running: u.running,
             queued_tasks: u.queued,
+            throttled: u.throttled,
+            rate: u.rate,
         }
     }
 

@@ -1743,3 +1743,52 @@ fn the_openapi_document_names_every_route_the_server_answers() {
         None
     )));
 }
+
+/// A tenant's `activations_per_second` throttles its jobs (an activation past it waits, its
+/// item queued, nothing lost) while another tenant's identical job runs at full speed.
+#[test]
+fn a_tenants_activation_rate_throttles_its_jobs_only() {
+    let dir = scratch();
+    let s = Server::start(dir.path(), &two_tenants("{activations_per_second: 20}", ""));
+    let run = |token: &str| {
+        assert_eq!(s.put_plugin(token, "hostile", "hostile").status, 201);
+        let one_by_one = format!("{TALLY_FLOW}    policy: {{batch_size: 1}}\n");
+        assert_eq!(s.put_flow(token, "t", &one_by_one).status, 201);
+        let items: Vec<Value> = (0..40)
+            .map(|i| serde_json::from_str(&tally(i)).unwrap())
+            .collect();
+        let started = Instant::now();
+        let r = s.post(
+            "/v1/flows/t/jobs",
+            token,
+            json!({"input": {"h.in": items}, "close": true}),
+        );
+        assert_eq!(r.status, 201, "{}", r.json);
+        let id = r.json["id"].as_str().unwrap().to_owned();
+        let v = s.wait_job(token, &id);
+        assert_eq!(v["status"], "completed", "{v}");
+        let state = s.get(&format!("/v1/jobs/{id}/state"), token).json;
+        assert_eq!(
+            state["h"].as_object().unwrap().len(),
+            40,
+            "every item ran: {state}"
+        );
+        started.elapsed()
+    };
+    let (b, a) = (run(TOKEN_B), run(TOKEN_A));
+    // 40 one-item activations at 20 a second, bursts of 20: at least a second for a.
+    assert!(a >= Duration::from_millis(900), "a took {a:?}");
+    assert!(b < a, "b ({b:?}) is not throttled by a's quota ({a:?})");
+    let u = s.get("/v1/usage", TOKEN_A).json;
+    assert_eq!(u["activations_per_second"]["quota"], 20, "{u}");
+    assert!(
+        u["activations_per_second"]["throttled"].as_u64().unwrap() > 0,
+        "{u}"
+    );
+    let ub = s.get("/v1/usage", TOKEN_B).json;
+    assert_eq!(
+        ub["activations_per_second"],
+        json!({"quota": null, "throttled": 0}),
+        "{ub}"
+    );
+}

@@ -208,7 +208,18 @@ impl Job {
                 } else if yielding {
                     Some(Decision::Idle)
                 } else {
-                    Some(r.policy.decide(&r.slot_names, &q.slots, q.last_fire, now))
+                    let d = r.policy.decide(&r.slot_names, &q.slots, q.last_fire, now);
+                    // A group over its activation rate waits (on the timer) for its next
+                    // token, the batch left queued.
+                    match (
+                        &d,
+                        self.shared
+                            .pool
+                            .admit_if(matches!(d, Decision::Fire(..)), self.group, now),
+                    ) {
+                        (Decision::Fire(..), Err(at)) => Some(Decision::WaitUntil(at)),
+                        _ => Some(d),
+                    }
                 };
                 if !unsettled.is_empty() && !matches!(decision, Some(Decision::Fire(..))) {
                     // This drive ends: deliver every unsettled emit first, holding the slot

@@ -139,6 +139,19 @@ pub(crate) struct Share<T> {
     running: AtomicUsize,
     /// Wall time its tasks have occupied workers, in nanoseconds.
     busy_ns: AtomicU64,
+    /// Its activation rate limit, if it has one.
+    rate: Mutex<Option<Bucket>>,
+    /// Activations held back by the rate limit (each waited for a token).
+    throttled: AtomicU64,
+}
+
+/// A token bucket: `per_second` activations, bursts of up to `burst`.
+#[derive(Clone, Copy, Debug)]
+struct Bucket {
+    per_second: f64,
+    burst: f64,
+    tokens: f64,
+    at: Instant,
 }
 
 impl<T> Share<T> {
@@ -149,6 +162,8 @@ impl<T> Share<T> {
             vtime: AtomicU64::new(vtime),
             running: AtomicUsize::new(0),
             busy_ns: AtomicU64::new(0),
+            rate: Mutex::new(None),
+            throttled: AtomicU64::new(0),
         }
     }
 
@@ -177,6 +192,8 @@ pub(crate) struct ShareUsage {
     pub(crate) busy_ns: u64,
     pub(crate) running: usize,
     pub(crate) queued: usize,
+    pub(crate) throttled: u64,
+    pub(crate) rate: Option<u32>,
 }
 
 /// A unit of work for the pool: what the engine schedules (the execution layer's `Task`).
@@ -232,6 +249,8 @@ pub(crate) struct Pool<T> {
     /// back (advanced as tasks end and as groups wake). A group waking from idle starts no
     /// further behind it than [`WAKE_CREDIT`].
     vclock: AtomicU64,
+    /// Groups with an activation rate limit (none: no activation asks for a token).
+    rated: AtomicUsize,
 }
 
 /// What each worker thread owns; handed to logic through the activation context.
@@ -308,6 +327,7 @@ impl<T: Run> Pool<T> {
             groups: RwLock::new(vec![Arc::new(Share::new(1, 0))]),
             queued: AtomicUsize::new(0),
             vclock: AtomicU64::new(0),
+            rated: AtomicUsize::new(0),
         };
         (pool, locals)
     }
@@ -343,7 +363,71 @@ impl<T: Run> Pool<T> {
             busy_ns: s.busy_ns.load(Ordering::Relaxed),
             running: s.running.load(Ordering::SeqCst),
             queued: s.queue.len(),
+            throttled: s.throttled.load(Ordering::Relaxed),
+            rate: s.rate.lock().map(|b| b.per_second as u32),
         })
+    }
+
+    /// Limits a group to `per_second` activations (bursts of as many), or lifts the limit
+    /// (`None`); false if there is no such group.
+    pub(crate) fn set_rate(&self, group: usize, per_second: Option<u32>) -> bool {
+        let Some(s) = self.groups.read().get(group).cloned() else {
+            return false;
+        };
+        let mut r = s.rate.lock();
+        let limited = per_second.is_some_and(|n| n > 0);
+        match (r.is_some(), limited) {
+            (false, true) => {
+                self.rated.fetch_add(1, Ordering::Relaxed);
+            }
+            (true, false) => {
+                self.rated.fetch_sub(1, Ordering::Relaxed);
+            }
+            _ => {}
+        }
+        *r = per_second.filter(|&n| n > 0).map(|n| {
+            let n = f64::from(n);
+            // A new limit starts with a full bucket; a changed one keeps what it had.
+            let tokens = r.map_or(n, |b| b.tokens.min(n));
+            Bucket {
+                per_second: n,
+                burst: n,
+                tokens,
+                at: Instant::now(),
+            }
+        });
+        true
+    }
+
+    /// [`Pool::admit`] if `firing` (and any group has a rate limit).
+    #[inline]
+    pub(crate) fn admit_if(&self, firing: bool, group: usize, now: Instant) -> Result<(), Instant> {
+        if !firing || self.rated.load(Ordering::Relaxed) == 0 {
+            return Ok(());
+        }
+        self.admit(group, now)
+    }
+
+    /// Takes a token for one activation of `group` at `now`, or says when the next one comes
+    /// (the group is over its rate).
+    pub(crate) fn admit(&self, group: usize, now: Instant) -> Result<(), Instant> {
+        let Some(s) = self.groups.read().get(group).cloned() else {
+            return Ok(());
+        };
+        let mut r = s.rate.lock();
+        let Some(b) = r.as_mut() else {
+            return Ok(());
+        };
+        let elapsed = now.saturating_duration_since(b.at).as_secs_f64();
+        b.tokens = (b.tokens + elapsed * b.per_second).min(b.burst);
+        b.at = now.max(b.at);
+        if b.tokens >= 1.0 {
+            b.tokens -= 1.0;
+            return Ok(());
+        }
+        s.throttled.fetch_add(1, Ordering::Relaxed);
+        let wait = (1.0 - b.tokens) / b.per_second;
+        Err(now + Duration::from_secs_f64(wait.max(1e-4)))
     }
 
     /// A group's index and share (an unknown group runs as group 0).

@@ -258,3 +258,51 @@ fn a_bursty_group_keeps_the_debt_of_its_bursts_across_idle_moments() {
         ul.busy
     );
 }
+
+#[test]
+fn a_group_over_its_activation_rate_waits_and_leaves_the_workers_to_others() {
+    // A is limited to 50 activations a second (bursts of 50): its 100 take at least a
+    // second, the second half one every 20 ms, while B's 100 on the same single worker are
+    // done long before (A's waits hold no worker).
+    let rt = fair(1);
+    let (a_done, b_done) = (Arc::new(AtomicU64::new(0)), Arc::new(AtomicU64::new(0)));
+    rt.register("a", &counting_flow(Duration::ZERO, &a_done, 1_000))
+        .unwrap();
+    rt.register("b", &counting_flow(Duration::ZERO, &b_done, 1_000))
+        .unwrap();
+    let (ga, gb) = (rt.add_group(1), rt.add_group(1));
+    rt.set_group_rate(ga, Some(50));
+    let started = Instant::now();
+    let (a_job, a_hold) = flood(&rt, ga, "a", 100);
+    drop(a_hold);
+    let (b_job, b_hold) = flood(&rt, gb, "b", 100);
+    drop(b_hold);
+    assert!(b_job.wait(WAIT));
+    let a_when_b_done = a_done.load(Ordering::SeqCst);
+    assert!(a_job.wait(WAIT));
+    let took = started.elapsed();
+    assert!(
+        a_when_b_done < 100,
+        "B finished only after A: {a_when_b_done}"
+    );
+    assert!(
+        took >= Duration::from_millis(900),
+        "100 activations at 50/s took {took:?}"
+    );
+    let u = rt.group_usage(ga);
+    assert_eq!(u.rate, Some(50));
+    assert!(u.throttled > 0, "{u:?}");
+    assert_eq!(rt.group_usage(gb).throttled, 0);
+    // The limit lifted: the next 100 run at once.
+    rt.set_group_rate(ga, None);
+    let t = Instant::now();
+    let (a_job, a_hold) = flood(&rt, ga, "a", 100);
+    drop(a_hold);
+    assert!(a_job.wait(WAIT));
+    assert!(
+        t.elapsed() < Duration::from_millis(900),
+        "{:?}",
+        t.elapsed()
+    );
+    assert_eq!(a_done.load(Ordering::SeqCst), 200);
+}

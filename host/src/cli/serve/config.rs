@@ -82,6 +82,7 @@ struct QuotasDef {
     flows: Option<usize>,
     jobs: Option<usize>,
     disk_bytes: Option<Size>,
+    activations_per_second: Option<Spanned<u32>>,
 }
 
 /// What a tenant may hold and run at once.
@@ -97,6 +98,9 @@ pub(crate) struct Quotas {
     pub jobs: usize,
     /// Bytes of its data directory: plugins, flows, and its jobs' stores.
     pub disk_bytes: u64,
+    /// Activations of all its jobs together per second (bursts of as many); past it an
+    /// activation waits for its turn, its batch queued. `None`: no limit.
+    pub activations_per_second: Option<u32>,
 }
 
 impl Default for Quotas {
@@ -107,6 +111,7 @@ impl Default for Quotas {
             flows: 128,
             jobs: 16,
             disk_bytes: 10 << 30,
+            activations_per_second: None,
         }
     }
 }
@@ -367,6 +372,17 @@ pub(crate) fn load(
         }
         if let Some(n) = q.disk_bytes {
             quotas.disk_bytes = n.0;
+        }
+        if let Some(n) = &q.activations_per_second {
+            if n.value == 0 {
+                diags.push(src.error(
+                    &n.referenced,
+                    "`activations_per_second: 0` would stop the tenant: leave it out for no \
+                     limit",
+                ));
+            } else {
+                quotas.activations_per_second = Some(n.value);
+            }
         }
         tenants.push(TenantConfig {
             id: def.id.value.clone(),

@@ -580,6 +580,8 @@ impl Host {
             .entry(c.id.clone())
             .or_insert_with(|| self.runtime.add_group(c.weight));
         self.runtime.set_group_weight(group, c.weight);
+        self.runtime
+            .set_group_rate(group, c.quotas.activations_per_second);
         Ok(Arc::new(Tenant {
             id: c.id.clone(),
             live: RwLock::new(c.clone()),
@@ -640,6 +642,10 @@ impl Host {
                 Some(t) => {
                     let mut live = t.live.write();
                     if *live != *c {
+                        if live.quotas.activations_per_second != c.quotas.activations_per_second {
+                            self.runtime
+                                .set_group_rate(t.group, c.quotas.activations_per_second);
+                        }
                         *live = c.clone();
                         self.runtime.set_group_weight(t.group, c.weight);
                         said.push(format!("tenant `{}` updated", c.id));
@@ -1062,6 +1068,7 @@ impl Host {
                 "queued_tasks": w.queued_tasks,
                 "of": self.runtime.thread_pool_size(),
             },
+            "activations_per_second": {"quota": q.activations_per_second, "throttled": w.throttled},
             "plugins": {"used": plugins, "quota": q.plugins},
             "plugin_bytes": {"used": plugin_bytes, "quota": q.plugin_bytes},
             "flows": {"used": flows, "quota": q.flows},
