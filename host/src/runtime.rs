@@ -60,10 +60,7 @@ pub enum RuntimeError {
         suggestion: Option<String>,
     },
     /// The slot stayed full until the post's deadline.
-    #[error(
-        "slot `{routine}.{slot}` of {job} is full (at {capacity} items or its byte budget) and \
-         stayed full for {waited:?}"
-    )]
+    #[error("slot `{routine}.{slot}` of {job} is full ({why}) and stayed full for {waited:?}")]
     QueueFull {
         /// The job.
         job: JobId,
@@ -75,6 +72,9 @@ pub enum RuntimeError {
         capacity: usize,
         /// How long the post waited.
         waited: Duration,
+        /// Which bound it is at: its item count, its byte budget, the job's memory budget or
+        /// the tenant's memory quota (with the figures).
+        why: String,
     },
     /// The job finished (it was quiescent); start a new job, or hold the job open while
     /// posting a stream ([`JobHandle::hold_open`]).
@@ -154,7 +154,7 @@ impl Group {
     pub const MAX_WEIGHT: u32 = scheduler::MAX_WEIGHT;
 }
 
-/// What a [`Group`]'s jobs have used of the workers ([`Runtime::group_usage`]).
+/// What a [`Group`]'s jobs have used of the workers and of memory ([`Runtime::group_usage`]).
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct GroupUsage {
     /// Its weight now.
@@ -169,6 +169,13 @@ pub struct GroupUsage {
     pub throttled: u64,
     /// Its activation rate limit, per second, if it has one.
     pub rate: Option<u32>,
+    /// Bytes its jobs hold together now, counted since [`Runtime::set_group_memory`] was
+    /// first called for it (0 before).
+    pub memory_bytes: u64,
+    /// The most they held at once.
+    pub memory_peak_bytes: u64,
+    /// Its memory quota, if it has one.
+    pub memory_limit: Option<u64>,
 }
 
 /// How [`Runtime::shutdown`] treats unfinished jobs.
@@ -284,6 +291,7 @@ impl RuntimeBuilder {
             closed: AtomicBool::new(false),
             finished_gen: Mutex::new(0),
             finished_cv: Condvar::new(),
+            group_memory: Mutex::new(Vec::new()),
         });
         let mut threads = Vec::with_capacity(self.threads);
         let stop = |shared: &Shared, threads: Vec<JoinHandle<()>>| {
@@ -417,10 +425,29 @@ impl Runtime {
         self.shared.pool.set_rate(group.0, per_second);
     }
 
+    /// Holds a group's jobs together to `bytes` of memory (the sum of what each job's own
+    /// [`Budgets::memory`](crate::Budgets) counts: its guests' linear memories, queued items,
+    /// WorkerState, held emits and retained dead letters and output), or lifts the quota
+    /// (`None`: the meter stays, counting, without a limit). Each job stays within its own
+    /// budget too. Past the quota, as past a job's budget: a slot is full (posts and emits
+    /// wait, a post past its timeout is refused with `QueueFull`), a guest's memory cannot
+    /// grow (it traps, the error naming the tenant's quota, retryable) and a new instance
+    /// cannot be made (retryable), a WorkerState write fails. Counted from the first call on:
+    /// set it before the group's jobs start (jobs started earlier are not on it); a later
+    /// call changes the limit at once for every job on it (what they hold stays held).
+    pub fn set_group_memory(&self, group: Group, bytes: Option<u64>) {
+        self.shared
+            .set_group_memory(group.0, bytes.unwrap_or(u64::MAX));
+    }
+
     /// What a group's jobs have used of the workers.
     pub fn group_usage(&self, group: Group) -> GroupUsage {
         let u = self.shared.pool.usage(group.0).unwrap_or_default();
+        let memory = self.shared.group_meter(group.0);
         GroupUsage {
+            memory_bytes: memory.as_ref().map_or(0, |m| m.used()),
+            memory_peak_bytes: memory.as_ref().map_or(0, |m| m.peak()),
+            memory_limit: memory.map(|m| m.limit()).filter(|&l| l != u64::MAX),
             weight: u.weight,
             busy: Duration::from_nanos(u.busy_ns),
             running: u.running,
@@ -693,7 +720,8 @@ fn post_resolved(
         }
         let now = Instant::now();
         if deadline.is_some_and(|d| now >= d) {
-            return Err(queue_full(job, node, slot, now - started));
+            let len = item.byte_len() as u64;
+            return Err(queue_full(job, node, slot, len, now - started));
         }
         let mut pending = Some(item);
         let slice = deadline.map_or(Duration::from_millis(5), |d| {
@@ -714,14 +742,19 @@ fn post_resolved(
     }
 }
 
-fn queue_full(job: &Job, node: usize, slot: usize, waited: Duration) -> RuntimeError {
+fn queue_full(job: &Job, node: usize, slot: usize, len: u64, waited: Duration) -> RuntimeError {
     let r = &job.flow.routines[node];
+    let why = job.nodes[node]
+        .queues
+        .lock()
+        .why_full(r, slot, len, &job.meter);
     RuntimeError::QueueFull {
         job: job.id,
         routine: r.id.to_string(),
         slot: r.slot_names[slot].to_string(),
         capacity: r.capacities[slot],
         waited,
+        why,
     }
 }
 
@@ -766,7 +799,7 @@ fn post_durable(
         }
         let now = Instant::now();
         if deadline.is_some_and(|d| now >= d) {
-            return Err(queue_full(job, node, slot, now - started));
+            return Err(queue_full(job, node, slot, len, now - started));
         }
         let slice = deadline.map_or(Duration::from_millis(5), |d| {
             (d - now).min(Duration::from_millis(5))

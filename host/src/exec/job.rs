@@ -74,9 +74,30 @@ pub(crate) struct Shared {
     pub(crate) closed: AtomicBool,
     pub(crate) finished_gen: Mutex<u64>,
     pub(crate) finished_cv: Condvar,
+    /// The memory quota each group's jobs share, by group (none: each job only within its
+    /// own budget). Set with `Runtime::set_group_memory`.
+    pub(crate) group_memory: Mutex<Vec<Option<Arc<Meter>>>>,
 }
 
 impl Shared {
+    /// The meter `group`'s jobs share, if it has one.
+    pub(crate) fn group_meter(&self, group: usize) -> Option<Arc<Meter>> {
+        self.group_memory.lock().get(group).cloned().flatten()
+    }
+
+    /// Sets the memory quota of `group`'s jobs: made on first use (jobs started before then
+    /// are not counted on it), its limit changed after.
+    pub(crate) fn set_group_memory(&self, group: usize, limit: u64) {
+        let mut meters = self.group_memory.lock();
+        if meters.len() <= group {
+            meters.resize(group + 1, None);
+        }
+        match &meters[group] {
+            Some(m) => m.set_limit(limit),
+            None => meters[group] = Some(Arc::new(Meter::new(limit))),
+        }
+    }
+
     pub(crate) fn job_finished(&self) {
         *self.finished_gen.lock() += 1;
         self.finished_cv.notify_all();
@@ -435,7 +456,10 @@ impl Job {
             .iter()
             .map(|_| Mutex::new(State::default()))
             .collect();
-        let meter = Arc::new(Meter::new(plan.budgets.memory));
+        let meter = Arc::new(Meter::with_parent(
+            plan.budgets.memory,
+            shared.group_meter(group),
+        ));
         Arc::new_cyclic(|me| Self {
             core: JobCore {
                 id,
@@ -672,6 +696,9 @@ impl Job {
             for logic in self.logic.iter() {
                 logic.job_finished(self.id);
             }
+            // What the finished job still keeps (its output, dead letters) no longer counts on
+            // its group's memory quota: the quota is for running jobs.
+            self.meter.detach();
             self.done.notify_all();
             self.shared.job_finished();
         }

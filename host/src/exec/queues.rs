@@ -207,7 +207,7 @@ impl Queues {
     }
 
     /// Whether an item of `len` bytes would find room in `slot` now (within the slot's bounds
-    /// and the job's memory budget).
+    /// and the job's memory budget, and its group's memory quota if it has one).
     #[inline]
     pub(crate) fn has_room(
         &self,
@@ -219,7 +219,30 @@ impl Queues {
         let need = (self.bytes[slot] + len).saturating_sub(self.credit[slot]);
         self.slots[slot].len() < r.capacities[slot]
             && self.bytes[slot] + len <= r.queue_bytes[slot]
-            && meter.used().saturating_add(need) <= meter.limit()
+            && meter.has_room(need)
+    }
+
+    /// Why an item of `len` bytes finds no room in `slot` now, for an error: the bound it is
+    /// at, with the figures.
+    pub(crate) fn why_full(
+        &self,
+        r: &CompiledRoutine,
+        slot: usize,
+        len: u64,
+        meter: &Meter,
+    ) -> String {
+        let (cap, budget) = (r.capacities[slot], r.queue_bytes[slot]);
+        if self.slots[slot].len() >= cap {
+            format!("at its bound of {cap} items")
+        } else if self.bytes[slot] + len > budget {
+            format!(
+                "at its byte budget of {}",
+                crate::model::budget::bytes(budget)
+            )
+        } else {
+            let need = (self.bytes[slot] + len).saturating_sub(self.credit[slot]);
+            format!("no room left in {}", meter.refusal(need))
+        }
     }
 
     /// Whether any slot holds an item.

@@ -14,12 +14,16 @@
 //! | dead letters of a job | [`Budgets::dead_letters`], [`Budgets::dead_letter_bytes`] | 10,000, 64 MiB | counted (and handed to the runtime's dead-letter sink, if any), not kept |
 //! | output kept by a job | [`Budgets::output_lines`], [`Budgets::output_bytes`] | 10,000 lines, 4 MiB | a ring: the oldest lines go, counted |
 //! | a whole job | [`Budgets::memory`] | 2 GiB | the sum of its guests' linear memories, its queued items and what it retains; a guest growing past it traps, a slot past it is full |
+//! | a group's (tenant's) running jobs together | `Runtime::set_group_memory` | none (`serve`: 4 GiB) | as past a job's budget, the errors naming the quota; a finished job leaves it |
 //!
 //! Only a single value over its budget, or retention that cannot wait, is an error: a slot at
 //! its byte budget is merely full. Every error names the routine, slot or key, the budget and
 //! the size.
 
+use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
+
+use parking_lot::Mutex;
 
 /// Budgets of one job of a flow (set with [`Flow::budgets`](crate::Flow::budgets)).
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -85,27 +89,107 @@ impl Default for RoutineBudgets {
 /// when they are let go. Lock-free; `used` never passes `limit` through [`Meter::reserve`]
 /// (only [`Meter::force`], for what cannot be refused, such as an overrun that breaks a
 /// stall, may).
+///
+/// A job's meter may have a parent: the meter its group (tenant) shares with its other jobs
+/// (see `Runtime::set_group_memory`). Every byte reserved, forced or released here is on the
+/// parent too, so a reservation succeeds only within both limits; the parent's limit can
+/// change while jobs run (a lower one refuses new reservations until enough is let go).
 #[derive(Debug)]
 pub(crate) struct Meter {
-    limit: u64,
+    limit: AtomicU64,
     used: AtomicU64,
     peak: AtomicU64,
+    parent: Option<Link>,
+}
+
+/// A meter's tie to its parent. Every change of a linked meter happens under `attached`, so
+/// [`Meter::detach`] hands the parent back exactly what is on it (no reservation or release
+/// can fall between reading `used` and giving it back).
+#[derive(Debug)]
+struct Link {
+    to: Arc<Meter>,
+    attached: Mutex<bool>,
+}
+
+/// Which limit refused a reservation, and how full it was (for error messages).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum Refusal {
+    /// The job's own memory budget.
+    Job { limit: u64, used: u64 },
+    /// The memory quota the job's group (tenant) shares with its other jobs.
+    Group { limit: u64, used: u64 },
+}
+
+impl Refusal {
+    /// Whether letting time pass may help: the group's other jobs may let memory go, while a
+    /// job's own budget is the job's business.
+    pub(crate) fn transient(&self) -> bool {
+        matches!(self, Refusal::Group { .. })
+    }
+}
+
+impl std::fmt::Display for Refusal {
+    /// `the job's memory budget of 64.0 MiB (60.0 MiB in use)`, or `its tenant's memory
+    /// quota of 1.0 GiB (1.0 GiB in use by all its jobs)`.
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match *self {
+            Refusal::Job { limit, used } => write!(
+                f,
+                "the job's memory budget of {} ({} in use)",
+                bytes(limit),
+                bytes(used)
+            ),
+            Refusal::Group { limit, used } => write!(
+                f,
+                "its tenant's memory quota of {} ({} in use by all its jobs)",
+                bytes(limit),
+                bytes(used)
+            ),
+        }
+    }
 }
 
 impl Meter {
     pub(crate) fn new(limit: u64) -> Self {
+        Self::with_parent(limit, None)
+    }
+
+    /// A meter whose every byte also counts on `parent` (a group's shared meter) until it
+    /// is detached.
+    pub(crate) fn with_parent(limit: u64, parent: Option<Arc<Meter>>) -> Self {
         Self {
-            limit,
+            limit: AtomicU64::new(limit),
             used: AtomicU64::new(0),
             peak: AtomicU64::new(0),
+            parent: parent.map(|to| Link {
+                to,
+                attached: Mutex::new(true),
+            }),
         }
     }
 
-    /// Reserves `n` bytes if that stays within the limit; returns whether it did.
+    /// Reserves `n` bytes if that stays within the limit (and the parent's); returns whether
+    /// it did.
     pub(crate) fn reserve(&self, n: u64) -> bool {
+        let Some(link) = &self.parent else {
+            return self.reserve_here(n);
+        };
+        let attached = link.attached.lock();
+        if !self.reserve_here(n) {
+            return false;
+        }
+        if *attached && !link.to.reserve(n) {
+            self.release_here(n);
+            return false;
+        }
+        true
+    }
+
+    fn reserve_here(&self, n: u64) -> bool {
+        let limit = self.limit();
         let mut used = self.used.load(Ordering::Relaxed);
         loop {
-            let Some(new) = used.checked_add(n).filter(|&new| new <= self.limit) else {
+            let Some(new) = used.checked_add(n).filter(|&new| new <= limit) else {
                 return false;
             };
             match self
@@ -121,19 +205,71 @@ impl Meter {
         }
     }
 
-    /// Reserves `n` bytes whatever the limit.
+    /// Reserves `n` bytes whatever the limit (on the parent too).
     pub(crate) fn force(&self, n: u64) {
+        let attached = self.parent.as_ref().map(|l| (l, l.attached.lock()));
         let new = self.used.fetch_add(n, Ordering::AcqRel).saturating_add(n);
         self.peak.fetch_max(new, Ordering::Relaxed);
+        if let Some((link, attached)) = attached
+            && *attached
+        {
+            link.to.force(n);
+        }
     }
 
-    /// Gives `n` reserved bytes back.
+    /// Gives `n` reserved bytes back (on the parent too).
     pub(crate) fn release(&self, n: u64) {
-        let _ = self
+        let attached = self.parent.as_ref().map(|l| (l, l.attached.lock()));
+        let freed = self.release_here(n);
+        if let Some((link, attached)) = attached
+            && *attached
+        {
+            link.to.release(freed);
+        }
+    }
+
+    /// Gives back up to `n` bytes; returns how many it gave (never more than were used).
+    fn release_here(&self, n: u64) -> u64 {
+        let before = self
             .used
             .fetch_update(Ordering::AcqRel, Ordering::Relaxed, |u| {
                 Some(u.saturating_sub(n))
-            });
+            })
+            .unwrap_or_else(|u| u);
+        before.min(n)
+    }
+
+    /// Unties the meter from its parent, giving the parent back everything on it: what the
+    /// meter holds from now on (a finished job's kept output and dead letters) is its own.
+    pub(crate) fn detach(&self) {
+        if let Some(link) = &self.parent {
+            let mut attached = link.attached.lock();
+            if *attached {
+                *attached = false;
+                link.to.release(self.used());
+            }
+        }
+    }
+
+    /// Whether `n` more bytes would fit now, here and on the parent.
+    pub(crate) fn has_room(&self, n: u64) -> bool {
+        self.used().saturating_add(n) <= self.limit()
+            && self.parent.as_ref().is_none_or(|p| p.to.has_room(n))
+    }
+
+    /// Which limit a reservation of `n` bytes would pass (the job's own first), as of now.
+    pub(crate) fn refusal(&self, n: u64) -> Refusal {
+        let (limit, used) = (self.limit(), self.used());
+        if used.saturating_add(n) > limit {
+            return Refusal::Job { limit, used };
+        }
+        match &self.parent {
+            Some(p) => Refusal::Group {
+                limit: p.to.limit(),
+                used: p.to.used(),
+            },
+            None => Refusal::Job { limit, used },
+        }
     }
 
     pub(crate) fn used(&self) -> u64 {
@@ -145,7 +281,19 @@ impl Meter {
     }
 
     pub(crate) fn limit(&self) -> u64 {
-        self.limit
+        self.limit.load(Ordering::Relaxed)
+    }
+
+    /// Changes the limit (a group's quota, reloaded): what is reserved stays, new
+    /// reservations are held to the new limit.
+    pub(crate) fn set_limit(&self, limit: u64) {
+        self.limit.store(limit, Ordering::Relaxed);
+    }
+}
+
+impl Drop for Meter {
+    fn drop(&mut self) {
+        self.detach();
     }
 }
 
@@ -198,6 +346,59 @@ mod tests {
         assert_eq!((m.used(), m.peak()), (130, 130));
         m.release(1000);
         assert_eq!(m.used(), 0);
+    }
+
+    #[test]
+    fn a_child_meter_is_held_to_its_parent_too_and_says_which_refused() {
+        let group = Arc::new(Meter::new(100));
+        let a = Meter::with_parent(80, Some(group.clone()));
+        let b = Meter::with_parent(80, Some(group.clone()));
+        assert!(a.reserve(70));
+        assert!(!a.reserve(11), "past a's own budget");
+        assert!(matches!(
+            a.refusal(11),
+            Refusal::Job {
+                limit: 80,
+                used: 70
+            }
+        ));
+        assert!(b.reserve(30));
+        assert!(!b.reserve(1), "past the group's quota");
+        assert_eq!(b.used(), 30, "a refused reservation leaves nothing behind");
+        assert!(!b.has_room(1) && a.has_room(0));
+        assert_eq!(
+            b.refusal(1),
+            Refusal::Group {
+                limit: 100,
+                used: 100
+            }
+        );
+        assert!(b.refusal(1).transient() && !a.refusal(11).transient());
+        assert!(
+            b.refusal(1)
+                .to_string()
+                .contains("tenant's memory quota of 100 B")
+        );
+        b.force(50);
+        assert_eq!((group.used(), group.peak()), (150, 150));
+        a.release(70);
+        b.release(80);
+        assert_eq!((group.used(), a.used(), b.used()), (0, 0, 0));
+        group.set_limit(10);
+        assert!(!a.reserve(11) && a.reserve(10));
+        assert!(b.reserve(0));
+        b.force(7);
+        b.detach();
+        assert_eq!(group.used(), 10, "b gave back all it held, a keeps its 10");
+        b.force(5);
+        b.release(12);
+        assert_eq!(
+            (group.used(), b.used()),
+            (10, 0),
+            "b counts alone once detached"
+        );
+        drop(a);
+        assert_eq!(group.used(), 0, "a dropped meter gives back what it held");
     }
 
     #[test]

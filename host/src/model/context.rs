@@ -108,6 +108,18 @@ pub enum EmitError {
         /// The budget.
         budget: u64,
     },
+    /// A retrying routine's held emits would pass the job's memory budget or its tenant's
+    /// memory quota.
+    #[error(
+        "routine `{routine}` cannot hold more emits in this attempt: they would pass {limit} \
+         (a retrying routine's outputs are held until the attempt succeeds)"
+    )]
+    HeldPastMemory {
+        /// The routine.
+        routine: String,
+        /// The limit they would pass, and how full it is.
+        limit: String,
+    },
     /// The job failed or was cancelled while the emit waited for queue space; the item was
     /// kept as a dead letter of the receiving routine.
     #[error("job {job} halted while `{routine}` waited to deliver an item")]
@@ -512,10 +524,16 @@ impl Context {
         if let Some(a) = &self.attempt {
             // Held until the attempt succeeds, within the routine's attempt budget.
             let held = a.bytes.load(Ordering::Relaxed) + size;
-            if held > r.budgets.attempt_bytes || !core.meter.reserve(size) {
+            if held > r.budgets.attempt_bytes {
                 return Err(EmitError::AttemptFull {
                     routine: r.id.to_string(),
                     budget: r.budgets.attempt_bytes,
+                });
+            }
+            if !core.meter.reserve(size) {
+                return Err(EmitError::HeldPastMemory {
+                    routine: r.id.to_string(),
+                    limit: core.meter.refusal(size).to_string(),
                 });
             }
             a.bytes.fetch_add(size, Ordering::Relaxed);

@@ -467,8 +467,8 @@ impl<'a> StateRef<'a> {
                 key,
                 total,
                 what: format!(
-                    "what is left of the job's memory budget of {}",
-                    bytes(self.meter.limit())
+                    "what is left of {}",
+                    self.meter.refusal(total - state.bytes)
                 ),
             }));
         }
@@ -559,10 +559,7 @@ impl<'a> StateRef<'a> {
                 routine: self.routine.to_owned(),
                 key: key.to_owned(),
                 total,
-                what: format!(
-                    "what is left of the job's memory budget of {}",
-                    bytes(self.meter.limit())
-                ),
+                what: format!("what is left of {}", self.meter.refusal(new - old)),
             });
         }
         if old > new {

@@ -88,6 +88,11 @@ pub(crate) struct MemoryCap {
 /// guests (BENCHMARKS.md); interpreters keep more, mostly in their linear memory.
 pub(crate) const INSTANCE_OVERHEAD: u64 = 128 << 10;
 
+/// How an error from [`MemoryCap::charge`] begins when the job's own memory budget refused.
+const JOB_BUDGET: &str = "job memory budget: ";
+/// How it begins when the memory quota of the job's group (tenant) refused.
+const TENANT_QUOTA: &str = "tenant memory quota: ";
+
 /// What one table element costs the host, charged like memory.
 const TABLE_ELEMENT_BYTES: u64 = 16;
 
@@ -111,11 +116,14 @@ impl MemoryCap {
     fn charge(&mut self, n: u64, what: &str) -> wasmtime::Result<()> {
         if let Some(m) = &self.meter {
             if !m.reserve(n) {
+                let refusal = m.refusal(n);
+                let label = if refusal.transient() {
+                    TENANT_QUOTA
+                } else {
+                    JOB_BUDGET
+                };
                 return Err(wasmtime::format_err!(
-                    "job memory budget: {what} would take the job past its budget of {} ({} in \
-                     use)",
-                    crate::model::budget::bytes(m.limit()),
-                    crate::model::budget::bytes(m.used())
+                    "{label}{what} would take it past {refusal}"
                 ));
             }
             self.charged += n;
@@ -812,7 +820,9 @@ impl WasmLogic {
     fn instantiate(&self, meter: &Arc<Meter>) -> Result<Instance, RoutineError> {
         let fail = |e: wasmtime::Error| {
             let text = format!("{e:#}");
-            let why = if text.contains("job memory budget") {
+            // The job's own budget will not grow; the tenant's quota frees as its other jobs
+            // let memory go.
+            let why = if text.contains(JOB_BUDGET) {
                 RoutineError::fatal
             } else {
                 RoutineError::retryable
@@ -902,13 +912,21 @@ impl WasmLogic {
                             ),
                             false,
                         )
-                    } else if let Some(i) = text.find("job memory budget: ") {
+                    } else if let Some(i) = text.find(JOB_BUDGET) {
                         (
                             format!(
                                 "was stopped by its job's memory budget: {}",
-                                &text[i + "job memory budget: ".len()..]
+                                &text[i + JOB_BUDGET.len()..]
                             ),
                             false,
+                        )
+                    } else if let Some(i) = text.find(TENANT_QUOTA) {
+                        (
+                            format!(
+                                "was stopped by its tenant's memory quota: {}",
+                                &text[i + TENANT_QUOTA.len()..]
+                            ),
+                            true,
                         )
                     } else if text.contains("fuel allocated for hostcalls") {
                         (

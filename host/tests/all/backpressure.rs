@@ -56,7 +56,7 @@ fn post_into_a_full_slot_waits_then_fails_with_queue_full() {
     }
     assert!(
         err.to_string()
-            .starts_with("slot `sink.in` of job-1 is full (at 2 items or its byte budget)"),
+            .starts_with("slot `sink.in` of job-1 is full (at its bound of 2 items)"),
         "{err}"
     );
     let immediate = job.post_item_timeout(

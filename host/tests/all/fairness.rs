@@ -306,3 +306,88 @@ fn a_group_over_its_activation_rate_waits_and_leaves_the_workers_to_others() {
     );
     assert_eq!(a_done.load(Ordering::SeqCst), 200);
 }
+
+/// A group's memory quota holds its jobs together: one job's queued bytes leave the other job
+/// of the group no room (its post waits, then is refused as a full slot), while a job of
+/// another group posts as much as it likes; once the first job drains, the second's post goes
+/// in. The group's meter never passes its quota.
+#[test]
+fn a_groups_jobs_share_its_memory_quota_and_another_group_does_not_feel_it() {
+    use routilux::{Item, RuntimeError};
+    let rt = builder(1)
+        .fair(true)
+        .post_timeout(Duration::from_millis(50))
+        .build();
+    let a = rt.add_group(1);
+    let b = rt.add_group(1);
+    const QUOTA: u64 = 2 << 20;
+    rt.set_group_memory(a, Some(QUOTA));
+    let gate = crate::common::Gate::new();
+    let g = gate.clone();
+    let mut flow = Flow::new();
+    flow.add_routine(
+        Routine::new()
+            .slot_with_capacity("in", 1000)
+            .policy(Policy::batch_size(1))
+            .logic(move |_, _| {
+                assert!(g.wait());
+                Ok(())
+            }),
+        "sink",
+    );
+    rt.register("f", &flow).unwrap();
+    // Items of 256 KiB (and a few bytes of JSON around the text).
+    let big = || Item::new(json!({"x": "x".repeat(256 << 10)})).unwrap();
+    let first = rt.exec_in(a, "f").unwrap();
+    let hold1 = first.hold_open().unwrap();
+    let mut taken = 0;
+    let err = loop {
+        match first.post_item("sink", "in", big()) {
+            Ok(()) => taken += 1,
+            Err(e) => break e,
+        }
+        assert!(taken < 100, "the quota never refused");
+    };
+    assert!(matches!(err, RuntimeError::QueueFull { .. }), "{err}");
+    assert!(
+        err.to_string()
+            .contains("full (no room left in its tenant's memory quota of 2.0 MiB"),
+        "{err}"
+    );
+    // 2 MiB hold 7 of them (one more is taken by the blocked activation), less the chunks
+    // the slot reserves ahead.
+    assert!(
+        (5..=9).contains(&taken),
+        "{taken} items of 256 KiB in 2 MiB"
+    );
+    let used = rt.group_usage(a);
+    assert_eq!(used.memory_limit, Some(QUOTA));
+    assert!(used.memory_bytes > QUOTA - (512 << 10), "{used:?}");
+    assert!(used.memory_peak_bytes <= QUOTA, "{used:?}");
+
+    // The group's other job: refused at once, though its own budget (2 GiB) is untouched.
+    let second = rt.exec_in(a, "f").unwrap();
+    let hold2 = second.hold_open().unwrap();
+    let refused = second.post_item_timeout("sink", "in", big(), Duration::from_millis(20));
+    assert!(
+        matches!(refused, Err(RuntimeError::QueueFull { .. })),
+        "{refused:?}"
+    );
+    // Another group: not held to a's quota.
+    let other = rt.exec_in(b, "f").unwrap();
+    let hold3 = other.hold_open().unwrap();
+    for _ in 0..taken + 4 {
+        other.post_item("sink", "in", big()).unwrap();
+    }
+    assert_eq!(rt.group_usage(b).memory_limit, None);
+
+    // The first job drains: the second's post goes in.
+    gate.open();
+    drop(hold1);
+    assert!(first.wait(WAIT));
+    second.post_item("sink", "in", big()).unwrap();
+    drop((hold2, hold3));
+    assert!(second.wait(WAIT) && other.wait(WAIT));
+    assert!(eventually(|| rt.group_usage(a).memory_bytes == 0));
+    assert!(rt.group_usage(a).memory_peak_bytes <= QUOTA);
+}

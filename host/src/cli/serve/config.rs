@@ -83,6 +83,7 @@ struct QuotasDef {
     jobs: Option<usize>,
     disk_bytes: Option<Size>,
     activations_per_second: Option<Spanned<u32>>,
+    memory_bytes: Option<Spanned<Size>>,
 }
 
 /// What a tenant may hold and run at once.
@@ -101,7 +102,15 @@ pub(crate) struct Quotas {
     /// Activations of all its jobs together per second (bursts of as many); past it an
     /// activation waits for its turn, its batch queued. `None`: no limit.
     pub activations_per_second: Option<u32>,
+    /// Bytes all its running jobs hold together: their guests' linear memories (and each
+    /// instance's overhead), queued items, WorkerState, held emits. Past it a slot is full
+    /// (posts wait, then answer 429), a guest's memory cannot grow (it traps, retryable), a
+    /// state write fails.
+    pub memory_bytes: u64,
 }
+
+/// The smallest `memory_bytes` quota: below it not even one instance of a small guest fits.
+pub(crate) const MIN_MEMORY_QUOTA: u64 = 16 << 20;
 
 impl Default for Quotas {
     fn default() -> Self {
@@ -112,6 +121,7 @@ impl Default for Quotas {
             jobs: 16,
             disk_bytes: 10 << 30,
             activations_per_second: None,
+            memory_bytes: 4 << 30,
         }
     }
 }
@@ -384,6 +394,20 @@ pub(crate) fn load(
                 quotas.activations_per_second = Some(n.value);
             }
         }
+        if let Some(n) = &q.memory_bytes {
+            if n.value.0 < MIN_MEMORY_QUOTA {
+                diags.push(src.error(
+                    &n.referenced,
+                    format!(
+                        "`memory_bytes: {}` is too small to run a job: the least is {}",
+                        crate::model::budget::bytes(n.value.0),
+                        crate::model::budget::bytes(MIN_MEMORY_QUOTA)
+                    ),
+                ));
+            } else {
+                quotas.memory_bytes = n.value.0;
+            }
+        }
         tenants.push(TenantConfig {
             id: def.id.value.clone(),
             token_hashes: hashes,
@@ -562,6 +586,19 @@ mod tests {
             assert!(d[0].message.contains("out of range"), "{}", d[0].message);
             assert_eq!(d[0].place.as_ref().map(|p| p.line), Some(5), "{d:?}");
         }
+        write("    quotas: {memory_bytes: 1GiB}\n");
+        let (c, _) = load(Some(&file), None, None).unwrap();
+        let m: Vec<u64> = c.tenants.iter().map(|t| t.quotas.memory_bytes).collect();
+        assert_eq!(m, [1 << 30, Quotas::default().memory_bytes]);
+        write("    quotas:\n      memory_bytes: 1MiB\n");
+        let d = load(Some(&file), None, None).unwrap_err();
+        assert!(
+            d[0].message
+                .contains("`memory_bytes: 1.0 MiB` is too small"),
+            "{}",
+            d[0].message
+        );
+        assert_eq!(d[0].place.as_ref().map(|p| p.line), Some(6), "{d:?}");
         let _ = std::fs::remove_dir_all(&dir);
     }
 }

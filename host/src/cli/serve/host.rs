@@ -582,6 +582,8 @@ impl Host {
         self.runtime.set_group_weight(group, c.weight);
         self.runtime
             .set_group_rate(group, c.quotas.activations_per_second);
+        self.runtime
+            .set_group_memory(group, Some(c.quotas.memory_bytes));
         Ok(Arc::new(Tenant {
             id: c.id.clone(),
             live: RwLock::new(c.clone()),
@@ -631,7 +633,8 @@ impl Host {
             t.removed.store(true, Ordering::SeqCst);
             let stopped = self.stop_tenant_jobs(&t);
             said.push(format!(
-                "tenant `{}` removed: its tokens no longer work; {stopped} unfinished jobs                  stopped into their stores (its data is kept in {})",
+                "tenant `{}` removed: its tokens no longer work; {stopped} unfinished jobs \
+                 stopped into their stores (its data is kept in {})",
                 t.id,
                 t.dir.root().display()
             ));
@@ -645,6 +648,10 @@ impl Host {
                         if live.quotas.activations_per_second != c.quotas.activations_per_second {
                             self.runtime
                                 .set_group_rate(t.group, c.quotas.activations_per_second);
+                        }
+                        if live.quotas.memory_bytes != c.quotas.memory_bytes {
+                            self.runtime
+                                .set_group_memory(t.group, Some(c.quotas.memory_bytes));
                         }
                         *live = c.clone();
                         self.runtime.set_group_weight(t.group, c.weight);
@@ -1069,6 +1076,7 @@ impl Host {
                 "of": self.runtime.thread_pool_size(),
             },
             "activations_per_second": {"quota": q.activations_per_second, "throttled": w.throttled},
+            "memory_bytes": {"used": w.memory_bytes, "peak": w.memory_peak_bytes, "quota": q.memory_bytes},
             "plugins": {"used": plugins, "quota": q.plugins},
             "plugin_bytes": {"used": plugin_bytes, "quota": q.plugin_bytes},
             "flows": {"used": flows, "quota": q.flows},
@@ -1819,15 +1827,17 @@ fn runtime_error(e: RuntimeError) -> ApiError {
             routine,
             slot,
             waited,
+            why,
             ..
         } => {
             let mut a = ApiError::new(
                 429,
                 "slot_full",
                 format!(
-                    "slot `{}.{}` is full and stayed full for {} ms: send the rest later",
+                    "slot `{}.{}` is full ({}) and stayed full for {} ms: send the rest later",
                     esc(&routine),
                     esc(&slot),
+                    esc(&why),
                     waited.as_millis()
                 ),
             )
