@@ -292,6 +292,7 @@ impl RuntimeBuilder {
             finished_gen: Mutex::new(0),
             finished_cv: Condvar::new(),
             group_memory: Mutex::new(Vec::new()),
+            quota_wait: self.post_timeout,
         });
         let mut threads = Vec::with_capacity(self.threads);
         let stop = |shared: &Shared, threads: Vec<JoinHandle<()>>| {
@@ -430,7 +431,9 @@ impl Runtime {
     /// WorkerState, held emits and retained dead letters and output), or lifts the quota
     /// (`None`: the meter stays, counting, without a limit). Each job stays within its own
     /// budget too. Past the quota, as past a job's budget: a slot is full (posts and emits
-    /// wait, a post past its timeout is refused with `QueueFull`), a guest's memory cannot
+    /// wait; a post past its timeout is refused with `QueueFull`; an emit that finds room in
+    /// its slot but none in the quota fails after as long, retryable, its item a dead letter,
+    /// so one job's memory cannot hold another job's worker), a guest's memory cannot
     /// grow (it traps, the error naming the tenant's quota, retryable) and a new instance
     /// cannot be made (retryable), a WorkerState write fails. Counted from the first call on:
     /// set it before the group's jobs start (jobs started earlier are not on it); a later

@@ -252,6 +252,7 @@ impl Job {
         // The epoch seen when the pool was first found stalled; overrun only if the pool is
         // still stalled after a grace wait and no batch moved anywhere meanwhile.
         let mut stalled_at: Option<u64> = None;
+        let mut quota = QuotaWait::default();
         loop {
             if job.halted() {
                 return Err(self.halted_while_waiting(from, node, slot, item, seq));
@@ -292,7 +293,11 @@ impl Job {
             };
             if helped {
                 stalled_at = None;
+                quota = QuotaWait::default();
             } else {
+                if let Some(e) = quota.check(self, from, (node, slot, seq), &item) {
+                    return Err(e);
+                }
                 // Counted as blocked only while waiting, so a worker that is merely slow
                 // (pre-empted between two attempts) never makes the pool look stalled.
                 shared.pool.wake_for_queued_work();
@@ -367,6 +372,27 @@ impl Job {
             })
     }
 
+    /// The emit waited past [`Shared::quota_wait`](super::job::Shared) for its tenant's
+    /// memory quota: the item becomes a dead letter of the receiving routine.
+    fn quota_spent(
+        &self,
+        from: usize,
+        (node, slot, seq): (usize, usize, u64),
+        item: &Item,
+        waited: Duration,
+    ) -> EmitError {
+        let r = &self.flow.routines[node];
+        let quota = self.meter.refusal(item.byte_len() as u64).to_string();
+        let e = EmitError::QuotaSpent {
+            routine: self.name(from).to_owned(),
+            to: format!("{}.{}", r.id, r.slot_names[slot]),
+            quota,
+            waited,
+        };
+        self.dead_letter_undelivered(node, slot, item.clone(), seq, e.to_string());
+        e
+    }
+
     /// The job halted while an emit waited: the item becomes a dead letter of the receiving
     /// routine (it is never dropped).
     fn halted_while_waiting(
@@ -412,10 +438,17 @@ impl Job {
         let pool = &shared.pool;
         let mut pending = Some(item);
         let mut stalled_at: Option<u64> = None;
+        let mut quota = QuotaWait::default();
         loop {
             if job.halted() {
                 let item = pending.take().expect("a failed push gives the item back");
                 return Err(self.halted_while_waiting(from, node, slot, item, seq));
+            }
+            if let Some(item) = &pending
+                && let Some(e) = quota.check(self, from, (node, slot, seq), item)
+            {
+                let _ = pending.take();
+                return Err(e);
             }
             pool.enter_blocked();
             let stalled = shared.stalled();
@@ -445,6 +478,41 @@ impl Job {
                 return Ok(());
             }
         }
+    }
+}
+
+/// How long an emit has found its slot full only because its tenant's memory quota is spent
+/// (by the tenant's other jobs: nothing this job does can make room, and the worker must not
+/// be held for as long as another job keeps its memory).
+#[derive(Default)]
+struct QuotaWait {
+    since: Option<Instant>,
+}
+
+impl QuotaWait {
+    /// The error to fail the emit with (the item made a dead letter), once the slot has been
+    /// full by the quota alone for longer than the runtime's post timeout.
+    fn check(
+        &mut self,
+        job: &Job,
+        from: usize,
+        (node, slot, seq): (usize, usize, u64),
+        item: &Item,
+    ) -> Option<EmitError> {
+        let r = &job.flow.routines[node];
+        let len = item.byte_len() as u64;
+        let blocked = job.nodes[node]
+            .queues
+            .lock()
+            .blocked_by_group(r, slot, len, &job.meter);
+        if !blocked {
+            self.since = None;
+            return None;
+        }
+        let since = *self.since.get_or_insert_with(Instant::now);
+        let waited = since.elapsed();
+        (waited >= job.shared.quota_wait)
+            .then(|| job.quota_spent(from, (node, slot, seq), item, waited))
     }
 }
 

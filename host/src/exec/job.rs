@@ -77,6 +77,9 @@ pub(crate) struct Shared {
     /// The memory quota each group's jobs share, by group (none: each job only within its
     /// own budget). Set with `Runtime::set_group_memory`.
     pub(crate) group_memory: Mutex<Vec<Option<Arc<Meter>>>>,
+    /// How long an emit waits for its group's memory quota (spent by the group's other
+    /// jobs) before it fails: the runtime's post timeout.
+    pub(crate) quota_wait: Duration,
 }
 
 impl Shared {

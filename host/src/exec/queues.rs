@@ -222,6 +222,23 @@ impl Queues {
             && meter.has_room(need)
     }
 
+    /// Whether an item of `len` bytes finds no room in `slot` only because the memory quota
+    /// of the job's group (tenant) is spent: the slot and the job have room, so only the
+    /// group's other jobs can make some.
+    pub(crate) fn blocked_by_group(
+        &self,
+        r: &CompiledRoutine,
+        slot: usize,
+        len: u64,
+        meter: &Meter,
+    ) -> bool {
+        let need = (self.bytes[slot] + len).saturating_sub(self.credit[slot]);
+        self.slots[slot].len() < r.capacities[slot]
+            && self.bytes[slot] + len <= r.queue_bytes[slot]
+            && !meter.has_room(need)
+            && meter.refusal(need).transient()
+    }
+
     /// Why an item of `len` bytes finds no room in `slot` now, for an error: the bound it is
     /// at, with the figures.
     pub(crate) fn why_full(

@@ -120,6 +120,21 @@ pub enum EmitError {
         /// The limit they would pass, and how full it is.
         limit: String,
     },
+    /// The slot had room but the tenant's memory quota stayed spent (by its other jobs) for
+    /// as long as a post waits: the item was kept as a dead letter of the receiving routine,
+    /// and the activation fails (retryable), so its worker is not held by another job's
+    /// memory.
+    #[error("routine `{routine}` could not deliver to `{to}`: {quota} stayed spent for {waited:?}")]
+    QuotaSpent {
+        /// The emitting routine.
+        routine: String,
+        /// The receiving `routine.slot`.
+        to: String,
+        /// The quota, and how full it is.
+        quota: String,
+        /// How long the emit waited.
+        waited: std::time::Duration,
+    },
     /// The job failed or was cancelled while the emit waited for queue space; the item was
     /// kept as a dead letter of the receiving routine.
     #[error("job {job} halted while `{routine}` waited to deliver an item")]
@@ -133,7 +148,10 @@ pub enum EmitError {
 
 impl From<EmitError> for RoutineError {
     fn from(e: EmitError) -> Self {
-        let retryable = matches!(e, EmitError::JobHalted { .. });
+        let retryable = matches!(
+            e,
+            EmitError::JobHalted { .. } | EmitError::QuotaSpent { .. }
+        );
         RoutineError {
             message: e.to_string(),
             retryable,

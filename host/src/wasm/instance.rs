@@ -495,7 +495,8 @@ impl bindings::Host for StoreData {
             Err(
                 e @ (EmitError::TooLarge { .. }
                 | EmitError::TooLargeForSlot { .. }
-                | EmitError::Overrun { .. }),
+                | EmitError::Overrun { .. }
+                | EmitError::QuotaSpent { .. }),
             ) => Err(call.fail_with(e.into())),
             Err(e) => Err(e.to_string()),
         }

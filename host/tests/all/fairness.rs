@@ -391,3 +391,81 @@ fn a_groups_jobs_share_its_memory_quota_and_another_group_does_not_feel_it() {
     assert!(eventually(|| rt.group_usage(a).memory_bytes == 0));
     assert!(rt.group_usage(a).memory_peak_bytes <= QUOTA);
 }
+
+/// An emit that finds room in its slot but none in its group's memory quota (spent by the
+/// group's other job) waits no longer than a post would, then fails the activation
+/// (retryable), its item a dead letter: the other job's memory cannot hold a worker.
+#[test]
+fn an_emit_blocked_by_its_groups_quota_gives_its_worker_back_after_the_post_timeout() {
+    use routilux::{ErrorStrategy, Item};
+    let rt = builder(2)
+        .fair(true)
+        .post_timeout(Duration::from_millis(100))
+        .build();
+    let a = rt.add_group(1);
+    rt.set_group_memory(a, Some(1 << 20));
+    let big = || Item::new(json!({"x": "x".repeat(300 << 10)})).unwrap();
+    let gate = crate::common::Gate::new();
+    let g = gate.clone();
+    let mut hoard = Flow::new();
+    hoard.add_routine(
+        Routine::new()
+            .slot_with_capacity("in", 100)
+            .policy(Policy::batch_size(1))
+            .logic(move |_, _| {
+                assert!(g.wait());
+                Ok(())
+            }),
+        "sink",
+    );
+    rt.register("hoard", &hoard).unwrap();
+    let mut emit = Flow::new();
+    emit.add_routine(
+        Routine::new()
+            .slot("go")
+            .event("out", ["x"])
+            .on_error(ErrorStrategy::Continue)
+            .logic(move |ctx, _| {
+                ctx.emit_item("out", big())?;
+                Ok(())
+            }),
+        "src",
+    )
+    .add_routine(Routine::new().slot("in").logic(|_, _| Ok(())), "sink")
+    .connect("src", "out", "sink", "in");
+    rt.register("emit", &emit).unwrap();
+    // The first job of a fills a's quota with queued items behind a closed gate.
+    let first = rt.exec_in(a, "hoard").unwrap();
+    let hold = first.hold_open().unwrap();
+    while first
+        .post_item_timeout("sink", "in", big(), Duration::from_millis(20))
+        .is_ok()
+    {}
+    // a's second job: its emit has room in its slot, none in a's quota.
+    let started = Instant::now();
+    let second = rt.exec_in(a, "emit").unwrap();
+    second.post("src", "go", &json!({})).unwrap();
+    assert!(
+        second.wait(WAIT),
+        "the emit never gave up: the first job's memory holds its worker"
+    );
+    let took = started.elapsed();
+    assert!(took >= Duration::from_millis(100), "{took:?}");
+    let errors = second.errors();
+    assert_eq!(errors.len(), 1, "{errors:?}");
+    assert!(errors[0].retryable, "{errors:?}");
+    assert!(
+        errors[0].error.contains("could not deliver to `sink.in`")
+            && errors[0].error.contains("tenant's memory quota of 1.0 MiB"),
+        "{errors:?}"
+    );
+    let c = &second.counters()["sink"];
+    assert_eq!(
+        (c.items_in, c.dead_lettered, c.processed),
+        (1, 1, 0),
+        "{c:?}"
+    );
+    gate.open();
+    drop(hold);
+    assert!(first.wait(WAIT));
+}
