@@ -321,6 +321,23 @@ enum ServeAction {
         #[arg(long)]
         hash_only: bool,
     },
+    /// Remove a tenant's data for good: its plugins, flows, jobs and their stores. Refused
+    /// while a server has the tenant live (remove it from the configuration and reload
+    /// first); without `--yes`, only says what it would remove.
+    Purge {
+        /// The tenant's id.
+        tenant: String,
+        /// The server's configuration (its data directory; the tenant must no longer be in
+        /// it).
+        #[arg(long, value_name = "FILE")]
+        config: Option<PathBuf>,
+        /// The server's data directory (when there is no configuration file).
+        #[arg(long, value_name = "DIR")]
+        data_dir: Option<PathBuf>,
+        /// Remove it (without this, nothing is removed).
+        #[arg(long)]
+        yes: bool,
+    },
 }
 
 /// Where plugins come from (for `run` and `validate`).
@@ -450,6 +467,16 @@ pub fn main() -> ExitCode {
                 }),
             ..
         } => serve::token(data_dir, hash_only),
+        Command::Serve {
+            action:
+                Some(ServeAction::Purge {
+                    tenant,
+                    config,
+                    data_dir,
+                    yes,
+                }),
+            ..
+        } => serve::purge(&tenant, config, data_dir, yes),
         Command::Serve {
             action: None,
             config,

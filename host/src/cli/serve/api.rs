@@ -153,9 +153,26 @@ async fn read_body(body: Body, limit: usize, what: &str) -> Result<axum::body::B
                 ),
             )
         } else {
-            ApiError::bad_request(format!("cannot read the request body: {e}"))
+            body_error(&e)
         }
     })
+}
+
+/// A request body that failed to arrive: 408 if it stalled past the server's `body_timeout`,
+/// else 400.
+fn body_error(e: &(dyn std::error::Error + 'static)) -> ApiError {
+    let mut source = Some(e);
+    while let Some(s) = source {
+        if s.is::<tower_http::timeout::TimeoutError>() {
+            return ApiError::new(
+                408,
+                "body_timeout",
+                "the request body sent nothing for longer than the server's `body_timeout`",
+            );
+        }
+        source = s.source();
+    }
+    ApiError::bad_request(format!("cannot read the request body: {e}"))
 }
 
 /// The OpenAPI document's frame; the paths come from the handlers' `#[utoipa::path]`.
@@ -296,9 +313,7 @@ async fn read_small_bodies(req: axum::extract::Request, next: axum::middleware::
             next.run(axum::extract::Request::from_parts(parts, Body::from(bytes)))
                 .await
         }
-        Err(e) => {
-            ApiError::bad_request(format!("cannot read the request body: {e}")).into_response()
-        }
+        Err(e) => body_error(&e).into_response(),
     }
 }
 
@@ -1055,10 +1070,7 @@ async fn post_items(
         match frame {
             None => {}
             Some(Err(e)) => {
-                return Err(
-                    ApiError::bad_request(format!("cannot read the request body: {e}"))
-                        .with("accepted", accepted),
-                );
+                return Err(body_error(&e).with("accepted", accepted));
             }
             Some(Ok(f)) => {
                 if let Ok(data) = f.into_data() {

@@ -55,6 +55,7 @@ struct ConfigFile {
     /// How long a client has to send a request's headers (and an idle connection lives).
     #[serde(default)]
     header_timeout: Option<Dur>,
+    body_timeout: Option<Dur>,
     /// How long a finished job (its status, summary and directory) is kept.
     #[serde(default)]
     job_retention: Option<Dur>,
@@ -162,6 +163,9 @@ pub(crate) struct Connections {
     /// start or the end of its previous response (so an idle keep-alive connection closes
     /// after it too).
     pub header_timeout: Duration,
+    /// How long a request body may send nothing (between two pieces of it) before the
+    /// request is answered 408 and the connection closed.
+    pub body_timeout: Duration,
 }
 
 impl Default for Connections {
@@ -170,6 +174,7 @@ impl Default for Connections {
             max: 1_024,
             per_address: 64,
             header_timeout: Duration::from_secs(10),
+            body_timeout: Duration::from_secs(30),
         }
     }
 }
@@ -447,14 +452,27 @@ pub(crate) fn load(
         &mut connections.per_address,
     );
     connections.per_address = connections.per_address.min(connections.max);
-    if let Some(d) = &f.header_timeout {
-        if d.0.is_zero() || d.0 > Duration::from_secs(3_600) {
-            diags.push(Diagnostic::error(format!(
-                "{}: `header_timeout` is out of range: more than 0 and at most 1h",
-                path.display()
-            )));
-        } else {
-            connections.header_timeout = d.0;
+    for (name, given, set) in [
+        (
+            "header_timeout",
+            &f.header_timeout,
+            &mut connections.header_timeout,
+        ),
+        (
+            "body_timeout",
+            &f.body_timeout,
+            &mut connections.body_timeout,
+        ),
+    ] {
+        if let Some(d) = given {
+            if d.0.is_zero() || d.0 > Duration::from_secs(3_600) {
+                diags.push(Diagnostic::error(format!(
+                    "{}: `{name}` is out of range: more than 0 and at most 1h",
+                    path.display()
+                )));
+            } else {
+                *set = d.0;
+            }
         }
     }
     let Some(data_dir) = data_dir else {

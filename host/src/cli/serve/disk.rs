@@ -8,6 +8,87 @@ use std::path::{Path, PathBuf};
 
 use serde::{Deserialize, Serialize};
 
+/// The bytes of every file under `dir`.
+fn tree_bytes(dir: &Path) -> u64 {
+    let Ok(entries) = std::fs::read_dir(dir) else {
+        return 0;
+    };
+    entries
+        .flatten()
+        .map(|e| match e.file_type() {
+            Ok(t) if t.is_dir() => tree_bytes(&e.path()),
+            Ok(t) if t.is_file() => e.metadata().map_or(0, |m| m.len()),
+            _ => 0,
+        })
+        .sum()
+}
+
+/// What a purge removed (or would remove) of a tenant's directory.
+#[derive(Debug)]
+pub(crate) struct Purged {
+    pub dir: PathBuf,
+    pub plugins: usize,
+    pub flows: usize,
+    pub jobs: usize,
+    pub bytes: u64,
+}
+
+/// Removes tenant `id`'s directory under `data_dir` (all its plugins, flows, jobs and their
+/// stores), or with `dry_run` only says what it holds. Refused while a server has the tenant
+/// live (its lock is held). The directory is first renamed aside, under the lock, so a
+/// server that opens the tenant meanwhile starts on a new, empty one.
+pub(crate) fn purge(data_dir: &Path, id: &str, dry_run: bool) -> Result<Purged, String> {
+    let dir = data_dir.join("tenants").join(id);
+    if !dir.is_dir() {
+        return Err(format!(
+            "there is no tenant `{id}` in {}",
+            data_dir.display()
+        ));
+    }
+    let lock = lock_dir(&dir)
+        .map_err(|e| format!("cannot lock {}: {e}", dir.display()))?
+        .ok_or_else(|| {
+            format!(
+                "tenant `{id}` is live in a running server: remove it from the server's \
+                 configuration and reload it (SIGHUP) first"
+            )
+        })?;
+    let index = TenantDir {
+        dir: dir.clone(),
+        lock: parking_lot::Mutex::new(None),
+    }
+    .index()
+    .unwrap_or_default();
+    let jobs = std::fs::read_dir(dir.join("jobs")).map_or(0, |d| d.flatten().count());
+    let purged = Purged {
+        plugins: index.plugins.len(),
+        flows: index.flows.len(),
+        jobs,
+        bytes: tree_bytes(&dir),
+        dir: dir.clone(),
+    };
+    if dry_run {
+        return Ok(purged);
+    }
+    let aside = data_dir
+        .join("tenants")
+        .join(format!(".purging-{id}-{}", std::process::id()));
+    std::fs::rename(&dir, &aside)
+        .map_err(|e| format!("cannot move {} aside: {e}", dir.display()))?;
+    drop(lock);
+    std::fs::remove_dir_all(&aside).map_err(|e| {
+        format!(
+            "tenant `{id}` is gone from the server, but removing {} failed: {e} (remove \
+             it by hand)",
+            aside.display()
+        )
+    })?;
+    if let Ok(d) = std::fs::File::open(data_dir.join("tenants")) {
+        let _ = d.sync_all();
+    }
+    Ok(purged)
+}
+
 /// Writes `bytes` to `path` through a temporary file, synced and renamed into place, then syncs
 /// the directory: a crash leaves the old file or the new one, never a part.
 pub(crate) fn write_atomic(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
@@ -42,19 +123,55 @@ pub(crate) struct Index {
     pub flows: BTreeMap<String, String>,
 }
 
-/// One tenant's directory: `DATA/tenants/ID/` with `index.json` and `blobs/HASH`.
-#[derive(Clone, Debug)]
+/// One tenant's directory: `DATA/tenants/ID/` with `index.json` and `blobs/HASH`, and
+/// `.lock`, locked (an advisory `flock`) while a server has the tenant live, so that neither a
+/// second server on the same data directory nor `routilux serve purge` can touch it.
+#[derive(Debug)]
 pub(crate) struct TenantDir {
     dir: PathBuf,
+    lock: parking_lot::Mutex<Option<std::fs::File>>,
+}
+
+/// The lock file in a tenant's directory.
+const LOCK: &str = ".lock";
+
+/// Locks the tenant directory `dir` for this process; `Ok(None)` if another process holds it.
+fn lock_dir(dir: &Path) -> std::io::Result<Option<std::fs::File>> {
+    let f = std::fs::OpenOptions::new()
+        .create(true)
+        .truncate(false)
+        .write(true)
+        .open(dir.join(LOCK))?;
+    match f.try_lock() {
+        Ok(()) => Ok(Some(f)),
+        Err(std::fs::TryLockError::WouldBlock) => Ok(None),
+        Err(std::fs::TryLockError::Error(e)) => Err(e),
+    }
 }
 
 impl TenantDir {
-    /// Opens (creating it if needed) the directory of tenant `id` (a checked name).
+    /// Opens (creating it if needed) the directory of tenant `id` (a checked name) and locks
+    /// it; an error if another process (a server, a purge) holds it.
     pub fn open(data_dir: &Path, id: &str) -> std::io::Result<Self> {
         private_dir(data_dir)?;
         let dir = data_dir.join("tenants").join(id);
         std::fs::create_dir_all(dir.join("blobs"))?;
-        Ok(Self { dir })
+        let Some(lock) = lock_dir(&dir)? else {
+            return Err(std::io::Error::other(
+                "another process holds it (a server on the same data directory, or `routilux \
+                 serve purge`)",
+            ));
+        };
+        Ok(Self {
+            dir,
+            lock: parking_lot::Mutex::new(Some(lock)),
+        })
+    }
+
+    /// Lets the directory go (the tenant was removed from the configuration): a purge may
+    /// now remove it.
+    pub fn unlock(&self) {
+        self.lock.lock().take();
     }
 
     /// The directory itself.
@@ -101,20 +218,7 @@ impl TenantDir {
 
     /// The bytes of every file under the tenant's directory.
     pub fn usage(&self) -> u64 {
-        fn walk(dir: &Path) -> u64 {
-            let Ok(entries) = std::fs::read_dir(dir) else {
-                return 0;
-            };
-            entries
-                .flatten()
-                .map(|e| match e.file_type() {
-                    Ok(t) if t.is_dir() => walk(&e.path()),
-                    Ok(t) if t.is_file() => e.metadata().map_or(0, |m| m.len()),
-                    _ => 0,
-                })
-                .sum()
-        }
-        walk(&self.dir)
+        tree_bytes(&self.dir)
     }
 
     /// Where the tenant's jobs are, one directory each.
@@ -179,6 +283,11 @@ mod tests {
         let mut i = Index::default();
         i.plugins.insert("p".into(), "aa".into());
         t.save_index(&i, &Default::default()).unwrap();
+        assert!(
+            TenantDir::open(d.path(), "acme").is_err(),
+            "locked while open"
+        );
+        drop(t);
         let t = TenantDir::open(d.path(), "acme").unwrap();
         assert_eq!(t.index().unwrap().plugins["p"], "aa");
         assert_eq!(t.blob("aa").unwrap(), b"one");

@@ -618,7 +618,8 @@ impl Host {
             || new.connections != old.connections
         {
             said.push(
-                "listen, data_dir, threads, timeouts, job_retention and connection limits                  change only at a restart: kept as they were"
+                "listen, data_dir, threads, timeouts, job_retention and connection limits \
+                 change only at a restart: kept as they were"
                     .to_owned(),
             );
         }
@@ -632,11 +633,14 @@ impl Host {
             self.tenants.write().remove(&t.id);
             t.removed.store(true, Ordering::SeqCst);
             let stopped = self.stop_tenant_jobs(&t);
+            t.dir.unlock();
             said.push(format!(
                 "tenant `{}` removed: its tokens no longer work; {stopped} unfinished jobs \
-                 stopped into their stores (its data is kept in {})",
+                 stopped into their stores (its data is kept in {}: `routilux serve purge {}` \
+                 removes it)",
                 t.id,
-                t.dir.root().display()
+                t.dir.root().display(),
+                t.id
             ));
         }
         for c in &new.tenants {

@@ -4,6 +4,9 @@
 //!   the connection's start or from the end of its previous response, so a slow-loris client
 //!   and an idle keep-alive connection are both closed after it;
 //! - request heads of at most [`MAX_HEAD`] bytes (431 past it);
+//! - a body timeout: a request body that sends nothing for `body_timeout` (between two of its
+//!   pieces) fails its request (408, see the API's body reading) and the connection closes, so
+//!   a client dripping a body cannot hold a connection and a handler for ever;
 //! - at most `max` connections open at once and `per_address` from one IP address: one more is
 //!   answered 503 (`too_many_connections`, with `Retry-After`) and closed at once, so one
 //!   client cannot hold every descriptor;
@@ -27,6 +30,7 @@ use hyper_util::server::graceful::GracefulShutdown;
 use parking_lot::Mutex;
 use tokio::net::TcpListener;
 use tower::ServiceExt;
+use tower_http::timeout::TimeoutBody;
 
 use super::config::Connections;
 
@@ -140,9 +144,11 @@ pub(crate) async fn serve(
         };
         let _ = stream.set_nodelay(true);
         let app = app.clone();
+        let body_timeout = limits.body_timeout;
         let service = hyper::service::service_fn(move |mut req: hyper::Request<Incoming>| {
             req.extensions_mut().insert(ConnectInfo(peer));
-            app.clone().oneshot(req.map(Body::new))
+            app.clone()
+                .oneshot(req.map(|b| Body::new(TimeoutBody::new(body_timeout, b))))
         });
         let conn = graceful.watch(http.serve_connection(TokioIo::new(stream), service));
         tokio::spawn(async move {

@@ -177,6 +177,72 @@ async fn stop_signal() {
 
 /// `routilux serve token`: a new token for the default tenant (its hash replaces the stored
 /// ones), or, with `hash_only`, a token and the hash to put in a config file (nothing stored).
+/// `routilux serve purge TENANT`: removes a tenant's directory (see [`disk::purge`]).
+pub(crate) fn purge(
+    tenant: &str,
+    config_file: Option<PathBuf>,
+    data_dir: Option<PathBuf>,
+    yes: bool,
+) -> Code {
+    let esc = |s: &str| crate::term::escape(s).into_owned();
+    if !config::valid_name(tenant) {
+        errln!(
+            "error: `{}` is not a tenant id (1 to 64 letters, digits, `_` and `-`)",
+            esc(tenant)
+        );
+        return Code::Invalid;
+    }
+    let data_dir = match &config_file {
+        Some(file) => match config::load(Some(file), None, data_dir) {
+            Ok((c, _)) => {
+                if c.tenants.iter().any(|t| t.id == tenant) {
+                    errln!(
+                        "error: tenant `{tenant}` is in {}: remove it there (and reload the \
+                         server with SIGHUP) before purging it",
+                        file.display()
+                    );
+                    return Code::Invalid;
+                }
+                c.data_dir
+            }
+            Err(diags) => {
+                super::print_diagnostics(&diags);
+                return Code::Invalid;
+            }
+        },
+        None => match data_dir.or_else(config::default_data_dir) {
+            Some(d) => d,
+            None => {
+                errln!("error: no data directory: give --config FILE or --data-dir DIR");
+                return Code::Invalid;
+            }
+        },
+    };
+    match disk::purge(&data_dir, tenant, !yes) {
+        Ok(p) => {
+            let what = format!(
+                "{} plugins, {} flows, {} jobs, {} in {}",
+                p.plugins,
+                p.flows,
+                p.jobs,
+                crate::model::budget::bytes(p.bytes),
+                p.dir.display()
+            );
+            if yes {
+                outln!("purged tenant `{tenant}`: {what}");
+                Code::Ok
+            } else {
+                outln!("tenant `{tenant}` holds {what}; run again with --yes to remove it");
+                Code::Failed
+            }
+        }
+        Err(e) => {
+            errln!("error: {e}");
+            Code::Failed
+        }
+    }
+}
+
 pub(crate) fn token(data_dir: Option<PathBuf>, hash_only: bool) -> Code {
     if hash_only {
         return match config::new_token() {
