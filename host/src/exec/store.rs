@@ -75,6 +75,11 @@ const LOG: TableDefinition<u64, &[u8]> = TableDefinition::new("log");
 /// many groups (see "The log and checkpoints" above).
 const CHECKPOINT_BYTES: usize = 4 << 20;
 const CHECKPOINT_GROUPS: usize = 64;
+/// The most ops the writer's vectors keep room for between groups (a larger group's room is
+/// let go after it).
+const KEPT_OPS: usize = 1 << 16;
+/// The most bytes the record buffer keeps between groups.
+const KEPT_RECORD_BYTES: usize = 8 << 20;
 
 /// The page cache of a job's store.
 const CACHE_BYTES: usize = 32 << 20;
@@ -209,8 +214,11 @@ struct Inner {
 /// The log since the last checkpoint, as the writer keeps it.
 #[derive(Default)]
 struct Log {
-    /// Its operations, in commit order.
+    /// Its operations, in commit order (its capacity kept across checkpoints: regrowing it
+    /// from nothing every 64 groups made the allocator fault in fresh pages each time).
     ops: Vec<Op>,
+    /// The buffer a record is encoded in (kept, for the same reason).
+    record: Vec<u8>,
     /// Its bytes, encoded.
     bytes: usize,
     /// Its records (groups).
@@ -458,8 +466,11 @@ impl Drop for Store {
 
 impl Inner {
     fn write_loop(&self) {
+        // The group being written; swapped with the pending one, so both keep their capacity
+        // (units are appended to a vector that does not regrow from nothing every group).
+        let mut ops = Vec::new();
         loop {
-            let (ops, ticket) = {
+            let ticket = {
                 let mut p = self.pending.lock();
                 while p.ops.is_empty() && !p.closed {
                     self.work.wait(&mut p);
@@ -467,9 +478,12 @@ impl Inner {
                 if p.ops.is_empty() || p.failed.is_some() {
                     return;
                 }
-                (std::mem::take(&mut p.ops), p.submitted)
+                std::mem::swap(&mut p.ops, &mut ops);
+                p.submitted
             };
-            let result = self.write(ops);
+            let result = self.write(&mut ops);
+            ops.clear();
+            ops.shrink_to(KEPT_OPS);
             let mut p = self.pending.lock();
             match result {
                 Ok(()) => {
@@ -495,35 +509,43 @@ impl Inner {
     /// Commits one group of units in one transaction, with `Immediate` durability: as one
     /// record of the log, or, when the log is due for it, as a checkpoint that folds the log
     /// and this group into the tables and empties the log.
-    fn write(&self, ops: Vec<Op>) -> Result<(), String> {
+    fn write(&self, ops: &mut Vec<Op>) -> Result<(), String> {
         let mut log = self.log.lock();
+        let log = &mut *log;
         let mut txn = self.db.begin_write().map_err(|e| e.to_string())?;
         txn.set_durability(Durability::Immediate)
             .map_err(|e| e.to_string())?;
-        let record = encode(&ops);
-        if log.bytes + record.len() >= CHECKPOINT_BYTES || log.records + 1 >= CHECKPOINT_GROUPS {
-            let mut all = std::mem::take(&mut log.ops);
-            all.extend(ops);
-            *log = Log::default();
-            checkpoint(&txn, all)?;
+        log.record.clear();
+        encode(ops, &mut log.record);
+        log.record.shrink_to(KEPT_RECORD_BYTES);
+        let len = log.record.len();
+        if log.bytes + len >= CHECKPOINT_BYTES || log.records + 1 >= CHECKPOINT_GROUPS {
+            log.ops.append(ops);
+            (log.bytes, log.records, log.next) = (0, 0, 0);
+            let folded = checkpoint(&txn, log.ops.drain(..));
+            log.ops.shrink_to(KEPT_OPS);
+            folded?;
             return txn.commit().map_err(|e| e.to_string());
         }
         txn.open_table(LOG)
             .map_err(|e| e.to_string())?
-            .insert(log.next, record.as_slice())
+            .insert(log.next, log.record.as_slice())
             .map_err(|e| e.to_string())?;
         txn.commit().map_err(|e| e.to_string())?;
         log.next += 1;
         log.records += 1;
-        log.bytes += record.len();
-        log.ops.extend(ops);
+        log.bytes += len;
+        log.ops.append(ops);
         Ok(())
     }
 }
 
 /// Folds `ops` (in commit order) into the tables and empties the log, in `txn`. An item both
 /// queued and consumed in `ops` is never written; a key set many times is written once.
-fn checkpoint(txn: &redb::WriteTransaction, ops: Vec<Op>) -> Result<(), String> {
+fn checkpoint(
+    txn: &redb::WriteTransaction,
+    ops: impl IntoIterator<Item = Op>,
+) -> Result<(), String> {
     use std::collections::HashMap;
     let e = |e: redb::Error| e.to_string();
     let mut queued: HashMap<(u32, u32, u64), Item> = HashMap::new();
@@ -671,12 +693,12 @@ fn read_log(db: &Database) -> Result<Vec<Op>, String> {
 
 /// One log record: each op as a tag byte and its fields (integers little-endian, texts as a
 /// u32 length and their bytes).
-fn encode(ops: &[Op]) -> Vec<u8> {
+fn encode(ops: &[Op], out: &mut Vec<u8>) {
     fn text(out: &mut Vec<u8>, t: &[u8]) {
         out.extend_from_slice(&(t.len() as u32).to_le_bytes());
         out.extend_from_slice(t);
     }
-    let mut out = Vec::with_capacity(ops.len() * 64);
+    out.reserve(ops.len() * 64);
     for op in ops {
         match op {
             Op::Queue {
@@ -689,7 +711,7 @@ fn encode(ops: &[Op]) -> Vec<u8> {
                 out.extend_from_slice(&node.to_le_bytes());
                 out.extend_from_slice(&slot.to_le_bytes());
                 out.extend_from_slice(&seq.to_le_bytes());
-                text(&mut out, item.json_str().as_bytes());
+                text(out, item.json_str().as_bytes());
             }
             Op::Consume { node, slot, seq } => {
                 out.push(1);
@@ -700,11 +722,11 @@ fn encode(ops: &[Op]) -> Vec<u8> {
             Op::State { node, key, value } => {
                 out.push(2);
                 out.extend_from_slice(&node.to_le_bytes());
-                text(&mut out, key.as_bytes());
+                text(out, key.as_bytes());
                 match value {
                     Some(v) => {
                         out.push(1);
-                        text(&mut out, v.as_bytes());
+                        text(out, v.as_bytes());
                     }
                     None => out.push(0),
                 }
@@ -712,16 +734,16 @@ fn encode(ops: &[Op]) -> Vec<u8> {
             Op::DeadLetter { seq, letter } => {
                 out.push(3);
                 out.extend_from_slice(&seq.to_le_bytes());
-                text(&mut out, letter.as_bytes());
+                text(out, letter.as_bytes());
             }
             Op::Input { name, position } => {
                 out.push(4);
-                text(&mut out, name.as_bytes());
+                text(out, name.as_bytes());
                 out.extend_from_slice(&position.to_le_bytes());
             }
             Op::Status(status) => {
                 out.push(5);
-                text(&mut out, status.as_bytes());
+                text(out, status.as_bytes());
             }
             Op::Retry {
                 node,
@@ -731,7 +753,7 @@ fn encode(ops: &[Op]) -> Vec<u8> {
                 out.push(6);
                 out.extend_from_slice(&node.to_le_bytes());
                 out.extend_from_slice(&first_seq.to_le_bytes());
-                text(&mut out, &serde_json::to_vec(retry).unwrap_or_default());
+                text(out, &serde_json::to_vec(retry).unwrap_or_default());
             }
             Op::RetryDone { node, first_seq } => {
                 out.push(7);
@@ -749,7 +771,6 @@ fn encode(ops: &[Op]) -> Vec<u8> {
             }
         }
     }
-    out
 }
 
 /// Reads the ops of one log record (see [`encode`]) into `out`.
