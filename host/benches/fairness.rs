@@ -4,6 +4,7 @@
 //! ```text
 //! cargo bench -p routilux --bench fairness                  # release build
 //! cargo bench -p routilux --bench fairness --profile dev -- --reps 5
+//! cargo bench -p routilux --bench fairness -- --reps 7 --overhead-only   # the costs alone
 //! ```
 //!
 //! In-process, one runtime per scenario, two groups of weight 1. Tenant B posts one item every
@@ -34,6 +35,8 @@ struct Args {
     busy: Duration,
     every: Duration,
     samples: usize,
+    /// Only the cost with nothing to share (`--overhead-only`).
+    overhead_only: bool,
 }
 
 fn args() -> Args {
@@ -44,6 +47,7 @@ fn args() -> Args {
         busy: Duration::from_millis(1),
         every: Duration::from_millis(5),
         samples: 200,
+        overhead_only: false,
     };
     let mut it = std::env::args().skip(1);
     while let Some(arg) = it.next() {
@@ -58,6 +62,7 @@ fn args() -> Args {
             "--busy-us" => a.busy = Duration::from_micros(num("--busy-us")),
             "--every-us" => a.every = Duration::from_micros(num("--every-us")),
             "--samples" => a.samples = num("--samples") as usize,
+            "--overhead-only" => a.overhead_only = true,
             "--bench" => {}
             other => panic!("unknown argument {other}"),
         }
@@ -189,8 +194,9 @@ fn scenario(a: &Args, fair: bool, queued: u64) -> Run {
 }
 
 /// What fair shares cost when there is nothing to share: one group's `n` no-op activations
-/// (one item each), items per second.
-fn overhead(a: &Args, fair: bool, n: u64) -> f64 {
+/// (one item each, each emitting it on to a second routine), items per second. `quota`: the
+/// group also has a memory quota (its jobs' meters linked to the group's).
+fn overhead(a: &Args, fair: bool, quota: bool, n: u64) -> f64 {
     let rt = Runtime::builder()
         .thread_pool_size(a.threads)
         .fair(fair)
@@ -203,14 +209,29 @@ fn overhead(a: &Args, fair: bool, n: u64) -> f64 {
             .slot_with_capacity("in", n as usize)
             .policy(Policy::batch_size(1))
             .concurrency(a.threads)
-            .logic(move |_, _| {
+            .event("out", ["i"])
+            .logic(move |ctx, b| {
                 d.fetch_add(1, Ordering::Relaxed);
+                for item in b.items() {
+                    ctx.emit_item("out", item.clone())?;
+                }
                 Ok(())
             }),
         "work",
-    );
+    )
+    .add_routine(
+        Routine::new()
+            .slot("in")
+            .concurrency(a.threads)
+            .logic(|_, _| Ok(())),
+        "sink",
+    )
+    .connect("work", "out", "sink", "in");
     rt.register("a", &f).unwrap();
     let g = rt.add_group(1);
+    if quota {
+        rt.set_group_memory(g, Some(1 << 30));
+    }
     let job = rt.exec_in(g, "a").unwrap();
     let items: Vec<routilux::Item> = (0..n)
         .map(|i| routilux::Item::new(json!({ "i": i })).unwrap())
@@ -242,7 +263,7 @@ fn main() {
         ("A 10k queued, fair", true, 10_000),
     ];
     let mut runs: Vec<Vec<Run>> = cases.iter().map(|_| Vec::new()).collect();
-    for _ in 0..a.reps {
+    for _ in 0..if a.overhead_only { 0 } else { a.reps } {
         for (i, &(_, fair, queued)) in cases.iter().enumerate() {
             runs[i].push(scenario(&a, fair, queued));
         }
@@ -254,6 +275,9 @@ fn main() {
     let med = |v: &[Run], f: fn(&Run) -> f64| support::median(v.iter().map(f).collect());
     let mut p99 = Vec::new();
     for (i, (name, ..)) in cases.iter().enumerate() {
+        if a.overhead_only {
+            break;
+        }
         let (p50, q99, tput) = (
             med(&runs[i], |r| r.p50_us),
             med(&runs[i], |r| r.p99_us),
@@ -264,17 +288,27 @@ fn main() {
         println!("{name:<22} {p50:>12.0} {q99:>12.0} {tput:>16.0} {starved:>14}");
     }
     let n = 100_000;
-    let (mut fifo, mut fair) = (Vec::new(), Vec::new());
+    let (mut fifo, mut fair, mut quota) = (Vec::new(), Vec::new(), Vec::new());
     for _ in 0..a.reps {
-        fifo.push(overhead(&a, false, n));
-        fair.push(overhead(&a, true, n));
+        fifo.push(overhead(&a, false, false, n));
+        fair.push(overhead(&a, true, false, n));
+        quota.push(overhead(&a, true, true, n));
     }
-    let (fifo, fair) = (support::median(fifo), support::median(fair));
-    println!(
-        "one group alone, {n} no-op activations: fifo {fifo:.0}/s, fair {fair:.0}/s \
-         (fair/fifo {:.2})",
-        fair / fifo
+    let (fifo, fair, quota) = (
+        support::median(fifo),
+        support::median(fair),
+        support::median(quota),
     );
+    println!(
+        "one group alone, {n} no-op activations (each emitting to a no-op sink): fifo \
+         {fifo:.0}/s, fair {fair:.0}/s (fair/fifo {:.2}), fair with a memory quota \
+         {quota:.0}/s (quota/fair {:.2})",
+        fair / fifo,
+        quota / fair
+    );
+    if a.overhead_only {
+        return;
+    }
     let target = p99[1] + 2.0 * a.busy.as_secs_f64() * 1e6;
     println!(
         "target (B's p99 alone, fair, + twice one of A's activations): {target:.0} µs; \
