@@ -698,18 +698,13 @@ fn post_resolved(
     if job.durable.is_some() {
         return post_durable(job, node, slot, vec![item], Vec::new(), timeout);
     }
-    let started = Instant::now();
     too_large(job, node, slot, &item)?;
-    // A timeout too long to represent means "no deadline".
-    let deadline = started.checked_add(timeout);
-    let mut item = item;
-    loop {
-        if job.stopping() {
-            return Err(RuntimeError::JobHalted {
-                job: job.id,
-                status: job.status(),
-            });
-        }
+    let len = item.byte_len() as u64;
+    let mut pending = Some(item);
+    wait_for_room(job, node, slot, len, timeout, || {
+        let Some(item) = pending.take() else {
+            return true;
+        };
         match job.push(
             node,
             slot,
@@ -718,30 +713,49 @@ fn post_resolved(
             false,
             Sched::External(&job.shared.pool),
         ) {
-            Ok(()) => return Ok(()),
-            Err(back) => item = back,
+            Ok(()) => true,
+            Err(back) => {
+                pending = Some(back);
+                false
+            }
+        }
+    })
+}
+
+/// Waits up to `timeout` until `ready` (tried now, then again each time the pool makes
+/// progress, at least every 5 ms, with the waiter registered so no wake-up is lost) says it
+/// is done: queued an item, or found room for `len` bytes in `node.slot`. `JobHalted` once
+/// the job stops; `QueueFull` at the deadline (a timeout too long to represent has none).
+fn wait_for_room(
+    job: &Job,
+    node: usize,
+    slot: usize,
+    len: u64,
+    timeout: Duration,
+    mut ready: impl FnMut() -> bool,
+) -> Result<(), RuntimeError> {
+    let started = Instant::now();
+    let deadline = started.checked_add(timeout);
+    loop {
+        if job.stopping() {
+            return Err(RuntimeError::JobHalted {
+                job: job.id,
+                status: job.status(),
+            });
+        }
+        if ready() {
+            return Ok(());
         }
         let now = Instant::now();
         if deadline.is_some_and(|d| now >= d) {
-            let len = item.byte_len() as u64;
             return Err(queue_full(job, node, slot, len, now - started));
         }
-        let mut pending = Some(item);
         let slice = deadline.map_or(Duration::from_millis(5), |d| {
             (d - now).min(Duration::from_millis(5))
         });
-        let pushed = job.push_or_wait(
-            node,
-            slot,
-            &mut pending,
-            0,
-            Sched::External(&job.shared.pool),
-            slice,
-        );
-        if pushed {
+        if job.shared.pool.wait_unless(slice, &mut ready) {
             return Ok(());
         }
-        item = pending.expect("a failed push gives the item back");
     }
 }
 
@@ -777,38 +791,18 @@ fn post_durable(
     let Some(d) = &job.durable else {
         unreachable!("a durable post to a job without a store");
     };
-    let started = Instant::now();
     for item in &items {
         too_large(job, node, slot, item)?;
     }
     let r = &job.flow.routines[node];
     let len = items.first().map_or(0, |i| i.byte_len() as u64);
-    let deadline = started.checked_add(timeout);
-    let room = || {
-        job.nodes[node]
-            .queues
-            .lock()
-            .has_room(r, slot, len, &job.meter)
-    };
-    loop {
-        if job.stopping() {
-            return Err(RuntimeError::JobHalted {
-                job: job.id,
-                status: job.status(),
-            });
-        }
-        if items.is_empty() || room() {
-            break;
-        }
-        let now = Instant::now();
-        if deadline.is_some_and(|d| now >= d) {
-            return Err(queue_full(job, node, slot, len, now - started));
-        }
-        let slice = deadline.map_or(Duration::from_millis(5), |d| {
-            (d - now).min(Duration::from_millis(5))
-        });
-        job.shared.pool.wait_unless(slice, room);
-    }
+    wait_for_room(job, node, slot, len, timeout, || {
+        items.is_empty()
+            || job.nodes[node]
+                .queues
+                .lock()
+                .has_room(r, slot, len, &job.meter)
+    })?;
     let base = d.take_seqs(items.len() as u64);
     let mut ops: Vec<Op> = (base..)
         .zip(&items)
