@@ -2084,3 +2084,78 @@ fn a_stalled_request_body_is_answered_408_after_the_body_timeout() {
     let state = s.get(&format!("/v1/jobs/{id}/state"), TOKEN_A).json;
     assert_eq!(state["h"].as_object().unwrap().len(), 4, "{state}");
 }
+
+/// One tenant's full storage is that tenant's: its posts answer 507 and its `/v1/usage` says
+/// why, while the other tenant's job takes input and completes and `/readyz` stays true (the
+/// data directory itself can be written). Tenant a's directory is a tmpfs of its own.
+#[test]
+fn one_tenants_full_storage_is_its_own_and_readyz_stays_true() {
+    const SCRIPT: &str = r#"
+        mkdir -p "$DATA/tenants/a" && mount -t tmpfs -o "size=$SIZE" routilux-a "$DATA/tenants/a" || exit 90
+        exec "$@" --data-dir "$DATA"
+    "#;
+    let dir = scratch();
+    let config = dir.path().join("serve.yaml");
+    std::fs::write(&config, two_tenants("{}", "")).unwrap();
+    let data = dir.path().join("data");
+    let size = std::fs::metadata(plugin("hostile")).unwrap().len() + (1536 << 10);
+    let mut cmd = Command::new("unshare");
+    cmd.args(["-rm", "bash", "-c", SCRIPT, "tenant-full"])
+        .arg(env!("CARGO_BIN_EXE_routilux"))
+        .args(["serve", "--listen", "127.0.0.1:0", "--config"])
+        .arg(&config)
+        .env("SIZE", size.to_string())
+        .env("DATA", &data);
+    let s = Server::spawn(cmd);
+    let mut jobs = Vec::new();
+    for token in [TOKEN_A, TOKEN_B] {
+        assert_eq!(s.put_plugin(token, "hostile", "hostile").status, 201);
+        assert_eq!(s.put_flow(token, "t", TALLY_FLOW).status, 201);
+        let r = s.post("/v1/flows/t/jobs", token, json!({}));
+        assert_eq!(r.status, 201, "{}", r.json);
+        jobs.push(r.json["id"].as_str().unwrap().to_owned());
+    }
+    let pad = "x".repeat(60 << 10);
+    let post = |token: &str, id: &str, round: usize| {
+        let body: String = (0..4)
+            .map(|k| {
+                json!({"do": "calls", "calls": [], "i": round * 4 + k, "pad": pad}).to_string()
+                    + "\n"
+            })
+            .collect();
+        s.req(
+            "POST",
+            &format!("/v1/jobs/{id}/items"),
+            Some(token),
+            Some(("application/x-ndjson", body.into_bytes())),
+        )
+    };
+    let full = (0..400)
+        .map(|round| post(TOKEN_A, &jobs[0], round))
+        .find(|r| r.status != 200)
+        .expect("a's storage fills up");
+    assert_eq!(full.status, 507, "{}", full.json);
+    let ready = s.req("GET", "/readyz", None, None);
+    assert_eq!(
+        ready.status, 200,
+        "a's full storage is not the host's: {}",
+        ready.json
+    );
+    let ua = s.get("/v1/usage", TOKEN_A).json;
+    assert_eq!(ua["storage"]["ok"], false, "{ua}");
+    assert!(
+        ua["storage"]["error"].as_str().unwrap().contains("full"),
+        "{ua}"
+    );
+    // b is untouched: its posts go in, its job completes, the server is ready.
+    for round in 0..20 {
+        let r = post(TOKEN_B, &jobs[1], round);
+        assert_eq!(r.status, 200, "{}", r.json);
+    }
+    assert_eq!(s.get("/v1/usage", TOKEN_B).json["storage"]["ok"], true);
+    let ready = s.req("GET", "/readyz", None, None);
+    assert_eq!(ready.status, 200, "{}", ready.json);
+    s.post(&format!("/v1/jobs/{}/close", jobs[1]), TOKEN_B, json!({}));
+    assert_eq!(s.wait_job(TOKEN_B, &jobs[1])["status"], "completed");
+    assert_eq!(s.req("GET", "/readyz", None, None).status, 200);
+}

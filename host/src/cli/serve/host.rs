@@ -454,6 +454,8 @@ pub(crate) struct Tenant {
     state: Mutex<TenantState>,
     /// Bytes of its data directory, measured every second.
     disk_used: AtomicU64,
+    /// Why its last write to storage failed, until one succeeds (in `/v1/usage`).
+    storage_error: Mutex<Option<String>>,
 }
 
 impl Tenant {
@@ -590,6 +592,7 @@ impl Host {
             removed: AtomicBool::new(false),
             group,
             disk_used: AtomicU64::new(dir.usage()),
+            storage_error: Mutex::default(),
             dir,
             state: Mutex::default(),
         }))
@@ -728,21 +731,69 @@ impl Host {
         }
     }
 
-    /// Records the outcome of a write to storage (for `/readyz`).
-    fn storage<T>(&self, r: Result<T, ApiError>) -> Result<T, ApiError> {
+    /// Records the outcome of tenant `t`'s write to storage: its own health (in its
+    /// `/v1/usage`), and after a failure, whether the data directory itself can be written
+    /// (`/readyz`): one tenant's failing store is that tenant's, a full disk is everyone's.
+    fn storage<T>(&self, t: &Tenant, r: Result<T, ApiError>) -> Result<T, ApiError> {
         match &r {
-            Ok(_) => *self.storage_error.lock() = None,
-            Err(e) if e.code == "storage" => {
-                *self.storage_error.lock() = Some(e.message.clone());
+            Ok(_) => {
+                let mut e = t.storage_error.lock();
+                if e.is_some() {
+                    *e = None;
+                    drop(e);
+                    if self.storage_error.lock().is_some() {
+                        self.probe_storage();
+                    }
+                }
             }
+            Err(e) if e.code == "storage" => self.storage_failed(t, e.message.clone()),
             Err(_) => {}
         }
         r
     }
 
+    /// Tenant `t`'s storage failed (`why`, with no host path): noted, and the data directory
+    /// probed.
+    fn storage_failed(&self, t: &Tenant, why: String) {
+        *t.storage_error.lock() = Some(why);
+        self.probe_storage();
+    }
+
+    /// Writes, syncs and removes a small file in the data directory: `/readyz` is false (with
+    /// the reason, no path) while that fails. Run after a tenant's storage fails, and each
+    /// tick while it keeps failing.
+    fn probe_storage(&self) {
+        let path = self.config.data_dir.join(".probe");
+        let result = (|| {
+            use std::io::Write;
+            let mut f = std::fs::File::create(&path)?;
+            f.write_all(&[0u8; 4096])?;
+            f.sync_all()?;
+            drop(f);
+            std::fs::remove_file(&path)
+        })();
+        let mut host = self.storage_error.lock();
+        match result {
+            Ok(()) => *host = None,
+            Err(e) => {
+                let _ = std::fs::remove_file(&path);
+                *host = Some(
+                    storage(
+                        is_full(&e.to_string()),
+                        "no job can start or take input until it can write again",
+                    )
+                    .message,
+                );
+            }
+        }
+    }
+
     /// Archives finished jobs, and removes those finished longer ago than the retention
     /// (their directories too), oldest first past the most kept.
     fn tend_jobs(&self) {
+        if self.storage_error.lock().is_some() {
+            self.probe_storage();
+        }
         let retention = self.config.job_retention;
         let measure = self
             .ticks
@@ -758,7 +809,7 @@ impl Host {
                 r.report();
                 if let Some(h) = r.archive() {
                     if let Some(e) = store_failure(&h) {
-                        *self.storage_error.lock() = Some(e.message);
+                        self.storage_failed(t, e.message);
                     }
                     self.routes.lock().remove(&h.id());
                     let_go = true;
@@ -1086,6 +1137,10 @@ impl Host {
             "flows": {"used": flows, "quota": q.flows},
             "jobs": {"used": jobs, "quota": q.jobs},
             "disk_bytes": {"used": t.disk_used.load(Ordering::Relaxed), "quota": q.disk_bytes},
+            "storage": match &*t.storage_error.lock() {
+                None => json!({"ok": true}),
+                Some(e) => json!({"ok": false, "error": e}),
+            },
         })
     }
 
@@ -1371,7 +1426,7 @@ impl Host {
                 .and_then(|()| {
                     JobStore::open(&dir, &job_header(&meta)).map_err(|e| store_error(&t.id, &e))
                 });
-            let store = match self.storage(opened) {
+            let store = match self.storage(t, opened) {
                 Ok(s) => s,
                 Err(e) => {
                     let _ = std::fs::remove_dir_all(&dir);
@@ -1643,7 +1698,11 @@ impl Host {
                 // The job may have failed on its store (an activation's commit): say so.
                 store_failure(&handle).unwrap_or_else(|| runtime_error(e))
             });
-            if let Err(e) = self.storage(posted) {
+            let posted = match &tenant {
+                Some(t) => self.storage(t, posted),
+                None => posted,
+            };
+            if let Err(e) = posted {
                 return Err(e.with("accepted", accepted));
             }
             accepted += n;
