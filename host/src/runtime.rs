@@ -1159,6 +1159,13 @@ impl JobHandle {
         self.job.failures()
     }
 
+    /// The failures after the first `from` (as [`JobHandle::errors`] lists them: the list
+    /// only grows), and how many there are in all: what a follower polling for new ones
+    /// needs, without copying the ones it has seen.
+    pub fn errors_from(&self, from: usize) -> (Vec<ActivationFailure>, usize) {
+        self.job.failures_from(from)
+    }
+
     /// Dead letters, in order.
     pub fn dead_letters(&self) -> Vec<DeadLetter> {
         self.job.dead_letters()

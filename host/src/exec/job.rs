@@ -984,6 +984,15 @@ impl Job {
         self.failures.lock().clone()
     }
 
+    /// The failures after the first `from` (and how many there are in all).
+    pub(crate) fn failures_from(&self, from: usize) -> (Vec<ActivationFailure>, usize) {
+        let f = self.failures.lock();
+        (
+            f.get(from..).map(<[_]>::to_vec).unwrap_or_default(),
+            f.len(),
+        )
+    }
+
     pub(crate) fn dead_letters(&self) -> Vec<DeadLetter> {
         self.dead_letters.lock().kept.clone()
     }

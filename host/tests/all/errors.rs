@@ -88,6 +88,10 @@ fn continue_records_errors_keeps_items_and_siblings_run() {
     assert_eq!(dead[0].error, "odd id 1");
     assert_eq!(job.errors().len(), 5);
     assert_eq!(job.errors()[0].strategy, "continue");
+    let (rest, all) = job.errors_from(3);
+    assert_eq!((rest.len(), all), (2, 5));
+    assert_eq!(rest[0].at, job.errors()[3].at);
+    assert_eq!(job.errors_from(9).0.len(), 0, "past the end: none");
 }
 
 #[test]

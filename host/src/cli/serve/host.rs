@@ -408,9 +408,9 @@ impl JobRecord {
         };
         let counters = h.counters();
         let activations: u64 = counters.values().map(|c| c.activations).sum();
-        let errors = h.errors();
         let mut seen = self.seen.lock();
-        for e in errors.iter().skip(seen.2) {
+        let (new_errors, errors) = h.errors_from(seen.2);
+        for e in &new_errors {
             self.events.push("error", json!(e));
         }
         if activations != seen.1 {
@@ -420,7 +420,7 @@ impl JobRecord {
         if status != seen.0 && !h.is_finished() {
             self.events.push("status", json!({ "status": status }));
         }
-        *seen = (status, activations, errors.len());
+        *seen = (status, activations, errors);
     }
 }
 
