@@ -2159,3 +2159,107 @@ fn one_tenants_full_storage_is_its_own_and_readyz_stays_true() {
     assert_eq!(s.wait_job(TOKEN_B, &jobs[1])["status"], "completed");
     assert_eq!(s.req("GET", "/readyz", None, None).status, 200);
 }
+
+/// A tenant's requests hold at most its `request_bytes` of request bodies in memory: while
+/// one upload holds most of them, another of its requests waits for room up to the body
+/// timeout and is answered 503 naming the quota (its bytes stay in the client's socket, not
+/// the server); another tenant's request is not held to it; once the upload ends, the same
+/// request goes through.
+#[test]
+fn a_tenants_request_bodies_are_held_to_its_request_bytes() {
+    use std::io::Write;
+    const MIB: usize = 1 << 20;
+    let dir = scratch();
+    let s = Server::start(
+        dir.path(),
+        &two_tenants(
+            "{request_bytes: 16MiB, plugin_bytes: 8MiB}",
+            "body_timeout: 1s",
+        ),
+    );
+    for token in [TOKEN_A, TOKEN_B] {
+        assert_eq!(s.put_plugin(token, "hostile", "hostile").status, 201);
+        assert_eq!(s.put_flow(token, "t", TALLY_FLOW).status, 201);
+    }
+    let addr = s.base.trim_start_matches("http://").to_owned();
+    // An upload of a's that sends 7 of its 8 MiB and then a byte every 300 ms.
+    let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let upload = {
+        let (addr, stop) = (addr.clone(), stop.clone());
+        std::thread::spawn(move || {
+            let mut c = std::net::TcpStream::connect(&addr).unwrap();
+            c.write_all(
+                format!(
+                    "PUT /v1/plugins/big HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {TOKEN_A}\r\n\
+                     Content-Length: {}\r\n\r\n",
+                    8 * MIB
+                )
+                .as_bytes(),
+            )
+            .unwrap();
+            c.write_all(&vec![b'x'; 7 * MIB]).unwrap();
+            while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                if c.write_all(b"x").is_err() {
+                    break;
+                }
+                std::thread::sleep(Duration::from_millis(300));
+            }
+            read_until_closed(&mut c, Duration::from_secs(10)).unwrap_or_default()
+        })
+    };
+    // Wait until the server holds the upload's bytes.
+    let started = Instant::now();
+    while s.get("/v1/usage", TOKEN_A).json["request_bytes"]["used"]
+        .as_u64()
+        .unwrap()
+        < 6 * MIB as u64
+    {
+        assert!(started.elapsed() < Duration::from_secs(20));
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    // A 12 MiB job start: 9 MiB are left.
+    let start = |token: &str| {
+        let pad = "x".repeat(12 * MIB);
+        let body =
+            json!({"input": {"h.in": [{"do": "calls", "calls": [], "pad": pad}]}, "close": true})
+                .to_string();
+        let addr = addr.clone();
+        let token = token.to_owned();
+        std::thread::spawn(move || {
+            let mut c = std::net::TcpStream::connect(&addr).unwrap();
+            let head = format!(
+                "POST /v1/flows/t/jobs HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {token}\r\n\
+                 Content-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n",
+                body.len()
+            );
+            let mut w = c.try_clone().unwrap();
+            let writer = std::thread::spawn(move || {
+                let _ = w.write_all(head.as_bytes());
+                let _ = w.write_all(body.as_bytes());
+            });
+            let got = read_until_closed(&mut c, Duration::from_secs(20)).unwrap_or_default();
+            drop(c);
+            let _ = writer.join();
+            got
+        })
+    };
+    let refused = start(TOKEN_A).join().unwrap();
+    assert!(refused.starts_with("HTTP/1.1 503"), "{refused}");
+    assert!(refused.contains("request_bytes"), "{refused}");
+    // b's quota is its own.
+    let b = start(TOKEN_B).join().unwrap();
+    assert!(b.starts_with("HTTP/1.1 201"), "{b}");
+    // The upload stalls, is cut, and gives its bytes back.
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    let cut = upload.join().unwrap();
+    assert!(cut.starts_with("HTTP/1.1 408"), "{cut}");
+    let started = Instant::now();
+    while s.get("/v1/usage", TOKEN_A).json["request_bytes"]["used"] != 0 {
+        assert!(started.elapsed() < Duration::from_secs(10));
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let again = start(TOKEN_A).join().unwrap();
+    assert!(again.starts_with("HTTP/1.1 201"), "{again}");
+    let u = s.get("/v1/usage", TOKEN_A).json;
+    assert_eq!(u["request_bytes"]["quota"], 16 * MIB as u64, "{u}");
+}

@@ -137,25 +137,107 @@ async fn blocking<T: Send + 'static>(
         .map_err(|e| ApiError::new(500, "internal", format!("the request's task failed: {e}")))?
 }
 
-/// Reads a whole body of at most `limit` bytes.
-async fn read_body(body: Body, limit: usize, what: &str) -> Result<axum::body::Bytes, ApiError> {
-    axum::body::to_bytes(body, limit).await.map_err(|e| {
-        let too_large = std::error::Error::source(&e)
-            .is_some_and(|s| s.is::<http_body_util::LengthLimitError>())
-            || e.to_string().contains("length limit");
-        if too_large {
-            ApiError::new(
-                413,
-                "too_large",
-                format!(
-                    "the {what} is larger than {}, the most the server takes",
-                    crate::model::budget::bytes(limit as u64)
-                ),
-            )
-        } else {
-            body_error(&e)
+/// Bytes of request body a request holds against its tenant's `request_bytes` (permits of
+/// the tenant's semaphore), given back when dropped or as they are let go.
+struct Held {
+    budget: Arc<tokio::sync::Semaphore>,
+    wait: Duration,
+    permit: Option<tokio::sync::OwnedSemaphorePermit>,
+}
+
+impl Held {
+    fn new(s: &AppState, t: &Tenant) -> Self {
+        Held {
+            budget: t.bodies.clone(),
+            wait: s.host.config.connections.body_timeout,
+            permit: None,
         }
-    })
+    }
+
+    /// Takes `n` more bytes, waiting up to the body timeout for them (the body is not read
+    /// meanwhile: the client waits on TCP); 503 naming the quota if they do not come.
+    async fn take(&mut self, n: usize) -> Result<(), ApiError> {
+        if n == 0 {
+            return Ok(());
+        }
+        let n32 = u32::try_from(n).unwrap_or(u32::MAX);
+        let got = tokio::time::timeout(self.wait, self.budget.clone().acquire_many_owned(n32))
+            .await
+            .ok()
+            .and_then(Result::ok);
+        let Some(p) = got else {
+            let mut e = ApiError::new(
+                503,
+                "quota_exceeded",
+                "the tenant's requests hold their request_bytes quota of request bodies in \
+                 memory: send this one when others have ended",
+            )
+            .with("quota", "request_bytes");
+            e.retry_after = Some(1);
+            return Err(e);
+        };
+        match &mut self.permit {
+            Some(held) => held.merge(p),
+            None => self.permit = Some(p),
+        }
+        Ok(())
+    }
+
+    /// Gives `n` bytes back (their data was let go).
+    fn give(&mut self, n: usize) {
+        if let Some(held) = &mut self.permit
+            && let Some(part) = held.split(n.min(held.num_permits()))
+        {
+            drop(part);
+        }
+    }
+}
+
+/// Reads a whole body of at most `limit` bytes, each piece held against the tenant's
+/// `request_bytes` in `held` (kept until `held` is dropped).
+async fn read_body(
+    body: Body,
+    limit: usize,
+    what: &str,
+    held: &mut Held,
+) -> Result<axum::body::Bytes, ApiError> {
+    let too_large = || {
+        ApiError::new(
+            413,
+            "too_large",
+            format!(
+                "the {what} is larger than {}, the most the server takes",
+                crate::model::budget::bytes(limit as u64)
+            ),
+        )
+    };
+    let mut body = body;
+    let mut out: Vec<u8> = Vec::new();
+    while let Some(frame) = body.frame().await {
+        let frame = frame.map_err(|e| body_error(&e))?;
+        if let Ok(data) = frame.into_data() {
+            if out.len() + data.len() > limit {
+                return Err(too_large());
+            }
+            held.take(data.len()).await?;
+            out.extend_from_slice(&data);
+        }
+    }
+    Ok(out.into())
+}
+
+/// Reads a body to its end (at most `limit` bytes), keeping none of it.
+async fn drain_body(body: Body, limit: usize) {
+    let mut body = body;
+    let mut seen = 0usize;
+    while let Some(Ok(frame)) = body.frame().await {
+        if let Ok(data) = frame.into_data() {
+            seen += data.len();
+            if seen > limit {
+                return;
+            }
+        }
+    }
 }
 
 /// A request body that failed to arrive: 408 if it stalled past the server's `body_timeout`,
@@ -431,6 +513,7 @@ async fn get_plugin(
         (status = 413, description = "Past the `plugin_bytes` quota", body = ErrorBody),
         (status = 429, description = "Past the `plugins` quota", body = ErrorBody),
         (status = 507, description = "Past the `disk_bytes` quota, or the disk is full", body = ErrorBody),
+        (status = 503, description = "Past the `request_bytes` quota: the tenant's requests hold as much request body as it may (`Retry-After`)", body = ErrorBody),
         (status = 401, description = "No token, or not a valid one", body = ErrorBody),
         (status = 429, description = "Too many failed tokens from this address: wait a minute", body = ErrorBody),
     ),
@@ -447,13 +530,15 @@ async fn put_plugin(
     let quota = t.quotas().plugin_bytes;
     let limit = quota.min(crate::wasm::MAX_COMPONENT_BYTES);
     if let Err(e) = s.host.plugin_room(&t, &name) {
-        let _ = read_body(body, usize::try_from(limit).unwrap_or(usize::MAX), "").await;
+        drain_body(body, usize::try_from(limit).unwrap_or(usize::MAX)).await;
         return Err(e);
     }
+    let mut held = Held::new(&s, &t);
     let bytes = read_body(
         body,
         usize::try_from(limit).unwrap_or(usize::MAX),
         "component",
+        &mut held,
     )
     .await
     .map_err(|e| {
@@ -563,6 +648,7 @@ async fn get_flow(
         (status = 400, description = "The flow does not hold: located diagnostics, as `validate` prints them", body = ErrorBody),
         (status = 429, description = "Past the `flows` quota", body = ErrorBody),
         (status = 507, description = "Past the `disk_bytes` quota, or the disk is full", body = ErrorBody),
+        (status = 503, description = "Past the `request_bytes` quota: the tenant's requests hold as much request body as it may (`Retry-After`)", body = ErrorBody),
         (status = 401, description = "No token, or not a valid one", body = ErrorBody),
         (status = 429, description = "Too many failed tokens from this address: wait a minute", body = ErrorBody),
     ),
@@ -574,7 +660,8 @@ async fn put_flow(
     Path(id): Path<String>,
     body: Body,
 ) -> Result<Response, ApiError> {
-    let bytes = read_body(body, MAX_FLOW_BYTES, "flow file").await?;
+    let mut held = Held::new(&s, &t);
+    let bytes = read_body(body, MAX_FLOW_BYTES, "flow file", &mut held).await?;
     let text = String::from_utf8(bytes.to_vec())
         .map_err(|e| ApiError::bad_request(format!("the flow file is not UTF-8: {e}")))?;
     let host = s.host.clone();
@@ -635,6 +722,7 @@ struct StartBody {
         (status = 404, description = "No such flow (of this tenant)", body = ErrorBody),
         (status = 429, description = "Past the `jobs` quota, or a slot stayed full", body = ErrorBody),
         (status = 507, description = "Past the `disk_bytes` quota, or the disk is full", body = ErrorBody),
+        (status = 503, description = "Past the `request_bytes` quota: the tenant's requests hold as much request body as it may (`Retry-After`)", body = ErrorBody),
         (status = 401, description = "No token, or not a valid one", body = ErrorBody),
         (status = 429, description = "Too many failed tokens from this address: wait a minute", body = ErrorBody),
     ),
@@ -646,7 +734,8 @@ async fn start_job(
     Path(flow): Path<String>,
     body: Body,
 ) -> Result<Response, ApiError> {
-    let bytes = read_body(body, MAX_START_BYTES, "request").await?;
+    let mut held = Held::new(&s, &t);
+    let bytes = read_body(body, MAX_START_BYTES, "request", &mut held).await?;
     let start: StartBody = if bytes.iter().all(u8::is_ascii_whitespace) {
         StartBody::default()
     } else {
@@ -1032,6 +1121,7 @@ async fn post_batch(
         (status = 409, description = "The job is closed or finished", body = ErrorBody),
         (status = 429, description = "A slot stayed full past the post timeout: `accepted` says how many were taken, `Retry-After` when to resend the rest", body = ErrorBody),
         (status = 507, description = "Past the `disk_bytes` quota, or the disk is full (with `accepted`)", body = ErrorBody),
+        (status = 503, description = "Past the `request_bytes` quota: the tenant's requests hold as much request body as it may (`Retry-After`)", body = ErrorBody),
         (status = 401, description = "No token, or not a valid one", body = ErrorBody),
         (status = 429, description = "Too many failed tokens from this address: wait a minute", body = ErrorBody),
     ),
@@ -1054,8 +1144,9 @@ async fn post_items(
             c == "application/x-ndjson" || c == "application/jsonl" || c == "application/jsonlines"
         });
     let mut accepted = 0usize;
+    let mut held = Held::new(&s, &t);
     if !ndjson {
-        let bytes = read_body(body, MAX_ITEM_BYTES, "item").await?;
+        let bytes = read_body(body, MAX_ITEM_BYTES, "item", &mut held).await?;
         let item = parse_item(&bytes, None)?;
         post_batch(&s, &job, &q.to, vec![item], &mut accepted).await?;
         return Ok(Json(json!({"accepted": accepted})));
@@ -1074,6 +1165,9 @@ async fn post_items(
             }
             Some(Ok(f)) => {
                 if let Ok(data) = f.into_data() {
+                    held.take(data.len())
+                        .await
+                        .map_err(|e| e.with("accepted", accepted))?;
                     buf.extend_from_slice(&data);
                 }
             }
@@ -1101,6 +1195,7 @@ async fn post_items(
             }
         }
         buf.drain(..start);
+        held.give(start);
         scanned = buf.len();
         if done && bad.is_none() && !buf.iter().all(u8::is_ascii_whitespace) {
             line_no += 1;

@@ -85,6 +85,7 @@ struct QuotasDef {
     disk_bytes: Option<Size>,
     activations_per_second: Option<Spanned<u32>>,
     memory_bytes: Option<Spanned<Size>>,
+    request_bytes: Option<Size>,
 }
 
 /// What a tenant may hold and run at once.
@@ -108,6 +109,21 @@ pub(crate) struct Quotas {
     /// (posts wait, then answer 429), a guest's memory cannot grow (it traps, retryable), a
     /// state write fails.
     pub memory_bytes: u64,
+    /// Bytes of request bodies its requests hold in memory at once (uploads being read,
+    /// items being parsed); a request finding none left waits up to the body timeout, then
+    /// answers 503. Never less than its largest single body (see [`Quotas::request_room`]).
+    pub request_bytes: u64,
+}
+
+impl Quotas {
+    /// The `request_bytes` a tenant gets: what it was given, and at least its largest
+    /// single body (a component up to its `plugin_bytes`, a 16 MiB request), so that any
+    /// one request fits alone.
+    pub fn request_room(&self) -> u64 {
+        self.request_bytes
+            .max(self.plugin_bytes.min(crate::wasm::MAX_COMPONENT_BYTES))
+            .max(16 << 20)
+    }
 }
 
 /// The smallest `memory_bytes` quota: below it not even one instance of a small guest fits.
@@ -123,6 +139,7 @@ impl Default for Quotas {
             disk_bytes: 10 << 30,
             activations_per_second: None,
             memory_bytes: 4 << 30,
+            request_bytes: 512 << 20,
         }
     }
 }
@@ -398,6 +415,9 @@ pub(crate) fn load(
             } else {
                 quotas.activations_per_second = Some(n.value);
             }
+        }
+        if let Some(n) = q.request_bytes {
+            quotas.request_bytes = n.0;
         }
         if let Some(n) = &q.memory_bytes {
             if n.value.0 < MIN_MEMORY_QUOTA {

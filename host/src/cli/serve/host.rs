@@ -456,6 +456,10 @@ pub(crate) struct Tenant {
     disk_used: AtomicU64,
     /// Why its last write to storage failed, until one succeeds (in `/v1/usage`).
     storage_error: Mutex<Option<String>>,
+    /// Its `request_bytes`: one permit per byte of request body its requests hold.
+    pub bodies: Arc<tokio::sync::Semaphore>,
+    /// The permits `bodies` was given (a reload adds or forgets the difference).
+    bodies_total: AtomicU64,
 }
 
 impl Tenant {
@@ -593,6 +597,8 @@ impl Host {
             group,
             disk_used: AtomicU64::new(dir.usage()),
             storage_error: Mutex::default(),
+            bodies: Arc::new(tokio::sync::Semaphore::new(c.quotas.request_room() as usize)),
+            bodies_total: AtomicU64::new(c.quotas.request_room()),
             dir,
             state: Mutex::default(),
         }))
@@ -656,6 +662,18 @@ impl Host {
                             self.runtime
                                 .set_group_rate(t.group, c.quotas.activations_per_second);
                         }
+                        let (was, now) = (
+                            t.bodies_total.load(Ordering::Relaxed),
+                            c.quotas.request_room(),
+                        );
+                        if now > was {
+                            t.bodies.add_permits((now - was) as usize);
+                        } else if now < was {
+                            // Only what is free now can be forgotten (best effort: what
+                            // requests hold now comes back when they end, until a restart).
+                            t.bodies.forget_permits((was - now) as usize);
+                        }
+                        t.bodies_total.store(now, Ordering::Relaxed);
                         if live.quotas.memory_bytes != c.quotas.memory_bytes {
                             self.runtime
                                 .set_group_memory(t.group, Some(c.quotas.memory_bytes));
@@ -1137,6 +1155,11 @@ impl Host {
             "flows": {"used": flows, "quota": q.flows},
             "jobs": {"used": jobs, "quota": q.jobs},
             "disk_bytes": {"used": t.disk_used.load(Ordering::Relaxed), "quota": q.disk_bytes},
+            "request_bytes": {
+                "used": t.bodies_total.load(Ordering::Relaxed)
+                    .saturating_sub(t.bodies.available_permits() as u64),
+                "quota": q.request_room(),
+            },
             "storage": match &*t.storage_error.lock() {
                 None => json!({"ok": true}),
                 Some(e) => json!({"ok": false, "error": e}),
