@@ -69,8 +69,10 @@ impl Server {
     /// Starts the server `cmd` runs (the process must be the server itself, or `exec` it).
     fn spawn(mut cmd: Command) -> Server {
         plugin_dir();
+        if !cmd.get_envs().any(|(k, _)| k == "ROUTILUX_CACHE_DIR") {
+            cmd.env("ROUTILUX_CACHE_DIR", cache_dir());
+        }
         let mut child = cmd
-            .env("ROUTILUX_CACHE_DIR", cache_dir())
             .stdout(Stdio::null())
             .stderr(Stdio::piped())
             .spawn()
@@ -2262,4 +2264,56 @@ fn a_tenants_request_bodies_are_held_to_its_request_bytes() {
     assert!(again.starts_with("HTTP/1.1 201"), "{again}");
     let u = s.get("/v1/usage", TOKEN_A).json;
     assert_eq!(u["request_bytes"]["quota"], 16 * MIB as u64, "{u}");
+}
+
+/// Uploads of ever new versions of a component cannot grow the compiled-component cache past
+/// `compiled_cache_bytes`: on disk only the newest entries stay (the oldest are pruned), and an
+/// upload of a version whose entry went is compiled again, and works.
+#[test]
+fn new_versions_of_a_component_keep_the_compiled_cache_within_its_bytes() {
+    let dir = scratch();
+    let cache = dir.path().join("cache");
+    let path = dir.path().join("serve.yaml");
+    std::fs::write(&path, two_tenants("{}", "compiled_cache_bytes: 1")).unwrap();
+    let mut cmd = Command::new(env!("CARGO_BIN_EXE_routilux"));
+    cmd.args(["serve", "--config"])
+        .arg(&path)
+        .args(["--listen", "127.0.0.1:0", "--data-dir"])
+        .arg(dir.path().join("data"))
+        .env("ROUTILUX_CACHE_DIR", &cache);
+    let s = Server::spawn(cmd);
+    let entries = || {
+        std::fs::read_dir(&cache)
+            .unwrap()
+            .flatten()
+            .filter(|e| e.path().extension().is_some_and(|x| x == "cwasm"))
+            .count()
+    };
+    for v in 0..4 {
+        let r = s.put(
+            "/v1/plugins/hostile",
+            TOKEN_A,
+            "application/wasm",
+            another_version(&format!("v{v}")),
+        );
+        assert!(r.status == 200 || r.status == 201, "{}", r.json);
+        assert_eq!(entries(), 1, "only the newest compiled entry is kept");
+    }
+    // The first version again: its entry went, it compiles again and runs.
+    let r = s.put(
+        "/v1/plugins/hostile",
+        TOKEN_A,
+        "application/wasm",
+        another_version("v0"),
+    );
+    assert_eq!(r.status, 200, "{}", r.json);
+    assert_eq!(s.put_flow(TOKEN_A, "t", TALLY_FLOW).status, 201);
+    let r = s.post(
+        "/v1/flows/t/jobs",
+        TOKEN_A,
+        json!({"input": {"h.in": [serde_json::from_str::<Value>(&tally(1)).unwrap()]}, "close": true}),
+    );
+    let id = r.json["id"].as_str().unwrap().to_owned();
+    assert_eq!(s.wait_job(TOKEN_A, &id)["status"], "completed");
+    assert_eq!(entries(), 1);
 }

@@ -78,7 +78,13 @@ pub(crate) fn load(engine: &Engine, path: &Path) -> Option<Component> {
     #[allow(unsafe_code)]
     let loaded = unsafe { Component::deserialize(engine, &bytes) };
     match loaded {
-        Ok(c) => Some(c),
+        Ok(c) => {
+            // Used now: the last to go when the cache is pruned.
+            if let Ok(f) = std::fs::File::options().write(true).open(path) {
+                let _ = f.set_modified(std::time::SystemTime::now());
+            }
+            Some(c)
+        }
         Err(e) => {
             tracing::warn!(path = %path.display(), error = %e, "unusable cache entry; recompiling");
             let _ = std::fs::remove_file(path);
@@ -87,8 +93,9 @@ pub(crate) fn load(engine: &Engine, path: &Path) -> Option<Component> {
     }
 }
 
-/// Writes a compiled component to the cache (best effort: a failure only costs a recompile).
-pub(crate) fn store(component: &Component, path: &Path) {
+/// Writes a compiled component to the cache (best effort: a failure only costs a recompile),
+/// then prunes the cache to `max_bytes`.
+pub(crate) fn store(component: &Component, path: &Path, max_bytes: u64) {
     let write = || -> std::io::Result<()> {
         let dir = path.parent().unwrap_or(Path::new("."));
         std::fs::create_dir_all(dir)?;
@@ -107,5 +114,67 @@ pub(crate) fn store(component: &Component, path: &Path) {
     };
     if let Err(e) = write() {
         tracing::warn!(path = %path.display(), error = %e, "could not write the compiled-component cache");
+    }
+    if let Some(dir) = path.parent() {
+        prune(dir, max_bytes, path);
+    }
+}
+
+/// Removes the entries of the cache in `dir` used least recently (by their modification
+/// time, which a load refreshes) until the rest take at most `max_bytes`; never `keep` (the
+/// entry just written).
+pub(crate) fn prune(dir: &Path, max_bytes: u64, keep: &Path) {
+    let Ok(read) = std::fs::read_dir(dir) else {
+        return;
+    };
+    let mut entries: Vec<(std::time::SystemTime, u64, PathBuf)> = read
+        .flatten()
+        .filter(|e| e.path().extension().is_some_and(|x| x == "cwasm"))
+        .filter_map(|e| {
+            let m = e.metadata().ok()?;
+            Some((m.modified().ok()?, m.len(), e.path()))
+        })
+        .collect();
+    let mut total: u64 = entries.iter().map(|e| e.1).sum();
+    if total <= max_bytes {
+        return;
+    }
+    entries.sort();
+    for (_, len, path) in entries {
+        if total <= max_bytes {
+            break;
+        }
+        if path != keep && std::fs::remove_file(&path).is_ok() {
+            total -= len;
+            tracing::debug!(path = %path.display(), "pruned from the compiled-component cache");
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn pruning_removes_the_least_recently_used_entries_down_to_the_cap() {
+        let d = tempfile::tempdir().unwrap();
+        let t0 = std::time::SystemTime::now() - std::time::Duration::from_secs(100);
+        for (i, name) in ["a", "b", "c", "d"].iter().enumerate() {
+            let p = d.path().join(format!("{name}.cwasm"));
+            std::fs::write(&p, vec![0u8; 1000]).unwrap();
+            let f = std::fs::File::options().write(true).open(&p).unwrap();
+            f.set_modified(t0 + std::time::Duration::from_secs(i as u64 * 10))
+                .unwrap();
+        }
+        std::fs::write(d.path().join("other.txt"), vec![0u8; 5000]).unwrap();
+        // `a` is the oldest, but it is the one being kept.
+        prune(d.path(), 2500, &d.path().join("a.cwasm"));
+        let mut left: Vec<String> = std::fs::read_dir(d.path())
+            .unwrap()
+            .flatten()
+            .map(|e| e.file_name().to_string_lossy().into_owned())
+            .collect();
+        left.sort();
+        assert_eq!(left, ["a.cwasm", "d.cwasm", "other.txt"]);
     }
 }

@@ -29,6 +29,9 @@ pub struct WasmConfig {
     pub cache_dir: Option<PathBuf>,
     /// Whether to use the on-disk cache at all.
     pub cache: bool,
+    /// Most bytes of compiled components the on-disk cache keeps: past it, the entries used
+    /// least recently go (each load marks its entry used). Default 4 GiB.
+    pub cache_max_bytes: u64,
     /// Meter fuel (needed for [`Limits::fuel`]; costs 38–54 % for interpreted guests).
     pub fuel: bool,
     /// Limits of routines that set none.
@@ -54,6 +57,7 @@ impl Default for WasmConfig {
         Self {
             cache_dir: None,
             cache: true,
+            cache_max_bytes: 4 << 30,
             fuel: false,
             default_limits: Limits::default(),
             tick: Duration::from_millis(10),
@@ -348,7 +352,7 @@ impl WasmEngine {
         })?;
         inner.compiled.fetch_add(1, Ordering::Relaxed);
         if let Some(entry) = &entry {
-            cache::store(&component, entry);
+            cache::store(&component, entry, inner.config.cache_max_bytes);
         }
         Ok((component, false))
     }

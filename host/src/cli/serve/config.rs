@@ -59,6 +59,9 @@ struct ConfigFile {
     /// How long a finished job (its status, summary and directory) is kept.
     #[serde(default)]
     job_retention: Option<Dur>,
+    /// Most bytes of compiled components kept, in memory and in the on-disk cache.
+    #[serde(default)]
+    compiled_cache_bytes: Option<Size>,
     tenants: Vec<Spanned<TenantDef>>,
 }
 
@@ -126,6 +129,9 @@ impl Quotas {
     }
 }
 
+/// The default `compiled_cache_bytes`.
+pub(crate) const DEFAULT_COMPILED_CACHE_BYTES: u64 = 1 << 30;
+
 /// The smallest `memory_bytes` quota: below it not even one instance of a small guest fits.
 pub(crate) const MIN_MEMORY_QUOTA: u64 = 16 << 20;
 
@@ -165,6 +171,9 @@ pub(crate) struct Config {
     pub post_timeout: Duration,
     /// How long a finished job is kept (then its directory is removed).
     pub job_retention: Duration,
+    /// Most bytes of compiled components kept, in memory (beyond those its plugins use) and
+    /// in the on-disk cache, least recently used first out.
+    pub compiled_cache_bytes: u64,
     pub connections: Connections,
     pub tenants: Vec<TenantConfig>,
 }
@@ -285,6 +294,7 @@ pub(crate) fn load(
             drain_timeout: Duration::from_secs(30),
             post_timeout: Duration::from_secs(5),
             job_retention: DEFAULT_JOB_RETENTION,
+            compiled_cache_bytes: DEFAULT_COMPILED_CACHE_BYTES,
             connections: Connections::default(),
             tenants: vec![TenantConfig {
                 id: DEFAULT_TENANT.to_owned(),
@@ -512,6 +522,9 @@ pub(crate) fn load(
             drain_timeout: f.drain_timeout.map_or(Duration::from_secs(30), |d| d.0),
             post_timeout: f.post_timeout.map_or(Duration::from_secs(5), |d| d.0),
             job_retention: f.job_retention.map_or(DEFAULT_JOB_RETENTION, |d| d.0),
+            compiled_cache_bytes: f
+                .compiled_cache_bytes
+                .map_or(DEFAULT_COMPILED_CACHE_BYTES, |n| n.0),
             connections,
             tenants,
         },

@@ -424,6 +424,69 @@ impl JobRecord {
     }
 }
 
+/// Compiled components by content hash, held to a size (their compiled images together),
+/// the least recently used going first. One that goes lives on in the plugins using it (a
+/// `Component` is shared); only an upload of the same bytes again compiles it again (from the
+/// on-disk cache, if it is still there). So uploads of ever new versions cannot grow the
+/// server's memory: what stays is what the tenants' plugins hold, within their quotas.
+pub(crate) struct Compiled<T> {
+    cap: u64,
+    used: u64,
+    tick: u64,
+    /// By hash: the component, its compiled size, when it was last used.
+    entries: HashMap<String, (T, u64, u64)>,
+}
+
+impl<T: Clone> Compiled<T> {
+    pub(crate) fn new(cap: u64) -> Self {
+        Compiled {
+            cap,
+            used: 0,
+            tick: 0,
+            entries: HashMap::new(),
+        }
+    }
+
+    fn get(&mut self, hash: &str) -> Option<T> {
+        self.tick += 1;
+        let e = self.entries.get_mut(hash)?;
+        e.2 = self.tick;
+        Some(e.0.clone())
+    }
+
+    /// Keeps `c` of `size` bytes, letting the least recently used others go past the cap.
+    fn insert_sized(&mut self, hash: &str, c: T, size: u64) {
+        self.tick += 1;
+        if let Some(old) = self.entries.insert(hash.to_owned(), (c, size, self.tick)) {
+            self.used -= old.1;
+        }
+        self.used += size;
+        while self.used > self.cap && self.entries.len() > 1 {
+            let Some(oldest) = self
+                .entries
+                .iter()
+                .filter(|(h, _)| h.as_str() != hash)
+                .min_by_key(|(_, e)| e.2)
+                .map(|(h, _)| h.clone())
+            else {
+                break;
+            };
+            if let Some(gone) = self.entries.remove(&oldest) {
+                self.used -= gone.1;
+            }
+        }
+    }
+}
+
+impl Compiled<Component> {
+    /// Keeps `c`, sized by its compiled image.
+    fn insert(&mut self, hash: &str, c: Component) {
+        let r = c.image_range();
+        let size = (r.end as usize).saturating_sub(r.start as usize) as u64;
+        self.insert_sized(hash, c, size);
+    }
+}
+
 fn unix_ms(t: SystemTime) -> u64 {
     t.duration_since(SystemTime::UNIX_EPOCH)
         .map_or(0, |d| d.as_millis() as u64)
@@ -500,7 +563,7 @@ pub(crate) struct Host {
     /// Each tenant's share of the workers, kept across a reload that removes it.
     groups: Mutex<HashMap<String, Group>>,
     /// Compiled components by the SHA-256 of their bytes, shared by every tenant.
-    components: Mutex<HashMap<String, Component>>,
+    components: Mutex<Compiled<Component>>,
     /// Taking work (false while starting and once stopping).
     pub ready: AtomicBool,
     /// Why the server's storage last failed (a full disk), until a write succeeds again.
@@ -520,8 +583,12 @@ impl Host {
     /// Starts the engine and the pool, and loads every tenant's plugins and flows from the data
     /// directory (one that no longer loads is reported and left on disk, not lost).
     pub fn start(config: Config) -> Result<Arc<Host>, String> {
-        let engine = crate::wasm::WasmEngine::new(crate::wasm::WasmConfig::default())
-            .map_err(|e| format!("cannot start the WebAssembly engine: {e}"))?;
+        let compiled_cap = config.compiled_cache_bytes;
+        let engine = crate::wasm::WasmEngine::new(crate::wasm::WasmConfig {
+            cache_max_bytes: config.compiled_cache_bytes,
+            ..Default::default()
+        })
+        .map_err(|e| format!("cannot start the WebAssembly engine: {e}"))?;
         let routes: Arc<Mutex<HashMap<JobId, Arc<Events>>>> = Arc::default();
         let to = routes.clone();
         let runtime = Runtime::builder()
@@ -543,7 +610,7 @@ impl Host {
             runtime,
             tenants: RwLock::default(),
             groups: Mutex::default(),
-            components: Mutex::default(),
+            components: Mutex::new(Compiled::new(compiled_cap)),
             ready: AtomicBool::new(false),
             storage_error: Mutex::default(),
             routes,
@@ -624,11 +691,12 @@ impl Host {
             || new.drain_timeout != old.drain_timeout
             || new.post_timeout != old.post_timeout
             || new.job_retention != old.job_retention
+            || new.compiled_cache_bytes != old.compiled_cache_bytes
             || new.connections != old.connections
         {
             said.push(
-                "listen, data_dir, threads, timeouts, job_retention and connection limits \
-                 change only at a restart: kept as they were"
+                "listen, data_dir, threads, timeouts, job_retention, compiled_cache_bytes and \
+                 connection limits change only at a restart: kept as they were"
                     .to_owned(),
             );
         }
@@ -975,7 +1043,7 @@ impl Host {
     /// A plugin of `bytes` named `name`, compiled once per content across tenants.
     fn plugin_of(&self, name: &str, hash: &str, bytes: &[u8]) -> Result<Plugin, ApiError> {
         let path = Path::new(name);
-        let cached = self.components.lock().get(hash).cloned();
+        let cached = self.components.lock().get(hash);
         let (component, from_cache) = match cached {
             Some(c) => (c, true),
             None => {
@@ -983,7 +1051,7 @@ impl Host {
                     .engine
                     .compile_bytes(path, bytes)
                     .map_err(|e| invalid_plugin(&e))?;
-                self.components.lock().insert(hash.to_owned(), c.clone());
+                self.components.lock().insert(hash, c.clone());
                 (c, from_disk)
             }
         };
@@ -1971,5 +2039,31 @@ fn runtime_error(e: RuntimeError) -> ApiError {
             tracing::error!("{other}");
             ApiError::internal("the server could not do it (its log says why)")
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::Compiled;
+
+    #[test]
+    fn the_compiled_cache_keeps_to_its_size_letting_the_least_recently_used_go() {
+        let mut c: Compiled<&str> = Compiled::new(100);
+        c.insert_sized("a", "A", 40);
+        c.insert_sized("b", "B", 40);
+        assert_eq!(c.get("a"), Some("A"), "a is used now, b is the older");
+        c.insert_sized("c", "C", 40);
+        assert_eq!(
+            (c.get("b"), c.get("a"), c.get("c")),
+            (None, Some("A"), Some("C"))
+        );
+        assert_eq!(c.used, 80);
+        // One larger than the cap is kept alone (it is in use).
+        c.insert_sized("d", "D", 500);
+        assert_eq!(c.entries.len(), 1);
+        assert_eq!((c.get("d"), c.used), (Some("D"), 500));
+        // The same hash again replaces, not adds.
+        c.insert_sized("d", "D2", 10);
+        assert_eq!((c.entries.len(), c.used), (1, 10));
     }
 }
