@@ -27,6 +27,11 @@ pub(crate) const OVERRUN_ITEMS: usize = 1024;
 /// about two chunks per slot).
 const CREDIT_CHUNK: u64 = 64 << 10;
 
+/// What the host keeps per queued item beyond its JSON text (the item's shared header, its
+/// place in the queue), charged to the memory meter with the text: without it a flood of
+/// tiny items would hold many times what the meter counts.
+pub(crate) const ITEM_OVERHEAD: u64 = 128;
+
 /// How an item went into a slot.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub(crate) enum Pushed {
@@ -99,7 +104,7 @@ impl Queues {
             return Err(item);
         }
         let full = count >= cap || held + len > budget;
-        let need = (held + len).saturating_sub(self.credit[slot]);
+        let need = self.need(slot, len);
         let how = if !full && (need == 0 || self.reserve_credit(slot, need, meter)) {
             Pushed::Within
         } else if !overrun
@@ -125,8 +130,8 @@ impl Queues {
     /// bound if need be (what was committed is never dropped), charged to the meter.
     pub(crate) fn recovered(&mut self, slot: usize, item: Item, seq: u64, meter: &Meter) {
         let len = item.byte_len() as u64;
-        meter.force(len);
-        self.credit[slot] += len;
+        meter.force(len + ITEM_OVERHEAD);
+        self.credit[slot] += len + ITEM_OVERHEAD;
         self.slots[slot].push_back(item);
         if let Some(seqs) = &mut self.seqs {
             seqs[slot].push_back(seq);
@@ -198,7 +203,7 @@ impl Queues {
     /// Gives back what `slot` holds reserved beyond its queued bytes and one chunk.
     #[inline]
     fn return_credit(&mut self, slot: usize, meter: &Meter) {
-        let spare = self.credit[slot].saturating_sub(self.bytes[slot]);
+        let spare = self.credit[slot].saturating_sub(self.charged(slot));
         if spare > 2 * CREDIT_CHUNK {
             let give = spare - CREDIT_CHUNK;
             self.credit[slot] -= give;
@@ -216,7 +221,7 @@ impl Queues {
         len: u64,
         meter: &Meter,
     ) -> bool {
-        let need = (self.bytes[slot] + len).saturating_sub(self.credit[slot]);
+        let need = self.need(slot, len);
         self.slots[slot].len() < r.capacities[slot]
             && self.bytes[slot] + len <= r.queue_bytes[slot]
             && meter.has_room(need)
@@ -232,7 +237,7 @@ impl Queues {
         len: u64,
         meter: &Meter,
     ) -> bool {
-        let need = (self.bytes[slot] + len).saturating_sub(self.credit[slot]);
+        let need = self.need(slot, len);
         self.slots[slot].len() < r.capacities[slot]
             && self.bytes[slot] + len <= r.queue_bytes[slot]
             && !meter.has_room(need)
@@ -257,9 +262,19 @@ impl Queues {
                 crate::model::budget::bytes(budget)
             )
         } else {
-            let need = (self.bytes[slot] + len).saturating_sub(self.credit[slot]);
+            let need = self.need(slot, len);
             format!("no room left in {}", meter.refusal(need))
         }
+    }
+
+    /// What `slot`'s queued items are charged on the meter: their text and overhead.
+    fn charged(&self, slot: usize) -> u64 {
+        self.bytes[slot] + self.slots[slot].len() as u64 * ITEM_OVERHEAD
+    }
+
+    /// What one more item of `len` bytes needs reserved beyond what `slot` holds reserved.
+    fn need(&self, slot: usize, len: u64) -> u64 {
+        (self.charged(slot) + len + ITEM_OVERHEAD).saturating_sub(self.credit[slot])
     }
 
     /// Whether any slot holds an item.

@@ -13,7 +13,7 @@
 //! | error message | [`Budgets::error_bytes`] | 4 KiB | cut, saying how much was cut |
 //! | dead letters of a job | [`Budgets::dead_letters`], [`Budgets::dead_letter_bytes`] | 10,000, 64 MiB | counted (and handed to the runtime's dead-letter sink, if any), not kept |
 //! | output kept by a job | [`Budgets::output_lines`], [`Budgets::output_bytes`] | 10,000 lines, 4 MiB | a ring: the oldest lines go, counted |
-//! | a whole job | [`Budgets::memory`] | 2 GiB | the sum of its guests' linear memories, its queued items and what it retains; a guest growing past it traps, a slot past it is full |
+//! | a whole job | [`Budgets::memory`] | 2 GiB | the sum of its guests' linear memories, its queued items (their text and 128 bytes each for what the host keeps of an item) and what it retains; a guest growing past it traps, a slot past it is full |
 //! | a group's (tenant's) running jobs together | `Runtime::set_group_memory` | none (`serve`: 4 GiB) | as past a job's budget, the errors naming the quota; a finished job leaves it |
 //!
 //! Only a single value over its budget, or retention that cannot wait, is an error: a slot at

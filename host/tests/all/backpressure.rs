@@ -491,3 +491,52 @@ fn a_chain_deeper_than_the_help_limit_completes_overrunning_by_counted_items() {
         );
     }
 }
+
+/// A flood of tiny items is held to the job's memory budget by what the host keeps per item,
+/// not only by their few bytes of text: 1 MiB takes about 7,700 items of `{"i":N}` (135 bytes
+/// each, counted), not 100,000 (their text alone is 0.8 MB).
+#[test]
+fn tiny_items_are_charged_what_the_host_keeps_for_each() {
+    let rt = crate::common::builder(1)
+        .post_timeout(Duration::from_millis(20))
+        .build();
+    let gate = Gate::new();
+    let g = gate.clone();
+    let mut flow = Flow::new();
+    flow.add_routine(
+        Routine::new()
+            .slot_with_capacity("in", 1_000_000)
+            .policy(Policy::batch_size(1))
+            .logic(move |_, _| {
+                assert!(g.wait());
+                Ok(())
+            }),
+        "sink",
+    );
+    flow.budgets(routilux::Budgets {
+        memory: 1 << 20,
+        ..Default::default()
+    });
+    rt.register("f", &flow).unwrap();
+    let job = rt.exec("f").unwrap();
+    let hold = job.hold_open().unwrap();
+    let mut taken = 0u64;
+    for i in 0..100_000u64 {
+        match job.post("sink", "in", &json!({ "i": i % 10 })) {
+            Ok(()) => taken += 1,
+            Err(RuntimeError::QueueFull { why, .. }) => {
+                assert!(why.contains("job's memory budget of 1.0 MiB"), "{why}");
+                break;
+            }
+            Err(e) => panic!("{e}"),
+        }
+    }
+    assert!(
+        (6_000..=8_200).contains(&taken),
+        "{taken} tiny items in 1 MiB"
+    );
+    gate.open();
+    drop(hold);
+    assert!(job.wait(WAIT));
+    assert_eq!(job.counters()["sink"].processed, taken);
+}
