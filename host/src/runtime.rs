@@ -187,6 +187,10 @@ pub enum Shutdown {
     Cancel,
 }
 
+/// The longest an emit waits for its group's memory quota (spent by the group's other jobs)
+/// before it fails, whatever the post timeout (`routilux run` posts wait for days).
+const MAX_QUOTA_WAIT: Duration = Duration::from_secs(60);
+
 /// Configures a [`Runtime`].
 #[derive(Clone)]
 pub struct RuntimeBuilder {
@@ -292,7 +296,7 @@ impl RuntimeBuilder {
             finished_gen: Mutex::new(0),
             finished_cv: Condvar::new(),
             group_memory: Mutex::new(Vec::new()),
-            quota_wait: self.post_timeout,
+            quota_wait: self.post_timeout.min(MAX_QUOTA_WAIT),
         });
         let mut threads = Vec::with_capacity(self.threads);
         let stop = |shared: &Shared, threads: Vec<JoinHandle<()>>| {
@@ -842,14 +846,30 @@ fn post_durable(
             }
             // A stopped job drains nothing: past the bound (it stays queued in the store).
             let overrun = job.stopping();
-            match job.push(node, slot, item, seq, overrun, Sched::External(pool)) {
+            let back = match job.push(node, slot, item, seq, overrun, Sched::External(pool)) {
                 Ok(()) => break,
                 Err(back) if overrun => {
                     tracing::debug!(job = %job.id, "a committed post stays in the store only: the stopped job's slot is full");
                     drop(back);
                     break;
                 }
-                Err(back) => pending = Some(back),
+                Err(back) => back,
+            };
+            // Room in the slot, none in the tenant's quota (its other jobs hold it): what is
+            // committed is queued past the quota (counted overflowed), as a recovered item
+            // is, rather than held here for as long as they keep it.
+            let len = back.byte_len() as u64;
+            let quota_only = job.nodes[node]
+                .queues
+                .lock()
+                .blocked_by_group(r, slot, len, &job.meter);
+            if quota_only {
+                match job.push(node, slot, back, seq, true, Sched::External(pool)) {
+                    Ok(()) => break,
+                    Err(back) => pending = Some(back),
+                }
+            } else {
+                pending = Some(back);
             }
             job.push_or_wait(
                 node,

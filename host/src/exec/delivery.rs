@@ -536,4 +536,29 @@ impl JobPort for Job {
         self.count_emit(node);
         self.route(node, ev, item, 0, waited, delivered)
     }
+
+    fn wait_for_memory(
+        &self,
+        n: u64,
+        waited: &mut Duration,
+    ) -> Result<(), crate::model::budget::Refusal> {
+        let started = Instant::now();
+        let result = loop {
+            let refused = match self.meter.try_reserve(n) {
+                Ok(()) => break Ok(()),
+                Err(r) => r,
+            };
+            if !refused.transient() || self.halted() || started.elapsed() >= self.shared.quota_wait
+            {
+                break Err(refused);
+            }
+            self.shared.pool.enter_blocked();
+            self.shared
+                .pool
+                .wait_unless(Duration::from_millis(5), || self.meter.has_room(n));
+            self.shared.pool.leave_blocked();
+        };
+        *waited += started.elapsed();
+        result
+    }
 }

@@ -78,7 +78,7 @@ pub(crate) struct Shared {
     /// own budget). Set with `Runtime::set_group_memory`.
     pub(crate) group_memory: Mutex<Vec<Option<Arc<Meter>>>>,
     /// How long an emit waits for its group's memory quota (spent by the group's other
-    /// jobs) before it fails: the runtime's post timeout.
+    /// jobs) before it fails: the runtime's post timeout, at most a minute.
     pub(crate) quota_wait: Duration,
 }
 

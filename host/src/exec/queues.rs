@@ -224,7 +224,7 @@ impl Queues {
         let need = self.need(slot, len);
         self.slots[slot].len() < r.capacities[slot]
             && self.bytes[slot] + len <= r.queue_bytes[slot]
-            && meter.has_room(need)
+            && (need == 0 || meter.has_room(need))
     }
 
     /// Whether an item of `len` bytes finds no room in `slot` only because the memory quota
@@ -240,6 +240,7 @@ impl Queues {
         let need = self.need(slot, len);
         self.slots[slot].len() < r.capacities[slot]
             && self.bytes[slot] + len <= r.queue_bytes[slot]
+            && need > 0
             && !meter.has_room(need)
             && meter.refusal(need).transient()
     }

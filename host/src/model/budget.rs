@@ -171,35 +171,47 @@ impl Meter {
     /// Reserves `n` bytes if that stays within the limit (and the parent's); returns whether
     /// it did.
     pub(crate) fn reserve(&self, n: u64) -> bool {
-        let Some(link) = &self.parent else {
-            return self.reserve_here(n);
-        };
-        let attached = link.attached.lock();
-        if !self.reserve_here(n) {
-            return false;
-        }
-        if *attached && !link.to.reserve(n) {
-            self.release_here(n);
-            return false;
-        }
-        true
+        self.try_reserve(n).is_ok()
     }
 
-    fn reserve_here(&self, n: u64) -> bool {
+    /// Reserves `n` bytes if that stays within the limit (and the parent's), or says which
+    /// limit refused, as it was at that moment.
+    pub(crate) fn try_reserve(&self, n: u64) -> Result<(), Refusal> {
+        let Some(link) = &self.parent else {
+            let new = self.reserve_here(n)?;
+            self.peak.fetch_max(new, Ordering::Relaxed);
+            return Ok(());
+        };
+        let attached = link.attached.lock();
+        let new = self.reserve_here(n)?;
+        if *attached && let Err(refused) = link.to.reserve_here(n) {
+            self.release_here(n);
+            return Err(match refused {
+                Refusal::Job { limit, used } => Refusal::Group { limit, used },
+                group => group,
+            });
+        }
+        if *attached {
+            link.to.peak.fetch_max(link.to.used(), Ordering::Relaxed);
+        }
+        // Raised only once both took it: a peak never shows what was refused.
+        self.peak.fetch_max(new, Ordering::Relaxed);
+        Ok(())
+    }
+
+    /// Adds `n` to `used` if that stays within the limit; the new `used`, or the refusal.
+    fn reserve_here(&self, n: u64) -> Result<u64, Refusal> {
         let limit = self.limit();
         let mut used = self.used.load(Ordering::Relaxed);
         loop {
             let Some(new) = used.checked_add(n).filter(|&new| new <= limit) else {
-                return false;
+                return Err(Refusal::Job { limit, used });
             };
             match self
                 .used
                 .compare_exchange_weak(used, new, Ordering::AcqRel, Ordering::Relaxed)
             {
-                Ok(_) => {
-                    self.peak.fetch_max(new, Ordering::Relaxed);
-                    return true;
-                }
+                Ok(_) => return Ok(new),
                 Err(now) => used = now,
             }
         }

@@ -119,6 +119,8 @@ pub enum EmitError {
         routine: String,
         /// The limit they would pass, and how full it is.
         limit: String,
+        /// It was the tenant's quota (which its other jobs may free): retryable.
+        transient: bool,
     },
     /// The slot had room but the tenant's memory quota stayed spent (by its other jobs) for
     /// as long as a post waits: the item was kept as a dead letter of the receiving routine,
@@ -150,7 +152,12 @@ impl From<EmitError> for RoutineError {
     fn from(e: EmitError) -> Self {
         let retryable = matches!(
             e,
-            EmitError::JobHalted { .. } | EmitError::QuotaSpent { .. }
+            EmitError::JobHalted { .. }
+                | EmitError::QuotaSpent { .. }
+                | EmitError::HeldPastMemory {
+                    transient: true,
+                    ..
+                }
         );
         RoutineError {
             message: e.to_string(),
@@ -213,6 +220,14 @@ pub(crate) trait JobPort: Send + Sync {
         waited: &mut Duration,
         delivered: &AtomicU64,
     ) -> Result<(), EmitError>;
+    /// Waits (up to the runtime's post timeout, adding the wait to `waited`) until `n`
+    /// bytes can be reserved on the job's meter, and reserves them; the refusal if they
+    /// never could.
+    fn wait_for_memory(
+        &self,
+        n: u64,
+        waited: &mut Duration,
+    ) -> Result<(), crate::model::budget::Refusal>;
 }
 
 /// Handed to [`Logic::activate`](crate::Logic::activate): emit, state, config, job identity.
@@ -548,11 +563,20 @@ impl Context {
                     budget: r.budgets.attempt_bytes,
                 });
             }
-            if !core.meter.reserve(size) {
-                return Err(EmitError::HeldPastMemory {
-                    routine: r.id.to_string(),
-                    limit: core.meter.refusal(size).to_string(),
-                });
+            if let Err(refusal) = core.meter.try_reserve(size) {
+                // The tenant's other jobs may let memory go: wait for it as an emit into a
+                // full slot would (up to the post timeout), then fail, retryable.
+                let refusal = match refusal.transient() {
+                    true => self.job.wait_for_memory(size, waited).err(),
+                    false => Some(refusal),
+                };
+                if let Some(refusal) = refusal {
+                    return Err(EmitError::HeldPastMemory {
+                        routine: r.id.to_string(),
+                        limit: refusal.to_string(),
+                        transient: refusal.transient(),
+                    });
+                }
             }
             a.bytes.fetch_add(size, Ordering::Relaxed);
             a.emits.lock().push((ev, item));

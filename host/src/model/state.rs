@@ -461,15 +461,14 @@ impl<'a> StateRef<'a> {
                 ),
             }));
         }
-        if total > state.bytes && !self.meter.reserve(total - state.bytes) {
+        if total > state.bytes
+            && let Err(refusal) = self.meter.try_reserve(total - state.bytes)
+        {
             return Err(E::from(StateError::Full {
                 routine: self.routine.to_owned(),
                 key,
                 total,
-                what: format!(
-                    "what is left of {}",
-                    self.meter.refusal(total - state.bytes)
-                ),
+                what: format!("what is left of {refusal}"),
             }));
         }
         if let Err(e) = durable(&resolved) {
@@ -554,12 +553,14 @@ impl<'a> StateRef<'a> {
                 ),
             });
         }
-        if new > old && !self.meter.reserve(new - old) {
+        if new > old
+            && let Err(refusal) = self.meter.try_reserve(new - old)
+        {
             return Err(StateError::Full {
                 routine: self.routine.to_owned(),
                 key: key.to_owned(),
                 total,
-                what: format!("what is left of {}", self.meter.refusal(new - old)),
+                what: format!("what is left of {refusal}"),
             });
         }
         if old > new {

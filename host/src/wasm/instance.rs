@@ -115,8 +115,7 @@ impl MemoryCap {
     /// Charges `n` more bytes to the job's budget; an error naming it if there is no room.
     fn charge(&mut self, n: u64, what: &str) -> wasmtime::Result<()> {
         if let Some(m) = &self.meter {
-            if !m.reserve(n) {
-                let refusal = m.refusal(n);
+            if let Err(refusal) = m.try_reserve(n) {
                 let label = if refusal.transient() {
                     TENANT_QUOTA
                 } else {

@@ -469,3 +469,78 @@ fn an_emit_blocked_by_its_groups_quota_gives_its_worker_back_after_the_post_time
     drop(hold);
     assert!(first.wait(WAIT));
 }
+
+/// In a durable job every emit is held until its activation commits; a held emit that finds
+/// no room in its tenant's quota (the other job holds it) waits as long as a post, then fails
+/// retryable, naming the quota; once the other job lets go, a retry goes through.
+#[test]
+fn a_durable_jobs_held_emit_waits_for_its_groups_quota_then_fails_retryable() {
+    use routilux::{ErrorStrategy, Item, JobStore};
+    let rt = builder(2)
+        .fair(true)
+        .post_timeout(Duration::from_millis(100))
+        .build();
+    let a = rt.add_group(1);
+    rt.set_group_memory(a, Some(1 << 20));
+    let big = || Item::new(json!({"x": "x".repeat(300 << 10)})).unwrap();
+    let gate = crate::common::Gate::new();
+    let g = gate.clone();
+    let mut hoard = Flow::new();
+    hoard.add_routine(
+        Routine::new()
+            .slot_with_capacity("in", 100)
+            .policy(Policy::batch_size(1))
+            .logic(move |_, _| {
+                assert!(g.wait());
+                Ok(())
+            }),
+        "sink",
+    );
+    rt.register("hoard", &hoard).unwrap();
+    let mut emit = Flow::new();
+    emit.add_routine(
+        Routine::new()
+            .slot("go")
+            .event("out", ["x"])
+            .on_error(ErrorStrategy::Continue)
+            .logic(move |ctx, _| {
+                ctx.emit_item("out", big())?;
+                Ok(())
+            }),
+        "src",
+    )
+    .add_routine(Routine::new().slot("in").logic(|_, _| Ok(())), "sink")
+    .connect("src", "out", "sink", "in");
+    rt.register("emit", &emit).unwrap();
+    let first = rt.exec_in(a, "hoard").unwrap();
+    let hold = first.hold_open().unwrap();
+    while first
+        .post_item_timeout("sink", "in", big(), Duration::from_millis(20))
+        .is_ok()
+    {}
+    let dir = tempfile::tempdir().unwrap();
+    let (second, hold2) = rt
+        .exec_durable_in(a, "emit", JobStore::open(dir.path(), b"").unwrap())
+        .unwrap();
+    let started = Instant::now();
+    second.post("src", "go", &json!({})).unwrap();
+    assert!(eventually(|| !second.errors().is_empty()));
+    assert!(started.elapsed() >= Duration::from_millis(100));
+    let e = &second.errors()[0];
+    assert!(e.retryable, "{e:?}");
+    assert!(
+        e.error.contains("cannot hold more emits") && e.error.contains("tenant's memory quota"),
+        "{e:?}"
+    );
+    gate.open();
+    drop(hold);
+    assert!(first.wait(WAIT));
+    second.post("src", "go", &json!({})).unwrap();
+    drop(hold2);
+    assert!(second.wait(WAIT));
+    assert_eq!(
+        second.counters()["sink"].processed,
+        1,
+        "the second emit went through"
+    );
+}

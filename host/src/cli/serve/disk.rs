@@ -38,12 +38,35 @@ pub(crate) struct Purged {
 /// live (its lock is held). The directory is first renamed aside, under the lock, so a
 /// server that opens the tenant meanwhile starts on a new, empty one.
 pub(crate) fn purge(data_dir: &Path, id: &str, dry_run: bool) -> Result<Purged, String> {
-    let dir = data_dir.join("tenants").join(id);
-    if !dir.is_dir() {
-        return Err(format!(
-            "there is no tenant `{id}` in {}",
-            data_dir.display()
-        ));
+    let tenants = data_dir.join("tenants");
+    let dir = tenants.join(id);
+    match std::fs::symlink_metadata(&dir) {
+        Ok(m) if m.is_dir() => {}
+        Ok(m) if m.file_type().is_symlink() => {
+            return Err(format!(
+                "{} is a symbolic link, not a tenant's directory: remove it by hand",
+                dir.display()
+            ));
+        }
+        _ => {
+            return Err(format!(
+                "there is no tenant `{id}` in {}",
+                data_dir.display()
+            ));
+        }
+    }
+    // What an interrupted purge of this tenant left aside.
+    if let Ok(entries) = std::fs::read_dir(&tenants) {
+        let prefix = format!(".purging-{id}-");
+        for e in entries.flatten() {
+            let name = e.file_name().to_string_lossy().into_owned();
+            let ours = name
+                .strip_prefix(&prefix)
+                .is_some_and(|pid| !pid.is_empty() && pid.bytes().all(|b| b.is_ascii_digit()));
+            if ours && !dry_run {
+                let _ = std::fs::remove_dir_all(e.path());
+            }
+        }
     }
     let lock = lock_dir(&dir)
         .map_err(|e| format!("cannot lock {}: {e}", dir.display()))?

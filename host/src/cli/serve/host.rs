@@ -709,8 +709,20 @@ impl Host {
         for t in gone {
             self.tenants.write().remove(&t.id);
             t.removed.store(true, Ordering::SeqCst);
-            let stopped = self.stop_tenant_jobs(&t);
-            t.dir.unlock();
+            let (stopped, running) = self.stop_tenant_jobs(&t);
+            // The directory is let go (a purge may remove it, the tenant may come back) only
+            // once no job of the tenant runs any more: an activation may outlast the wait.
+            if running.is_empty() {
+                t.dir.unlock();
+            } else {
+                let t = t.clone();
+                std::thread::spawn(move || {
+                    for h in running {
+                        while !h.wait(Duration::from_secs(1)) {}
+                    }
+                    t.dir.unlock();
+                });
+            }
             said.push(format!(
                 "tenant `{}` removed: its tokens no longer work; {stopped} unfinished jobs \
                  stopped into their stores (its data is kept in {}: `routilux serve purge {}` \
@@ -773,7 +785,7 @@ impl Host {
 
     /// Stops a removed tenant's unfinished jobs (kept in their stores, as at a server stop)
     /// and lets their records go; returns how many were stopped.
-    fn stop_tenant_jobs(&self, t: &Tenant) -> usize {
+    fn stop_tenant_jobs(&self, t: &Tenant) -> (usize, Vec<JobHandle>) {
         let records: Vec<Arc<JobRecord>> = t.state.lock().jobs.values().cloned().collect();
         let mut stopped = Vec::new();
         for r in &records {
@@ -794,7 +806,9 @@ impl Host {
         }
         t.state.lock().jobs.clear();
         self.runtime.forget_finished_jobs();
-        stopped.len()
+        let n = stopped.len();
+        stopped.retain(|h| !h.is_finished());
+        (n, stopped)
     }
 
     /// Ends every event stream (the server is stopping: its connections must close).
