@@ -222,9 +222,12 @@ impl Queues {
         meter: &Meter,
     ) -> bool {
         let need = self.need(slot, len);
-        self.slots[slot].len() < r.capacities[slot]
-            && self.bytes[slot] + len <= r.queue_bytes[slot]
-            && (need == 0 || meter.has_room(need))
+        self.within_slot(r, slot, len) && (need == 0 || meter.has_room(need))
+    }
+
+    /// Whether an item of `len` bytes is within `slot`'s own bounds (count and bytes).
+    fn within_slot(&self, r: &CompiledRoutine, slot: usize, len: u64) -> bool {
+        self.slots[slot].len() < r.capacities[slot] && self.bytes[slot] + len <= r.queue_bytes[slot]
     }
 
     /// Whether an item of `len` bytes finds no room in `slot` only because the memory quota
@@ -238,8 +241,7 @@ impl Queues {
         meter: &Meter,
     ) -> bool {
         let need = self.need(slot, len);
-        self.slots[slot].len() < r.capacities[slot]
-            && self.bytes[slot] + len <= r.queue_bytes[slot]
+        self.within_slot(r, slot, len)
             && need > 0
             && !meter.has_room(need)
             && meter.refusal(need).transient()

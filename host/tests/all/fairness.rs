@@ -392,17 +392,19 @@ fn a_groups_jobs_share_its_memory_quota_and_another_group_does_not_feel_it() {
     assert!(rt.group_usage(a).memory_peak_bytes <= QUOTA);
 }
 
-/// An emit that finds room in its slot but none in its group's memory quota (spent by the
-/// group's other job) waits no longer than a post would, then fails the activation
-/// (retryable), its item a dead letter: the other job's memory cannot hold a worker.
-#[test]
-fn an_emit_blocked_by_its_groups_quota_gives_its_worker_back_after_the_post_timeout() {
+/// For the quota tests: gives group `a` a 1 MiB memory quota, registers `hoard` (a sink
+/// whose activations wait for the returned gate) and `emit` (`src` emits one 300 KiB item to
+/// `sink`, errors continued), and starts a job of `hoard` in `a` that fills the quota with
+/// queued items; returns the gate, that job and its hold.
+fn fill_quota_and_register_emit(
+    rt: &Runtime,
+    a: Group,
+) -> (
+    crate::common::Gate,
+    routilux::JobHandle,
+    routilux::InputHold,
+) {
     use routilux::{ErrorStrategy, Item};
-    let rt = builder(2)
-        .fair(true)
-        .post_timeout(Duration::from_millis(100))
-        .build();
-    let a = rt.add_group(1);
     rt.set_group_memory(a, Some(1 << 20));
     let big = || Item::new(json!({"x": "x".repeat(300 << 10)})).unwrap();
     let gate = crate::common::Gate::new();
@@ -434,13 +436,27 @@ fn an_emit_blocked_by_its_groups_quota_gives_its_worker_back_after_the_post_time
     .add_routine(Routine::new().slot("in").logic(|_, _| Ok(())), "sink")
     .connect("src", "out", "sink", "in");
     rt.register("emit", &emit).unwrap();
-    // The first job of a fills a's quota with queued items behind a closed gate.
     let first = rt.exec_in(a, "hoard").unwrap();
     let hold = first.hold_open().unwrap();
     while first
         .post_item_timeout("sink", "in", big(), Duration::from_millis(20))
         .is_ok()
     {}
+    (gate, first, hold)
+}
+
+/// An emit that finds room in its slot but none in its group's memory quota (spent by the
+/// group's other job) waits no longer than a post would, then fails the activation
+/// (retryable), its item a dead letter: the other job's memory cannot hold a worker.
+#[test]
+fn an_emit_blocked_by_its_groups_quota_gives_its_worker_back_after_the_post_timeout() {
+    let rt = builder(2)
+        .fair(true)
+        .post_timeout(Duration::from_millis(100))
+        .build();
+    let a = rt.add_group(1);
+    // a's first job fills a's quota with queued items behind a closed gate.
+    let (gate, first, hold) = fill_quota_and_register_emit(&rt, a);
     // a's second job: its emit has room in its slot, none in a's quota.
     let started = Instant::now();
     let second = rt.exec_in(a, "emit").unwrap();
@@ -475,49 +491,14 @@ fn an_emit_blocked_by_its_groups_quota_gives_its_worker_back_after_the_post_time
 /// retryable, naming the quota; once the other job lets go, a retry goes through.
 #[test]
 fn a_durable_jobs_held_emit_waits_for_its_groups_quota_then_fails_retryable() {
-    use routilux::{ErrorStrategy, Item, JobStore};
+    use routilux::JobStore;
     let rt = builder(2)
         .fair(true)
         .post_timeout(Duration::from_millis(100))
         .build();
     let a = rt.add_group(1);
-    rt.set_group_memory(a, Some(1 << 20));
-    let big = || Item::new(json!({"x": "x".repeat(300 << 10)})).unwrap();
-    let gate = crate::common::Gate::new();
-    let g = gate.clone();
-    let mut hoard = Flow::new();
-    hoard.add_routine(
-        Routine::new()
-            .slot_with_capacity("in", 100)
-            .policy(Policy::batch_size(1))
-            .logic(move |_, _| {
-                assert!(g.wait());
-                Ok(())
-            }),
-        "sink",
-    );
-    rt.register("hoard", &hoard).unwrap();
-    let mut emit = Flow::new();
-    emit.add_routine(
-        Routine::new()
-            .slot("go")
-            .event("out", ["x"])
-            .on_error(ErrorStrategy::Continue)
-            .logic(move |ctx, _| {
-                ctx.emit_item("out", big())?;
-                Ok(())
-            }),
-        "src",
-    )
-    .add_routine(Routine::new().slot("in").logic(|_, _| Ok(())), "sink")
-    .connect("src", "out", "sink", "in");
-    rt.register("emit", &emit).unwrap();
-    let first = rt.exec_in(a, "hoard").unwrap();
-    let hold = first.hold_open().unwrap();
-    while first
-        .post_item_timeout("sink", "in", big(), Duration::from_millis(20))
-        .is_ok()
-    {}
+    // a's first job fills a's quota with queued items behind a closed gate.
+    let (gate, first, hold) = fill_quota_and_register_emit(&rt, a);
     let dir = tempfile::tempdir().unwrap();
     let (second, hold2) = rt
         .exec_durable_in(a, "emit", JobStore::open(dir.path(), b"").unwrap())
