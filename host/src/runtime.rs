@@ -176,6 +176,13 @@ pub struct GroupUsage {
     pub memory_peak_bytes: u64,
     /// Its memory quota, if it has one.
     pub memory_limit: Option<u64>,
+    /// WebAssembly instances its jobs keep alive now (busy or idle), counted since
+    /// [`Runtime::set_group_instances`] was first called for it (0 before).
+    pub instances: usize,
+    /// The most they kept at once.
+    pub instances_peak: usize,
+    /// Its live-instance quota, if it has one.
+    pub instances_limit: Option<usize>,
 }
 
 /// How [`Runtime::shutdown`] treats unfinished jobs.
@@ -296,6 +303,7 @@ impl RuntimeBuilder {
             finished_gen: Mutex::new(0),
             finished_cv: Condvar::new(),
             group_memory: Mutex::new(Vec::new()),
+            group_instances: Mutex::new(Vec::new()),
             quota_wait: self.post_timeout.min(MAX_QUOTA_WAIT),
         });
         let mut threads = Vec::with_capacity(self.threads);
@@ -447,11 +455,34 @@ impl Runtime {
             .set_group_memory(group.0, bytes.unwrap_or(u64::MAX));
     }
 
+    /// Holds a group's jobs together to `count` live WebAssembly instances (busy or idle, of
+    /// all their routines), or lifts the quota (`None`: counted, no limit). Each routine stays
+    /// within its own `max_instances` too. A routine that needs a new instance while the
+    /// group is at its quota first has an idle instance of the group dropped (a job held open
+    /// keeps the instances it made; any of the group's routines and jobs), and only when all
+    /// are busy waits for one, up to its activation timeout, then fails retryable. An
+    /// activation nested under a blocked emit of its own job (it helps drain the full slot)
+    /// may go past the quota by that nesting, as past a routine's cap: the instances held
+    /// lower on its stack cannot come back before it returns. Counted from the first call
+    /// on: set it before the group's jobs start; a later call changes the limit for every job
+    /// on it at once.
+    pub fn set_group_instances(&self, group: Group, count: Option<usize>) {
+        self.shared
+            .set_group_instances(group.0, count.unwrap_or(usize::MAX));
+    }
+
     /// What a group's jobs have used of the workers.
     pub fn group_usage(&self, group: Group) -> GroupUsage {
         let u = self.shared.pool.usage(group.0).unwrap_or_default();
         let memory = self.shared.group_meter(group.0);
+        let (instances, instances_peak, instances_limit) = self
+            .shared
+            .group_slots(group.0)
+            .map_or((0, 0, usize::MAX), |s| s.usage());
         GroupUsage {
+            instances,
+            instances_peak,
+            instances_limit: (instances_limit != usize::MAX).then_some(instances_limit),
             memory_bytes: memory.as_ref().map_or(0, |m| m.used()),
             memory_peak_bytes: memory.as_ref().map_or(0, |m| m.peak()),
             memory_limit: memory.map(|m| m.limit()).filter(|&l| l != u64::MAX),

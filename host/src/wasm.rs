@@ -22,13 +22,19 @@
 //! - **age**: after `recycle_after` activations, so a leak in a guest cannot grow forever;
 //! - **surplus**: an instance returned to a pool already holding 8 idle ones is dropped;
 //! - **its job's end**: the job's pool is dropped with its instances (unless the operator set
-//!   `reuse_across_jobs`: then one pool serves every job, an instance's memory moving to the
-//!   budget of the job it serves).
+//!   `reuse_across_jobs`: then one pool serves every job of a group, an instance's memory
+//!   moving to the budget of the job it serves);
+//! - **room for another**: when the engine has its most instances, or the job's group (a
+//!   tenant) its quota of them (`Runtime::set_group_instances`), an idle instance (of any
+//!   routine and job; of the group, for its quota) is dropped to make a new one.
 //!
 //! At most `max_instances` live at once per routine and job (a checkout waits for one to come
-//! back), under the engine's own cap (`WasmConfig::max_instances`),
-//! except that an activation nested on a stack already holding one of that routine's instances
-//! never waits (it could be waiting on itself) and makes one more.
+//! back), under the group's quota (a checkout waits while all of the group's are busy, up to
+//! the routine's timeout) and the engine's own cap (`WasmConfig::max_instances`; all busy:
+//! the activation fails, retryable), except that an activation nested on a stack already
+//! holding one of that routine's instances never waits for the routine's cap (it could be
+//! waiting on itself) and makes one more, and one nested on a stack holding any instance goes
+//! past its group's quota by as much.
 //!
 //! An activation that returns an error value (not a trap) leaves its instance healthy.
 //!

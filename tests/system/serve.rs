@@ -1906,6 +1906,83 @@ fn a_tenants_jobs_together_are_held_to_its_memory_quota_and_the_host_peak_shows_
     assert_eq!(ub["memory_bytes"]["quota"], 4u64 << 30, "{ub}");
 }
 
+/// Tenant a's `instances` quota holds its running jobs' live instances together, idle ones
+/// kept by open jobs included: ten open jobs whose guests each grew to 16 MB run one after the
+/// other, each making its instance by having an idle one of an earlier job dropped, so a never
+/// keeps more than two (and their memory) alive; the server's peak resident memory shows it
+/// (without the quota the ten would keep 160 MB). Tenant b is not held to it.
+#[test]
+fn a_tenants_live_instances_are_held_to_its_quota_idle_ones_dropped_for_new_ones() {
+    const MB: u64 = 1_000_000;
+    const MIB: u64 = 1 << 20;
+    let dir = scratch();
+    let s = Server::start(dir.path(), &two_tenants("{instances: 2}", ""));
+    let flow = "flow_id: g\nroutines:\n  h:\n    plugin: hostile\n    kind: hostile\n    \
+                on_error: continue\n";
+    for token in [TOKEN_A, TOKEN_B] {
+        assert_eq!(s.put_plugin(token, "hostile", "hostile").status, 201);
+        assert_eq!(s.put_flow(token, "g", flow).status, 201);
+    }
+    let pid = s.child.id();
+    let before = peak_rss(pid);
+    let grow = |token: &str| {
+        let r = s.post(
+            "/v1/flows/g/jobs",
+            token,
+            json!({"input": {"h.in": [{"do": "grow", "bytes": 16 * MB}]}}),
+        );
+        assert_eq!(r.status, 201, "{}", r.json);
+        let id = r.json["id"].as_str().unwrap().to_owned();
+        let started = Instant::now();
+        loop {
+            let v = s.get(&format!("/v1/jobs/{id}"), token).json;
+            let h = &v["summary"]["routines"]["h"];
+            if h["processed"].as_u64().unwrap_or(0) + h["failures"].as_u64().unwrap_or(0) >= 1 {
+                assert_eq!(h["failures"], 0, "{v}");
+                break;
+            }
+            assert!(started.elapsed() < Duration::from_secs(60), "{v}");
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        id
+    };
+    let mut a_jobs = Vec::new();
+    for n in 1..=10u64 {
+        a_jobs.push(grow(TOKEN_A));
+        let u = s.get("/v1/usage", TOKEN_A).json;
+        assert_eq!(u["instances"]["live"], n.min(2), "{u}");
+    }
+    let b_jobs: Vec<String> = (0..3).map(|_| grow(TOKEN_B)).collect();
+    let u = s.get("/v1/usage", TOKEN_A).json;
+    assert_eq!(
+        u["instances"],
+        json!({"live": 2, "peak": 2, "quota": 2}),
+        "{u}"
+    );
+    let ub = s.get("/v1/usage", TOKEN_B).json;
+    assert_eq!(
+        ub["instances"],
+        json!({"live": 3, "peak": 3, "quota": 256}),
+        "{ub}"
+    );
+    // a's two guests and b's three: 80 MB of grown memory, and some host overhead; the other
+    // eight of a's 128 MB were let go.
+    let grew = peak_rss(pid).saturating_sub(before);
+    assert!(
+        grew < 80 * MB + 64 * MIB,
+        "the server grew by {} MiB",
+        grew / MIB
+    );
+    for (token, jobs) in [(TOKEN_A, &a_jobs), (TOKEN_B, &b_jobs)] {
+        for id in jobs {
+            s.post(&format!("/v1/jobs/{id}/close"), token, json!({}));
+            assert_eq!(s.wait_job(token, id)["status"], "completed");
+        }
+    }
+    let u = s.get("/v1/usage", TOKEN_A).json;
+    assert_eq!(u["instances"]["live"], 0, "{u}");
+}
+
 /// `routilux serve purge` removes a removed tenant's data for good, and nothing else: refused
 /// while the tenant is in the configuration or live in the running server (its directory's
 /// lock, which also keeps a second server off the same data directory), a dry run without

@@ -47,6 +47,7 @@ use crate::model::report::{
     ActivationFailure, DeadLetter, JobId, JobStatus, OutputLine, RoutineCounters,
 };
 use crate::model::routine::Logic;
+use crate::model::slots::Slots;
 use crate::model::state::State;
 
 use super::durable::{Durable, JobStore};
@@ -77,6 +78,9 @@ pub(crate) struct Shared {
     /// The memory quota each group's jobs share, by group (none: each job only within its
     /// own budget). Set with `Runtime::set_group_memory`.
     pub(crate) group_memory: Mutex<Vec<Option<Arc<Meter>>>>,
+    /// The live-instance quota each group's jobs share, by group (none: only each routine's
+    /// own cap). Set with `Runtime::set_group_instances`.
+    pub(crate) group_instances: Mutex<Vec<Option<Arc<Slots>>>>,
     /// How long an emit waits for its group's memory quota (spent by the group's other
     /// jobs) before it fails: the runtime's post timeout, at most a minute.
     pub(crate) quota_wait: Duration,
@@ -98,6 +102,24 @@ impl Shared {
         match &meters[group] {
             Some(m) => m.set_limit(limit),
             None => meters[group] = Some(Arc::new(Meter::new(limit))),
+        }
+    }
+
+    /// The live-instance quota `group`'s jobs share, if it has one.
+    pub(crate) fn group_slots(&self, group: usize) -> Option<Arc<Slots>> {
+        self.group_instances.lock().get(group).cloned().flatten()
+    }
+
+    /// Sets the live-instance quota of `group`'s jobs: made on first use (jobs started before
+    /// then are not counted on it), its limit changed after.
+    pub(crate) fn set_group_instances(&self, group: usize, limit: usize) {
+        let mut all = self.group_instances.lock();
+        if all.len() <= group {
+            all.resize(group + 1, None);
+        }
+        match &all[group] {
+            Some(s) => s.set_limit(limit),
+            None => all[group] = Some(Arc::new(Slots::new(group, limit))),
         }
     }
 
@@ -470,6 +492,8 @@ impl Job {
                 flow: plan,
                 states,
                 meter,
+                instances: shared.group_slots(group),
+                group,
                 started: Instant::now(),
                 control: AtomicU8::new(RUNNING),
             },

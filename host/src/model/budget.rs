@@ -15,6 +15,7 @@
 //! | output kept by a job | [`Budgets::output_lines`], [`Budgets::output_bytes`] | 10,000 lines, 4 MiB | a ring: the oldest lines go, counted |
 //! | a whole job | [`Budgets::memory`] | 2 GiB | the sum of its guests' linear memories, its queued items (their text and 128 bytes each for what the host keeps of an item) and what it retains; a guest growing past it traps, a slot past it is full |
 //! | a group's (tenant's) running jobs together | `Runtime::set_group_memory` | none (`serve`: 4 GiB) | as past a job's budget, the errors naming the quota; a finished job leaves it |
+//! | a group's live instances, busy or idle | `Runtime::set_group_instances` (a count) | none (`serve`: 256) | an idle one of the group is dropped for a new one; all busy: the checkout waits up to the routine's timeout, then fails retryable naming the quota |
 //!
 //! Only a single value over its budget, or retention that cannot wait, is an error: a slot at
 //! its byte budget is merely full. Every error names the routine, slot or key, the budget and

@@ -22,6 +22,7 @@ use super::budget::{Meter, RoutineBudgets, bytes};
 use super::item::{Item, ItemError};
 use super::plan::{CompiledFlow, CompiledRoutine};
 use super::report::JobId;
+use super::slots::Slots;
 use super::spec::RoutineError;
 use super::state::{Overlay, State, StateRef};
 
@@ -186,6 +187,10 @@ pub(crate) struct JobCore {
     pub(crate) states: Box<[Mutex<State>]>,
     /// Bytes the job holds against its memory budget (guests, queues, retention).
     pub(crate) meter: Arc<Meter>,
+    /// The live-instance quota of the job's group, if it has one.
+    pub(crate) instances: Option<Arc<Slots>>,
+    /// The group (tenant) the job runs in.
+    pub(crate) group: usize,
     pub(crate) started: Instant,
     /// [`RUNNING`], [`FAILED`], [`CANCELLED`] or [`STOPPED`] (the job changes it; every emit
     /// reads it).
@@ -348,6 +353,16 @@ impl Context {
     /// The job's memory meter (what its guests' memories are charged to).
     pub(crate) fn job_meter(&self) -> &Arc<Meter> {
         &self.core().meter
+    }
+
+    /// The live-instance quota of the job's group, if it has one.
+    pub(crate) fn instance_slots(&self) -> Option<&Arc<Slots>> {
+        self.core().instances.as_ref()
+    }
+
+    /// The group (tenant) the job runs in.
+    pub(crate) fn group(&self) -> usize {
+        self.core().group
     }
 
     /// This routine's byte budgets.

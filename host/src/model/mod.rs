@@ -22,5 +22,6 @@ pub(crate) mod plan;
 pub(crate) mod registry;
 pub(crate) mod report;
 pub(crate) mod routine;
+pub(crate) mod slots;
 pub(crate) mod spec;
 pub(crate) mod state;

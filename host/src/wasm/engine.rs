@@ -2,8 +2,8 @@
 //! epoch ticker that enforces deadlines, and loading (with the compiled-component cache).
 
 use std::path::{Path, PathBuf};
-use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
+use std::sync::{Arc, Weak};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
@@ -17,6 +17,7 @@ use super::deadline::HasGuardedPoll;
 use super::error::LoadError;
 use super::instance::{Limits, Permissions, StoreData};
 use super::plugin::{self, Plugin};
+use crate::model::slots::Idle;
 
 /// The largest component file loaded (a Python component is 18-40 MB).
 pub const MAX_COMPONENT_BYTES: u64 = 512 << 20;
@@ -88,6 +89,9 @@ pub(crate) struct EngineInner {
     /// Live instances, against `max_instances`.
     instances: AtomicUsize,
     max_instances: usize,
+    /// Every routine's instance pools made on this engine: asked to drop an idle instance
+    /// when the engine has its most.
+    holders: Mutex<Vec<Weak<dyn Idle>>>,
 }
 
 impl EngineInner {
@@ -98,6 +102,32 @@ impl EngineInner {
                 (n < self.max_instances).then_some(n + 1)
             })
             .is_ok()
+    }
+
+    /// Counts a new instance, first dropping an idle one (of any routine, job or tenant:
+    /// idle instances are a cache) when the engine has its most; false when all are busy.
+    pub(crate) fn make_room(&self) -> bool {
+        loop {
+            if self.instance_created() {
+                return true;
+            }
+            let holders: Vec<Arc<dyn Idle>> = self
+                .holders
+                .lock()
+                .iter()
+                .filter_map(Weak::upgrade)
+                .collect();
+            if !holders.iter().any(|h| h.evict_one(None)) {
+                return false;
+            }
+        }
+    }
+
+    /// Records a routine's instance pools (see `make_room`).
+    pub(crate) fn register_idle(&self, holder: Weak<dyn Idle>) {
+        let mut holders = self.holders.lock();
+        holders.retain(|h| h.strong_count() > 0);
+        holders.push(holder);
     }
 
     pub(crate) fn instance_dropped(&self) {
@@ -228,6 +258,7 @@ impl WasmEngine {
                 ticker: Mutex::new(Some(ticker)),
                 instances: AtomicUsize::new(0),
                 max_instances,
+                holders: Mutex::new(Vec::new()),
             }),
         })
     }

@@ -5,8 +5,8 @@
 use std::cell::RefCell;
 use std::collections::HashMap;
 use std::path::PathBuf;
-use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Weak};
 use std::time::{Duration, Instant};
 
 use parking_lot::{Condvar, Mutex};
@@ -23,6 +23,7 @@ use crate::model::activation::Batch;
 use crate::model::budget::Meter;
 use crate::model::context::{Context, EmitError};
 use crate::model::item::Item;
+use crate::model::slots::{Idle, Slot};
 use crate::{Logic, RoutineError};
 
 /// Resource limits of one routine's instances.
@@ -705,18 +706,26 @@ struct Instance {
     /// The last policy message and its JSON text: a routine's built-in policy hands the same
     /// `Arc` to every activation, so it is serialised once per instance, not per activation.
     message: Option<(Arc<Value>, String)>,
+    /// Its hold on its group's live-instance quota, if the group has one (given back when
+    /// the instance drops, after its store).
+    slot: Option<Slot>,
 }
 
-/// The instances of one routine serving one job (or, with `reuse_across_jobs`, every job).
-#[derive(Default)]
+/// The instances of one routine serving one job (or, with `reuse_across_jobs`, every job of
+/// one group).
 struct Pool {
     idle: Vec<Instance>,
     /// Instances of this pool alive (idle or checked out).
     live: usize,
+    /// The group of the job(s) it serves.
+    group: usize,
 }
 
-/// The pool that serves every job when instances are reused across jobs.
-const SHARED_POOL: JobId = JobId(0);
+/// The pool that serves every job of `group` when instances are reused across jobs (job ids
+/// count up from 1: they never reach these).
+fn shared_pool(group: usize) -> JobId {
+    JobId(u64::MAX - group as u64)
+}
 
 /// Pools by job id. Job ids are distinct integers handed out in order: they need no mixing,
 /// and SipHash would be most of the cost of a checkout (two lookups per activation).
@@ -742,6 +751,8 @@ impl std::hash::Hasher for IdHasher {
 
 /// The logic of a routine whose kind comes from a plugin.
 pub(crate) struct WasmLogic {
+    /// Itself, for the registries of idle instances (its group's and its engine's).
+    me: Weak<WasmLogic>,
     plugin: Arc<PluginInner>,
     kind: String,
     limits: Limits,
@@ -752,27 +763,37 @@ pub(crate) struct WasmLogic {
 }
 
 impl WasmLogic {
-    pub(crate) fn new(plugin: Arc<PluginInner>, kind: &str, limits: Limits) -> Self {
-        Self {
+    /// A routine's logic, registered with its engine (which may ask it to drop an idle
+    /// instance when the engine has its most).
+    pub(crate) fn new(plugin: Arc<PluginInner>, kind: &str, limits: Limits) -> Arc<Self> {
+        let logic = Arc::new_cyclic(|me| Self {
+            me: me.clone(),
             plugin,
             kind: kind.to_owned(),
             limits,
             pools: Mutex::new(Pools::default()),
             returned: Condvar::new(),
-        }
+        });
+        logic.plugin.engine.register_idle(logic.idle_ref());
+        logic
     }
 
-    fn pool_of(&self, job: JobId) -> JobId {
+    fn idle_ref(&self) -> Weak<dyn Idle> {
+        self.me.clone()
+    }
+
+    fn pool_of(&self, ctx: &Context) -> JobId {
         if self.limits.reuse_across_jobs {
-            SHARED_POOL
+            shared_pool(ctx.group())
         } else {
-            job
+            ctx.job_id()
         }
     }
 
     fn checkout(&self, ctx: &Context) -> Result<Checked<'_>, RoutineError> {
         let deadline = Instant::now() + self.limits.timeout.min(Duration::from_secs(3600));
-        let key = self.pool_of(ctx.job_id());
+        let key = self.pool_of(ctx);
+        let group = ctx.group();
         let meter = ctx.job_meter();
         // An activation of this routine suspended lower on this thread's stack (a blocked emit
         // running other work) holds an instance that cannot come back before we return:
@@ -780,7 +801,11 @@ impl WasmLogic {
         let nested = HELD.with(|h| h.borrow().contains(&self.key()));
         let mut pools = self.pools.lock();
         loop {
-            let pool = pools.entry(key).or_default();
+            let pool = pools.entry(key).or_insert_with(|| Pool {
+                idle: Vec::new(),
+                live: 0,
+                group,
+            });
             while let Some(mut inst) = pool.idle.pop() {
                 // A shared instance moves its memory onto the job it now serves.
                 if inst.store.data_mut().limits.move_to(meter) {
@@ -790,18 +815,28 @@ impl WasmLogic {
                 self.plugin.engine.instance_dropped();
             }
             if nested || pool.live < self.limits.max_instances {
-                if !self.plugin.engine.instance_created() {
-                    drop(pools);
+                pool.live += 1;
+                drop(pools);
+                let slot = match self.group_slot(ctx, deadline) {
+                    Ok(slot) => slot,
+                    Err(e) => {
+                        self.unreserve(key);
+                        return Err(e);
+                    }
+                };
+                if !self.plugin.engine.make_room() {
+                    self.unreserve(key);
                     return Err(RoutineError::retryable(format!(
                         "wasm routine `{}`: the engine runs its most instances ({}) already",
                         self.kind,
                         self.plugin.engine.max_instances()
                     )));
                 }
-                pool.live += 1;
-                drop(pools);
                 return match self.instantiate(meter) {
-                    Ok(inst) => Ok(Checked::new(self, key, inst)),
+                    Ok(mut inst) => {
+                        inst.slot = slot;
+                        Ok(Checked::new(self, key, inst))
+                    }
                     Err(e) => {
                         self.release_slot(key);
                         Err(e)
@@ -815,6 +850,25 @@ impl WasmLogic {
                 )));
             }
         }
+    }
+
+    /// A slot of the group's live-instance quota for a new instance (none if the group has
+    /// no quota): at once under it, else by having an idle instance of the group dropped,
+    /// else waiting for one up to `deadline`. Past the quota when this stack holds instances
+    /// already (a blocked emit helping): they cannot come back before this returns.
+    fn group_slot(&self, ctx: &Context, deadline: Instant) -> Result<Option<Slot>, RoutineError> {
+        let Some(slots) = ctx.instance_slots() else {
+            return Ok(None);
+        };
+        slots.register(&self.idle_ref());
+        let past = HELD.with(|h| !h.borrow().is_empty());
+        slots.take(past, deadline).map(Some).map_err(|busy| {
+            RoutineError::retryable(format!(
+                "wasm routine `{}`: its tenant's {} live instances (its quota of {}) stayed \
+                 busy for {:?}",
+                self.kind, busy.live, busy.limit, self.limits.timeout
+            ))
+        })
     }
 
     fn instantiate(&self, meter: &Arc<Meter>) -> Result<Instance, RoutineError> {
@@ -840,6 +894,7 @@ impl WasmLogic {
             bindings,
             activations: 0,
             message: None,
+            slot: None,
         })
     }
 
@@ -853,6 +908,7 @@ impl WasmLogic {
             self.discard(pool, inst);
             return;
         }
+        let slots = inst.slot.as_ref().and_then(Slot::wanted);
         let mut pools = self.pools.lock();
         match pools.get_mut(&pool) {
             Some(p) if p.idle.len() < MAX_IDLE => p.idle.push(inst),
@@ -861,6 +917,20 @@ impl WasmLogic {
                 self.discard(pool, inst);
                 return;
             }
+        }
+        drop(pools);
+        self.returned.notify_one();
+        // A checkout waiting for the group's quota may now have this one dropped.
+        if let Some(slots) = slots {
+            slots.idle_now();
+        }
+    }
+
+    /// Takes back a reservation of `pool` that made no instance.
+    fn unreserve(&self, pool: JobId) {
+        let mut pools = self.pools.lock();
+        if let Some(p) = pools.get_mut(&pool) {
+            p.live = p.live.saturating_sub(1);
         }
         drop(pools);
         self.returned.notify_one();
@@ -966,6 +1036,28 @@ impl WasmLogic {
             message.push_str(&format!(" — guest: {}", detail.join(" ")));
         }
         RoutineError { message, retryable }
+    }
+}
+
+impl Idle for WasmLogic {
+    fn evict_one(&self, group: Option<usize>) -> bool {
+        let mut pools = self.pools.lock();
+        let inst = pools
+            .values_mut()
+            .filter(|p| group.is_none_or(|g| p.group == g))
+            .find_map(|p| {
+                let inst = p.idle.pop()?;
+                p.live -= 1;
+                Some(inst)
+            });
+        drop(pools);
+        let Some(inst) = inst else {
+            return false;
+        };
+        drop(inst);
+        self.plugin.engine.instance_dropped();
+        self.returned.notify_one();
+        true
     }
 }
 

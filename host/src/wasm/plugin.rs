@@ -535,6 +535,6 @@ impl Plugin {
         if let Some(p) = k.default_policy {
             r = r.policy(p.policy());
         }
-        Ok(r.logic_impl(WasmLogic::new(self.inner.clone(), kind, limits)))
+        Ok(r.logic_arc(WasmLogic::new(self.inner.clone(), kind, limits)))
     }
 }

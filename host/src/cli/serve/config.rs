@@ -89,6 +89,7 @@ struct QuotasDef {
     activations_per_second: Option<Spanned<u32>>,
     memory_bytes: Option<Spanned<Size>>,
     request_bytes: Option<Size>,
+    instances: Option<Spanned<usize>>,
 }
 
 /// What a tenant may hold and run at once.
@@ -116,6 +117,10 @@ pub(crate) struct Quotas {
     /// items being parsed); a request finding none left waits up to the body timeout, then
     /// answers 503. Never less than its largest single body (see [`Quotas::request_room`]).
     pub request_bytes: u64,
+    /// WebAssembly instances all its running jobs keep alive at once, busy or idle. A routine
+    /// needing a new one past it has an idle one of the tenant dropped, or waits for one (up
+    /// to its activation timeout, then fails retryable).
+    pub instances: usize,
 }
 
 impl Quotas {
@@ -146,6 +151,7 @@ impl Default for Quotas {
             activations_per_second: None,
             memory_bytes: 4 << 30,
             request_bytes: 512 << 20,
+            instances: 256,
         }
     }
 }
@@ -443,6 +449,16 @@ pub(crate) fn load(
                 quotas.memory_bytes = n.value.0;
             }
         }
+        if let Some(n) = &q.instances {
+            if n.value == 0 {
+                diags.push(src.error(
+                    &n.referenced,
+                    "`instances: 0` would let none of the tenant's routines run: the least is 1",
+                ));
+            } else {
+                quotas.instances = n.value;
+            }
+        }
         tenants.push(TenantConfig {
             id: def.id.value.clone(),
             token_hashes: hashes,
@@ -649,6 +665,14 @@ mod tests {
             "{}",
             d[0].message
         );
+        assert_eq!(d[0].place.as_ref().map(|p| p.line), Some(6), "{d:?}");
+        write("    quotas: {instances: 3}\n");
+        let (c, _) = load(Some(&file), None, None).unwrap();
+        let n: Vec<usize> = c.tenants.iter().map(|t| t.quotas.instances).collect();
+        assert_eq!(n, [3, Quotas::default().instances]);
+        write("    quotas:\n      instances: 0\n");
+        let d = load(Some(&file), None, None).unwrap_err();
+        assert!(d[0].message.contains("`instances: 0`"), "{}", d[0].message);
         assert_eq!(d[0].place.as_ref().map(|p| p.line), Some(6), "{d:?}");
         let _ = std::fs::remove_dir_all(&dir);
     }

@@ -657,6 +657,8 @@ impl Host {
             .set_group_rate(group, c.quotas.activations_per_second);
         self.runtime
             .set_group_memory(group, Some(c.quotas.memory_bytes));
+        self.runtime
+            .set_group_instances(group, Some(c.quotas.instances));
         Ok(Arc::new(Tenant {
             id: c.id.clone(),
             live: RwLock::new(c.clone()),
@@ -757,6 +759,10 @@ impl Host {
                         if live.quotas.memory_bytes != c.quotas.memory_bytes {
                             self.runtime
                                 .set_group_memory(t.group, Some(c.quotas.memory_bytes));
+                        }
+                        if live.quotas.instances != c.quotas.instances {
+                            self.runtime
+                                .set_group_instances(t.group, Some(c.quotas.instances));
                         }
                         *live = c.clone();
                         self.runtime.set_group_weight(t.group, c.weight);
@@ -1232,6 +1238,7 @@ impl Host {
             },
             "activations_per_second": {"quota": q.activations_per_second, "throttled": w.throttled},
             "memory_bytes": {"used": w.memory_bytes, "peak": w.memory_peak_bytes, "quota": q.memory_bytes},
+            "instances": {"live": w.instances, "peak": w.instances_peak, "quota": q.instances},
             "plugins": {"used": plugins, "quota": q.plugins},
             "plugin_bytes": {"used": plugin_bytes, "quota": q.plugin_bytes},
             "flows": {"used": flows, "quota": q.flows},

@@ -441,3 +441,173 @@ fn cancel_and_shutdown_end_a_guest_sleeping_in_a_host_call_at_once() {
         );
     }
 }
+
+/// A group's (a tenant's) live-instance quota holds its jobs' instances together, idle ones
+/// included: a job held open keeps the instances it made, and a job that needs one while the
+/// group is at its quota has an idle one dropped instead of waiting; while all are busy a
+/// checkout waits for one to come back, and past its timeout it fails retryable naming the
+/// quota. Another group is not held to it, and a finished job gives its instances back.
+#[test]
+fn a_groups_live_instances_are_held_to_its_quota_idle_ones_making_way() {
+    use routilux::Item;
+    use std::time::Instant;
+    let hostile = load("hostile");
+    let routine = |ms: u64| {
+        let limits = Limits {
+            timeout: Duration::from_millis(ms),
+            ..Limits::default()
+        };
+        hostile
+            .routine_with("hostile", limits)
+            .unwrap()
+            .policy(Policy::batch_size(1))
+            .concurrency(4)
+            .on_error(ErrorStrategy::Continue)
+    };
+    let mut flow = Flow::new();
+    flow.add_routine(routine(10_000), "slow")
+        .add_routine(routine(300), "quick");
+    let rt = crate::common::builder(8).build();
+    rt.register("f", &flow).unwrap();
+    let (a, b) = (rt.add_group(1), rt.add_group(1));
+    rt.set_group_instances(a, Some(2));
+    rt.set_group_instances(b, None);
+    let post = |job: &routilux::JobHandle, routine: &str, what: serde_json::Value| {
+        job.post_item(routine, "in", Item::new(what).unwrap())
+            .unwrap()
+    };
+    let processed = |job: &routilux::JobHandle, routine: &str| {
+        job.counters()
+            .get(routine)
+            .map_or(0, |c| c.processed + c.failures)
+    };
+
+    // Three jobs of a, held open, one activation each: the third finds two idle instances
+    // kept by the first two and has one dropped.
+    let mut held = Vec::new();
+    for n in 1..=3 {
+        let job = rt.exec_in(a, "f").unwrap();
+        let hold = job.hold_open().unwrap();
+        post(&job, "slow", json!({"do": "count"}));
+        let t = Instant::now();
+        assert!(crate::common::eventually(|| processed(&job, "slow") == 1));
+        assert!(t.elapsed() < Duration::from_secs(5), "job {n} waited");
+        assert_eq!(job.counters()["slow"].failures, 0, "{:?}", job.errors());
+        let used = rt.group_usage(a);
+        assert_eq!(used.instances, n.min(2), "{used:?}");
+        assert_eq!(used.instances_limit, Some(2));
+        held.push((job, hold));
+    }
+    assert_eq!(rt.group_usage(a).instances_peak, 2);
+    for (job, hold) in held.drain(..) {
+        drop(hold);
+        assert!(job.wait(WAIT));
+        assert_eq!(job.status(), JobStatus::Completed);
+    }
+    assert_eq!(
+        rt.group_usage(a).instances,
+        0,
+        "finished jobs give theirs back"
+    );
+
+    // Four sleeps at once in a (two at a time) and in b (all four at once).
+    let sleeps = |group, ms: u64| {
+        let job = rt.exec_in(group, "f").unwrap();
+        let hold = job.hold_open().unwrap();
+        for _ in 0..4 {
+            post(&job, "slow", json!({"do": "sleep", "ms": ms}));
+        }
+        (job, hold)
+    };
+    let t = Instant::now();
+    let (ja, ha) = sleeps(a, 400);
+    let (jb, hb) = sleeps(b, 400);
+    assert!(crate::common::eventually(|| processed(&jb, "slow") == 4));
+    assert!(crate::common::eventually(|| processed(&ja, "slow") == 4));
+    assert!(
+        t.elapsed() >= Duration::from_millis(800),
+        "{:?}",
+        t.elapsed()
+    );
+    assert_eq!(ja.counters()["slow"].failures, 0, "{:?}", ja.errors());
+    assert_eq!(rt.group_usage(a).instances_peak, 2);
+    assert_eq!(
+        rt.group_usage(b).instances_peak,
+        4,
+        "b is not held to a's quota"
+    );
+    assert_eq!(rt.group_usage(b).instances_limit, None);
+
+    // Both of a's instances busy for 2 s: a routine whose timeout is 300 ms gives up.
+    post(&ja, "slow", json!({"do": "sleep", "ms": 2000}));
+    post(&ja, "slow", json!({"do": "sleep", "ms": 2000}));
+    assert!(crate::common::eventually(
+        || rt.group_usage(a).instances == 2
+    ));
+    std::thread::sleep(Duration::from_millis(100));
+    let other = rt.exec_in(a, "f").unwrap();
+    post(&other, "quick", json!({"do": "count"}));
+    assert!(other.wait(WAIT));
+    let errors = other.errors();
+    assert_eq!(errors.len(), 1, "{errors:?}");
+    let e = &errors[0];
+    assert!(
+        e.error
+            .contains("its tenant's 2 live instances (its quota of 2) stayed busy"),
+        "{e:?}"
+    );
+    assert!(e.retryable, "{e:?}");
+    drop((ha, hb));
+    assert!(ja.wait(WAIT) && jb.wait(WAIT));
+    assert_eq!(ja.counters()["slow"].processed, 6);
+    assert_eq!(rt.group_usage(a).instances, 0);
+}
+
+/// An engine at its most live instances drops an idle one (kept by a job held open, of any
+/// routine or tenant) to make a new one, instead of failing the activation.
+#[test]
+fn an_engine_at_its_most_instances_drops_an_idle_one_for_a_new_one() {
+    use routilux::Item;
+    use routilux::wasm::{WasmConfig, WasmEngine};
+    let engine = WasmEngine::new(WasmConfig {
+        cache_dir: Some(
+            crate::plugins::repo_root()
+                .join("target")
+                .join("routilux-test-cache"),
+        ),
+        max_instances: 2,
+        ..WasmConfig::default()
+    })
+    .unwrap();
+    let hostile = engine.load(crate::plugins::plugin("hostile")).unwrap();
+    let mut flow = Flow::new();
+    flow.add_routine(hostile.routine("hostile").unwrap(), "h");
+    let rt = crate::common::builder(2).build();
+    rt.register("f", &flow).unwrap();
+    let mut held = Vec::new();
+    for n in 0..4 {
+        let group = rt.add_group(1);
+        let job = rt.exec_in(group, "f").unwrap();
+        let hold = job.hold_open().unwrap();
+        job.post_item("h", "in", Item::new(json!({"do": "count"})).unwrap())
+            .unwrap();
+        assert!(crate::common::eventually(|| {
+            let c = &job.counters()["h"];
+            c.processed + c.failures == 1
+        }));
+        assert_eq!(
+            job.counters()["h"].failures,
+            0,
+            "job {n}: {:?}",
+            job.errors()
+        );
+        assert!(engine.live_instances() <= 2);
+        held.push((job, hold));
+    }
+    for (job, hold) in held {
+        drop(hold);
+        assert!(job.wait(WAIT));
+        assert_eq!(job.status(), JobStatus::Completed);
+    }
+    assert_eq!(engine.live_instances(), 0);
+}
