@@ -183,6 +183,14 @@ pub struct GroupUsage {
     pub instances_peak: usize,
     /// Its live-instance quota, if it has one.
     pub instances_limit: Option<usize>,
+    /// Items its jobs hold queued now, as reserved on its quota of them (in chunks of 32 per
+    /// slot, so a little more than are queued), counted since
+    /// [`Runtime::set_group_queued_items`] was first called for it (0 before).
+    pub queued_items: u64,
+    /// The most they held at once.
+    pub queued_items_peak: u64,
+    /// Its quota of queued items, if it has one.
+    pub queued_items_limit: Option<u64>,
 }
 
 /// How [`Runtime::shutdown`] treats unfinished jobs.
@@ -304,6 +312,7 @@ impl RuntimeBuilder {
             finished_cv: Condvar::new(),
             group_memory: Mutex::new(Vec::new()),
             group_instances: Mutex::new(Vec::new()),
+            group_items: Mutex::new(Vec::new()),
             quota_wait: self.post_timeout.min(MAX_QUOTA_WAIT),
         });
         let mut threads = Vec::with_capacity(self.threads);
@@ -471,6 +480,18 @@ impl Runtime {
             .set_group_instances(group.0, count.unwrap_or(usize::MAX));
     }
 
+    /// Holds a group's jobs together to `count` queued items (in all their slots), or lifts
+    /// the quota (`None`: counted, no limit). Each slot stays within its own bounds too. Past
+    /// it, as past the group's memory quota: a slot is full (a post waits, then is refused
+    /// with `QueueFull` naming the quota; an emit that finds room in its slot but none in the
+    /// quota fails after as long, retryable, its item a dead letter). Slots reserve on it 32
+    /// items at a time, so a quota below a few thousand is felt early. Counted from the first
+    /// call on: set it before the group's jobs start; a later call changes the limit at once.
+    pub fn set_group_queued_items(&self, group: Group, count: Option<u64>) {
+        self.shared
+            .set_group_items(group.0, count.unwrap_or(u64::MAX));
+    }
+
     /// What a group's jobs have used of the workers.
     pub fn group_usage(&self, group: Group) -> GroupUsage {
         let u = self.shared.pool.usage(group.0).unwrap_or_default();
@@ -479,7 +500,11 @@ impl Runtime {
             .shared
             .group_slots(group.0)
             .map_or((0, 0, usize::MAX), |s| s.usage());
+        let items = self.shared.group_items(group.0);
         GroupUsage {
+            queued_items: items.as_ref().map_or(0, |m| m.used()),
+            queued_items_peak: items.as_ref().map_or(0, |m| m.peak()),
+            queued_items_limit: items.map(|m| m.limit()).filter(|&l| l != u64::MAX),
             instances,
             instances_peak,
             instances_limit: (instances_limit != usize::MAX).then_some(instances_limit),
@@ -799,7 +824,7 @@ fn queue_full(job: &Job, node: usize, slot: usize, len: u64, waited: Duration) -
     let why = job.nodes[node]
         .queues
         .lock()
-        .why_full(r, slot, len, &job.meter);
+        .why_full(r, slot, len, job.charge());
     RuntimeError::QueueFull {
         job: job.id,
         routine: r.id.to_string(),
@@ -836,7 +861,7 @@ fn post_durable(
             || job.nodes[node]
                 .queues
                 .lock()
-                .has_room(r, slot, len, &job.meter)
+                .has_room(r, slot, len, job.charge())
     })?;
     let base = d.take_seqs(items.len() as u64);
     let mut ops: Vec<Op> = (base..)
@@ -890,10 +915,11 @@ fn post_durable(
             // committed is queued past the quota (counted overflowed), as a recovered item
             // is, rather than held here for as long as they keep it.
             let len = back.byte_len() as u64;
-            let quota_only = job.nodes[node]
-                .queues
-                .lock()
-                .blocked_by_group(r, slot, len, &job.meter);
+            let quota_only =
+                job.nodes[node]
+                    .queues
+                    .lock()
+                    .blocked_by_group(r, slot, len, job.charge());
             if quota_only {
                 match job.push(node, slot, back, seq, true, Sched::External(pool)) {
                     Ok(()) => break,

@@ -72,7 +72,7 @@ impl Job {
         let n = &self.nodes[node];
         let schedule = {
             let mut q = n.queues.lock();
-            if q.push(r, slot, item, seq, overrun, &self.meter)? == Pushed::Overrun {
+            if q.push(r, slot, item, seq, overrun, self.charge())? == Pushed::Overrun {
                 add(&n.counters.overflowed, 1);
             }
             let s = !q.scheduled
@@ -152,7 +152,7 @@ impl Job {
         // It did not run: someone else drained the slot meanwhile, it started elsewhere, or
         // its policy really releases nothing.
         let q = self.nodes[node].queues.lock();
-        if q.has_room(r, slot, len, &self.meter) {
+        if q.has_room(r, slot, len, self.charge()) {
             Help::Ran
         } else if q.running >= r.concurrency {
             Help::Busy
@@ -382,7 +382,11 @@ impl Job {
         waited: Duration,
     ) -> EmitError {
         let r = &self.flow.routines[node];
-        let quota = self.meter.refusal(item.byte_len() as u64).to_string();
+        let quota = self.nodes[node]
+            .queues
+            .lock()
+            .refusal(slot, item.byte_len() as u64, self.charge())
+            .to_string();
         let e = EmitError::QuotaSpent {
             routine: self.name(from).to_owned(),
             to: format!("{}.{}", r.id, r.slot_names[slot]),
@@ -504,7 +508,7 @@ impl QuotaWait {
         let blocked = job.nodes[node]
             .queues
             .lock()
-            .blocked_by_group(r, slot, len, &job.meter);
+            .blocked_by_group(r, slot, len, job.charge());
         if !blocked {
             self.since = None;
             return None;

@@ -81,6 +81,9 @@ pub(crate) struct Shared {
     /// The live-instance quota each group's jobs share, by group (none: only each routine's
     /// own cap). Set with `Runtime::set_group_instances`.
     pub(crate) group_instances: Mutex<Vec<Option<Arc<Slots>>>>,
+    /// The quota of queued items each group's jobs share, by group (none: only each slot's
+    /// own bound). Set with `Runtime::set_group_queued_items`.
+    pub(crate) group_items: Mutex<Vec<Option<Arc<Meter>>>>,
     /// How long an emit waits for its group's memory quota (spent by the group's other
     /// jobs) before it fails: the runtime's post timeout, at most a minute.
     pub(crate) quota_wait: Duration,
@@ -95,14 +98,17 @@ impl Shared {
     /// Sets the memory quota of `group`'s jobs: made on first use (jobs started before then
     /// are not counted on it), its limit changed after.
     pub(crate) fn set_group_memory(&self, group: usize, limit: u64) {
-        let mut meters = self.group_memory.lock();
-        if meters.len() <= group {
-            meters.resize(group + 1, None);
-        }
-        match &meters[group] {
-            Some(m) => m.set_limit(limit),
-            None => meters[group] = Some(Arc::new(Meter::new(limit))),
-        }
+        set_meter(&self.group_memory, group, limit);
+    }
+
+    /// The count of queued items `group`'s jobs share, if it has a quota of them.
+    pub(crate) fn group_items(&self, group: usize) -> Option<Arc<Meter>> {
+        self.group_items.lock().get(group).cloned().flatten()
+    }
+
+    /// Sets the quota of queued items of `group`'s jobs, as [`Shared::set_group_memory`].
+    pub(crate) fn set_group_items(&self, group: usize, limit: u64) {
+        set_meter(&self.group_items, group, limit);
     }
 
     /// The live-instance quota `group`'s jobs share, if it has one.
@@ -131,6 +137,18 @@ impl Shared {
     /// No worker can make progress and no timer will bring any.
     pub(crate) fn stalled(&self) -> bool {
         self.timer.is_empty() && self.pool.stalled()
+    }
+}
+
+/// Sets the limit of `group`'s meter in `meters`, making it on first use.
+fn set_meter(meters: &Mutex<Vec<Option<Arc<Meter>>>>, group: usize, limit: u64) {
+    let mut meters = meters.lock();
+    if meters.len() <= group {
+        meters.resize(group + 1, None);
+    }
+    match &meters[group] {
+        Some(m) => m.set_limit(limit),
+        None => meters[group] = Some(Arc::new(Meter::new(limit))),
     }
 }
 
@@ -232,8 +250,6 @@ pub(crate) struct Job {
     /// The logic of each routine, by the plan's routine index.
     pub(crate) logic: Arc<[Arc<dyn Logic>]>,
     pub(crate) shared: Arc<Shared>,
-    /// The group (tenant) of a fair pool whose share its tasks run on.
-    pub(crate) group: usize,
     pub(crate) nodes: Box<[Node]>,
     /// The store of a durable job (see the durable module).
     pub(crate) durable: Option<Durable>,
@@ -364,7 +380,7 @@ impl Job {
                 if in_retry.contains(&(node, slot, seq)) {
                     held.insert((node, slot, seq), item);
                 } else {
-                    q.recovered(slot as usize, item, seq, &job.meter);
+                    q.recovered(slot as usize, item, seq, job.charge());
                 }
             }
         }
@@ -396,10 +412,12 @@ impl Job {
         }
         // An item of a retry record that did not hold together: queued like the others.
         for ((node, slot, seq), item) in held {
-            job.nodes[node as usize]
-                .queues
-                .lock()
-                .recovered(slot as usize, item, seq, &job.meter);
+            job.nodes[node as usize].queues.lock().recovered(
+                slot as usize,
+                item,
+                seq,
+                job.charge(),
+            );
         }
         job.recovered_paused
             .store(recovered.paused, Ordering::Relaxed);
@@ -492,6 +510,7 @@ impl Job {
                 flow: plan,
                 states,
                 meter,
+                items: shared.group_items(group).map(|g| Arc::new(Meter::items(g))),
                 instances: shared.group_slots(group),
                 group,
                 started: Instant::now(),
@@ -500,7 +519,6 @@ impl Job {
             me: me.clone(),
             logic: flow.logic.clone(),
             shared,
-            group,
             nodes,
             durable,
             recovered_retries: Mutex::new(Vec::new()),
@@ -726,6 +744,9 @@ impl Job {
             // What the finished job still keeps (its output, dead letters) no longer counts on
             // its group's memory quota: the quota is for running jobs.
             self.meter.detach();
+            if let Some(items) = &self.items {
+                items.detach();
+            }
             self.done.notify_all();
             self.shared.job_finished();
         }

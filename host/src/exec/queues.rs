@@ -13,7 +13,7 @@
 use std::collections::{BTreeMap, VecDeque};
 use std::time::Instant;
 
-use crate::model::budget::Meter;
+use crate::model::budget::{Charge, Refusal};
 use crate::model::item::Item;
 use crate::model::plan::CompiledRoutine;
 
@@ -31,6 +31,11 @@ const CREDIT_CHUNK: u64 = 64 << 10;
 /// place in the queue), charged to the memory meter with the text: without it a flood of
 /// tiny items would hold many times what the meter counts.
 pub(crate) const ITEM_OVERHEAD: u64 = 128;
+
+/// The chunk in which a slot reserves items on its group's quota of queued items (when it
+/// has one), as [`CREDIT_CHUNK`] for bytes: the count over-counts by at most about two
+/// chunks per slot.
+const ITEM_CHUNK: u64 = 32;
 
 /// How an item went into a slot.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -51,6 +56,9 @@ pub(crate) struct Queues {
     /// Bytes each slot holds reserved on the job's meter: reserved and given back in chunks
     /// (see [`CREDIT_CHUNK`]), so a delivery touches the shared meter once every many items.
     credit: Vec<u64>,
+    /// Items each slot holds reserved on its group's quota of queued items (if the group has
+    /// one), in chunks of [`ITEM_CHUNK`].
+    item_credit: Vec<u64>,
     /// Items ever pushed (kept under the lock: one atomic less per delivery).
     pub(crate) items_in: u64,
     /// Activations of the routine running now.
@@ -72,6 +80,7 @@ impl Queues {
             seqs: durable.then(|| (0..n).map(|_| VecDeque::new()).collect()),
             bytes: vec![0; n],
             credit: vec![0; n],
+            item_credit: vec![0; n],
             items_in: 0,
             running: 0,
             scheduled: false,
@@ -95,7 +104,7 @@ impl Queues {
         item: Item,
         seq: u64,
         overrun: bool,
-        meter: &Meter,
+        charge: Charge<'_>,
     ) -> Result<Pushed, Item> {
         let len = item.byte_len() as u64;
         let (cap, budget) = (r.capacities[slot], r.queue_bytes[slot]);
@@ -105,7 +114,10 @@ impl Queues {
         }
         let full = count >= cap || held + len > budget;
         let need = self.need(slot, len);
-        let how = if !full && (need == 0 || self.reserve_credit(slot, need, meter)) {
+        let how = if !full
+            && self.reserve_items(slot, charge)
+            && (need == 0 || self.reserve_credit(slot, need, charge))
+        {
             Pushed::Within
         } else if !overrun
             || count >= cap.saturating_add(cap.max(OVERRUN_ITEMS))
@@ -113,8 +125,7 @@ impl Queues {
         {
             return Err(item);
         } else {
-            meter.force(need);
-            self.credit[slot] += need;
+            self.force(slot, need, charge);
             Pushed::Overrun
         };
         self.slots[slot].push_back(item);
@@ -128,10 +139,10 @@ impl Queues {
 
     /// Queues an item a durable job's store held when the job was recovered: past every
     /// bound if need be (what was committed is never dropped), charged to the meter.
-    pub(crate) fn recovered(&mut self, slot: usize, item: Item, seq: u64, meter: &Meter) {
+    pub(crate) fn recovered(&mut self, slot: usize, item: Item, seq: u64, charge: Charge<'_>) {
+        let need = self.need(slot, item.byte_len() as u64);
+        self.force(slot, need, charge);
         let len = item.byte_len() as u64;
-        meter.force(len + ITEM_OVERHEAD);
-        self.credit[slot] += len + ITEM_OVERHEAD;
         self.slots[slot].push_back(item);
         if let Some(seqs) = &mut self.seqs {
             seqs[slot].push_back(seq);
@@ -149,7 +160,7 @@ impl Queues {
         &mut self,
         r: &CompiledRoutine,
         counts: &[usize],
-        meter: &Meter,
+        charge: Charge<'_>,
     ) -> (Vec<Vec<Item>>, bool, Vec<(u32, u64)>) {
         let freed_full = counts.iter().enumerate().any(|(i, &k)| {
             k > 0
@@ -166,7 +177,7 @@ impl Queues {
             }
             if k > 0 {
                 self.bytes[i] -= b;
-                self.return_credit(i, meter);
+                self.return_credit(i, charge);
             }
             data.push(items);
         }
@@ -187,7 +198,8 @@ impl Queues {
 
     /// Reserves at least `need` more bytes for `slot` on the meter (a whole chunk when there
     /// is room for one); false if the job's budget has no room for `need`.
-    fn reserve_credit(&mut self, slot: usize, need: u64, meter: &Meter) -> bool {
+    fn reserve_credit(&mut self, slot: usize, need: u64, charge: Charge<'_>) -> bool {
+        let meter = charge.bytes;
         let chunk = need.max(CREDIT_CHUNK);
         let got = if meter.reserve(chunk) {
             chunk
@@ -200,15 +212,70 @@ impl Queues {
         true
     }
 
-    /// Gives back what `slot` holds reserved beyond its queued bytes and one chunk.
+    /// Reserves room for one more item in `slot` on its group's quota of queued items, if
+    /// the group has one (a chunk when there is room for one); false if it has none left.
     #[inline]
-    fn return_credit(&mut self, slot: usize, meter: &Meter) {
+    fn reserve_items(&mut self, slot: usize, charge: Charge<'_>) -> bool {
+        let Some(items) = charge.items else {
+            return true;
+        };
+        let need = self.need_items(slot);
+        if need == 0 {
+            return true;
+        }
+        let got = if items.reserve(need.max(ITEM_CHUNK)) {
+            need.max(ITEM_CHUNK)
+        } else if items.reserve(need) {
+            need
+        } else {
+            return false;
+        };
+        self.item_credit[slot] += got;
+        true
+    }
+
+    /// Charges one more item of `need` bytes (beyond the slot's credit) to `slot` whatever
+    /// the limits.
+    fn force(&mut self, slot: usize, need: u64, charge: Charge<'_>) {
+        charge.bytes.force(need);
+        self.credit[slot] += need;
+        if let Some(items) = charge.items {
+            let need = self.need_items(slot);
+            items.force(need);
+            self.item_credit[slot] += need;
+        }
+    }
+
+    /// Gives back what `slot` holds reserved beyond its queued items and one chunk.
+    #[inline]
+    fn return_credit(&mut self, slot: usize, charge: Charge<'_>) {
         let spare = self.credit[slot].saturating_sub(self.charged(slot));
         if spare > 2 * CREDIT_CHUNK {
             let give = spare - CREDIT_CHUNK;
             self.credit[slot] -= give;
-            meter.release(give);
+            charge.bytes.release(give);
         }
+        if let Some(items) = charge.items {
+            let spare = self.item_credit[slot].saturating_sub(self.slots[slot].len() as u64);
+            if spare > 2 * ITEM_CHUNK {
+                let give = spare - ITEM_CHUNK;
+                self.item_credit[slot] -= give;
+                items.release(give);
+            }
+        }
+    }
+
+    /// What one more item in `slot` needs reserved on its group's quota of queued items
+    /// beyond what the slot holds reserved (0 or 1).
+    fn need_items(&self, slot: usize) -> u64 {
+        (self.slots[slot].len() as u64 + 1).saturating_sub(self.item_credit[slot])
+    }
+
+    /// Whether one more item in `slot` has room on its group's quota of queued items (if the
+    /// group has one).
+    fn items_room(&self, slot: usize, charge: Charge<'_>) -> bool {
+        let need = self.need_items(slot);
+        need == 0 || charge.items.is_none_or(|m| m.has_room(need))
     }
 
     /// Whether an item of `len` bytes would find room in `slot` now (within the slot's bounds
@@ -219,10 +286,12 @@ impl Queues {
         r: &CompiledRoutine,
         slot: usize,
         len: u64,
-        meter: &Meter,
+        charge: Charge<'_>,
     ) -> bool {
         let need = self.need(slot, len);
-        self.within_slot(r, slot, len) && (need == 0 || meter.has_room(need))
+        self.within_slot(r, slot, len)
+            && (need == 0 || charge.bytes.has_room(need))
+            && self.items_room(slot, charge)
     }
 
     /// Whether an item of `len` bytes is within `slot`'s own bounds (count and bytes).
@@ -230,21 +299,21 @@ impl Queues {
         self.slots[slot].len() < r.capacities[slot] && self.bytes[slot] + len <= r.queue_bytes[slot]
     }
 
-    /// Whether an item of `len` bytes finds no room in `slot` only because the memory quota
-    /// of the job's group (tenant) is spent: the slot and the job have room, so only the
-    /// group's other jobs can make some.
+    /// Whether an item of `len` bytes finds no room in `slot` only because a quota of the
+    /// job's group (tenant) is spent (memory, queued items): the slot and the job have room,
+    /// so only the group's other jobs can make some.
     pub(crate) fn blocked_by_group(
         &self,
         r: &CompiledRoutine,
         slot: usize,
         len: u64,
-        meter: &Meter,
+        charge: Charge<'_>,
     ) -> bool {
         let need = self.need(slot, len);
+        let meter = charge.bytes;
         self.within_slot(r, slot, len)
-            && need > 0
-            && !meter.has_room(need)
-            && meter.refusal(need).transient()
+            && ((need > 0 && !meter.has_room(need) && meter.refusal(need).transient())
+                || !self.items_room(slot, charge))
     }
 
     /// Why an item of `len` bytes finds no room in `slot` now, for an error: the bound it is
@@ -254,7 +323,7 @@ impl Queues {
         r: &CompiledRoutine,
         slot: usize,
         len: u64,
-        meter: &Meter,
+        charge: Charge<'_>,
     ) -> String {
         let (cap, budget) = (r.capacities[slot], r.queue_bytes[slot]);
         if self.slots[slot].len() >= cap {
@@ -265,8 +334,16 @@ impl Queues {
                 crate::model::budget::bytes(budget)
             )
         } else {
-            let need = self.need(slot, len);
-            format!("no room left in {}", meter.refusal(need))
+            format!("no room left in {}", self.refusal(slot, len, charge))
+        }
+    }
+
+    /// Which of the job's and its group's limits an item of `len` bytes finds no room in,
+    /// past `slot`'s own bounds: the group's quota of queued items, or the memory meter's.
+    pub(crate) fn refusal(&self, slot: usize, len: u64, charge: Charge<'_>) -> Refusal {
+        match charge.items.filter(|_| !self.items_room(slot, charge)) {
+            Some(items) => items.refusal(self.need_items(slot)),
+            None => charge.bytes.refusal(self.need(slot, len)),
         }
     }
 

@@ -276,7 +276,7 @@ impl Job {
                         holding = true;
                         q.last_fire = Some(now);
                         // A producer can only be waiting on a slot that was full.
-                        let (data, freed, seqs) = q.take(r, &counts, &self.meter);
+                        let (data, freed, seqs) = q.take(r, &counts, self.charge());
                         freed_full = freed;
                         // Room for a parallel activation and more to release: let another
                         // worker take it.

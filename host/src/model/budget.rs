@@ -101,6 +101,9 @@ pub(crate) struct Meter {
     used: AtomicU64,
     peak: AtomicU64,
     parent: Option<Link>,
+    /// It counts queued items, not bytes (a job's share of its group's `queued_items`
+    /// quota): only the wording of its refusals differs.
+    items: bool,
 }
 
 /// A meter's tie to its parent. Every change of a linked meter happens under `attached`, so
@@ -112,6 +115,14 @@ struct Link {
     attached: Mutex<bool>,
 }
 
+/// What a job's queued items are charged to: its memory meter (their text and overhead) and,
+/// when its group has a quota of queued items, its count of them on that quota.
+#[derive(Clone, Copy)]
+pub(crate) struct Charge<'a> {
+    pub(crate) bytes: &'a Meter,
+    pub(crate) items: Option<&'a Meter>,
+}
+
 /// Which limit refused a reservation, and how full it was (for error messages).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub(crate) enum Refusal {
@@ -119,13 +130,15 @@ pub(crate) enum Refusal {
     Job { limit: u64, used: u64 },
     /// The memory quota the job's group (tenant) shares with its other jobs.
     Group { limit: u64, used: u64 },
+    /// The quota of queued items the job's group shares with its other jobs.
+    GroupItems { limit: u64, used: u64 },
 }
 
 impl Refusal {
     /// Whether letting time pass may help: the group's other jobs may let memory go, while a
     /// job's own budget is the job's business.
     pub(crate) fn transient(&self) -> bool {
-        matches!(self, Refusal::Group { .. })
+        matches!(self, Refusal::Group { .. } | Refusal::GroupItems { .. })
     }
 }
 
@@ -146,6 +159,10 @@ impl std::fmt::Display for Refusal {
                 bytes(limit),
                 bytes(used)
             ),
+            Refusal::GroupItems { limit, used } => write!(
+                f,
+                "its tenant's quota of {limit} queued items ({used} taken by all its jobs)"
+            ),
         }
     }
 }
@@ -158,6 +175,16 @@ impl Meter {
     /// A meter whose every byte also counts on `parent` (a group's shared meter) until it
     /// is detached.
     pub(crate) fn with_parent(limit: u64, parent: Option<Arc<Meter>>) -> Self {
+        Self::make(limit, parent, false)
+    }
+
+    /// A job's count of queued items on its group's quota of them (`parent`): no limit of
+    /// its own.
+    pub(crate) fn items(parent: Arc<Meter>) -> Self {
+        Self::make(u64::MAX, Some(parent), true)
+    }
+
+    fn make(limit: u64, parent: Option<Arc<Meter>>, items: bool) -> Self {
         Self {
             limit: AtomicU64::new(limit),
             used: AtomicU64::new(0),
@@ -166,6 +193,16 @@ impl Meter {
                 to,
                 attached: Mutex::new(true),
             }),
+            items,
+        }
+    }
+
+    /// A refusal by the parent, worded for what this meter counts.
+    fn group_refusal(&self, limit: u64, used: u64) -> Refusal {
+        if self.items {
+            Refusal::GroupItems { limit, used }
+        } else {
+            Refusal::Group { limit, used }
         }
     }
 
@@ -188,8 +225,9 @@ impl Meter {
         if *attached && let Err(refused) = link.to.reserve_here(n) {
             self.release_here(n);
             return Err(match refused {
-                Refusal::Job { limit, used } => Refusal::Group { limit, used },
-                group => group,
+                Refusal::Job { limit, used }
+                | Refusal::Group { limit, used }
+                | Refusal::GroupItems { limit, used } => self.group_refusal(limit, used),
             });
         }
         if *attached {
@@ -277,10 +315,7 @@ impl Meter {
             return Refusal::Job { limit, used };
         }
         match &self.parent {
-            Some(p) => Refusal::Group {
-                limit: p.to.limit(),
-                used: p.to.used(),
-            },
+            Some(p) => self.group_refusal(p.to.limit(), p.to.used()),
             None => Refusal::Job { limit, used },
         }
     }

@@ -18,7 +18,7 @@ use parking_lot::Mutex;
 use serde::Serialize;
 use serde_json::{Map, Value};
 
-use super::budget::{Meter, RoutineBudgets, bytes};
+use super::budget::{Charge, Meter, RoutineBudgets, bytes};
 use super::item::{Item, ItemError};
 use super::plan::{CompiledFlow, CompiledRoutine};
 use super::report::JobId;
@@ -187,9 +187,11 @@ pub(crate) struct JobCore {
     pub(crate) states: Box<[Mutex<State>]>,
     /// Bytes the job holds against its memory budget (guests, queues, retention).
     pub(crate) meter: Arc<Meter>,
+    /// The job's share of its group's quota of queued items, if the group has one.
+    pub(crate) items: Option<Arc<Meter>>,
     /// The live-instance quota of the job's group, if it has one.
     pub(crate) instances: Option<Arc<Slots>>,
-    /// The group (tenant) the job runs in.
+    /// The group (tenant) of a fair pool whose share its tasks run on.
     pub(crate) group: usize,
     pub(crate) started: Instant,
     /// [`RUNNING`], [`FAILED`], [`CANCELLED`] or [`STOPPED`] (the job changes it; every emit
@@ -203,6 +205,15 @@ impl JobCore {
     #[inline]
     pub(crate) fn halted(&self) -> bool {
         matches!(self.control.load(Ordering::Acquire), FAILED | CANCELLED)
+    }
+
+    /// What the job's queued items are charged to.
+    #[inline]
+    pub(crate) fn charge(&self) -> Charge<'_> {
+        Charge {
+            bytes: &self.meter,
+            items: self.items.as_deref(),
+        }
     }
 }
 

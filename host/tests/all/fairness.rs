@@ -392,6 +392,121 @@ fn a_groups_jobs_share_its_memory_quota_and_another_group_does_not_feel_it() {
     assert!(rt.group_usage(a).memory_peak_bytes <= QUOTA);
 }
 
+/// A group's quota of queued items holds its jobs together by count, whatever their size:
+/// one job's tiny items leave the group's other job no room (its post waits, then is refused
+/// naming the quota, and its emit fails retryable, the item a dead letter), while a job of
+/// another group queues as many as it likes; once the first job drains, the second's post
+/// goes in and the count returns to nothing.
+#[test]
+fn a_groups_jobs_share_its_quota_of_queued_items_and_another_group_does_not_feel_it() {
+    use routilux::{ErrorStrategy, Item, RuntimeError};
+    let rt = builder(2)
+        .fair(true)
+        .post_timeout(Duration::from_millis(50))
+        .build();
+    let (a, b) = (rt.add_group(1), rt.add_group(1));
+    const QUOTA: u64 = 1_000;
+    rt.set_group_queued_items(a, Some(QUOTA));
+    rt.set_group_queued_items(b, None);
+    let gate = crate::common::Gate::new();
+    let (g, emit_gate) = (gate.clone(), crate::common::Gate::new());
+    let eg = emit_gate.clone();
+    let mut flow = Flow::new();
+    flow.add_routine(
+        Routine::new()
+            .slot_with_capacity("in", 100_000)
+            .policy(Policy::batch_size(1))
+            .logic(move |_, _| {
+                assert!(g.wait());
+                Ok(())
+            }),
+        "sink",
+    )
+    .add_routine(
+        Routine::new()
+            .slot("go")
+            .event("out", ["x"])
+            .on_error(ErrorStrategy::Continue)
+            .logic(move |ctx, _| {
+                assert!(eg.wait());
+                ctx.emit_item("out", Item::new(json!({"x": 1})).unwrap())?;
+                Ok(())
+            }),
+        "src",
+    )
+    .connect("src", "out", "sink", "in");
+    rt.register("f", &flow).unwrap();
+    let tiny = || Item::new(json!({"x": 1})).unwrap();
+    // The group's second job starts an emitter that waits for the quota to be spent.
+    let second = rt.exec_in(a, "f").unwrap();
+    let hold2 = second.hold_open().unwrap();
+    second.post_item("src", "go", tiny()).unwrap();
+    assert!(eventually(|| {
+        let c = &second.counters()["src"];
+        c.items_in == 1 && c.queued == 0
+    }));
+    let first = rt.exec_in(a, "f").unwrap();
+    let hold1 = first.hold_open().unwrap();
+    let mut taken = 0u64;
+    let err = loop {
+        match first.post_item("sink", "in", tiny()) {
+            Ok(()) => taken += 1,
+            Err(e) => break e,
+        }
+        assert!(taken < 10 * QUOTA, "the quota never refused");
+    };
+    assert!(matches!(err, RuntimeError::QueueFull { .. }), "{err}");
+    assert!(
+        err.to_string()
+            .contains("no room left in its tenant's quota of 1000 queued items"),
+        "{err}"
+    );
+    // 1,000 queued and one in the blocked activation (it left the queue), less what the
+    // slot reserves ahead in chunks.
+    assert!(
+        (QUOTA - 64..=QUOTA + 1).contains(&taken),
+        "{taken} items in a quota of {QUOTA}"
+    );
+    let used = rt.group_usage(a);
+    assert_eq!(used.queued_items_limit, Some(QUOTA));
+    assert!(used.queued_items_peak <= QUOTA, "{used:?}");
+    // Far within the memory any job may hold: it is the count that refused.
+    assert!(taken * 200 < 1 << 20);
+
+    // The group's other job: its post is refused, and its emit fails once it has waited as
+    // long as a post.
+    let refused = second.post_item_timeout("sink", "in", tiny(), Duration::from_millis(20));
+    assert!(
+        matches!(refused, Err(RuntimeError::QueueFull { .. })),
+        "{refused:?}"
+    );
+    emit_gate.open();
+    assert!(eventually(|| second.counters()["src"].errors == 1));
+    let e = &second.errors()[0];
+    assert!(e.retryable, "{e:?}");
+    assert!(e.error.contains("queued items"), "{e:?}");
+    assert_eq!(second.counters()["sink"].dead_lettered, 1);
+
+    // Another group: not held to a's quota.
+    let other = rt.exec_in(b, "f").unwrap();
+    let hold3 = other.hold_open().unwrap();
+    for _ in 0..2 * QUOTA {
+        other.post_item("sink", "in", tiny()).unwrap();
+    }
+    assert!(rt.group_usage(b).queued_items >= 2 * QUOTA - 1);
+    assert_eq!(rt.group_usage(b).queued_items_limit, None);
+
+    // The first job drains: the second's post goes in.
+    gate.open();
+    drop(hold1);
+    assert!(first.wait(WAIT));
+    second.post_item("sink", "in", tiny()).unwrap();
+    drop((hold2, hold3));
+    assert!(second.wait(WAIT) && other.wait(WAIT));
+    assert_eq!(rt.group_usage(a).queued_items, 0);
+    assert_eq!(rt.group_usage(b).queued_items, 0);
+}
+
 /// For the quota tests: gives group `a` a 1 MiB memory quota, registers `hoard` (a sink
 /// whose activations wait for the returned gate) and `emit` (`src` emits one 300 KiB item to
 /// `sink`, errors continued), and starts a job of `hoard` in `a` that fills the quota with
