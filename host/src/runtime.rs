@@ -856,12 +856,14 @@ fn post_durable(
     }
     let r = &job.flow.routines[node];
     let len = items.first().map_or(0, |i| i.byte_len() as u64);
+    // Room for the first item in the slot, and for the whole unit on the tenant's quota of
+    // queued items (the slot's own bounds and the bytes are waited for item by item below).
+    let n = items.len() as u64;
     wait_for_room(job, node, slot, len, timeout, || {
-        items.is_empty()
-            || job.nodes[node]
-                .queues
-                .lock()
-                .has_room(r, slot, len, job.charge())
+        items.is_empty() || {
+            let q = job.nodes[node].queues.lock();
+            q.has_room(r, slot, len, job.charge()) && q.items_room_for(slot, n, job.charge())
+        }
     })?;
     let base = d.take_seqs(items.len() as u64);
     let mut ops: Vec<Op> = (base..)

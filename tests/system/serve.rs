@@ -1983,6 +1983,107 @@ fn a_tenants_live_instances_are_held_to_its_quota_idle_ones_dropped_for_new_ones
     assert_eq!(u["instances"]["live"], 0, "{u}");
 }
 
+/// Tenant a's `queued_items` quota holds the items all its jobs keep queued together: with
+/// two jobs whose routine is busy, the second's NDJSON post is taken only up to what the
+/// first left of the quota, answered 429 naming the quota and the count taken, and the rest,
+/// resent once the routines drain, is all delivered: nothing lost, nothing twice. Tenant b,
+/// posting more than a's whole quota at once, does not feel it.
+#[test]
+fn a_tenants_queued_items_are_held_to_its_quota_and_the_rest_resent_is_delivered() {
+    let dir = scratch();
+    let s = Server::start(dir.path(), &two_tenants("{queued_items: 1000}", ""));
+    let flow = "flow_id: q\nroutines:\n  h:\n    plugin: hostile\n    kind: hostile\n    \
+                concurrency: 1\n    policy: {batch_size: 1}\n    max_queue_length: {in: 5000}\n";
+    for token in [TOKEN_A, TOKEN_B] {
+        assert_eq!(s.put_plugin(token, "hostile", "hostile").status, 201);
+        assert_eq!(s.put_flow(token, "q", flow).status, 201);
+    }
+    // A job whose routine sleeps on its first item, so that what follows stays queued.
+    let busy_job = |token: &str| {
+        let r = s.post(
+            "/v1/flows/q/jobs",
+            token,
+            json!({"input": {"h.in": [{"do": "sleep", "ms": 1500}]}}),
+        );
+        assert_eq!(r.status, 201, "{}", r.json);
+        r.json["id"].as_str().unwrap().to_owned()
+    };
+    let lines = |from: usize, to: usize| -> Vec<u8> {
+        (from..to)
+            .map(|i| format!("{{\"i\": {i}}}\n"))
+            .collect::<String>()
+            .into_bytes()
+    };
+    let post = |token: &str, id: &str, body: Vec<u8>| {
+        s.req(
+            "POST",
+            &format!("/v1/jobs/{id}/items"),
+            Some(token),
+            Some(("application/x-ndjson", body)),
+        )
+    };
+    let a1 = busy_job(TOKEN_A);
+    let a2 = busy_job(TOKEN_A);
+    let b = busy_job(TOKEN_B);
+    let r = post(TOKEN_A, &a1, lines(0, 600));
+    assert_eq!(r.status, 200, "{}", r.json);
+    assert_eq!(r.json["accepted"], 600);
+    // The second job's post is taken in units of 256 (each committed whole): one fits in what
+    // the first job left of the 1000, a second does not, and the answer is 429.
+    let r = post(TOKEN_A, &a2, lines(0, 700));
+    assert_eq!(r.status, 429, "{}", r.json);
+    assert_eq!(r.json["error"]["code"], "slot_full", "{}", r.json);
+    let message = r.json["error"]["message"].as_str().unwrap();
+    assert!(
+        message.contains("its tenant's quota of 1000 queued items"),
+        "{message}"
+    );
+    let taken = r.json["error"]["accepted"].as_u64().unwrap() as usize;
+    assert_eq!(taken, 256, "{}", r.json);
+    let u = s.get("/v1/usage", TOKEN_A).json;
+    let q = &u["queued_items"];
+    assert_eq!(q["quota"], 1000, "{u}");
+    assert!(q["used"].as_u64().unwrap() <= 1000, "{u}");
+    assert!(q["peak"].as_u64().unwrap() <= 1000, "{u}");
+    // b is not held to it.
+    let r = post(TOKEN_B, &b, lines(0, 1500));
+    assert_eq!(r.status, 200, "{}", r.json);
+    assert_eq!(r.json["accepted"], 1500);
+    // The rest, resent until taken.
+    let mut sent = taken;
+    let started = Instant::now();
+    while sent < 700 {
+        let r = post(TOKEN_A, &a2, lines(sent, 700));
+        match r.status {
+            200 => sent += r.json["accepted"].as_u64().unwrap() as usize,
+            429 => {
+                sent += r.json["error"]["accepted"].as_u64().unwrap() as usize;
+                std::thread::sleep(Duration::from_millis(100));
+            }
+            other => panic!("{other}: {}", r.json),
+        }
+        assert!(started.elapsed() < Duration::from_secs(60));
+    }
+    assert_eq!(sent, 700);
+    for (token, id, n) in [
+        (TOKEN_A, &a1, 601),
+        (TOKEN_A, &a2, 701),
+        (TOKEN_B, &b, 1501),
+    ] {
+        s.post(&format!("/v1/jobs/{id}/close"), token, json!({}));
+        let v = s.wait_job(token, id);
+        assert_eq!(v["status"], "completed", "{v}");
+        assert_eq!(v["summary"]["routines"]["h"]["items_in"], n, "{v}");
+        assert_eq!(v["summary"]["routines"]["h"]["processed"], n, "{v}");
+    }
+    let u = s.get("/v1/usage", TOKEN_A).json;
+    assert_eq!(u["queued_items"]["used"], 0, "{u}");
+    assert!(u["queued_items"]["peak"].as_u64().unwrap() <= 1000, "{u}");
+    let ub = s.get("/v1/usage", TOKEN_B).json;
+    assert_eq!(ub["queued_items"]["quota"], 1_000_000, "{ub}");
+    assert!(ub["queued_items"]["peak"].as_u64().unwrap() >= 1500, "{ub}");
+}
+
 /// `routilux serve purge` removes a removed tenant's data for good, and nothing else: refused
 /// while the tenant is in the configuration or live in the running server (its directory's
 /// lock, which also keeps a second server off the same data directory), a dry run without

@@ -278,6 +278,14 @@ impl Queues {
         need == 0 || charge.items.is_none_or(|m| m.has_room(need))
     }
 
+    /// Whether `n` more items (a durable post's unit, committed before it is queued) have
+    /// room in `slot` on its group's quota of queued items together (if the group has one),
+    /// so that a unit admitted does not go past the quota.
+    pub(crate) fn items_room_for(&self, slot: usize, n: u64, charge: Charge<'_>) -> bool {
+        let need = (self.slots[slot].len() as u64 + n).saturating_sub(self.item_credit[slot]);
+        need == 0 || charge.items.is_none_or(|m| m.has_room_for_unit(need))
+    }
+
     /// Whether an item of `len` bytes would find room in `slot` now (within the slot's bounds
     /// and the job's memory budget, and its group's memory quota if it has one).
     #[inline]
@@ -341,9 +349,14 @@ impl Queues {
     /// Which of the job's and its group's limits an item of `len` bytes finds no room in,
     /// past `slot`'s own bounds: the group's quota of queued items, or the memory meter's.
     pub(crate) fn refusal(&self, slot: usize, len: u64, charge: Charge<'_>) -> Refusal {
-        match charge.items.filter(|_| !self.items_room(slot, charge)) {
+        // (The item's bytes having room, what refused was the quota of queued items, for a
+        // unit of several.)
+        let need = self.need(slot, len);
+        let items_spent =
+            !self.items_room(slot, charge) || need == 0 || charge.bytes.has_room(need);
+        match charge.items.filter(|_| items_spent) {
             Some(items) => items.refusal(self.need_items(slot)),
-            None => charge.bytes.refusal(self.need(slot, len)),
+            None => charge.bytes.refusal(need),
         }
     }
 

@@ -16,6 +16,7 @@
 //! | a whole job | [`Budgets::memory`] | 2 GiB | the sum of its guests' linear memories, its queued items (their text and 128 bytes each for what the host keeps of an item) and what it retains; a guest growing past it traps, a slot past it is full |
 //! | a group's (tenant's) running jobs together | `Runtime::set_group_memory` | none (`serve`: 4 GiB) | as past a job's budget, the errors naming the quota; a finished job leaves it |
 //! | a group's live instances, busy or idle | `Runtime::set_group_instances` (a count) | none (`serve`: 256) | an idle one of the group is dropped for a new one; all busy: the checkout waits up to the routine's timeout, then fails retryable naming the quota |
+//! | a group's queued items | `Runtime::set_group_queued_items` (a count) | none (`serve`: 1,000,000) | a slot is *full*, as past the group's memory quota; a durable post's unit is committed only once all of it fits |
 //!
 //! Only a single value over its budget, or retention that cannot wait, is an error: a slot at
 //! its byte budget is merely full. Every error names the routine, slot or key, the budget and
@@ -306,6 +307,17 @@ impl Meter {
     pub(crate) fn has_room(&self, n: u64) -> bool {
         self.used().saturating_add(n) <= self.limit()
             && self.parent.as_ref().is_none_or(|p| p.to.has_room(n))
+    }
+
+    /// Whether a unit of `n` more would fit now, here and on the parent, `n` cut to each
+    /// limit: a unit larger than a whole limit waits only for that limit to be free.
+    pub(crate) fn has_room_for_unit(&self, n: u64) -> bool {
+        let limit = self.limit();
+        self.used().saturating_add(n.min(limit)) <= limit
+            && self
+                .parent
+                .as_ref()
+                .is_none_or(|p| p.to.has_room_for_unit(n))
     }
 
     /// Which limit a reservation of `n` bytes would pass (the job's own first), as of now.

@@ -90,6 +90,7 @@ struct QuotasDef {
     memory_bytes: Option<Spanned<Size>>,
     request_bytes: Option<Size>,
     instances: Option<Spanned<usize>>,
+    queued_items: Option<Spanned<u64>>,
 }
 
 /// What a tenant may hold and run at once.
@@ -121,6 +122,11 @@ pub(crate) struct Quotas {
     /// needing a new one past it has an idle one of the tenant dropped, or waits for one (up
     /// to its activation timeout, then fails retryable).
     pub instances: usize,
+    /// Items all its running jobs hold queued at once (in slots, and emits held for them).
+    /// Past it a slot is full: posts wait, then answer 429; an emit waits, then fails
+    /// retryable. The count bound beside `memory_bytes`' byte bound: a flood of tiny items
+    /// costs the host a slot entry each whatever their size.
+    pub queued_items: u64,
 }
 
 impl Quotas {
@@ -133,6 +139,10 @@ impl Quotas {
             .max(16 << 20)
     }
 }
+
+/// The smallest `queued_items` quota: each slot of a running job keeps some item credit
+/// reserved, so fewer would refuse posts while the tenant's slots are nearly empty.
+pub(crate) const MIN_QUEUED_ITEMS: u64 = 1_000;
 
 /// The default `compiled_cache_bytes`.
 pub(crate) const DEFAULT_COMPILED_CACHE_BYTES: u64 = 1 << 30;
@@ -152,6 +162,7 @@ impl Default for Quotas {
             memory_bytes: 4 << 30,
             request_bytes: 512 << 20,
             instances: 256,
+            queued_items: 1_000_000,
         }
     }
 }
@@ -459,6 +470,20 @@ pub(crate) fn load(
                 quotas.instances = n.value;
             }
         }
+        if let Some(n) = &q.queued_items {
+            if n.value < MIN_QUEUED_ITEMS {
+                diags.push(src.error(
+                    &n.referenced,
+                    format!(
+                        "`queued_items: {}` is too few for a job's slots to take a batch: the \
+                         least is {MIN_QUEUED_ITEMS}",
+                        n.value
+                    ),
+                ));
+            } else {
+                quotas.queued_items = n.value;
+            }
+        }
         tenants.push(TenantConfig {
             id: def.id.value.clone(),
             token_hashes: hashes,
@@ -673,6 +698,18 @@ mod tests {
         write("    quotas:\n      instances: 0\n");
         let d = load(Some(&file), None, None).unwrap_err();
         assert!(d[0].message.contains("`instances: 0`"), "{}", d[0].message);
+        write("    quotas: {queued_items: 5000}\n");
+        let (c, _) = load(Some(&file), None, None).unwrap();
+        let n: Vec<u64> = c.tenants.iter().map(|t| t.quotas.queued_items).collect();
+        assert_eq!(n, [5000, Quotas::default().queued_items]);
+        write("    quotas:\n      queued_items: 10\n");
+        let d = load(Some(&file), None, None).unwrap_err();
+        assert!(
+            d[0].message.contains("`queued_items: 10` is too few"),
+            "{}",
+            d[0].message
+        );
+        assert_eq!(d[0].place.as_ref().map(|p| p.line), Some(6), "{d:?}");
         assert_eq!(d[0].place.as_ref().map(|p| p.line), Some(6), "{d:?}");
         let _ = std::fs::remove_dir_all(&dir);
     }

@@ -659,6 +659,8 @@ impl Host {
             .set_group_memory(group, Some(c.quotas.memory_bytes));
         self.runtime
             .set_group_instances(group, Some(c.quotas.instances));
+        self.runtime
+            .set_group_queued_items(group, Some(c.quotas.queued_items));
         Ok(Arc::new(Tenant {
             id: c.id.clone(),
             live: RwLock::new(c.clone()),
@@ -763,6 +765,10 @@ impl Host {
                         if live.quotas.instances != c.quotas.instances {
                             self.runtime
                                 .set_group_instances(t.group, Some(c.quotas.instances));
+                        }
+                        if live.quotas.queued_items != c.quotas.queued_items {
+                            self.runtime
+                                .set_group_queued_items(t.group, Some(c.quotas.queued_items));
                         }
                         *live = c.clone();
                         self.runtime.set_group_weight(t.group, c.weight);
@@ -1239,6 +1245,7 @@ impl Host {
             "activations_per_second": {"quota": q.activations_per_second, "throttled": w.throttled},
             "memory_bytes": {"used": w.memory_bytes, "peak": w.memory_peak_bytes, "quota": q.memory_bytes},
             "instances": {"live": w.instances, "peak": w.instances_peak, "quota": q.instances},
+            "queued_items": {"used": w.queued_items, "peak": w.queued_items_peak, "quota": q.queued_items},
             "plugins": {"used": plugins, "quota": q.plugins},
             "plugin_bytes": {"used": plugin_bytes, "quota": q.plugin_bytes},
             "flows": {"used": flows, "quota": q.flows},
