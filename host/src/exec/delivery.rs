@@ -253,6 +253,9 @@ impl Job {
         // still stalled after a grace wait and no batch moved anywhere meanwhile.
         let mut stalled_at: Option<u64> = None;
         let mut quota = QuotaWait::default();
+        // The instances this stack holds cannot come back while it waits here: a checkout of
+        // their group's quota must not wait for them.
+        let _stuck = crate::model::slots::Stuck::enter();
         loop {
             if job.halted() {
                 return Err(self.halted_while_waiting(from, node, slot, item, seq));

@@ -16,8 +16,66 @@ use parking_lot::{Condvar, Mutex};
 
 /// Something that keeps idle instances and can drop one on request.
 pub(crate) trait Idle: Send + Sync {
-    /// Drops one idle instance of `group`'s jobs (of any group: `None`); true if it did.
-    fn evict_one(&self, group: Option<usize>) -> bool;
+    /// Drops one idle instance of `group`'s jobs (of any group: `None`), preferring one that
+    /// holds a slot of the group's quota; `None` if it had none, else the slot the dropped
+    /// instance held, handed to the caller (so that no other checkout takes it first).
+    fn evict_one(&self, group: Option<usize>) -> Option<Option<Slot>>;
+}
+
+std::thread_local! {
+    /// The quotas of the instances checked out on this thread's stack, innermost last
+    /// (`None`: an instance of a group without a quota).
+    static ON_STACK: std::cell::RefCell<Vec<Option<Arc<Slots>>>> =
+        const { std::cell::RefCell::new(Vec::new()) };
+}
+
+/// An instance holding `slot` (if any) was checked out on this thread's stack.
+pub(crate) fn checked_out(slot: Option<&Slot>) {
+    ON_STACK.with(|s| s.borrow_mut().push(slot.map(|s| s.0.clone())));
+}
+
+/// The innermost instance checked out on this thread's stack came back.
+pub(crate) fn checked_in() {
+    ON_STACK.with(|s| {
+        s.borrow_mut().pop();
+    });
+}
+
+/// Whether this thread's stack holds an instance of `slots`' group.
+fn on_stack(slots: &Arc<Slots>) -> bool {
+    ON_STACK.with(|s| {
+        s.borrow()
+            .iter()
+            .any(|h| h.as_ref().is_some_and(|h| Arc::ptr_eq(h, slots)))
+    })
+}
+
+/// While alive, the instances on this thread's stack count as *stuck*: held by an emit
+/// waiting for room downstream, they cannot come back before a consumer runs. A checkout
+/// finding every live instance of its group stuck goes past the quota (else it would wait
+/// for them while they wait for it).
+pub(crate) struct Stuck(Vec<Arc<Slots>>);
+
+impl Stuck {
+    pub(crate) fn enter() -> Stuck {
+        let held: Vec<Arc<Slots>> =
+            ON_STACK.with(|s| s.borrow().iter().flatten().cloned().collect());
+        for slots in &held {
+            slots.stuck.fetch_add(1, Ordering::SeqCst);
+            if slots.waiting.load(Ordering::SeqCst) > 0 {
+                slots.idle_now();
+            }
+        }
+        Stuck(held)
+    }
+}
+
+impl Drop for Stuck {
+    fn drop(&mut self) {
+        for slots in &self.0 {
+            slots.stuck.fetch_sub(1, Ordering::SeqCst);
+        }
+    }
 }
 
 /// Live instances of one group's jobs, against a limit.
@@ -28,6 +86,8 @@ pub(crate) struct Slots {
     /// Checkouts waiting for a slot: an instance turning idle tells them only then (its
     /// checkin then locks; without waiters it does not).
     waiting: AtomicUsize,
+    /// Live instances held by emits waiting for room (see [`Stuck`]).
+    stuck: AtomicUsize,
 }
 
 struct Inner {
@@ -88,6 +148,7 @@ impl Slots {
             }),
             changed: Condvar::new(),
             waiting: AtomicUsize::new(0),
+            stuck: AtomicUsize::new(0),
         }
     }
 
@@ -120,53 +181,78 @@ impl Slots {
         self.changed.notify_all();
     }
 
-    /// A slot for a new instance: at once while the group is under its limit (or `past`: the
-    /// caller holds instances that cannot come back before it returns, so waiting could only
-    /// time out); else after evicting an idle instance of the group; else when one frees,
-    /// waiting until `deadline`.
-    pub(crate) fn take(self: &Arc<Self>, past: bool, deadline: Instant) -> Result<Slot, Busy> {
+    /// A slot for a new instance: at once while the group is under its limit; else the slot
+    /// of an idle instance of the group, dropped; else past the limit when every live
+    /// instance of the group is stuck (see [`Stuck`]) or this stack holds one of them (it
+    /// cannot come back before this returns: waiting could only time out); else when one
+    /// frees, waiting until `deadline`.
+    pub(crate) fn take(self: &Arc<Self>, deadline: Instant) -> Result<Slot, Busy> {
         let mut inner = self.inner.lock();
-        if inner.live < inner.limit || past {
-            inner.live += 1;
-            inner.peak = inner.peak.max(inner.live);
-            return Ok(Slot(self.clone()));
+        if inner.live < inner.limit {
+            return Ok(self.add(&mut inner));
+        }
+        drop(inner);
+        if on_stack(self) {
+            if let Some(slot) = self.evict() {
+                return Ok(slot);
+            }
+            return Ok(self.add(&mut self.inner.lock()));
         }
         self.waiting.fetch_add(1, Ordering::SeqCst);
-        drop(inner);
         let taken = self.take_waiting(deadline);
         self.waiting.fetch_sub(1, Ordering::SeqCst);
         taken
     }
 
+    fn add(self: &Arc<Self>, inner: &mut Inner) -> Slot {
+        inner.live += 1;
+        inner.peak = inner.peak.max(inner.live);
+        Slot(self.clone())
+    }
+
+    /// Has an idle instance of the group dropped, taking its slot; `None` if there was none
+    /// (holders pass over instances without a slot, made before the quota was set: dropping
+    /// one would free nothing).
+    fn evict(&self) -> Option<Slot> {
+        let holders: Vec<Arc<dyn Idle>> = self
+            .inner
+            .lock()
+            .holders
+            .iter()
+            .filter_map(Weak::upgrade)
+            .collect();
+        // Holders lock their own pools: never call them under this lock.
+        holders
+            .iter()
+            .find_map(|h| h.evict_one(Some(self.group)))
+            .flatten()
+    }
+
     fn take_waiting(self: &Arc<Self>, deadline: Instant) -> Result<Slot, Busy> {
         let mut inner = self.inner.lock();
         loop {
-            if inner.live < inner.limit {
-                inner.live += 1;
-                inner.peak = inner.peak.max(inner.live);
-                return Ok(Slot(self.clone()));
+            if inner.live < inner.limit || self.stuck.load(Ordering::SeqCst) >= inner.live {
+                return Ok(self.add(&mut inner));
+            }
+            if Instant::now() >= deadline {
+                return Err(Busy {
+                    live: inner.live,
+                    limit: inner.limit,
+                });
             }
             let seen = inner.generation;
-            let holders: Vec<Arc<dyn Idle>> =
-                inner.holders.iter().filter_map(Weak::upgrade).collect();
             drop(inner);
-            // Holders lock their own pools: never call them under this lock.
-            let evicted = holders.iter().any(|h| h.evict_one(Some(self.group)));
-            drop(holders);
+            if let Some(slot) = self.evict() {
+                return Ok(slot);
+            }
             inner = self.inner.lock();
-            if evicted || inner.generation != seen {
+            if inner.generation != seen {
                 continue;
             }
             // An instance turning idle tells waiters under this lock, but the lock of its
             // pool is not this one: look again every 10 ms whatever comes.
             let until = deadline.min(Instant::now() + Duration::from_millis(10));
             self.changed.wait_until(&mut inner, until);
-            if Instant::now() >= deadline && inner.live >= inner.limit {
-                return Err(Busy {
-                    live: inner.live,
-                    limit: inner.limit,
-                });
-            }
         }
     }
 }
@@ -182,14 +268,10 @@ mod tests {
     }
 
     impl Idle for Keeper {
-        fn evict_one(&self, _: Option<usize>) -> bool {
-            let slot = self.idle.lock().pop();
-            let some = slot.is_some();
-            drop(slot);
-            if some {
-                self.evicted.fetch_add(1, Ordering::SeqCst);
-            }
-            some
+        fn evict_one(&self, _: Option<usize>) -> Option<Option<Slot>> {
+            let slot = self.idle.lock().pop()?;
+            self.evicted.fetch_add(1, Ordering::SeqCst);
+            Some(Some(slot))
         }
     }
 
@@ -208,32 +290,69 @@ mod tests {
         slots.register(&weak);
         slots.register(&weak);
         assert_eq!(slots.inner.lock().holders.len(), 1);
-        let a = slots.take(false, soon()).unwrap();
-        keeper.idle.lock().push(slots.take(false, soon()).unwrap());
+        let a = slots.take(soon()).unwrap();
+        keeper.idle.lock().push(slots.take(soon()).unwrap());
         // Full: the idle one goes, the third takes its place.
-        let b = slots.take(false, soon()).unwrap();
+        let b = slots.take(soon()).unwrap();
         assert_eq!(keeper.evicted.load(Ordering::SeqCst), 1);
         assert_eq!(slots.usage(), (2, 2, 2));
         // Full of busy ones: it waits, then says so.
         let t = Instant::now();
-        let busy = slots.take(false, soon()).unwrap_err();
+        let busy = slots.take(soon()).unwrap_err();
         assert!(t.elapsed() >= Duration::from_millis(25));
         assert_eq!((busy.live, busy.limit), (2, 2));
         // Past the limit when the caller holds what cannot come back.
-        let c = slots.take(true, soon()).unwrap();
+        checked_out(Some(&a));
+        let c = slots.take(soon()).unwrap();
+        checked_in();
         assert_eq!(slots.usage(), (3, 3, 2));
         drop((a, c));
-        let d = slots.take(false, soon()).unwrap();
+        let d = slots.take(soon()).unwrap();
         // One freeing wakes a waiter.
         let s = slots.clone();
         let waiter = std::thread::spawn(move || {
-            s.take(false, Instant::now() + Duration::from_secs(10))
-                .map(|_| ())
+            s.take(Instant::now() + Duration::from_secs(10)).map(|_| ())
         });
         std::thread::sleep(Duration::from_millis(20));
         assert!(!waiter.is_finished());
         drop(d);
         assert!(waiter.join().unwrap().is_ok());
+        drop(b);
+        assert_eq!(slots.usage().0, 0);
+    }
+
+    /// A waiter goes past the quota once every live instance is held by a waiting emit (on
+    /// another thread here), and not before.
+    #[test]
+    fn a_group_whose_instances_are_all_stuck_in_emits_lets_one_more_be_made() {
+        let slots = Arc::new(Slots::new(1, 1));
+        let a = slots.take(soon()).unwrap();
+        assert!(slots.take(soon()).is_err(), "busy, not stuck: it waits");
+        let (entered, go) = (
+            Arc::new(std::sync::Barrier::new(2)),
+            Arc::new(std::sync::Barrier::new(2)),
+        );
+        let emitter = {
+            let (entered, go) = (entered.clone(), go.clone());
+            std::thread::spawn(move || {
+                checked_out(Some(&a));
+                let stuck = Stuck::enter();
+                entered.wait();
+                go.wait();
+                drop(stuck);
+                checked_in();
+                drop(a);
+            })
+        };
+        entered.wait();
+        let t = Instant::now();
+        let b = slots
+            .take(Instant::now() + Duration::from_secs(10))
+            .unwrap();
+        assert!(t.elapsed() < Duration::from_secs(5));
+        assert_eq!(slots.usage(), (2, 2, 1));
+        go.wait();
+        emitter.join().unwrap();
         drop(b);
         assert_eq!(slots.usage().0, 0);
     }

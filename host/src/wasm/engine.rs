@@ -117,7 +117,7 @@ impl EngineInner {
                 .iter()
                 .filter_map(Weak::upgrade)
                 .collect();
-            if !holders.iter().any(|h| h.evict_one(None)) {
+            if !holders.iter().any(|h| h.evict_one(None).is_some()) {
                 return false;
             }
         }

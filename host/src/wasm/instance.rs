@@ -664,6 +664,7 @@ struct Checked<'a> {
 impl<'a> Checked<'a> {
     fn new(logic: &'a WasmLogic, pool: JobId, inst: Instance) -> Self {
         HELD.with(|h| h.borrow_mut().push(logic.key()));
+        crate::model::slots::checked_out(inst.slot.as_ref());
         Self {
             logic,
             pool,
@@ -692,6 +693,7 @@ impl Drop for Checked<'_> {
                 h.swap_remove(i);
             }
         });
+        crate::model::slots::checked_in();
         if let Some(inst) = self.inst.take() {
             self.logic.discard(self.pool, inst);
         }
@@ -854,15 +856,15 @@ impl WasmLogic {
 
     /// A slot of the group's live-instance quota for a new instance (none if the group has
     /// no quota): at once under it, else by having an idle instance of the group dropped,
-    /// else waiting for one up to `deadline`. Past the quota when this stack holds instances
-    /// already (a blocked emit helping): they cannot come back before this returns.
+    /// else waiting for one up to `deadline`. Past the quota when this stack holds one of
+    /// the group's instances already (a blocked emit helping), or when an emit waiting for
+    /// room holds each of them (see `Slots::take`): they cannot come back before this does.
     fn group_slot(&self, ctx: &Context, deadline: Instant) -> Result<Option<Slot>, RoutineError> {
         let Some(slots) = ctx.instance_slots() else {
             return Ok(None);
         };
         slots.register(&self.idle_ref());
-        let past = HELD.with(|h| !h.borrow().is_empty());
-        slots.take(past, deadline).map(Some).map_err(|busy| {
+        slots.take(deadline).map(Some).map_err(|busy| {
             RoutineError::retryable(format!(
                 "wasm routine `{}`: its tenant's {} live instances (its quota of {}) stayed \
                  busy for {:?}",
@@ -919,7 +921,7 @@ impl WasmLogic {
             }
         }
         drop(pools);
-        self.returned.notify_one();
+        self.returned.notify_all();
         // A checkout waiting for the group's quota may now have this one dropped.
         if let Some(slots) = slots {
             slots.idle_now();
@@ -933,7 +935,7 @@ impl WasmLogic {
             p.live = p.live.saturating_sub(1);
         }
         drop(pools);
-        self.returned.notify_one();
+        self.returned.notify_all();
     }
 
     fn discard(&self, pool: JobId, inst: Instance) {
@@ -949,7 +951,7 @@ impl WasmLogic {
         }
         drop(pools);
         self.plugin.engine.instance_dropped();
-        self.returned.notify_one();
+        self.returned.notify_all();
     }
 
     fn trap_error(&self, err: &wasmtime::Error, call: &Call, stderr: &[String]) -> RoutineError {
@@ -1040,24 +1042,35 @@ impl WasmLogic {
 }
 
 impl Idle for WasmLogic {
-    fn evict_one(&self, group: Option<usize>) -> bool {
+    fn evict_one(&self, group: Option<usize>) -> Option<Option<Slot>> {
         let mut pools = self.pools.lock();
-        let inst = pools
-            .values_mut()
-            .filter(|p| group.is_none_or(|g| p.group == g))
-            .find_map(|p| {
-                let inst = p.idle.pop()?;
-                p.live -= 1;
-                Some(inst)
-            });
+        let mut inst = pools.values_mut().find_map(|p| {
+            let i = match group {
+                // Only one holding a slot of the group frees one.
+                Some(g) if p.group == g => p.idle.iter().rposition(|i| i.slot.is_some())?,
+                Some(_) => return None,
+                None => p.idle.len().checked_sub(1)?,
+            };
+            p.live -= 1;
+            Some(p.idle.swap_remove(i))
+        })?;
         drop(pools);
-        let Some(inst) = inst else {
-            return false;
-        };
+        let slot = inst.slot.take();
         drop(inst);
         self.plugin.engine.instance_dropped();
-        self.returned.notify_one();
-        true
+        self.returned.notify_all();
+        Some(slot)
+    }
+}
+
+impl Drop for WasmLogic {
+    /// Its idle instances leave the engine's count with it.
+    fn drop(&mut self) {
+        for pool in self.pools.get_mut().values() {
+            for _ in &pool.idle {
+                self.plugin.engine.instance_dropped();
+            }
+        }
     }
 }
 

@@ -541,9 +541,10 @@ fn a_groups_live_instances_are_held_to_its_quota_idle_ones_making_way() {
     // Both of a's instances busy for 2 s: a routine whose timeout is 300 ms gives up.
     post(&ja, "slow", json!({"do": "sleep", "ms": 2000}));
     post(&ja, "slow", json!({"do": "sleep", "ms": 2000}));
-    assert!(crate::common::eventually(
-        || rt.group_usage(a).instances == 2
-    ));
+    // (Both taken into activations: the two idle instances from before are then busy.)
+    assert!(crate::common::eventually(|| ja
+        .queued_items("slow")
+        .is_some_and(|q| q.values().all(Vec::is_empty))));
     std::thread::sleep(Duration::from_millis(100));
     let other = rt.exec_in(a, "f").unwrap();
     post(&other, "quick", json!({"do": "count"}));
@@ -561,6 +562,63 @@ fn a_groups_live_instances_are_held_to_its_quota_idle_ones_making_way() {
     assert!(ja.wait(WAIT) && jb.wait(WAIT));
     assert_eq!(ja.counters()["slow"].processed, 6);
     assert_eq!(rt.group_usage(a).instances, 0);
+}
+
+/// A group whose every live instance is held by an emit waiting for room downstream lets the
+/// consumer make one more, past its quota, instead of having it wait for them while they
+/// wait for it: two emitters (a quota of 2) flood a slot of one whose consumer runs on
+/// another worker. Without it the consumer's checkout waits out its 10 s timeout.
+#[test]
+fn emitters_waiting_on_a_consumer_do_not_starve_it_of_its_groups_instances() {
+    use routilux::Item;
+    use std::time::Instant;
+    let hostile = load("hostile");
+    let routine = || {
+        hostile
+            .routine_with(
+                "hostile",
+                Limits {
+                    timeout: Duration::from_secs(10),
+                    ..Limits::default()
+                },
+            )
+            .unwrap()
+            .policy(Policy::batch_size(1))
+            .on_error(ErrorStrategy::Continue)
+    };
+    let mut flow = Flow::new();
+    flow.add_routine(routine().concurrency(2).policy(Policy::batch_size(2)), "up")
+        .add_routine(routine().max_queue_length("in", 8), "down")
+        .connect("up", "out", "down", "in");
+    let rt = crate::common::builder(4).build();
+    rt.register("f", &flow).unwrap();
+    let a = rt.add_group(1);
+    rt.set_group_instances(a, Some(2));
+    let t = Instant::now();
+    let job = rt.exec_in(a, "f").unwrap();
+    let hold = job.hold_open().unwrap();
+    // Each of up's two activations sleeps first, so that both hold their instances when the
+    // first item reaches down.
+    for what in [
+        json!({"do": "sleep", "ms": 300}),
+        json!({"do": "emit", "count": 40}),
+    ]
+    .iter()
+    .cycle()
+    .take(4)
+    {
+        job.post_item("up", "in", Item::new(what.clone()).unwrap())
+            .unwrap();
+    }
+    drop(hold);
+    assert!(job.wait(WAIT));
+    assert_eq!(job.status(), JobStatus::Completed, "{:?}", job.errors());
+    assert!(job.errors().is_empty(), "{:?}", job.errors());
+    assert_eq!(job.counters()["down"].processed, 80);
+    assert!(t.elapsed() < Duration::from_secs(8), "{:?}", t.elapsed());
+    let used = rt.group_usage(a);
+    assert!(used.instances_peak <= 4, "{used:?}");
+    assert_eq!(used.instances, 0, "{used:?}");
 }
 
 /// An engine at its most live instances drops an idle one (kept by a job held open, of any
