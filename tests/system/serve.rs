@@ -2265,6 +2265,55 @@ fn a_stalled_request_body_is_answered_408_after_the_body_timeout() {
     assert_eq!(state["h"].as_object().unwrap().len(), 4, "{state}");
 }
 
+/// A request body trickling in below `min_body_rate` (ten bytes a second, each piece well
+/// within `body_timeout`) is answered 408 once the grace of 5 s is past, and its connection
+/// closed; without the least rate this upload would hold its connection for hours.
+#[test]
+fn a_body_trickling_below_the_least_rate_is_answered_408() {
+    use std::io::{Read, Write};
+    let dir = scratch();
+    let s = Server::start(
+        dir.path(),
+        &two_tenants("{}", "body_timeout: 3s\nmin_body_rate: 1KiB"),
+    );
+    let addr = s.base.trim_start_matches("http://").to_owned();
+    let mut c = std::net::TcpStream::connect(&addr).unwrap();
+    c.write_all(
+        format!(
+            "PUT /v1/plugins/p HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {TOKEN_A}\r\n\
+             Content-Length: 100000\r\n\r\n"
+        )
+        .as_bytes(),
+    )
+    .unwrap();
+    c.set_read_timeout(Some(Duration::from_millis(500)))
+        .unwrap();
+    let started = Instant::now();
+    let mut got = Vec::new();
+    let mut buf = [0u8; 4096];
+    while started.elapsed() < Duration::from_secs(20) {
+        let _ = c.write_all(b"0123456789");
+        match c.read(&mut buf) {
+            Ok(0) => break,
+            Ok(n) => got.extend_from_slice(&buf[..n]),
+            Err(e) if e.kind() == std::io::ErrorKind::ConnectionReset => break,
+            Err(_) => {}
+        }
+        std::thread::sleep(Duration::from_millis(500));
+    }
+    let took = started.elapsed();
+    let got = String::from_utf8_lossy(&got);
+    assert!(got.starts_with("HTTP/1.1 408"), "after {took:?}: {got}");
+    assert!(got.contains("body_too_slow"), "{got}");
+    assert!(got.contains("`min_body_rate` of 1.0 KiB/s"), "{got}");
+    assert!(
+        (Duration::from_secs(5)..Duration::from_secs(10)).contains(&took),
+        "{took:?}"
+    );
+    // The server goes on.
+    assert_eq!(s.get("/v1/plugins", TOKEN_A).status, 200);
+}
+
 /// One tenant's full storage is that tenant's: its posts answer 507 and its `/v1/usage` says
 /// why, while the other tenant's job takes input and completes and `/readyz` stays true (the
 /// data directory itself can be written). Tenant a's directory is a tmpfs of its own.

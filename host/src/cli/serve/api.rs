@@ -240,11 +240,14 @@ async fn drain_body(body: Body, limit: usize) {
     }
 }
 
-/// A request body that failed to arrive: 408 if it stalled past the server's `body_timeout`,
-/// else 400.
+/// A request body that failed to arrive: 408 if it stalled past the server's `body_timeout`
+/// or came slower than its `min_body_rate`, else 400.
 fn body_error(e: &(dyn std::error::Error + 'static)) -> ApiError {
     let mut source = Some(e);
     while let Some(s) = source {
+        if let Some(slow) = s.downcast_ref::<super::listen::SlowBody>() {
+            return ApiError::new(408, "body_too_slow", slow.to_string());
+        }
         if s.is::<tower_http::timeout::TimeoutError>() {
             return ApiError::new(
                 408,

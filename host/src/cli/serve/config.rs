@@ -56,6 +56,10 @@ struct ConfigFile {
     #[serde(default)]
     header_timeout: Option<Dur>,
     body_timeout: Option<Dur>,
+    /// The least bytes per second a request body must average while the server waits for
+    /// it (0: no least).
+    #[serde(default)]
+    min_body_rate: Option<Size>,
     /// How long a finished job (its status, summary and directory) is kept.
     #[serde(default)]
     job_retention: Option<Dur>,
@@ -209,7 +213,17 @@ pub(crate) struct Connections {
     /// How long a request body may send nothing (between two pieces of it) before the
     /// request is answered 408 and the connection closed.
     pub body_timeout: Duration,
+    /// The least bytes per second a request body must average over the time the server
+    /// waits for it (not while it holds off reading: backpressure is not the client's
+    /// doing), after a grace of [`BODY_RATE_GRACE`]; 0: no least. Below it the request is
+    /// answered 408 and the connection closed, so a body trickling within `body_timeout`
+    /// cannot hold a connection and a handler for hours.
+    pub min_body_rate: u64,
 }
+
+/// How long a request body may wait on its client before [`Connections::min_body_rate`]
+/// is held to it.
+pub(crate) const BODY_RATE_GRACE: Duration = Duration::from_secs(5);
 
 impl Default for Connections {
     fn default() -> Self {
@@ -218,6 +232,7 @@ impl Default for Connections {
             per_address: 64,
             header_timeout: Duration::from_secs(10),
             body_timeout: Duration::from_secs(30),
+            min_body_rate: 1 << 10,
         }
     }
 }
@@ -545,6 +560,9 @@ pub(crate) fn load(
                 *set = d.0;
             }
         }
+    }
+    if let Some(r) = f.min_body_rate {
+        connections.min_body_rate = r.0;
     }
     let Some(data_dir) = data_dir else {
         diags.push(Diagnostic::error(

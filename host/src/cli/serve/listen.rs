@@ -7,6 +7,9 @@
 //! - a body timeout: a request body that sends nothing for `body_timeout` (between two of its
 //!   pieces) fails its request (408, see the API's body reading) and the connection closes, so
 //!   a client dripping a body cannot hold a connection and a handler for ever;
+//! - a least body rate: a request body averaging fewer than `min_body_rate` bytes a second
+//!   over the time the server waits for it (after a grace) fails the same way (see
+//!   [`RateBody`]), so one trickling a byte within each `body_timeout` cannot either;
 //! - at most `max` connections open at once and `per_address` from one IP address: one more is
 //!   answered 503 (`too_many_connections`, with `Retry-After`) and closed at once, so one
 //!   client cannot hold every descriptor;
@@ -144,11 +147,12 @@ pub(crate) async fn serve(
         };
         let _ = stream.set_nodelay(true);
         let app = app.clone();
-        let body_timeout = limits.body_timeout;
+        let (body_timeout, min_rate) = (limits.body_timeout, limits.min_body_rate);
         let service = hyper::service::service_fn(move |mut req: hyper::Request<Incoming>| {
             req.extensions_mut().insert(ConnectInfo(peer));
-            app.clone()
-                .oneshot(req.map(|b| Body::new(TimeoutBody::new(body_timeout, b))))
+            app.clone().oneshot(
+                req.map(|b| Body::new(TimeoutBody::new(body_timeout, RateBody::new(b, min_rate)))),
+            )
         });
         let conn = graceful.watch(http.serve_connection(TokioIo::new(stream), service));
         tokio::spawn(async move {
@@ -168,5 +172,181 @@ pub(crate) async fn serve(
             "routilux serve: requests still open after {} s are cut",
             STOP_GRACE.as_secs()
         );
+    }
+}
+
+/// A request body held to a least average rate: the bytes it has sent against the time the
+/// server has waited for them (polls left pending), so that a server holding off reading
+/// (a full slot, a spent quota) never counts against the client. Past
+/// [`BODY_RATE_GRACE`](super::config::BODY_RATE_GRACE) of waiting, a frame that leaves the
+/// average below the rate ends the body with [`SlowBody`]. Checked as frames arrive: the
+/// body timeout bounds the wait for the next one.
+pub(crate) struct RateBody<B> {
+    inner: B,
+    min_rate: u64,
+    grace: Duration,
+    bytes: u64,
+    waited: Duration,
+    since: Option<std::time::Instant>,
+}
+
+impl<B> RateBody<B> {
+    pub(crate) fn new(inner: B, min_rate: u64) -> Self {
+        Self {
+            inner,
+            min_rate,
+            grace: super::config::BODY_RATE_GRACE,
+            bytes: 0,
+            waited: Duration::ZERO,
+            since: None,
+        }
+    }
+
+    fn too_slow(&self) -> bool {
+        let Some(over) = self.waited.checked_sub(self.grace) else {
+            return false;
+        };
+        self.min_rate > 0 && (self.bytes as f64) < self.min_rate as f64 * over.as_secs_f64()
+    }
+}
+
+/// A request body that came slower than the server's `min_body_rate`.
+#[derive(Debug)]
+pub(crate) struct SlowBody {
+    pub(crate) min_rate: u64,
+}
+
+impl std::fmt::Display for SlowBody {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "the request body came slower than the server's `min_body_rate` of {}/s",
+            crate::model::budget::bytes(self.min_rate)
+        )
+    }
+}
+
+impl std::error::Error for SlowBody {}
+
+type BoxError = Box<dyn std::error::Error + Send + Sync>;
+
+impl<B> hyper::body::Body for RateBody<B>
+where
+    B: hyper::body::Body + Unpin,
+    B::Error: Into<BoxError>,
+{
+    type Data = B::Data;
+    type Error = BoxError;
+
+    fn poll_frame(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Option<Result<hyper::body::Frame<Self::Data>, Self::Error>>> {
+        use hyper::body::Buf;
+        use std::task::Poll;
+        let this = &mut *self;
+        let polled = std::pin::Pin::new(&mut this.inner).poll_frame(cx);
+        let now = std::time::Instant::now();
+        let Poll::Ready(frame) = polled else {
+            this.since.get_or_insert(now);
+            return Poll::Pending;
+        };
+        if let Some(since) = this.since.take() {
+            this.waited += now - since;
+        }
+        Poll::Ready(match frame {
+            Some(Ok(frame)) => {
+                if let Some(data) = frame.data_ref() {
+                    this.bytes += data.remaining() as u64;
+                }
+                if this.too_slow() {
+                    Some(Err(Box::new(SlowBody {
+                        min_rate: this.min_rate,
+                    })))
+                } else {
+                    Some(Ok(frame))
+                }
+            }
+            Some(Err(e)) => Some(Err(e.into())),
+            None => None,
+        })
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.inner.is_end_stream()
+    }
+
+    fn size_hint(&self) -> hyper::body::SizeHint {
+        self.inner.size_hint()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use hyper::body::{Body as _, Bytes, Frame};
+    use std::pin::Pin;
+    use std::task::{Context, Poll};
+
+    /// A body whose next piece is always there (its client sent it long ago), or, if
+    /// `pending`, not there at the first poll of each piece.
+    struct Pieces {
+        pending: bool,
+        asked: bool,
+    }
+
+    impl hyper::body::Body for Pieces {
+        type Data = Bytes;
+        type Error = std::convert::Infallible;
+        fn poll_frame(
+            mut self: Pin<&mut Self>,
+            cx: &mut Context<'_>,
+        ) -> Poll<Option<Result<Frame<Bytes>, Self::Error>>> {
+            if self.pending && !self.asked {
+                self.asked = true;
+                cx.waker().wake_by_ref();
+                return Poll::Pending;
+            }
+            self.asked = false;
+            Poll::Ready(Some(Ok(Frame::data(Bytes::from_static(b"0123456789")))))
+        }
+    }
+
+    /// Polls `body` until it gives a frame or an error: whether it was an error.
+    fn next_fails(body: &mut RateBody<Pieces>, wait_on_client: Duration) -> bool {
+        let mut cx = Context::from_waker(std::task::Waker::noop());
+        loop {
+            match Pin::new(&mut *body).poll_frame(&mut cx) {
+                Poll::Pending => std::thread::sleep(wait_on_client),
+                Poll::Ready(Some(r)) => return r.is_err(),
+                Poll::Ready(None) => unreachable!(),
+            }
+        }
+    }
+
+    /// Time the server holds off reading (backpressure) never counts against the client;
+    /// time it waits on a client sending ten bytes a piece does.
+    #[test]
+    fn only_the_time_spent_waiting_on_the_client_counts() {
+        let rated = |pending| {
+            let mut b = RateBody::new(
+                Pieces {
+                    pending,
+                    asked: false,
+                },
+                1_000,
+            );
+            b.grace = Duration::from_millis(50);
+            b
+        };
+        let mut held_back = rated(false);
+        for _ in 0..8 {
+            std::thread::sleep(Duration::from_millis(40));
+            assert!(!next_fails(&mut held_back, Duration::ZERO));
+        }
+        let mut trickling = rated(true);
+        let failed = (0..8).position(|_| next_fails(&mut trickling, Duration::from_millis(40)));
+        // 10 bytes in 40 ms is 250 B/s: cut once the 50 ms grace is past.
+        assert!(matches!(failed, Some(1..=3)), "{failed:?}");
     }
 }
