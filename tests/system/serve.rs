@@ -2493,6 +2493,79 @@ fn a_tenants_request_bodies_are_held_to_its_request_bytes() {
     assert_eq!(u["request_bytes"]["quota"], 16 * MIB as u64, "{u}");
 }
 
+/// The server's peak resident memory shows `request_bytes` holding: sixteen uploads of
+/// tenant a at once, each sending 7 of its 8 MiB and then trickling, keep at most the quota's
+/// 16 MiB of bodies in the server (the rest wait in their clients' sockets, then are answered
+/// 503); with a quota of 1 GiB the same uploads take the server 112 MiB more.
+#[test]
+fn peak_memory_shows_request_bytes_bounding_a_flood_of_uploads() {
+    const MIB: u64 = 1 << 20;
+    let flood = |quota: &str| {
+        use std::io::Write;
+        let dir = scratch();
+        let s = Server::start(
+            dir.path(),
+            &two_tenants(
+                &format!("{{request_bytes: {quota}, plugin_bytes: 8MiB}}"),
+                "body_timeout: 2s",
+            ),
+        );
+        let addr = s.base.trim_start_matches("http://").to_owned();
+        let pid = s.child.id();
+        let before = peak_rss(pid);
+        let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let uploads: Vec<_> = (0..16)
+            .map(|i| {
+                let (addr, stop) = (addr.clone(), stop.clone());
+                std::thread::spawn(move || {
+                    let mut c = std::net::TcpStream::connect(&addr).unwrap();
+                    let head = format!(
+                        "PUT /v1/plugins/big{i} HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer \
+                         {TOKEN_A}\r\nContent-Length: {}\r\n\r\n",
+                        8 * MIB
+                    );
+                    let _ = c.write_all(head.as_bytes());
+                    if c.write_all(&vec![b'x'; 7 * MIB as usize]).is_err() {
+                        return;
+                    }
+                    while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                        if c.write_all(b"x").is_err() {
+                            return;
+                        }
+                        std::thread::sleep(Duration::from_millis(300));
+                    }
+                })
+            })
+            .collect();
+        // Long enough for every upload to have sent what it could and been read or held.
+        std::thread::sleep(Duration::from_secs(3));
+        let grew = peak_rss(pid).saturating_sub(before);
+        stop.store(true, std::sync::atomic::Ordering::Relaxed);
+        for u in uploads {
+            u.join().unwrap();
+        }
+        assert_eq!(s.get("/v1/plugins", TOKEN_A).status, 200);
+        grew
+    };
+    let bounded = flood("16MiB");
+    let unbounded = flood("1GiB");
+    eprintln!(
+        "peak RSS growth: {} MiB with request_bytes 16 MiB, {} MiB with 1 GiB",
+        bounded / MIB,
+        unbounded / MIB
+    );
+    assert!(
+        bounded < 48 * MIB,
+        "16 MiB of bodies took the server {} MiB",
+        bounded / MIB
+    );
+    assert!(
+        unbounded > 100 * MIB,
+        "without the quota the uploads took only {} MiB: the test shows nothing",
+        unbounded / MIB
+    );
+}
+
 /// Uploads of ever new versions of a component cannot grow the compiled-component cache past
 /// `compiled_cache_bytes`: on disk only the newest entries stay (the oldest are pruned), and an
 /// upload of a version whose entry went is compiled again, and works.
