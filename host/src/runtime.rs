@@ -765,6 +765,17 @@ fn post_resolved(
         let Some(item) = pending.take() else {
             return true;
         };
+        // A post leaves the tenant's quota of queued items some headroom for the job's own
+        // emits.
+        if job.charge().items.is_some()
+            && !job.nodes[node]
+                .queues
+                .lock()
+                .post_room(slot, 1, job.charge())
+        {
+            pending = Some(item);
+            return false;
+        }
         match job.push(
             node,
             slot,
@@ -856,13 +867,13 @@ fn post_durable(
     }
     let r = &job.flow.routines[node];
     let len = items.first().map_or(0, |i| i.byte_len() as u64);
-    // Room for the first item in the slot, and for the whole unit on the tenant's quota of
-    // queued items (the slot's own bounds and the bytes are waited for item by item below).
+    // Room for the first item in the slot, and the whole unit reserved on the tenant's quota
+    // of queued items (the slot's own bounds and the bytes are waited for item by item below).
     let n = items.len() as u64;
     wait_for_room(job, node, slot, len, timeout, || {
         items.is_empty() || {
-            let q = job.nodes[node].queues.lock();
-            q.has_room(r, slot, len, job.charge()) && q.items_room_for(slot, n, job.charge())
+            let mut q = job.nodes[node].queues.lock();
+            q.has_room(r, slot, len, job.charge()) && q.reserve_post(slot, n, job.charge())
         }
     })?;
     let base = d.take_seqs(items.len() as u64);

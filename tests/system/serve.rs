@@ -1854,8 +1854,7 @@ fn a_tenants_jobs_together_are_held_to_its_memory_quota_and_the_host_peak_shows_
         ran(TOKEN_A, &id);
         a_jobs.push(id);
     }
-    // (Read once all have run: a failure is counted a moment before its error is listed.)
-    std::thread::sleep(Duration::from_millis(300));
+    // (A failure is listed before it is counted: no wait needed.)
     let mut trapped = Vec::new();
     for id in &a_jobs {
         let v = s.get(&format!("/v1/jobs/{id}"), TOKEN_A).json;
@@ -2003,7 +2002,7 @@ fn a_tenants_queued_items_are_held_to_its_quota_and_the_rest_resent_is_delivered
         let r = s.post(
             "/v1/flows/q/jobs",
             token,
-            json!({"input": {"h.in": [{"do": "sleep", "ms": 1500}]}}),
+            json!({"input": {"h.in": [{"do": "sleep", "ms": 3000}]}}),
         );
         assert_eq!(r.status, 201, "{}", r.json);
         r.json["id"].as_str().unwrap().to_owned()
@@ -2025,11 +2024,12 @@ fn a_tenants_queued_items_are_held_to_its_quota_and_the_rest_resent_is_delivered
     let a1 = busy_job(TOKEN_A);
     let a2 = busy_job(TOKEN_A);
     let b = busy_job(TOKEN_B);
-    let r = post(TOKEN_A, &a1, lines(0, 600));
+    let r = post(TOKEN_A, &a1, lines(0, 500));
     assert_eq!(r.status, 200, "{}", r.json);
-    assert_eq!(r.json["accepted"], 600);
-    // The second job's post is taken in units of 256 (each committed whole): one fits in what
-    // the first job left of the 1000, a second does not, and the answer is 429.
+    assert_eq!(r.json["accepted"], 500);
+    // The second job's post is taken in units of up to 256 (each committed whole, each
+    // leaving an eighth of the quota to the jobs' own emits) while they fit in what the first
+    // job left of the 1000; then the answer is 429.
     let r = post(TOKEN_A, &a2, lines(0, 700));
     assert_eq!(r.status, 429, "{}", r.json);
     assert_eq!(r.json["error"]["code"], "slot_full", "{}", r.json);
@@ -2039,7 +2039,9 @@ fn a_tenants_queued_items_are_held_to_its_quota_and_the_rest_resent_is_delivered
         "{message}"
     );
     let taken = r.json["error"]["accepted"].as_u64().unwrap() as usize;
-    assert_eq!(taken, 256, "{}", r.json);
+    // (Units are cut within each piece of the body as it arrives: how many were taken
+    // depends on the pieces, not that some were and the rest refused.)
+    assert!((1..700).contains(&taken), "{}", r.json);
     let u = s.get("/v1/usage", TOKEN_A).json;
     let q = &u["queued_items"];
     assert_eq!(q["quota"], 1000, "{u}");
@@ -2066,7 +2068,7 @@ fn a_tenants_queued_items_are_held_to_its_quota_and_the_rest_resent_is_delivered
     }
     assert_eq!(sent, 700);
     for (token, id, n) in [
-        (TOKEN_A, &a1, 601),
+        (TOKEN_A, &a1, 501),
         (TOKEN_A, &a2, 701),
         (TOKEN_B, &b, 1501),
     ] {
@@ -2175,9 +2177,17 @@ fn a_removed_tenant_is_purged_for_good_and_a_live_one_cannot_be() {
     assert_ne!(code, Some(0), "{out}");
     assert!(out.contains("there is no tenant `a`"), "{out}");
 
-    // a again: empty. b: untouched.
+    // a again: empty, its usage too. b: untouched.
+    let before = s.get("/v1/usage", TOKEN_B).json;
     let said = reload(&s, &both);
     assert!(said.contains("tenant `a` added"), "{said}");
+    let u = s.get("/v1/usage", TOKEN_A).json;
+    assert_eq!(u["workers"]["busy_seconds"], 0.0, "{u}");
+    assert_eq!(u["memory_bytes"]["peak"], 0, "{u}");
+    assert_eq!(
+        s.get("/v1/usage", TOKEN_B).json["workers"]["busy_seconds"],
+        before["workers"]["busy_seconds"]
+    );
     assert_eq!(s.get("/v1/plugins", TOKEN_A).json, json!([]));
     assert_eq!(s.get("/v1/flows", TOKEN_A).json, json!([]));
     assert_eq!(s.get("/v1/jobs", TOKEN_A).json, json!([]));

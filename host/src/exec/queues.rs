@@ -257,8 +257,16 @@ impl Queues {
         }
         if let Some(items) = charge.items {
             let spare = self.item_credit[slot].saturating_sub(self.slots[slot].len() as u64);
-            if spare > 2 * ITEM_CHUNK {
-                let give = spare - ITEM_CHUNK;
+            // An emptied slot keeps none while its group nears its quota (so that slots left
+            // idle do not hold it spent); else a chunk, so that a slot filling and draining
+            // touches the shared count once every many items.
+            let keep = if self.slots[slot].is_empty() && !items.has_room(ITEM_CHUNK * 32) {
+                0
+            } else {
+                ITEM_CHUNK
+            };
+            if spare > 2 * ITEM_CHUNK || (keep == 0 && spare > 0) {
+                let give = spare - keep.min(spare);
                 self.item_credit[slot] -= give;
                 items.release(give);
             }
@@ -278,12 +286,37 @@ impl Queues {
         need == 0 || charge.items.is_none_or(|m| m.has_room(need))
     }
 
-    /// Whether `n` more items (a durable post's unit, committed before it is queued) have
-    /// room in `slot` on its group's quota of queued items together (if the group has one),
-    /// so that a unit admitted does not go past the quota.
-    pub(crate) fn items_room_for(&self, slot: usize, n: u64, charge: Charge<'_>) -> bool {
+    /// Whether a post from outside the job of `n` items finds room in `slot` on its group's
+    /// quota of queued items (if the group has one) with the quota's headroom left over
+    /// (see [`Meter::headroom`](crate::model::budget::Meter)).
+    pub(crate) fn post_room(&self, slot: usize, n: u64, charge: Charge<'_>) -> bool {
+        let Some(items) = charge.items else {
+            return true;
+        };
         let need = (self.slots[slot].len() as u64 + n).saturating_sub(self.item_credit[slot]);
-        need == 0 || charge.items.is_none_or(|m| m.has_room_for_unit(need))
+        need == 0 || items.has_room_for_unit(need + items.headroom())
+    }
+
+    /// Reserves room for `n` items in `slot` on its group's quota of queued items (a durable
+    /// post's unit, committed before it is queued, so that concurrent posts cannot all pass a
+    /// check and then all go past the quota), if [`Queues::post_room`] has room for them;
+    /// false (nothing reserved) if not.
+    pub(crate) fn reserve_post(&mut self, slot: usize, n: u64, charge: Charge<'_>) -> bool {
+        if !self.post_room(slot, n, charge) {
+            return false;
+        }
+        let Some(items) = charge.items else {
+            return true;
+        };
+        let need = (self.slots[slot].len() as u64 + n).saturating_sub(self.item_credit[slot]);
+        if need > 0 {
+            // (Capped like the room check: a unit larger than the whole quota is forced.)
+            if !items.reserve(need) {
+                items.force(need);
+            }
+            self.item_credit[slot] += need;
+        }
+        true
     }
 
     /// Whether an item of `len` bytes would find room in `slot` now (within the slot's bounds
@@ -308,8 +341,9 @@ impl Queues {
     }
 
     /// Whether an item of `len` bytes finds no room in `slot` only because a quota of the
-    /// job's group (tenant) is spent (memory, queued items): the slot and the job have room,
-    /// so only the group's other jobs can make some.
+    /// job's group (tenant) is spent (memory, queued items) and the group's other jobs hold
+    /// most of it: the slot and the job have room, so only they can make some. (A job holding
+    /// half the quota or more itself waits as for a full slot: its own consumers drain it.)
     pub(crate) fn blocked_by_group(
         &self,
         r: &CompiledRoutine,
@@ -320,8 +354,12 @@ impl Queues {
         let need = self.need(slot, len);
         let meter = charge.bytes;
         self.within_slot(r, slot, len)
-            && ((need > 0 && !meter.has_room(need) && meter.refusal(need).transient())
-                || !self.items_room(slot, charge))
+            && ((need > 0
+                && !meter.has_room(need)
+                && meter.refusal(need).transient()
+                && meter.others_hold_most())
+                || (!self.items_room(slot, charge)
+                    && charge.items.is_some_and(|m| m.others_hold_most())))
     }
 
     /// Why an item of `len` bytes finds no room in `slot` now, for an error: the bound it is

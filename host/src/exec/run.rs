@@ -478,9 +478,9 @@ impl Job {
                 );
                 return Outcome::Done;
             }
-            add(&c.failures, 1);
             let action = match &r.on_error {
                 ErrorStrategy::Retry(p) if err.retryable && attempt < p.max && !self.stopping() => {
+                    add(&c.failures, 1);
                     attempt += 1;
                     add(&c.retries, 1);
                     let delay = p.delay_before(attempt);
@@ -553,17 +553,7 @@ impl Job {
                 tracing::debug!(job = %self.id, routine = %r.id, error = %err, "activation skipped");
             }
             Action::Continue | Action::Stop => {
-                let n = c.errors.fetch_add(1, Ordering::Relaxed) + 1;
-                // The first few failures of a routine are warnings; the rest (a flood of
-                // them) are counted in the summary and logged at debug level.
-                if n <= LOGGED_FAILURES {
-                    tracing::warn!(job = %self.id, routine = %r.id, error = %err, attempts, strategy, "activation failed");
-                    if n == LOGGED_FAILURES {
-                        tracing::warn!(job = %self.id, routine = %r.id, "further failures of this routine are logged at debug level");
-                    }
-                } else {
-                    tracing::debug!(job = %self.id, routine = %r.id, error = %err, attempts, strategy, "activation failed");
-                }
+                // Listed before it is counted: a reader that sees the count finds the error.
                 let mut failures = self.failures.lock();
                 // Kept within a bound (each routine's `errors` counts them all).
                 if failures.len() < MAX_KEPT_FAILURES {
@@ -576,8 +566,21 @@ impl Job {
                         at: SystemTime::now(),
                     });
                 }
+                drop(failures);
+                let n = c.errors.fetch_add(1, Ordering::Relaxed) + 1;
+                // The first few failures of a routine are warnings; the rest (a flood of
+                // them) are counted in the summary and logged at debug level.
+                if n <= LOGGED_FAILURES {
+                    tracing::warn!(job = %self.id, routine = %r.id, error = %err, attempts, strategy, "activation failed");
+                    if n == LOGGED_FAILURES {
+                        tracing::warn!(job = %self.id, routine = %r.id, "further failures of this routine are logged at debug level");
+                    }
+                } else {
+                    tracing::debug!(job = %self.id, routine = %r.id, error = %err, attempts, strategy, "activation failed");
+                }
             }
         }
+        add(&c.failures, 1);
         let message = err.message.clone();
         self.dead_letter_with(node, batch, err.message, attempts, delivered);
         if let Action::Stop = action {

@@ -27,6 +27,9 @@ std::thread_local! {
     /// (`None`: an instance of a group without a quota).
     static ON_STACK: std::cell::RefCell<Vec<Option<Arc<Slots>>>> =
         const { std::cell::RefCell::new(Vec::new()) };
+    /// How many of `ON_STACK`'s entries, from the bottom, a [`Stuck`] lower on this stack
+    /// counts already (a nested one counts only those above).
+    static COUNTED: std::cell::Cell<usize> = const { std::cell::Cell::new(0) };
 }
 
 /// An instance holding `slot` (if any) was checked out on this thread's stack.
@@ -53,26 +56,37 @@ fn on_stack(slots: &Arc<Slots>) -> bool {
 /// While alive, the instances on this thread's stack count as *stuck*: held by an emit
 /// waiting for room downstream, they cannot come back before a consumer runs. A checkout
 /// finding every live instance of its group stuck goes past the quota (else it would wait
-/// for them while they wait for it).
-pub(crate) struct Stuck(Vec<Arc<Slots>>);
+/// for them while they wait for it). Each instance counts once, however deep the waits nest
+/// on this stack.
+pub(crate) struct Stuck {
+    held: Vec<Arc<Slots>>,
+    /// `COUNTED` as it was before this one.
+    below: usize,
+}
 
 impl Stuck {
     pub(crate) fn enter() -> Stuck {
-        let held: Vec<Arc<Slots>> =
-            ON_STACK.with(|s| s.borrow().iter().flatten().cloned().collect());
+        let below = COUNTED.get();
+        let (held, len) = ON_STACK.with(|s| {
+            let s = s.borrow();
+            let held: Vec<Arc<Slots>> = s.iter().skip(below).flatten().cloned().collect();
+            (held, s.len())
+        });
+        COUNTED.set(len.max(below));
         for slots in &held {
             slots.stuck.fetch_add(1, Ordering::SeqCst);
             if slots.waiting.load(Ordering::SeqCst) > 0 {
                 slots.idle_now();
             }
         }
-        Stuck(held)
+        Stuck { held, below }
     }
 }
 
 impl Drop for Stuck {
     fn drop(&mut self) {
-        for slots in &self.0 {
+        COUNTED.set(self.below);
+        for slots in &self.held {
             slots.stuck.fetch_sub(1, Ordering::SeqCst);
         }
     }
@@ -231,7 +245,9 @@ impl Slots {
     fn take_waiting(self: &Arc<Self>, deadline: Instant) -> Result<Slot, Busy> {
         let mut inner = self.inner.lock();
         loop {
-            if inner.live < inner.limit || self.stuck.load(Ordering::SeqCst) >= inner.live {
+            if inner.live < inner.limit
+                || (inner.live > 0 && self.stuck.load(Ordering::SeqCst) >= inner.live)
+            {
                 return Ok(self.add(&mut inner));
             }
             if Instant::now() >= deadline {
@@ -355,5 +371,31 @@ mod tests {
         emitter.join().unwrap();
         drop(b);
         assert_eq!(slots.usage().0, 0);
+    }
+
+    /// Nested waits on one stack count each instance once: the outer emit's instance is not
+    /// counted again by the wait of the consumer it runs.
+    #[test]
+    fn nested_waits_count_each_instance_once() {
+        let slots = Arc::new(Slots::new(1, 3));
+        let (a, b) = (slots.take(soon()).unwrap(), slots.take(soon()).unwrap());
+        checked_out(Some(&a));
+        let outer = Stuck::enter();
+        assert_eq!(slots.stuck.load(Ordering::SeqCst), 1);
+        checked_out(Some(&b));
+        let inner = Stuck::enter();
+        assert_eq!(slots.stuck.load(Ordering::SeqCst), 2);
+        drop(inner);
+        checked_in();
+        assert_eq!(slots.stuck.load(Ordering::SeqCst), 1);
+        // Again after the inner one ended: still once each.
+        checked_out(Some(&b));
+        let again = Stuck::enter();
+        assert_eq!(slots.stuck.load(Ordering::SeqCst), 2);
+        drop((again, outer));
+        checked_in();
+        checked_in();
+        assert_eq!(slots.stuck.load(Ordering::SeqCst), 0);
+        drop((a, b));
     }
 }

@@ -54,9 +54,9 @@ impl IntoResponse for ApiError {
             r.headers_mut()
                 .insert(header::RETRY_AFTER, HeaderValue::from(s));
         }
-        // A body refused part-read (too large) leaves the connection unusable: say so, so
-        // that the client does not send its next request on it.
-        if self.status == 413 {
+        // A body refused part-read (too large, stalled, too slow) leaves the connection
+        // unusable: say so, so that the client does not send its next request on it.
+        if self.status == 413 || self.status == 408 {
             r.headers_mut()
                 .insert(header::CONNECTION, HeaderValue::from_static("close"));
         }

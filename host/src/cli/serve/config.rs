@@ -716,6 +716,7 @@ mod tests {
         write("    quotas:\n      instances: 0\n");
         let d = load(Some(&file), None, None).unwrap_err();
         assert!(d[0].message.contains("`instances: 0`"), "{}", d[0].message);
+        assert_eq!(d[0].place.as_ref().map(|p| p.line), Some(6), "{d:?}");
         write("    quotas: {queued_items: 5000}\n");
         let (c, _) = load(Some(&file), None, None).unwrap();
         let n: Vec<u64> = c.tenants.iter().map(|t| t.quotas.queued_items).collect();
@@ -727,7 +728,6 @@ mod tests {
             "{}",
             d[0].message
         );
-        assert_eq!(d[0].place.as_ref().map(|p| p.line), Some(6), "{d:?}");
         assert_eq!(d[0].place.as_ref().map(|p| p.line), Some(6), "{d:?}");
         let _ = std::fs::remove_dir_all(&dir);
     }

@@ -68,14 +68,20 @@ pub(crate) fn purge(data_dir: &Path, id: &str, dry_run: bool) -> Result<Purged, 
             }
         }
     }
-    let lock = lock_dir(&dir)
-        .map_err(|e| format!("cannot lock {}: {e}", dir.display()))?
-        .ok_or_else(|| {
-            format!(
-                "tenant `{id}` is live in a running server: remove it from the server's \
+    // A dry run writes nothing: without a lock file no server ever opened the tenant.
+    let lock = if dry_run && !dir.join(LOCK).exists() {
+        None
+    } else {
+        lock_dir(&dir)
+            .map_err(|e| format!("cannot lock {}: {e}", dir.display()))?
+            .ok_or_else(|| {
+                format!(
+                    "tenant `{id}` is live in a running server: remove it from the server's \
                  configuration and reload it (SIGHUP) first"
-            )
-        })?;
+                )
+            })
+            .map(Some)?
+    };
     let index = TenantDir {
         dir: dir.clone(),
         lock: parking_lot::Mutex::new(None),

@@ -638,8 +638,11 @@ impl Host {
     }
 
     /// A tenant of the configuration, with its directory (created if new) and its share of
-    /// the workers (the same group again if it was removed and comes back).
+    /// the workers (the same group again if it was removed and comes back with its data; a
+    /// new one if its directory is new, as after a purge: nothing of the old one's usage
+    /// carries over).
     fn open_tenant(&self, c: &TenantConfig) -> Result<Arc<Tenant>, String> {
+        let new_dir = !self.config.data_dir.join("tenants").join(&c.id).exists();
         let dir = TenantDir::open(&self.config.data_dir, &c.id).map_err(|e| {
             format!(
                 "cannot create the directory of tenant `{}` in {}: {e}",
@@ -647,11 +650,15 @@ impl Host {
                 self.config.data_dir.display()
             )
         })?;
-        let group = *self
-            .groups
-            .lock()
-            .entry(c.id.clone())
-            .or_insert_with(|| self.runtime.add_group(c.weight));
+        let group = {
+            let mut groups = self.groups.lock();
+            if new_dir {
+                groups.remove(&c.id);
+            }
+            *groups
+                .entry(c.id.clone())
+                .or_insert_with(|| self.runtime.add_group(c.weight))
+        };
         self.runtime.set_group_weight(group, c.weight);
         self.runtime
             .set_group_rate(group, c.quotas.activations_per_second);

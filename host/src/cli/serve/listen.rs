@@ -175,18 +175,19 @@ pub(crate) async fn serve(
     }
 }
 
-/// A request body held to a least average rate: the bytes it has sent against the time the
-/// server has waited for them (polls left pending), so that a server holding off reading
-/// (a full slot, a spent quota) never counts against the client. Past
-/// [`BODY_RATE_GRACE`](super::config::BODY_RATE_GRACE) of waiting, a frame that leaves the
-/// average below the rate ends the body with [`SlowBody`]. Checked as frames arrive: the
-/// body timeout bounds the wait for the next one.
+/// A request body held to a least rate, as a token bucket: the time the server waits for
+/// the body (polls left pending) costs `min_rate` bytes a second, what arrives pays it back,
+/// and the credit is capped at what [`BODY_RATE_GRACE`](super::config::BODY_RATE_GRACE) of
+/// waiting costs (and starts there). So a server holding off reading (a full slot, a spent
+/// quota) never counts against the client, and bytes sent early buy no more than the grace
+/// of trickling later. A frame that leaves the credit below zero ends the body with
+/// [`SlowBody`]. Checked as frames arrive: the body timeout bounds the wait for the next one.
 pub(crate) struct RateBody<B> {
     inner: B,
     min_rate: u64,
     grace: Duration,
-    bytes: u64,
-    waited: Duration,
+    /// Bytes ahead of the rate.
+    credit: f64,
     since: Option<std::time::Instant>,
 }
 
@@ -196,17 +197,20 @@ impl<B> RateBody<B> {
             inner,
             min_rate,
             grace: super::config::BODY_RATE_GRACE,
-            bytes: 0,
-            waited: Duration::ZERO,
+            credit: min_rate as f64 * super::config::BODY_RATE_GRACE.as_secs_f64(),
             since: None,
         }
     }
 
-    fn too_slow(&self) -> bool {
-        let Some(over) = self.waited.checked_sub(self.grace) else {
+    /// Settles a frame of `bytes` that came after `waited`: whether the body is now too slow.
+    fn too_slow(&mut self, waited: Duration, bytes: u64) -> bool {
+        if self.min_rate == 0 {
             return false;
-        };
-        self.min_rate > 0 && (self.bytes as f64) < self.min_rate as f64 * over.as_secs_f64()
+        }
+        let rate = self.min_rate as f64;
+        let cap = rate * self.grace.as_secs_f64();
+        self.credit = (self.credit - rate * waited.as_secs_f64() + bytes as f64).min(cap);
+        self.credit < 0.0
     }
 }
 
@@ -251,15 +255,14 @@ where
             this.since.get_or_insert(now);
             return Poll::Pending;
         };
-        if let Some(since) = this.since.take() {
-            this.waited += now - since;
-        }
+        let waited = this
+            .since
+            .take()
+            .map_or(Duration::ZERO, |since| now - since);
         Poll::Ready(match frame {
             Some(Ok(frame)) => {
-                if let Some(data) = frame.data_ref() {
-                    this.bytes += data.remaining() as u64;
-                }
-                if this.too_slow() {
+                let bytes = frame.data_ref().map_or(0, |d| d.remaining() as u64);
+                if this.too_slow(waited, bytes) {
                     Some(Err(Box::new(SlowBody {
                         min_rate: this.min_rate,
                     })))
@@ -337,6 +340,7 @@ mod tests {
                 1_000,
             );
             b.grace = Duration::from_millis(50);
+            b.credit = 50.0;
             b
         };
         let mut held_back = rated(false);
@@ -346,7 +350,15 @@ mod tests {
         }
         let mut trickling = rated(true);
         let failed = (0..8).position(|_| next_fails(&mut trickling, Duration::from_millis(40)));
-        // 10 bytes in 40 ms is 250 B/s: cut once the 50 ms grace is past.
-        assert!(matches!(failed, Some(1..=3)), "{failed:?}");
+        // 10 bytes a 40 ms wait is 250 B/s: the 50 bytes of credit go within three pieces.
+        assert!(matches!(failed, Some(0..=3)), "{failed:?}");
+        // Bytes sent early buy no more than the grace: a fast start, then a trickle.
+        let mut banked = rated(false);
+        for _ in 0..1_000 {
+            assert!(!next_fails(&mut banked, Duration::ZERO));
+        }
+        banked.inner.pending = true;
+        let failed = (0..8).position(|_| next_fails(&mut banked, Duration::from_millis(40)));
+        assert!(matches!(failed, Some(0..=3)), "{failed:?}");
     }
 }
