@@ -194,9 +194,10 @@ fn scenario(a: &Args, fair: bool, queued: u64) -> Run {
 }
 
 /// What fair shares cost when there is nothing to share: one group's `n` no-op activations
-/// (one item each, each emitting it on to a second routine), items per second. `quota`: the
-/// group also has a memory quota (its jobs' meters linked to the group's).
-fn overhead(a: &Args, fair: bool, quota: bool, n: u64) -> f64 {
+/// (one item each, each emitting it on to a second routine), items per second. `quotas`: 1,
+/// the group also has a memory quota (its jobs' meters linked to the group's); 2, a quota of
+/// queued items too (every slot reserving items on the group's count).
+fn overhead(a: &Args, fair: bool, quotas: u8, n: u64) -> f64 {
     let rt = Runtime::builder()
         .thread_pool_size(a.threads)
         .fair(fair)
@@ -229,8 +230,11 @@ fn overhead(a: &Args, fair: bool, quota: bool, n: u64) -> f64 {
     .connect("work", "out", "sink", "in");
     rt.register("a", &f).unwrap();
     let g = rt.add_group(1);
-    if quota {
+    if quotas >= 1 {
         rt.set_group_memory(g, Some(1 << 30));
+    }
+    if quotas >= 2 {
+        rt.set_group_queued_items(g, Some(1_000_000));
     }
     let job = rt.exec_in(g, "a").unwrap();
     let items: Vec<routilux::Item> = (0..n)
@@ -288,23 +292,27 @@ fn main() {
         println!("{name:<22} {p50:>12.0} {q99:>12.0} {tput:>16.0} {starved:>14}");
     }
     let n = 100_000;
-    let (mut fifo, mut fair, mut quota) = (Vec::new(), Vec::new(), Vec::new());
+    let (mut fifo, mut fair, mut quota, mut items) =
+        (Vec::new(), Vec::new(), Vec::new(), Vec::new());
     for _ in 0..a.reps {
-        fifo.push(overhead(&a, false, false, n));
-        fair.push(overhead(&a, true, false, n));
-        quota.push(overhead(&a, true, true, n));
+        fifo.push(overhead(&a, false, 0, n));
+        fair.push(overhead(&a, true, 0, n));
+        quota.push(overhead(&a, true, 1, n));
+        items.push(overhead(&a, true, 2, n));
     }
-    let (fifo, fair, quota) = (
+    let (fifo, fair, quota, items) = (
         support::median(fifo),
         support::median(fair),
         support::median(quota),
+        support::median(items),
     );
     println!(
         "one group alone, {n} no-op activations (each emitting to a no-op sink): fifo \
          {fifo:.0}/s, fair {fair:.0}/s (fair/fifo {:.2}), fair with a memory quota \
-         {quota:.0}/s (quota/fair {:.2})",
+         {quota:.0}/s (quota/fair {:.2}), and a queued-items quota {items:.0}/s (/fair {:.2})",
         fair / fifo,
-        quota / fair
+        quota / fair,
+        items / fair
     );
     if a.overhead_only {
         return;
