@@ -246,12 +246,19 @@ impl Queues {
         }
     }
 
-    /// Gives back what `slot` holds reserved beyond its queued items and one chunk.
+    /// Gives back what `slot` holds reserved beyond its queued items and one chunk (all of
+    /// it once the slot is empty while its job's budget or its group's quota nears its end,
+    /// so that idle slots do not hold them spent).
     #[inline]
     fn return_credit(&mut self, slot: usize, charge: Charge<'_>) {
         let spare = self.credit[slot].saturating_sub(self.charged(slot));
-        if spare > 2 * CREDIT_CHUNK {
-            let give = spare - CREDIT_CHUNK;
+        let keep = if self.slots[slot].is_empty() && !charge.bytes.has_room(16 * CREDIT_CHUNK) {
+            0
+        } else {
+            CREDIT_CHUNK
+        };
+        if spare > 2 * CREDIT_CHUNK || (keep == 0 && spare > 0) {
+            let give = spare - keep.min(spare);
             self.credit[slot] -= give;
             charge.bytes.release(give);
         }

@@ -596,6 +596,41 @@ fn a_job_holding_its_groups_quota_of_queued_items_itself_gets_backpressure_not_f
     assert!(used.queued_items_peak <= 1_000 + 64, "{used:?}");
 }
 
+/// Slots left empty do not keep their group's quota of queued items spent: forty jobs held
+/// open, each of which had one item pass through, hold nothing of it, and one more job's post
+/// goes in at once. (A slot keeps a chunk reserved ahead while it is busy: forty such would
+/// hold more than the whole quota.)
+#[test]
+fn empty_slots_of_idle_jobs_hold_none_of_their_groups_quota_of_queued_items() {
+    use routilux::Item;
+    let rt = builder(2).fair(true).build();
+    let a = rt.add_group(1);
+    rt.set_group_queued_items(a, Some(1_000));
+    let mut flow = Flow::new();
+    flow.add_routine(Routine::new().slot("in").logic(|_, _| Ok(())), "sink");
+    rt.register("f", &flow).unwrap();
+    let tiny = || Item::new(json!({"x": 1})).unwrap();
+    let mut held = Vec::new();
+    for _ in 0..40 {
+        let job = rt.exec_in(a, "f").unwrap();
+        let hold = job.hold_open().unwrap();
+        job.post_item("sink", "in", tiny()).unwrap();
+        assert!(eventually(|| job.counters()["sink"].processed == 1));
+        held.push((job, hold));
+    }
+    let used = rt.group_usage(a);
+    assert_eq!(used.queued_items, 0, "{used:?}");
+    let one_more = rt.exec_in(a, "f").unwrap();
+    one_more
+        .post_item_timeout("sink", "in", tiny(), Duration::ZERO)
+        .unwrap();
+    assert!(one_more.wait(WAIT));
+    for (job, hold) in held {
+        drop(hold);
+        assert!(job.wait(WAIT));
+    }
+}
+
 /// For the quota tests: gives group `a` a 1 MiB memory quota, registers `hoard` (a sink
 /// whose activations wait for the returned gate) and `emit` (`src` emits one 300 KiB item to
 /// `sink`, errors continued), and starts a job of `hoard` in `a` that fills the quota with
