@@ -2503,6 +2503,94 @@ fn a_tenants_request_bodies_are_held_to_its_request_bytes() {
     assert_eq!(u["request_bytes"]["quota"], 16 * MIB as u64, "{u}");
 }
 
+/// A reload lowering `request_bytes` below what the tenant's requests hold now takes effect
+/// as they end: four uploads hold 28 of 32 MiB, the quota drops to 16 MiB, and once they are
+/// cut the tenant has exactly 16 MiB (a 7 MiB upload and a 12 MiB job start no longer fit
+/// together; before, the permits the uploads held all came back and it had 28).
+#[test]
+fn lowering_request_bytes_by_reload_holds_once_the_requests_holding_it_end() {
+    use std::io::Write;
+    const MIB: u64 = 1 << 20;
+    let dir = scratch();
+    let config = |quota: &str| {
+        two_tenants(
+            &format!("{{request_bytes: {quota}, plugin_bytes: 8MiB}}"),
+            "body_timeout: 1s",
+        )
+    };
+    let s = Server::start(dir.path(), &config("32MiB"));
+    assert_eq!(s.put_plugin(TOKEN_A, "hostile", "hostile").status, 201);
+    assert_eq!(s.put_flow(TOKEN_A, "t", TALLY_FLOW).status, 201);
+    let addr = s.base.trim_start_matches("http://").to_owned();
+    // An upload that sends 7 of its 8 MiB, then a byte every 300 ms until `stop`.
+    let upload = |i: usize, stop: Arc<std::sync::atomic::AtomicBool>| {
+        let addr = addr.clone();
+        std::thread::spawn(move || {
+            let mut c = std::net::TcpStream::connect(&addr).unwrap();
+            let head = format!(
+                "PUT /v1/plugins/big{i} HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer \
+                 {TOKEN_A}\r\nContent-Length: {}\r\n\r\n",
+                8 * MIB
+            );
+            let _ = c.write_all(head.as_bytes());
+            let _ = c.write_all(&vec![b'x'; 7 * MIB as usize]);
+            while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                if c.write_all(b"x").is_err() {
+                    break;
+                }
+                std::thread::sleep(Duration::from_millis(300));
+            }
+            read_until_closed(&mut c, Duration::from_secs(10)).unwrap_or_default()
+        })
+    };
+    let used = || {
+        s.get("/v1/usage", TOKEN_A).json["request_bytes"]["used"]
+            .as_u64()
+            .unwrap()
+    };
+    let wait_used = |at_least: u64| {
+        let started = Instant::now();
+        while used() < at_least {
+            assert!(started.elapsed() < Duration::from_secs(20), "{}", used());
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    };
+    let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let four: Vec<_> = (0..4).map(|i| upload(i, stop.clone())).collect();
+    wait_used(28 * MIB);
+    reload(&s, &config("16MiB"));
+    let u = s.get("/v1/usage", TOKEN_A).json;
+    assert_eq!(u["request_bytes"]["quota"], 16 * MIB, "{u}");
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    for u in four {
+        assert!(u.join().unwrap().starts_with("HTTP/1.1 408"));
+    }
+    let started = Instant::now();
+    while used() != 0 {
+        assert!(started.elapsed() < Duration::from_secs(10), "{}", used());
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    // 7 MiB held: a 12 MiB job start does not fit the 16 MiB.
+    let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let one = upload(9, stop.clone());
+    wait_used(7 * MIB);
+    let pad = "x".repeat(12 * MIB as usize);
+    let body =
+        json!({"input": {"h.in": [{"do": "calls", "calls": [], "pad": pad}]}, "close": true});
+    let r = s.post("/v1/flows/t/jobs", TOKEN_A, body.clone());
+    assert_eq!(r.status, 503, "{}", r.json);
+    assert_eq!(r.json["error"]["quota"], "request_bytes", "{}", r.json);
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    one.join().unwrap();
+    let started = Instant::now();
+    while used() != 0 {
+        assert!(started.elapsed() < Duration::from_secs(10), "{}", used());
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    // Alone, it fits.
+    assert_eq!(s.post("/v1/flows/t/jobs", TOKEN_A, body).status, 201);
+}
+
 /// The server's peak resident memory shows `request_bytes` holding: sixteen uploads of
 /// tenant a at once, each sending 7 of its 8 MiB and then trickling, keep at most the quota's
 /// 16 MiB of bodies in the server (the rest wait in their clients' sockets, then are answered

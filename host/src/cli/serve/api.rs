@@ -141,6 +141,9 @@ async fn blocking<T: Send + 'static>(
 /// the tenant's semaphore), given back when dropped or as they are let go.
 struct Held {
     budget: Arc<tokio::sync::Semaphore>,
+    /// What a lowered quota still owes (see `Tenant::bodies_debt`): paid from what this
+    /// request gives back, by forgetting it.
+    debt: Arc<std::sync::atomic::AtomicU64>,
     wait: Duration,
     permit: Option<tokio::sync::OwnedSemaphorePermit>,
 }
@@ -149,9 +152,21 @@ impl Held {
     fn new(s: &AppState, t: &Tenant) -> Self {
         Held {
             budget: t.bodies.clone(),
+            debt: t.bodies_debt.clone(),
             wait: s.host.config.connections.body_timeout,
             permit: None,
         }
+    }
+
+    /// Lets `part` go: forgotten as far as a lowered quota is owed, the rest given back.
+    fn let_go(&self, mut part: tokio::sync::OwnedSemaphorePermit) {
+        let owed = super::host::take_up_to(&self.debt, part.num_permits() as u64) as usize;
+        if owed > 0
+            && let Some(paid) = part.split(owed)
+        {
+            paid.forget();
+        }
+        drop(part);
     }
 
     /// Takes `n` more bytes, waiting up to the body timeout for them (the body is not read
@@ -188,7 +203,15 @@ impl Held {
         if let Some(held) = &mut self.permit
             && let Some(part) = held.split(n.min(held.num_permits()))
         {
-            drop(part);
+            self.let_go(part);
+        }
+    }
+}
+
+impl Drop for Held {
+    fn drop(&mut self) {
+        if let Some(p) = self.permit.take() {
+            self.let_go(p);
         }
     }
 }

@@ -523,6 +523,9 @@ pub(crate) struct Tenant {
     pub bodies: Arc<tokio::sync::Semaphore>,
     /// The permits `bodies` was given (a reload adds or forgets the difference).
     bodies_total: AtomicU64,
+    /// Permits a lowered `request_bytes` could not forget at once (requests held them): each
+    /// request forgets what it gives back until this is paid (see the API's `Held`).
+    pub bodies_debt: Arc<AtomicU64>,
 }
 
 impl Tenant {
@@ -677,6 +680,7 @@ impl Host {
             storage_error: Mutex::default(),
             bodies: Arc::new(tokio::sync::Semaphore::new(c.quotas.request_room() as usize)),
             bodies_total: AtomicU64::new(c.quotas.request_room()),
+            bodies_debt: Arc::default(),
             dir,
             state: Mutex::default(),
         }))
@@ -758,11 +762,16 @@ impl Host {
                             c.quotas.request_room(),
                         );
                         if now > was {
-                            t.bodies.add_permits((now - was) as usize);
+                            // What is still owed from a lowering is cancelled first.
+                            let raise = now - was;
+                            let owed = take_up_to(&t.bodies_debt, raise);
+                            t.bodies.add_permits((raise - owed) as usize);
                         } else if now < was {
-                            // Only what is free now can be forgotten (best effort: what
-                            // requests hold now comes back when they end, until a restart).
-                            t.bodies.forget_permits((was - now) as usize);
+                            // Only what is free now can be forgotten; what requests hold is
+                            // forgotten as they give it back.
+                            let cut = was - now;
+                            let forgot = t.bodies.forget_permits(cut as usize) as u64;
+                            t.bodies_debt.fetch_add(cut - forgot, Ordering::AcqRel);
                         }
                         t.bodies_total.store(now, Ordering::Relaxed);
                         if live.quotas.memory_bytes != c.quotas.memory_bytes {
@@ -1259,7 +1268,8 @@ impl Host {
             "jobs": {"used": jobs, "quota": q.jobs},
             "disk_bytes": {"used": t.disk_used.load(Ordering::Relaxed), "quota": q.disk_bytes},
             "request_bytes": {
-                "used": t.bodies_total.load(Ordering::Relaxed)
+                "used": (t.bodies_total.load(Ordering::Relaxed)
+                    + t.bodies_debt.load(Ordering::Relaxed))
                     .saturating_sub(t.bodies.available_permits() as u64),
                 "quota": q.request_room(),
             },
@@ -2075,6 +2085,14 @@ fn runtime_error(e: RuntimeError) -> ApiError {
             ApiError::internal("the server could not do it (its log says why)")
         }
     }
+}
+
+/// Takes up to `n` off `count` (never below zero); what it took.
+pub(crate) fn take_up_to(count: &AtomicU64, n: u64) -> u64 {
+    let before = count
+        .fetch_update(Ordering::AcqRel, Ordering::Acquire, |c| Some(c - c.min(n)))
+        .unwrap_or_else(|c| c);
+    before.min(n)
 }
 
 #[cfg(test)]
