@@ -765,17 +765,6 @@ fn post_resolved(
         let Some(item) = pending.take() else {
             return true;
         };
-        // A post leaves the tenant's quota of queued items some headroom for the job's own
-        // emits.
-        if job.charge().items.is_some()
-            && !job.nodes[node]
-                .queues
-                .lock()
-                .post_room(slot, 1, job.charge())
-        {
-            pending = Some(item);
-            return false;
-        }
         match job.push(
             node,
             slot,
@@ -867,13 +856,13 @@ fn post_durable(
     }
     let r = &job.flow.routines[node];
     let len = items.first().map_or(0, |i| i.byte_len() as u64);
-    // Room for the first item in the slot, and the whole unit reserved on the tenant's quota
-    // of queued items (the slot's own bounds and the bytes are waited for item by item below).
+    // Room for the first item in the slot, and for the whole unit on the tenant's quota of
+    // queued items (the slot's own bounds and the bytes are waited for item by item below).
     let n = items.len() as u64;
     wait_for_room(job, node, slot, len, timeout, || {
         items.is_empty() || {
-            let mut q = job.nodes[node].queues.lock();
-            q.has_room(r, slot, len, job.charge()) && q.reserve_post(slot, n, job.charge())
+            let q = job.nodes[node].queues.lock();
+            q.has_room(r, slot, len, job.charge()) && q.unit_room(slot, n, job.charge())
         }
     })?;
     let base = d.take_seqs(items.len() as u64);
@@ -897,6 +886,7 @@ fn post_durable(
             reason,
         })?;
     let pool = &job.shared.pool;
+    let committed = Instant::now();
     for (seq, item) in (base..).zip(items) {
         let mut pending = Some(item);
         loop {
@@ -924,15 +914,20 @@ fn post_durable(
                 }
                 Err(back) => back,
             };
-            // Room in the slot, none in the tenant's quota (its other jobs hold it): what is
-            // committed is queued past the quota (counted overflowed), as a recovered item
-            // is, rather than held here for as long as they keep it.
+            // Room in the slot, none in the tenant's quota: what is committed is queued past
+            // the quota (counted overflowed), as a recovered item is, rather than held here
+            // for as long as its other jobs keep it (when they hold most of it), or for
+            // longer than an emit would wait (when this job holds it: its routines may be
+            // unable to drain it, as a batch larger than what is left).
             let len = back.byte_len() as u64;
-            let quota_only =
-                job.nodes[node]
-                    .queues
-                    .lock()
-                    .blocked_by_group(r, slot, len, job.charge());
+            let others_only = committed.elapsed() < job.shared.quota_wait;
+            let quota_only = job.nodes[node].queues.lock().blocked_by_quota(
+                r,
+                slot,
+                len,
+                job.charge(),
+                others_only,
+            );
             if quota_only {
                 match job.push(node, slot, back, seq, true, Sched::External(pool)) {
                     Ok(()) => break,

@@ -2002,7 +2002,7 @@ fn a_tenants_queued_items_are_held_to_its_quota_and_the_rest_resent_is_delivered
         let r = s.post(
             "/v1/flows/q/jobs",
             token,
-            json!({"input": {"h.in": [{"do": "sleep", "ms": 3000}]}}),
+            json!({"input": {"h.in": [{"do": "sleep", "ms": 6000}]}}),
         );
         assert_eq!(r.status, 201, "{}", r.json);
         r.json["id"].as_str().unwrap().to_owned()
@@ -2027,9 +2027,8 @@ fn a_tenants_queued_items_are_held_to_its_quota_and_the_rest_resent_is_delivered
     let r = post(TOKEN_A, &a1, lines(0, 500));
     assert_eq!(r.status, 200, "{}", r.json);
     assert_eq!(r.json["accepted"], 500);
-    // The second job's post is taken in units of up to 256 (each committed whole, each
-    // leaving an eighth of the quota to the jobs' own emits) while they fit in what the first
-    // job left of the 1000; then the answer is 429.
+    // The second job's post is taken in units of up to 256 (each committed whole) while they
+    // fit in what the first job left of the 1000; then the answer is 429.
     let r = post(TOKEN_A, &a2, lines(0, 700));
     assert_eq!(r.status, 429, "{}", r.json);
     assert_eq!(r.json["error"]["code"], "slot_full", "{}", r.json);
@@ -2413,7 +2412,8 @@ fn a_tenants_request_bodies_are_held_to_its_request_bytes() {
         dir.path(),
         &two_tenants(
             "{request_bytes: 16MiB, plugin_bytes: 8MiB}",
-            "body_timeout: 1s",
+            // (The upload trickles: no least rate, only the body timeout, cuts it.)
+            "body_timeout: 1s\nmin_body_rate: 0",
         ),
     );
     for token in [TOKEN_A, TOKEN_B] {
@@ -2515,7 +2515,7 @@ fn lowering_request_bytes_by_reload_holds_once_the_requests_holding_it_end() {
     let config = |quota: &str| {
         two_tenants(
             &format!("{{request_bytes: {quota}, plugin_bytes: 8MiB}}"),
-            "body_timeout: 1s",
+            "body_timeout: 1s\nmin_body_rate: 0",
         )
     };
     let s = Server::start(dir.path(), &config("32MiB"));
@@ -2605,7 +2605,7 @@ fn peak_memory_shows_request_bytes_bounding_a_flood_of_uploads() {
             dir.path(),
             &two_tenants(
                 &format!("{{request_bytes: {quota}, plugin_bytes: 8MiB}}"),
-                "body_timeout: 2s",
+                "body_timeout: 2s\nmin_body_rate: 0",
             ),
         );
         let addr = s.base.trim_start_matches("http://").to_owned();

@@ -13,7 +13,7 @@
 use std::collections::{BTreeMap, VecDeque};
 use std::time::Instant;
 
-use crate::model::budget::{Charge, Refusal};
+use crate::model::budget::{Charge, Meter, Refusal};
 use crate::model::item::Item;
 use crate::model::plan::CompiledRoutine;
 
@@ -293,37 +293,14 @@ impl Queues {
         need == 0 || charge.items.is_none_or(|m| m.has_room(need))
     }
 
-    /// Whether a post from outside the job of `n` items finds room in `slot` on its group's
-    /// quota of queued items (if the group has one) with the quota's headroom left over
-    /// (see [`Meter::headroom`](crate::model::budget::Meter)).
-    pub(crate) fn post_room(&self, slot: usize, n: u64, charge: Charge<'_>) -> bool {
-        let Some(items) = charge.items else {
-            return true;
-        };
+    /// Whether a durable post's unit of `n` items (committed before it is queued) finds room
+    /// in `slot` on its group's quota of queued items, all of it (if the group has one): so
+    /// that a unit admitted does not go past the quota. (A check, not a reservation: posts
+    /// racing for the last room may each pass, so a tenant can go past its quota by up to a
+    /// unit per post in flight, what they committed then queued as `overflowed`.)
+    pub(crate) fn unit_room(&self, slot: usize, n: u64, charge: Charge<'_>) -> bool {
         let need = (self.slots[slot].len() as u64 + n).saturating_sub(self.item_credit[slot]);
-        need == 0 || items.has_room_for_unit(need + items.headroom())
-    }
-
-    /// Reserves room for `n` items in `slot` on its group's quota of queued items (a durable
-    /// post's unit, committed before it is queued, so that concurrent posts cannot all pass a
-    /// check and then all go past the quota), if [`Queues::post_room`] has room for them;
-    /// false (nothing reserved) if not.
-    pub(crate) fn reserve_post(&mut self, slot: usize, n: u64, charge: Charge<'_>) -> bool {
-        if !self.post_room(slot, n, charge) {
-            return false;
-        }
-        let Some(items) = charge.items else {
-            return true;
-        };
-        let need = (self.slots[slot].len() as u64 + n).saturating_sub(self.item_credit[slot]);
-        if need > 0 {
-            // (Capped like the room check: a unit larger than the whole quota is forced.)
-            if !items.reserve(need) {
-                items.force(need);
-            }
-            self.item_credit[slot] += need;
-        }
-        true
+        need == 0 || charge.items.is_none_or(|m| m.has_room_for_unit(need))
     }
 
     /// Whether an item of `len` bytes would find room in `slot` now (within the slot's bounds
@@ -358,15 +335,29 @@ impl Queues {
         len: u64,
         charge: Charge<'_>,
     ) -> bool {
+        self.blocked_by_quota(r, slot, len, charge, true)
+    }
+
+    /// Whether an item of `len` bytes finds no room in `slot` only because a quota of the
+    /// job's group is spent, whoever holds it (`others_only`: and the group's other jobs hold
+    /// most of it, see [`Queues::blocked_by_group`]).
+    pub(crate) fn blocked_by_quota(
+        &self,
+        r: &CompiledRoutine,
+        slot: usize,
+        len: u64,
+        charge: Charge<'_>,
+        others_only: bool,
+    ) -> bool {
         let need = self.need(slot, len);
         let meter = charge.bytes;
+        let others = |m: &Meter| !others_only || m.others_hold_most();
         self.within_slot(r, slot, len)
             && ((need > 0
                 && !meter.has_room(need)
                 && meter.refusal(need).transient()
-                && meter.others_hold_most())
-                || (!self.items_room(slot, charge)
-                    && charge.items.is_some_and(|m| m.others_hold_most())))
+                && others(meter))
+                || (!self.items_room(slot, charge) && charge.items.is_some_and(others)))
     }
 
     /// Why an item of `len` bytes finds no room in `slot` now, for an error: the bound it is

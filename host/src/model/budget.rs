@@ -309,13 +309,6 @@ impl Meter {
             && self.parent.as_ref().is_none_or(|p| p.to.has_room(n))
     }
 
-    /// What a post from outside the job leaves of its parent's (its group's) limit for the
-    /// job's own routines: an eighth, so that emits moving items downstream are not starved
-    /// by posts taking every unit that frees.
-    pub(crate) fn headroom(&self) -> u64 {
-        self.parent.as_ref().map_or(0, |p| p.to.limit() / 8)
-    }
-
     /// Whether the parent's other children (a group's other jobs) hold more than half of the
     /// parent's limit: then only they can make room for this one, and waiting on them may be
     /// long; else this one holds much of it itself and its own consumers make room.

@@ -213,11 +213,12 @@ pub(crate) struct Connections {
     /// How long a request body may send nothing (between two pieces of it) before the
     /// request is answered 408 and the connection closed.
     pub body_timeout: Duration,
-    /// The least bytes per second a request body must average over the time the server
+    /// The least bytes per second a request body must keep up over the time the server
     /// waits for it (not while it holds off reading: backpressure is not the client's
-    /// doing), after a grace of [`BODY_RATE_GRACE`]; 0: no least. Below it the request is
-    /// answered 408 and the connection closed, so a body trickling within `body_timeout`
-    /// cannot hold a connection and a handler for hours.
+    /// doing), as a token bucket holding [`BODY_RATE_GRACE`] of credit (see the listener's
+    /// `RateBody`); 0: no least. Below it the request is answered 408 and the connection
+    /// closed, so a body trickling within `body_timeout` cannot hold a connection and a
+    /// handler for hours.
     pub min_body_rate: u64,
 }
 
