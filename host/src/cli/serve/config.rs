@@ -222,6 +222,9 @@ pub(crate) struct Connections {
     pub min_body_rate: u64,
 }
 
+/// The most `min_body_rate` may ask.
+const MAX_MIN_BODY_RATE: u64 = 100 << 20;
+
 /// How long a request body may wait on its client before [`Connections::min_body_rate`]
 /// is held to it.
 pub(crate) const BODY_RATE_GRACE: Duration = Duration::from_secs(5);
@@ -563,7 +566,16 @@ pub(crate) fn load(
         }
     }
     if let Some(r) = f.min_body_rate {
-        connections.min_body_rate = r.0;
+        // Past this no network a client is on could keep up: every body would be cut.
+        if r.0 > MAX_MIN_BODY_RATE {
+            diags.push(Diagnostic::error(format!(
+                "{}: `min_body_rate` is out of range: at most {}/s (0: no least)",
+                path.display(),
+                crate::model::budget::bytes(MAX_MIN_BODY_RATE)
+            )));
+        } else {
+            connections.min_body_rate = r.0;
+        }
     }
     let Some(data_dir) = data_dir else {
         diags.push(Diagnostic::error(
@@ -666,6 +678,37 @@ mod tests {
         assert_eq!(parse_hash(&token_hash_text(&t)).unwrap(), token_hash(&t));
         assert!(parse_hash("sha256:zz").is_err());
         assert!(parse_hash(&hex(&token_hash(&t))).is_err());
+    }
+
+    #[test]
+    fn the_least_body_rate_is_read_and_bounded() {
+        let dir = std::env::temp_dir().join(format!("rlx-cfg-{}", random_hex(8).unwrap()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let hash = token_hash_text(&new_token().unwrap());
+        let file = dir.join("serve.yaml");
+        let load_with = |rate: &str| {
+            std::fs::write(
+                &file,
+                format!("data_dir: data\n{rate}tenants:\n  - id: a\n    tokens: [\"{hash}\"]\n"),
+            )
+            .unwrap();
+            load(Some(&file), None, None)
+        };
+        let rate = |c: Config| c.connections.min_body_rate;
+        assert_eq!(rate(load_with("").unwrap().0), 1 << 10);
+        assert_eq!(rate(load_with("min_body_rate: 0\n").unwrap().0), 0);
+        assert_eq!(
+            rate(load_with("min_body_rate: 64KiB\n").unwrap().0),
+            64 << 10
+        );
+        let d = load_with("min_body_rate: 1TiB\n").unwrap_err();
+        assert!(
+            d[0].message
+                .contains("`min_body_rate` is out of range: at most 100.0 MiB/s"),
+            "{}",
+            d[0].message
+        );
+        let _ = std::fs::remove_dir_all(&dir);
     }
 
     #[test]
