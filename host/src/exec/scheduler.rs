@@ -507,8 +507,11 @@ impl<T: Run> Pool<T> {
             .map(|(_, _, i)| i)
     }
 
-    /// Takes the next task of a fair pool: of the group [`Pool::choose`] picks, or only of
-    /// group `only` (a blocked emitter helping its own group).
+    /// Takes the next task of a fair pool: of the group [`Pool::choose`] picks, counted
+    /// running in it at once (so that a worker choosing right after sees it: counted only
+    /// when the task starts, two workers choosing together could both pass the group's share;
+    /// [`WorkerLocal::run_charged`] counts it out), or only of group `only` (a blocked
+    /// emitter helping its own group, on a worker the group holds already: not counted).
     fn take_fair(&self, only: Option<usize>) -> Option<T> {
         let groups = self.groups.read();
         loop {
@@ -518,6 +521,9 @@ impl<T: Run> Pool<T> {
             };
             match groups[g].queue.steal() {
                 Steal::Success(t) => {
+                    if only.is_none() {
+                        groups[g].running.fetch_add(1, Ordering::SeqCst);
+                    }
                     self.queued.fetch_sub(1, Ordering::SeqCst);
                     return Some(t);
                 }
@@ -741,10 +747,10 @@ impl<T: Run> WorkerLocal<T> {
         Sched::Worker(self)
     }
 
-    /// Runs a top-level task of a fair pool, charging its group for the wall time.
+    /// Runs a top-level task of a fair pool (counted running in its group when it was taken,
+    /// see [`Pool::take_fair`]), charging its group for the wall time.
     fn run_charged(&self, task: T) {
         let (g, share) = self.pool.share(task.group());
-        share.running.fetch_add(1, Ordering::SeqCst);
         *self.charging.borrow_mut() = Some((g, share, Instant::now()));
         // Charged and counted out even if the task unwinds.
         let _charged = Charged(self);
