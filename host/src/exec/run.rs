@@ -46,6 +46,8 @@ const MAX_UNSETTLED: usize = 32;
 struct Unsettled {
     ticket: Ticket,
     emits: Vec<(usize, crate::model::item::Item)>,
+    /// The emits' bytes, on the job's meter until delivered.
+    charge: crate::model::context::HeldCharge,
     /// The seq of its first delivery.
     base: u64,
     /// The items its batch consumed.
@@ -363,8 +365,9 @@ impl Job {
                 add(&c.left_in_store, u.items);
                 continue;
             }
-            let mut base = u.base;
+            let (mut base, mut charge) = (u.base, u.charge);
             for (ev, item) in u.emits {
+                charge.deliver(&item);
                 self.count_emit(node);
                 // An undeliverable item is already a dead letter where it did not arrive.
                 let _ = self.route(node, ev, item, base, &mut waited, &delivered);
@@ -678,6 +681,7 @@ impl Job {
                     unsettled.push(Unsettled {
                         ticket,
                         emits: held.emits,
+                        charge: held.charge,
                         base,
                         items: consumed.len() as u64,
                     });
@@ -686,7 +690,9 @@ impl Job {
             }
         }
         let mut waited = Duration::ZERO;
+        let mut charge = held.charge;
         for (ev, item) in held.emits {
+            charge.deliver(&item);
             self.count_emit(node);
             // An undeliverable item is already a dead letter where it did not arrive.
             let _ = self.route(node, ev, item, base, &mut waited, &ctx.progress().delivered);

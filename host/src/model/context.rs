@@ -279,6 +279,41 @@ pub(crate) struct Attempt {
 pub(crate) struct Held {
     pub(crate) state: Overlay,
     pub(crate) emits: Vec<(usize, Item)>,
+    /// The emits' bytes, still reserved on the job's meter until each is delivered.
+    pub(crate) charge: HeldCharge,
+}
+
+/// Bytes of held emits reserved on a job's meter: given back item by item as they are
+/// delivered (each then charged to the slot it lands in), the rest when dropped (a failed
+/// attempt, a halted job), so that emits waiting to be delivered, after an attempt or while
+/// a durable unit is on its way to disk, stay counted.
+pub(crate) struct HeldCharge {
+    meter: Arc<Meter>,
+    bytes: u64,
+    /// Bytes of items delivered, given back in chunks (the meter, linked to a group's, takes
+    /// a lock): counted twice for a moment, never not at all.
+    delivered: u64,
+}
+
+/// The chunk in which [`HeldCharge`] gives delivered bytes back.
+const HELD_CHUNK: u64 = 64 << 10;
+
+impl HeldCharge {
+    /// `item` is about to be delivered: its bytes leave the charge.
+    pub(crate) fn deliver(&mut self, item: &Item) {
+        let n = (item.byte_len() as u64).min(self.bytes);
+        self.bytes -= n;
+        self.delivered += n;
+        if self.delivered >= HELD_CHUNK {
+            self.meter.release(std::mem::take(&mut self.delivered));
+        }
+    }
+}
+
+impl Drop for HeldCharge {
+    fn drop(&mut self) {
+        self.meter.release(self.bytes + self.delivered);
+    }
 }
 
 /// Counts of one activation's effects.
@@ -456,19 +491,20 @@ impl Context {
         }
     }
 
-    /// Ends the attempt (if this activation is one): what it held, taken out, its bytes given
-    /// back to the job's meter. The engine applies it when the attempt succeeded
-    /// ([`StateRef::commit`], then the emits) and drops it when it failed.
+    /// Ends the attempt (if this activation is one): what it held, taken out, its bytes still
+    /// on the job's meter (see [`HeldCharge`]). The engine applies it when the attempt
+    /// succeeded ([`StateRef::commit`], then the emits) and drops it when it failed.
     pub(crate) fn take_attempt(&self) -> Option<Held> {
         let a = self.attempt.as_ref()?;
-        let held = Held {
+        Some(Held {
             state: std::mem::take(&mut *a.state.lock()),
             emits: std::mem::take(&mut *a.emits.lock()),
-        };
-        self.core()
-            .meter
-            .release(a.bytes.swap(0, Ordering::Relaxed));
-        Some(held)
+            charge: HeldCharge {
+                meter: self.core().meter.clone(),
+                bytes: a.bytes.swap(0, Ordering::Relaxed),
+                delivered: 0,
+            },
+        })
     }
 
     /// The routine's state itself, not through the attempt.

@@ -625,6 +625,61 @@ fn empty_slots_of_idle_jobs_hold_none_of_their_groups_quota_of_queued_items() {
     }
 }
 
+/// A retrying routine's held emits stay on the job's memory meter until each is delivered:
+/// while a successful attempt's ten 100 KB items wait on a full slot, the group's count shows
+/// them all (before, they left it when the attempt ended, and waited uncounted).
+#[test]
+fn held_emits_stay_counted_until_they_are_delivered() {
+    use routilux::{ErrorStrategy, Item};
+    let rt = builder(2).fair(true).build();
+    let a = rt.add_group(1);
+    rt.set_group_memory(a, Some(1 << 30));
+    let gate = crate::common::Gate::new();
+    let g = gate.clone();
+    let mut flow = Flow::new();
+    flow.add_routine(
+        Routine::new()
+            .slot("go")
+            .event("out", ["pad"])
+            .on_error(ErrorStrategy::retry(2, Duration::from_millis(1), 1.0))
+            .logic(|ctx, _| {
+                for _ in 0..10 {
+                    ctx.emit_item(
+                        "out",
+                        Item::new(json!({"pad": "x".repeat(100_000)})).unwrap(),
+                    )?;
+                }
+                Ok(())
+            }),
+        "src",
+    )
+    .add_routine(
+        Routine::new()
+            .slot_with_capacity("in", 1)
+            .concurrency(1)
+            .logic(move |_, _| {
+                assert!(g.wait());
+                Ok(())
+            }),
+        "sink",
+    )
+    .connect("src", "out", "sink", "in");
+    rt.register("f", &flow).unwrap();
+    let job = rt.exec_in(a, "f").unwrap();
+    job.post_item("src", "go", Item::new(json!({})).unwrap())
+        .unwrap();
+    // One item in the gated activation (perhaps run by the emitter itself, on its stack), at
+    // most one queued, the other eight or nine waiting to be delivered.
+    assert!(eventually(|| job.counters()["sink"].items_in >= 1));
+    std::thread::sleep(Duration::from_millis(200));
+    let held = rt.group_usage(a).memory_bytes;
+    assert!(held >= 800_000, "{held} bytes counted");
+    gate.open();
+    assert!(job.wait(WAIT));
+    assert_eq!(job.counters()["sink"].processed, 10);
+    assert_eq!(rt.group_usage(a).memory_bytes, 0);
+}
+
 /// For the quota tests: gives group `a` a 1 MiB memory quota, registers `hoard` (a sink
 /// whose activations wait for the returned gate) and `emit` (`src` emits one 300 KiB item to
 /// `sink`, errors continued), and starts a job of `hoard` in `a` that fills the quota with
