@@ -302,6 +302,21 @@ impl JobMeta {
 mod tests {
     use super::*;
 
+    /// A dry run writes nothing: a directory no server ever opened gets no lock file.
+    #[test]
+    fn a_dry_run_purge_writes_nothing() {
+        let d = tempfile::tempdir().unwrap();
+        let data = d.path();
+        let dir = data.join("tenants").join("t");
+        std::fs::create_dir_all(dir.join("jobs").join("j1")).unwrap();
+        let p = purge(data, "t", true).unwrap();
+        assert_eq!((p.plugins, p.flows, p.jobs), (0, 0, 1));
+        assert!(!dir.join(LOCK).exists(), "a dry run made the lock file");
+        assert!(dir.exists());
+        purge(data, "t", false).unwrap();
+        assert!(!dir.exists());
+    }
+
     #[test]
     fn the_index_and_its_blobs_survive_a_reopen_and_unnamed_blobs_go() {
         let d = tempfile::tempdir().unwrap();
