@@ -199,17 +199,7 @@ impl Queues {
     /// Reserves at least `need` more bytes for `slot` on the meter (a whole chunk when there
     /// is room for one); false if the job's budget has no room for `need`.
     fn reserve_credit(&mut self, slot: usize, need: u64, charge: Charge<'_>) -> bool {
-        let meter = charge.bytes;
-        let chunk = need.max(CREDIT_CHUNK);
-        let got = if meter.reserve(chunk) {
-            chunk
-        } else if meter.reserve(need) {
-            need
-        } else {
-            return false;
-        };
-        self.credit[slot] += got;
-        true
+        reserve_ahead(charge.bytes, need, CREDIT_CHUNK, &mut self.credit[slot])
     }
 
     /// Reserves room for one more item in `slot` on its group's quota of queued items, if
@@ -220,18 +210,7 @@ impl Queues {
             return true;
         };
         let need = self.need_items(slot);
-        if need == 0 {
-            return true;
-        }
-        let got = if items.reserve(need.max(ITEM_CHUNK)) {
-            need.max(ITEM_CHUNK)
-        } else if items.reserve(need) {
-            need
-        } else {
-            return false;
-        };
-        self.item_credit[slot] += got;
-        true
+        need == 0 || reserve_ahead(items, need, ITEM_CHUNK, &mut self.item_credit[slot])
     }
 
     /// Charges one more item of `need` bytes (beyond the slot's credit) to `slot` whatever
@@ -251,39 +230,36 @@ impl Queues {
     /// so that idle slots do not hold them spent).
     #[inline]
     fn return_credit(&mut self, slot: usize, charge: Charge<'_>) {
-        let spare = self.credit[slot].saturating_sub(self.charged(slot));
-        let keep = if self.slots[slot].is_empty() && !charge.bytes.has_room(16 * CREDIT_CHUNK) {
-            0
-        } else {
-            CREDIT_CHUNK
-        };
-        if spare > 2 * CREDIT_CHUNK || (keep == 0 && spare > 0) {
-            let give = spare - keep.min(spare);
-            self.credit[slot] -= give;
-            charge.bytes.release(give);
-        }
+        let (held, empty) = (self.charged(slot), self.slots[slot].is_empty());
+        give_back_spare(
+            charge.bytes,
+            &mut self.credit[slot],
+            held,
+            CREDIT_CHUNK,
+            empty.then_some(16 * CREDIT_CHUNK),
+        );
         if let Some(items) = charge.items {
-            let spare = self.item_credit[slot].saturating_sub(self.slots[slot].len() as u64);
-            // An emptied slot keeps none while its group nears its quota (so that slots left
-            // idle do not hold it spent); else a chunk, so that a slot filling and draining
-            // touches the shared count once every many items.
-            let keep = if self.slots[slot].is_empty() && !items.has_room(ITEM_CHUNK * 32) {
-                0
-            } else {
-                ITEM_CHUNK
-            };
-            if spare > 2 * ITEM_CHUNK || (keep == 0 && spare > 0) {
-                let give = spare - keep.min(spare);
-                self.item_credit[slot] -= give;
-                items.release(give);
-            }
+            let queued = self.slots[slot].len() as u64;
+            give_back_spare(
+                items,
+                &mut self.item_credit[slot],
+                queued,
+                ITEM_CHUNK,
+                empty.then_some(32 * ITEM_CHUNK),
+            );
         }
     }
 
     /// What one more item in `slot` needs reserved on its group's quota of queued items
     /// beyond what the slot holds reserved (0 or 1).
     fn need_items(&self, slot: usize) -> u64 {
-        (self.slots[slot].len() as u64 + 1).saturating_sub(self.item_credit[slot])
+        self.items_needed(slot, 1)
+    }
+
+    /// What `n` more items in `slot` need reserved on its group's quota of queued items
+    /// beyond what the slot holds reserved.
+    fn items_needed(&self, slot: usize, n: u64) -> u64 {
+        (self.slots[slot].len() as u64 + n).saturating_sub(self.item_credit[slot])
     }
 
     /// Whether one more item in `slot` has room on its group's quota of queued items (if the
@@ -299,7 +275,7 @@ impl Queues {
     /// racing for the last room may each pass, so a tenant can go past its quota by up to a
     /// unit per post in flight, what they committed then queued as `overflowed`.)
     pub(crate) fn unit_room(&self, slot: usize, n: u64, charge: Charge<'_>) -> bool {
-        let need = (self.slots[slot].len() as u64 + n).saturating_sub(self.item_credit[slot]);
+        let need = self.items_needed(slot, n);
         need == 0 || charge.items.is_none_or(|m| m.has_room_for_unit(need))
     }
 
@@ -424,5 +400,38 @@ impl Queues {
             .zip(&self.slots)
             .map(|(s, d)| (s.to_string(), d.iter().cloned().collect()))
             .collect()
+    }
+}
+
+/// Reserves `need` more on `meter` for a slot's `credit`, a whole `chunk` when there is room
+/// for one (so that a slot touches the shared meter once every many items); false, nothing
+/// reserved, if there is no room for `need`.
+fn reserve_ahead(meter: &Meter, need: u64, chunk: u64, credit: &mut u64) -> bool {
+    let chunk = need.max(chunk);
+    let got = if meter.reserve(chunk) {
+        chunk
+    } else if meter.reserve(need) {
+        need
+    } else {
+        return false;
+    };
+    *credit += got;
+    true
+}
+
+/// Gives back what a slot's `credit` holds beyond what it `holds` and one chunk, once that
+/// is more than two chunks; or all of it when the slot is empty (`near` is `Some`) and
+/// `meter` has no room for `near` more: so that slots left idle do not hold a budget or a
+/// quota spent as it nears its end.
+fn give_back_spare(meter: &Meter, credit: &mut u64, holds: u64, chunk: u64, near: Option<u64>) {
+    let spare = credit.saturating_sub(holds);
+    let keep = match near {
+        Some(n) if spare > 0 && !meter.has_room(n) => 0,
+        _ => chunk,
+    };
+    if spare > 2 * chunk || (keep == 0 && spare > 0) {
+        let give = spare - keep.min(spare);
+        *credit -= give;
+        meter.release(give);
     }
 }
