@@ -1381,6 +1381,35 @@ fn a_tenants_disk_quota_stops_its_posts_only() {
 
 /// Reads what the server sends on `conn` until it closes it (or `within` passes: then
 /// `None`).
+/// An upload of tenant a's (`PUT /v1/plugins/NAME`) that sends 7 of its 8 MiB at once, then
+/// a byte every 300 ms until `stop` (or the server closes it): the answer it got, if any.
+fn trickling_upload(
+    addr: &str,
+    name: String,
+    stop: Arc<std::sync::atomic::AtomicBool>,
+) -> std::thread::JoinHandle<String> {
+    use std::io::Write;
+    const MIB: usize = 1 << 20;
+    let addr = addr.to_owned();
+    std::thread::spawn(move || {
+        let mut c = std::net::TcpStream::connect(&addr).unwrap();
+        let head = format!(
+            "PUT /v1/plugins/{name} HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {TOKEN_A}\r\n\
+             Content-Length: {}\r\n\r\n",
+            8 * MIB
+        );
+        if c.write_all(head.as_bytes()).is_ok() && c.write_all(&vec![b'x'; 7 * MIB]).is_ok() {
+            while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                if c.write_all(b"x").is_err() {
+                    break;
+                }
+                std::thread::sleep(Duration::from_millis(300));
+            }
+        }
+        read_until_closed(&mut c, Duration::from_secs(10)).unwrap_or_default()
+    })
+}
+
 fn read_until_closed(conn: &mut std::net::TcpStream, within: Duration) -> Option<String> {
     use std::io::Read;
     conn.set_read_timeout(Some(within)).unwrap();
@@ -2423,29 +2452,7 @@ fn a_tenants_request_bodies_are_held_to_its_request_bytes() {
     let addr = s.base.trim_start_matches("http://").to_owned();
     // An upload of a's that sends 7 of its 8 MiB and then a byte every 300 ms.
     let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
-    let upload = {
-        let (addr, stop) = (addr.clone(), stop.clone());
-        std::thread::spawn(move || {
-            let mut c = std::net::TcpStream::connect(&addr).unwrap();
-            c.write_all(
-                format!(
-                    "PUT /v1/plugins/big HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {TOKEN_A}\r\n\
-                     Content-Length: {}\r\n\r\n",
-                    8 * MIB
-                )
-                .as_bytes(),
-            )
-            .unwrap();
-            c.write_all(&vec![b'x'; 7 * MIB]).unwrap();
-            while !stop.load(std::sync::atomic::Ordering::Relaxed) {
-                if c.write_all(b"x").is_err() {
-                    break;
-                }
-                std::thread::sleep(Duration::from_millis(300));
-            }
-            read_until_closed(&mut c, Duration::from_secs(10)).unwrap_or_default()
-        })
-    };
+    let upload = trickling_upload(&addr, "big".into(), stop.clone());
     // Wait until the server holds the upload's bytes.
     let started = Instant::now();
     while s.get("/v1/usage", TOKEN_A).json["request_bytes"]["used"]
@@ -2509,7 +2516,6 @@ fn a_tenants_request_bodies_are_held_to_its_request_bytes() {
 /// together; before, the permits the uploads held all came back and it had 28).
 #[test]
 fn lowering_request_bytes_by_reload_holds_once_the_requests_holding_it_end() {
-    use std::io::Write;
     const MIB: u64 = 1 << 20;
     let dir = scratch();
     let config = |quota: &str| {
@@ -2524,24 +2530,7 @@ fn lowering_request_bytes_by_reload_holds_once_the_requests_holding_it_end() {
     let addr = s.base.trim_start_matches("http://").to_owned();
     // An upload that sends 7 of its 8 MiB, then a byte every 300 ms until `stop`.
     let upload = |i: usize, stop: Arc<std::sync::atomic::AtomicBool>| {
-        let addr = addr.clone();
-        std::thread::spawn(move || {
-            let mut c = std::net::TcpStream::connect(&addr).unwrap();
-            let head = format!(
-                "PUT /v1/plugins/big{i} HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer \
-                 {TOKEN_A}\r\nContent-Length: {}\r\n\r\n",
-                8 * MIB
-            );
-            let _ = c.write_all(head.as_bytes());
-            let _ = c.write_all(&vec![b'x'; 7 * MIB as usize]);
-            while !stop.load(std::sync::atomic::Ordering::Relaxed) {
-                if c.write_all(b"x").is_err() {
-                    break;
-                }
-                std::thread::sleep(Duration::from_millis(300));
-            }
-            read_until_closed(&mut c, Duration::from_secs(10)).unwrap_or_default()
-        })
+        trickling_upload(&addr, format!("big{i}"), stop)
     };
     let used = || {
         s.get("/v1/usage", TOKEN_A).json["request_bytes"]["used"]
@@ -2599,7 +2588,6 @@ fn lowering_request_bytes_by_reload_holds_once_the_requests_holding_it_end() {
 fn peak_memory_shows_request_bytes_bounding_a_flood_of_uploads() {
     const MIB: u64 = 1 << 20;
     let flood = |quota: &str| {
-        use std::io::Write;
         let dir = scratch();
         let s = Server::start(
             dir.path(),
@@ -2613,27 +2601,7 @@ fn peak_memory_shows_request_bytes_bounding_a_flood_of_uploads() {
         let before = peak_rss(pid);
         let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
         let uploads: Vec<_> = (0..16)
-            .map(|i| {
-                let (addr, stop) = (addr.clone(), stop.clone());
-                std::thread::spawn(move || {
-                    let mut c = std::net::TcpStream::connect(&addr).unwrap();
-                    let head = format!(
-                        "PUT /v1/plugins/big{i} HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer \
-                         {TOKEN_A}\r\nContent-Length: {}\r\n\r\n",
-                        8 * MIB
-                    );
-                    let _ = c.write_all(head.as_bytes());
-                    if c.write_all(&vec![b'x'; 7 * MIB as usize]).is_err() {
-                        return;
-                    }
-                    while !stop.load(std::sync::atomic::Ordering::Relaxed) {
-                        if c.write_all(b"x").is_err() {
-                            return;
-                        }
-                        std::thread::sleep(Duration::from_millis(300));
-                    }
-                })
-            })
+            .map(|i| trickling_upload(&addr, format!("big{i}"), stop.clone()))
             .collect();
         // Long enough for every upload to have sent what it could and been read or held.
         std::thread::sleep(Duration::from_secs(3));

@@ -543,16 +543,7 @@ fn a_job_holding_its_groups_quota_of_queued_items_itself_gets_backpressure_not_f
             }),
         "src",
     )
-    .add_routine(
-        Routine::new()
-            .slot_with_capacity("in", 5_000)
-            .concurrency(1)
-            .logic(move |_, _| {
-                assert!(g.wait());
-                Ok(())
-            }),
-        "sink",
-    )
+    .add_routine(gated_sink(5_000, g), "sink")
     .connect("src", "out", "sink", "in");
     rt.register("f", &flow).unwrap();
     let job = rt.exec_in(a, "f").unwrap();
@@ -653,16 +644,7 @@ fn held_emits_stay_counted_until_they_are_delivered() {
             }),
         "src",
     )
-    .add_routine(
-        Routine::new()
-            .slot_with_capacity("in", 1)
-            .concurrency(1)
-            .logic(move |_, _| {
-                assert!(g.wait());
-                Ok(())
-            }),
-        "sink",
-    )
+    .add_routine(gated_sink(1, g), "sink")
     .connect("src", "out", "sink", "in");
     rt.register("f", &flow).unwrap();
     let job = rt.exec_in(a, "f").unwrap();
@@ -678,6 +660,18 @@ fn held_emits_stay_counted_until_they_are_delivered() {
     assert!(job.wait(WAIT));
     assert_eq!(job.counters()["sink"].processed, 10);
     assert_eq!(rt.group_usage(a).memory_bytes, 0);
+}
+
+/// A sink of one slot holding `capacity` items, one activation at a time, each waiting for
+/// `gate`.
+fn gated_sink(capacity: usize, gate: crate::common::Gate) -> Routine {
+    Routine::new()
+        .slot_with_capacity("in", capacity)
+        .concurrency(1)
+        .logic(move |_, _| {
+            assert!(gate.wait());
+            Ok(())
+        })
 }
 
 /// For the quota tests: gives group `a` a 1 MiB memory quota, registers `hoard` (a sink
