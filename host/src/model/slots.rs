@@ -23,18 +23,25 @@ pub(crate) trait Idle: Send + Sync {
 }
 
 std::thread_local! {
-    /// The quotas of the instances checked out on this thread's stack, innermost last
-    /// (`None`: an instance of a group without a quota).
-    static ON_STACK: std::cell::RefCell<Vec<Option<Arc<Slots>>>> =
+    /// The instances checked out on this thread's stack, innermost last: the key of the
+    /// routine logic each is of, and its group's quota (`None`: a group without one).
+    static ON_STACK: std::cell::RefCell<Vec<(usize, Option<Arc<Slots>>)>> =
         const { std::cell::RefCell::new(Vec::new()) };
     /// How many of `ON_STACK`'s entries, from the bottom, a [`Stuck`] lower on this stack
     /// counts already (a nested one counts only those above).
     static COUNTED: std::cell::Cell<usize> = const { std::cell::Cell::new(0) };
 }
 
-/// An instance holding `slot` (if any) was checked out on this thread's stack.
-pub(crate) fn checked_out(slot: Option<&Slot>) {
-    ON_STACK.with(|s| s.borrow_mut().push(slot.map(|s| s.0.clone())));
+/// An instance of the logic `key`, holding `slot` (if any), was checked out on this
+/// thread's stack.
+pub(crate) fn checked_out(key: usize, slot: Option<&Slot>) {
+    ON_STACK.with(|s| s.borrow_mut().push((key, slot.map(|s| s.0.clone()))));
+}
+
+/// Whether this thread's stack holds an instance of the logic `key` (an activation of it
+/// suspended lower on the stack, in a blocked emit).
+pub(crate) fn holds(key: usize) -> bool {
+    ON_STACK.with(|s| s.borrow().iter().any(|(k, _)| *k == key))
 }
 
 /// The innermost instance checked out on this thread's stack came back.
@@ -49,7 +56,7 @@ fn on_stack(slots: &Arc<Slots>) -> bool {
     ON_STACK.with(|s| {
         s.borrow()
             .iter()
-            .any(|h| h.as_ref().is_some_and(|h| Arc::ptr_eq(h, slots)))
+            .any(|(_, h)| h.as_ref().is_some_and(|h| Arc::ptr_eq(h, slots)))
     })
 }
 
@@ -69,7 +76,11 @@ impl Stuck {
         let below = COUNTED.get();
         let (held, len) = ON_STACK.with(|s| {
             let s = s.borrow();
-            let held: Vec<Arc<Slots>> = s.iter().skip(below).flatten().cloned().collect();
+            let held: Vec<Arc<Slots>> = s
+                .iter()
+                .skip(below)
+                .filter_map(|(_, h)| h.clone())
+                .collect();
             (held, s.len())
         });
         COUNTED.set(len.max(below));
@@ -318,7 +329,7 @@ mod tests {
         assert!(t.elapsed() >= Duration::from_millis(25));
         assert_eq!((busy.live, busy.limit), (2, 2));
         // Past the limit when the caller holds what cannot come back.
-        checked_out(Some(&a));
+        checked_out(0, Some(&a));
         let c = slots.take(soon()).unwrap();
         checked_in();
         assert_eq!(slots.usage(), (3, 3, 2));
@@ -351,7 +362,7 @@ mod tests {
         let emitter = {
             let (entered, go) = (entered.clone(), go.clone());
             std::thread::spawn(move || {
-                checked_out(Some(&a));
+                checked_out(0, Some(&a));
                 let stuck = Stuck::enter();
                 entered.wait();
                 go.wait();
@@ -379,17 +390,17 @@ mod tests {
     fn nested_waits_count_each_instance_once() {
         let slots = Arc::new(Slots::new(1, 3));
         let (a, b) = (slots.take(soon()).unwrap(), slots.take(soon()).unwrap());
-        checked_out(Some(&a));
+        checked_out(0, Some(&a));
         let outer = Stuck::enter();
         assert_eq!(slots.stuck.load(Ordering::SeqCst), 1);
-        checked_out(Some(&b));
+        checked_out(0, Some(&b));
         let inner = Stuck::enter();
         assert_eq!(slots.stuck.load(Ordering::SeqCst), 2);
         drop(inner);
         checked_in();
         assert_eq!(slots.stuck.load(Ordering::SeqCst), 1);
         // Again after the inner one ended: still once each.
-        checked_out(Some(&b));
+        checked_out(0, Some(&b));
         let again = Stuck::enter();
         assert_eq!(slots.stuck.load(Ordering::SeqCst), 2);
         drop((again, outer));

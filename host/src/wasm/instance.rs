@@ -647,11 +647,6 @@ fn item_array(items: &[Item]) -> Option<ItemArray> {
 /// Idle instances kept per routine and job; more are dropped when they come back.
 const MAX_IDLE: usize = 8;
 
-thread_local! {
-    /// The `WasmLogic`s that have an instance checked out on this thread's stack.
-    static HELD: RefCell<Vec<usize>> = const { RefCell::new(Vec::new()) };
-}
-
 /// An instance checked out of a pool. Whatever happens to the activation — a trap, or a
 /// host-side panic unwinding through it — the pool's count is settled on drop: an instance
 /// not explicitly returned is discarded.
@@ -663,8 +658,7 @@ struct Checked<'a> {
 
 impl<'a> Checked<'a> {
     fn new(logic: &'a WasmLogic, pool: JobId, inst: Instance) -> Self {
-        HELD.with(|h| h.borrow_mut().push(logic.key()));
-        crate::model::slots::checked_out(inst.slot.as_ref());
+        crate::model::slots::checked_out(logic.key(), inst.slot.as_ref());
         Self {
             logic,
             pool,
@@ -686,13 +680,7 @@ impl<'a> Checked<'a> {
 
 impl Drop for Checked<'_> {
     fn drop(&mut self) {
-        let key = self.logic.key();
-        HELD.with(|h| {
-            let mut h = h.borrow_mut();
-            if let Some(i) = h.iter().rposition(|&k| k == key) {
-                h.swap_remove(i);
-            }
-        });
+        // (Checkouts on one stack end innermost first, unwinding included.)
         crate::model::slots::checked_in();
         if let Some(inst) = self.inst.take() {
             self.logic.discard(self.pool, inst);
@@ -800,7 +788,7 @@ impl WasmLogic {
         // An activation of this routine suspended lower on this thread's stack (a blocked emit
         // running other work) holds an instance that cannot come back before we return:
         // never wait for the pool then, go past the cap by this nesting instead.
-        let nested = HELD.with(|h| h.borrow().contains(&self.key()));
+        let nested = crate::model::slots::holds(self.key());
         let mut pools = self.pools.lock();
         loop {
             let pool = pools.entry(key).or_insert_with(|| Pool {
