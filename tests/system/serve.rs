@@ -1381,6 +1381,35 @@ fn a_tenants_disk_quota_stops_its_posts_only() {
 
 /// Reads what the server sends on `conn` until it closes it (or `within` passes: then
 /// `None`).
+/// Starts a job of flow `t` with a 12 MiB body over a raw connection (its writer on a thread
+/// of its own, so that an answer sent before the body is read whole still comes back): the
+/// answer.
+fn start_big_job(addr: &str, token: &str) -> std::thread::JoinHandle<String> {
+    use std::io::Write;
+    let pad = "x".repeat(12 << 20);
+    let body =
+        json!({"input": {"h.in": [{"do": "calls", "calls": [], "pad": pad}]}, "close": true})
+            .to_string();
+    let (addr, token) = (addr.to_owned(), token.to_owned());
+    std::thread::spawn(move || {
+        let mut c = std::net::TcpStream::connect(&addr).unwrap();
+        let head = format!(
+            "POST /v1/flows/t/jobs HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {token}\r\n\
+             Content-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n",
+            body.len()
+        );
+        let mut w = c.try_clone().unwrap();
+        let writer = std::thread::spawn(move || {
+            let _ = w.write_all(head.as_bytes());
+            let _ = w.write_all(body.as_bytes());
+        });
+        let got = read_until_closed(&mut c, Duration::from_secs(20)).unwrap_or_default();
+        drop(c);
+        let _ = writer.join();
+        got
+    })
+}
+
 /// An upload of tenant a's (`PUT /v1/plugins/NAME`) that sends 7 of its 8 MiB at once, then
 /// a byte every 300 ms until `stop` (or the server closes it): the answer it got, if any.
 fn trickling_upload(
@@ -2434,7 +2463,6 @@ fn one_tenants_full_storage_is_its_own_and_readyz_stays_true() {
 /// request goes through.
 #[test]
 fn a_tenants_request_bodies_are_held_to_its_request_bytes() {
-    use std::io::Write;
     const MIB: usize = 1 << 20;
     let dir = scratch();
     let s = Server::start(
@@ -2464,31 +2492,7 @@ fn a_tenants_request_bodies_are_held_to_its_request_bytes() {
         std::thread::sleep(Duration::from_millis(20));
     }
     // A 12 MiB job start: 9 MiB are left.
-    let start = |token: &str| {
-        let pad = "x".repeat(12 * MIB);
-        let body =
-            json!({"input": {"h.in": [{"do": "calls", "calls": [], "pad": pad}]}, "close": true})
-                .to_string();
-        let addr = addr.clone();
-        let token = token.to_owned();
-        std::thread::spawn(move || {
-            let mut c = std::net::TcpStream::connect(&addr).unwrap();
-            let head = format!(
-                "POST /v1/flows/t/jobs HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {token}\r\n\
-                 Content-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n",
-                body.len()
-            );
-            let mut w = c.try_clone().unwrap();
-            let writer = std::thread::spawn(move || {
-                let _ = w.write_all(head.as_bytes());
-                let _ = w.write_all(body.as_bytes());
-            });
-            let got = read_until_closed(&mut c, Duration::from_secs(20)).unwrap_or_default();
-            drop(c);
-            let _ = writer.join();
-            got
-        })
-    };
+    let start = |token: &str| start_big_job(&addr, token);
     let refused = start(TOKEN_A).join().unwrap();
     assert!(refused.starts_with("HTTP/1.1 503"), "{refused}");
     assert!(refused.contains("request_bytes"), "{refused}");
@@ -2563,12 +2567,9 @@ fn lowering_request_bytes_by_reload_holds_once_the_requests_holding_it_end() {
     let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
     let one = upload(9, stop.clone());
     wait_used(7 * MIB);
-    let pad = "x".repeat(12 * MIB as usize);
-    let body =
-        json!({"input": {"h.in": [{"do": "calls", "calls": [], "pad": pad}]}, "close": true});
-    let r = s.post("/v1/flows/t/jobs", TOKEN_A, body.clone());
-    assert_eq!(r.status, 503, "{}", r.json);
-    assert_eq!(r.json["error"]["quota"], "request_bytes", "{}", r.json);
+    let refused = start_big_job(&addr, TOKEN_A).join().unwrap();
+    assert!(refused.starts_with("HTTP/1.1 503"), "{refused}");
+    assert!(refused.contains("\"quota\":\"request_bytes\""), "{refused}");
     stop.store(true, std::sync::atomic::Ordering::Relaxed);
     one.join().unwrap();
     let started = Instant::now();
@@ -2577,7 +2578,8 @@ fn lowering_request_bytes_by_reload_holds_once_the_requests_holding_it_end() {
         std::thread::sleep(Duration::from_millis(20));
     }
     // Alone, it fits.
-    assert_eq!(s.post("/v1/flows/t/jobs", TOKEN_A, body).status, 201);
+    let alone = start_big_job(&addr, TOKEN_A).join().unwrap();
+    assert!(alone.starts_with("HTTP/1.1 201"), "{alone}");
 }
 
 /// The server's peak resident memory shows `request_bytes` holding: sixteen uploads of

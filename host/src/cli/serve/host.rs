@@ -640,6 +640,19 @@ impl Host {
         Ok(host)
     }
 
+    /// Gives tenant `c`'s group its weight and the quotas the runtime holds its running jobs
+    /// to (memory, live instances, queued items): at its opening and at each reload, setting
+    /// an unchanged one again changes nothing. (The activation rate is set apart, on a
+    /// reload only when it changed: setting it restarts its bucket's clock.)
+    fn set_group_limits(&self, group: Group, c: &TenantConfig) {
+        let q = &c.quotas;
+        self.runtime.set_group_weight(group, c.weight);
+        self.runtime.set_group_memory(group, Some(q.memory_bytes));
+        self.runtime.set_group_instances(group, Some(q.instances));
+        self.runtime
+            .set_group_queued_items(group, Some(q.queued_items));
+    }
+
     /// A tenant of the configuration, with its directory (created if new) and its share of
     /// the workers (the same group again if it was removed and comes back with its data; a
     /// new one if its directory is new, as after a purge: nothing of the old one's usage
@@ -662,15 +675,9 @@ impl Host {
                 .entry(c.id.clone())
                 .or_insert_with(|| self.runtime.add_group(c.weight))
         };
-        self.runtime.set_group_weight(group, c.weight);
         self.runtime
             .set_group_rate(group, c.quotas.activations_per_second);
-        self.runtime
-            .set_group_memory(group, Some(c.quotas.memory_bytes));
-        self.runtime
-            .set_group_instances(group, Some(c.quotas.instances));
-        self.runtime
-            .set_group_queued_items(group, Some(c.quotas.queued_items));
+        self.set_group_limits(group, c);
         Ok(Arc::new(Tenant {
             id: c.id.clone(),
             live: RwLock::new(c.clone()),
@@ -774,20 +781,8 @@ impl Host {
                             t.bodies_debt.fetch_add(cut - forgot, Ordering::AcqRel);
                         }
                         t.bodies_total.store(now, Ordering::Relaxed);
-                        if live.quotas.memory_bytes != c.quotas.memory_bytes {
-                            self.runtime
-                                .set_group_memory(t.group, Some(c.quotas.memory_bytes));
-                        }
-                        if live.quotas.instances != c.quotas.instances {
-                            self.runtime
-                                .set_group_instances(t.group, Some(c.quotas.instances));
-                        }
-                        if live.quotas.queued_items != c.quotas.queued_items {
-                            self.runtime
-                                .set_group_queued_items(t.group, Some(c.quotas.queued_items));
-                        }
+                        self.set_group_limits(t.group, c);
                         *live = c.clone();
-                        self.runtime.set_group_weight(t.group, c.weight);
                         said.push(format!("tenant `{}` updated", c.id));
                     }
                 }
